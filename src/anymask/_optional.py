@@ -1,0 +1,40 @@
+"""Optional dependencies, probed lazily in one place with an install hint each."""
+
+from __future__ import annotations
+
+import importlib
+from functools import lru_cache
+from types import ModuleType
+
+INSTALL_HINTS = {
+    "transformers": "pip install 'anymask[hf]'",
+    "peft": "pip install 'anymask[hf]'",
+    "gguf": "pip install 'anymask[hf]'",
+    "flash_attn": "pip install flash-attn --no-build-isolation (a CUDA source build)",
+    "xformers": "pip install xformers (a build matching your torch)",
+    "triton": "pip install triton (ships with CUDA builds of torch)",
+    "matplotlib": "pip install 'anymask[bench]'",
+    "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
+}
+
+
+class MissingDependency(ImportError):
+    """An optional dependency is not installed; the message says how to install it."""
+
+
+@lru_cache(maxsize=None)
+def probe(name: str) -> ModuleType | str:
+    """Import ``name``; return the module, or the reason it cannot be imported."""
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:  # broken installs raise more than ImportError (e.g. OSError, RuntimeError)
+        hint = INSTALL_HINTS.get(name, f"pip install {name}")
+        return f"{name} is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}"
+
+
+def require(name: str) -> ModuleType:
+    """Import ``name`` or raise :class:`MissingDependency` with the install hint."""
+    found = probe(name)
+    if isinstance(found, str):
+        raise MissingDependency(found)
+    return found

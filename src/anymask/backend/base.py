@@ -1,0 +1,43 @@
+"""The backend protocol: a name, reasons it cannot run a problem, and ``run``.
+
+An empty reason list means the backend can run the problem.  Reasons are the documentation: a
+user asking ``backend="flex"`` for a problem flex cannot run gets them in the error message.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from ..problem import Problem
+
+
+class Backend:
+    name: str = ""
+    summary: str = ""
+
+    @cached_property
+    def machine_reasons(self) -> tuple[str, ...]:
+        """Why this backend cannot run on this machine at all (missing library, no GPU...)."""
+        return tuple(self._machine_reasons())
+
+    def _machine_reasons(self) -> list[str]:
+        return []
+
+    def problem_reasons(self, p: Problem) -> list[str]:
+        """Why this backend cannot run this particular problem (mask, dtype, grad, shapes)."""
+        return []
+
+    def not_supported_reasons(self, p: Problem) -> list[str]:
+        return list(self.machine_reasons) or self.problem_reasons(p)
+
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"
+
+
+class BackendUnavailable(ValueError):
+    """A forced backend cannot run this problem; the message lists its reasons."""

@@ -1,0 +1,50 @@
+"""``torch.nn.functional.scaled_dot_product_attention``.
+
+Native forms: no mask (full), ``is_causal`` (square causal), bottom-right causal
+(``causal_lower_right`` when ``q_len < kv_len``).  Everything else becomes a dense bool mask:
+O(S^2) memory, and no tile skipping.  Rows that see no key are unmasked before the call (SDPA
+would return NaN or garbage there) and zeroed after it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+from .common import dense_mask, expand_kv, zero_rows
+
+
+def native_form(p) -> str:
+    """'full', 'causal', 'causal_lower_right' or 'dense': how SDPA will receive this mask."""
+    s = p.structure
+    if s.is_structured and s.documents is None and s.valid is None:
+        if s.base == "full":
+            return "full"
+        if s.base == "causal":
+            return "causal" if p.q_len == p.kv_len else "causal_lower_right"
+    return "dense"
+
+
+class Sdpa(Backend):
+    name = "sdpa"
+    summary = "torch SDPA: is_causal / lower-right causal / no mask natively, else a dense bool mask"
+
+    def run(self, q, k, v, p):
+        form = native_form(p)
+        gqa = {"enable_gqa": True} if p.is_gqa else {}
+        if form == "full":
+            return F.scaled_dot_product_attention(q, k, v, scale=p.scale, **gqa)
+        if form == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=p.scale, **gqa)
+        if form == "causal_lower_right":
+            from torch.nn.attention.bias import causal_lower_right
+
+            bias = causal_lower_right(p.q_len, p.kv_len)
+            k, v = expand_kv(k, p.q_heads), expand_kv(v, p.q_heads)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p.scale)
+        mask = dense_mask(p)  # [B, H|1, Sq, Skv]
+        row_has_key = mask.any(dim=-1, keepdim=True)  # [B, H|1, Sq, 1]
+        mask = mask | ~row_has_key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, **gqa)
+        return zero_rows(out, row_has_key)

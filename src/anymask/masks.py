@@ -1,0 +1,509 @@
+"""Composable attention masks: what may attend to what.
+
+A mask answers, for batch ``b``, head ``h``, query position ``q`` and key position ``kv``:
+may ``q`` see ``kv``?  Positions are **absolute**.  When a call has fewer queries than keys
+(``q_len < kv_len``, decoding with a KV cache) the queries are the *last* ``q_len`` positions
+(bottom-right alignment)::
+
+    causal(), q_len = 3, kv_len = 6        (queries are positions 3, 4, 5)
+
+              kv 0 1 2 3 4 5
+        q 3      # # # # . .
+        q 4      # # # # # .
+        q 5      # # # # # #
+
+Masks compose with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation)::
+
+    prefix_lm(2) == causal() | prefix(2)       documents(lengths=[2, 3]) & causal()
+
+        # # . . .                                  # . . . .
+        # # . . .                                  # # . . .
+        # # # . .                                  . . # . .
+        # # # # .                                  . . # # .
+        # # # # #                                  . . # # #
+
+A query row that sees no key outputs exactly 0 (and receives zero gradient) on every backend.
+``padding(valid)`` hides padded keys *and* padded queries.
+
+``Mask.to_dense`` is the oracle every compiled form is tested against.  The terms keep their
+structure (document ids, prefix lengths, window sizes, padding) so that backends can compile them
+natively without ever building an ``S x S`` tensor; see :func:`anymask.structure.analyse`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Mask:
+    """Base class of every mask term.  Build masks with the constructors below, not directly."""
+
+    def mask_mod(self, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """FlexAttention-style predicate on absolute positions; index tensors broadcast."""
+        raise NotImplementedError
+
+    def validate(self, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+        """Raise ``ValueError`` when this mask cannot describe a call of these sizes."""
+
+    def to(self, device: torch.device | str) -> "Mask":
+        """This mask with its tensors on ``device`` (cached: repeated calls are free)."""
+        return self
+
+    def children(self) -> tuple["Mask", ...]:
+        return ()
+
+    # composition -------------------------------------------------------------------------
+    def __and__(self, other: "Mask") -> "Mask":
+        _check_mask(other, "&")
+        return And(_flatten(And, (self, other)))
+
+    def __or__(self, other: "Mask") -> "Mask":
+        _check_mask(other, "|")
+        return Or(_flatten(Or, (self, other)))
+
+    def __invert__(self) -> "Mask":
+        return Not(self)
+
+    # oracle ------------------------------------------------------------------------------
+    def to_dense(self, batch: int, heads: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
+        """The mask as a bool tensor ``[batch, heads, q_len, kv_len]`` (True = may attend)."""
+        _check_sizes(batch, heads, q_len, kv_len)
+        self.validate(batch, heads, q_len, kv_len)
+        device = torch.device(device) if device is not None else self._default_device()
+        m = self.to(device)
+        b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+        h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # [1, H, 1, 1]
+        q = torch.arange(kv_len - q_len, kv_len, device=device).view(1, 1, -1, 1)  # [1, 1, Sq, 1]
+        kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # [1, 1, 1, Skv]
+        out = m.mask_mod(b, h, q, kv)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"mask_mod of {self!r} must return a bool tensor, got {type(out).__name__}"
+                            + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
+        return out.expand(batch, heads, q_len, kv_len).contiguous()
+
+    def picture(self, q_len: int = 12, kv_len: int | None = None, *, batch: int = 0, head: int = 0,
+                batch_size: int | None = None) -> str:
+        """ASCII grid of one batch row / head: ``#`` may attend, ``.`` may not."""
+        kv_len = q_len if kv_len is None else kv_len
+        batch_size = batch + 1 if batch_size is None else batch_size
+        grid = self.to_dense(batch_size, head + 1, q_len, kv_len, device="cpu")[batch, head]
+        return "\n".join(" ".join("#" if x else "." for x in row.tolist()) for row in grid)
+
+    def _default_device(self) -> torch.device:
+        for t in _tensors(self):
+            return t.device
+        return torch.device("cpu")
+
+
+def _tensors(mask: Mask):
+    for value in vars(mask).values():
+        if isinstance(value, torch.Tensor):
+            yield value
+    for child in mask.children():
+        yield from _tensors(child)
+
+
+def _check_mask(other, op: str) -> None:
+    if not isinstance(other, Mask):
+        raise TypeError(f"cannot combine a Mask with {type(other).__name__} using {op!r}; "
+                        "build masks with anymask.masks constructors")
+
+
+def _check_sizes(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if q_len > kv_len:
+        raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({kv_len}): queries are the last "
+                         "q_len of the kv_len positions")
+
+
+def _flatten(kind, terms) -> tuple[Mask, ...]:
+    out: list[Mask] = []
+    for t in terms:
+        out.extend(t.terms if isinstance(t, kind) else (t,))
+    return tuple(out)
+
+
+class _TensorMask(Mask):
+    """A term holding tensors; ``to(device)`` copies once per device and caches the copy."""
+
+    def to(self, device):
+        device = torch.device(device)
+        if all(t.device == device for t in _tensors(self)):
+            return self
+        cache = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            clone = object.__new__(type(self))
+            clone.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                   for k, v in vars(self).items() if k != "_device_cache"})
+            cache[device] = clone
+        return cache[device]
+
+
+# leaves -----------------------------------------------------------------------------------------
+
+
+class Full(Mask):
+    def mask_mod(self, b, h, q, kv):
+        return torch.ones_like(q >= 0) & (kv >= 0)
+
+    def __repr__(self):
+        return "full()"
+
+
+class Causal(Mask):
+    def mask_mod(self, b, h, q, kv):
+        return kv <= q
+
+    def __repr__(self):
+        return "causal()"
+
+
+class Window(Mask):
+    def __init__(self, left: int | None, right: int | None):
+        self.left, self.right = left, right
+
+    def mask_mod(self, b, h, q, kv):
+        ok = torch.ones_like(q >= 0) & (kv >= 0)
+        if self.left is not None:
+            ok = ok & (kv >= q - self.left)
+        if self.right is not None:
+            ok = ok & (kv <= q + self.right)
+        return ok
+
+    def __repr__(self):
+        return f"window({self.left}, {self.right})"
+
+
+class Documents(_TensorMask):
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids  # [B or 1, S] long
+
+    def validate(self, batch, heads, q_len, kv_len):
+        if self.ids.shape[-1] != kv_len:
+            raise ValueError(f"documents: ids cover {self.ids.shape[-1]} positions but the keys have "
+                             f"kv_len={kv_len}")
+        if self.ids.shape[0] not in (1, batch):
+            raise ValueError(f"documents: ids have batch {self.ids.shape[0]}, expected 1 or {batch}")
+
+    def mask_mod(self, b, h, q, kv):
+        rows = b if self.ids.shape[0] > 1 else torch.zeros_like(b)
+        return self.ids[rows, q] == self.ids[rows, kv]
+
+    def __repr__(self):
+        return f"documents(ids of shape {list(self.ids.shape)})"
+
+
+class Padding(_TensorMask):
+    def __init__(self, valid: torch.Tensor):
+        self.valid = valid  # [B, S] bool
+
+    def validate(self, batch, heads, q_len, kv_len):
+        if tuple(self.valid.shape) != (batch, kv_len) and tuple(self.valid.shape) != (1, kv_len):
+            raise ValueError(f"padding: valid has shape {list(self.valid.shape)}, expected "
+                             f"[{batch}, {kv_len}] (batch, kv_len)")
+
+    def mask_mod(self, b, h, q, kv):
+        rows = b if self.valid.shape[0] > 1 else torch.zeros_like(b)
+        return self.valid[rows, q] & self.valid[rows, kv]
+
+    def __repr__(self):
+        return f"padding(valid of shape {list(self.valid.shape)})"
+
+
+class Prefix(_TensorMask):
+    def __init__(self, lengths: torch.Tensor):
+        self.lengths = lengths  # [B or 1] long
+
+    def validate(self, batch, heads, q_len, kv_len):
+        if self.lengths.shape[0] not in (1, batch):
+            raise ValueError(f"prefix: {self.lengths.shape[0]} lengths given for batch {batch}")
+        if int(self.lengths.max()) > kv_len:
+            raise ValueError(f"prefix: length {int(self.lengths.max())} exceeds kv_len={kv_len}")
+
+    def mask_mod(self, b, h, q, kv):
+        rows = b if self.lengths.shape[0] > 1 else torch.zeros_like(b)
+        return (kv < self.lengths[rows]) & (q >= 0)
+
+    def __repr__(self):
+        return f"prefix({self.lengths.tolist()})"
+
+
+class Custom(Mask):
+    def __init__(self, fn: MaskMod):
+        self.fn = fn
+
+    def mask_mod(self, b, h, q, kv):
+        out = self.fn(b, h, q, kv)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"custom mask_mod must return a bool tensor, got {type(out).__name__}")
+        return out
+
+    def __repr__(self):
+        return f"custom({getattr(self.fn, '__name__', 'mask_mod')})"
+
+
+class Dense(_TensorMask):
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor  # bool, broadcastable to [B, H, Sq, Skv]
+
+    def validate(self, batch, heads, q_len, kv_len):
+        try:
+            torch.broadcast_shapes(self.tensor.shape, (batch, heads, q_len, kv_len))
+        except RuntimeError:
+            raise ValueError(f"dense: mask of shape {list(self.tensor.shape)} does not broadcast to "
+                             f"[{batch}, {heads}, {q_len}, {kv_len}]") from None
+        if torch.broadcast_shapes(self.tensor.shape, (batch, heads, q_len, kv_len)) != (batch, heads, q_len, kv_len):
+            raise ValueError(f"dense: mask of shape {list(self.tensor.shape)} is larger than the call "
+                             f"[{batch}, {heads}, {q_len}, {kv_len}]")
+
+    def mask_mod(self, b, h, q, kv):
+        t = self.tensor  # [B|1, H|1, Sq|1, Skv|1]
+        rows_q, cols_kv = t.shape[-2], t.shape[-1]
+        # Absolute query positions -> rows of this tensor (queries are the last rows).
+        qi = q - (cols_kv - rows_q) if rows_q > 1 else torch.zeros_like(q)
+        ki = kv if cols_kv > 1 else torch.zeros_like(kv)
+        bi = b if t.shape[0] > 1 else torch.zeros_like(b)
+        hi = h if t.shape[1] > 1 else torch.zeros_like(h)
+        return t[bi, hi, qi, ki]
+
+    def __repr__(self):
+        return f"dense(shape {list(self.tensor.shape)})"
+
+
+# composites -------------------------------------------------------------------------------------
+
+
+class And(Mask):
+    def __init__(self, terms: tuple[Mask, ...]):
+        self.terms = terms
+
+    def children(self):
+        return self.terms
+
+    def validate(self, *sizes):
+        for t in self.terms:
+            t.validate(*sizes)
+
+    def to(self, device):
+        moved = tuple(t.to(device) for t in self.terms)
+        return self if all(a is b for a, b in zip(moved, self.terms)) else type(self)(moved)
+
+    def mask_mod(self, b, h, q, kv):
+        out = self.terms[0].mask_mod(b, h, q, kv)
+        for t in self.terms[1:]:
+            out = out & t.mask_mod(b, h, q, kv)
+        return out
+
+    def __repr__(self):
+        return "(" + " & ".join(map(repr, self.terms)) + ")"
+
+
+class Or(And):
+    def mask_mod(self, b, h, q, kv):
+        out = self.terms[0].mask_mod(b, h, q, kv)
+        for t in self.terms[1:]:
+            out = out | t.mask_mod(b, h, q, kv)
+        return out
+
+    def __repr__(self):
+        return "(" + " | ".join(map(repr, self.terms)) + ")"
+
+
+class Not(Mask):
+    def __init__(self, term: Mask):
+        self.term = term
+
+    def children(self):
+        return (self.term,)
+
+    def validate(self, *sizes):
+        self.term.validate(*sizes)
+
+    def to(self, device):
+        moved = self.term.to(device)
+        return self if moved is self.term else Not(moved)
+
+    def mask_mod(self, b, h, q, kv):
+        return ~self.term.mask_mod(b, h, q, kv)
+
+    def __repr__(self):
+        return f"~{self.term!r}"
+
+
+# constructors -----------------------------------------------------------------------------------
+
+
+def full() -> Mask:
+    """Every query sees every key (bidirectional)::
+
+        # # # #
+        # # # #
+        # # # #
+    """
+    return Full()
+
+
+def causal() -> Mask:
+    """``kv <= q`` (bottom-right aligned when ``q_len < kv_len``)::
+
+        # . . .
+        # # . .
+        # # # .
+        # # # #
+    """
+    return Causal()
+
+
+def window(left: int | None, right: int | None = 0) -> Mask:
+    """``q - left <= kv <= q + right`` (``None`` = unbounded).  ``window(1)``::
+
+        # . . .
+        # # . .
+        . # # .
+        . . # #
+
+    ``window(1, 1)`` is a band of width 3; ``window(n) & causal()`` is a causal sliding window.
+    """
+    for name, value in (("left", left), ("right", right)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"window: {name} must be a non-negative int or None, got {value!r}")
+    return Window(left, right)
+
+
+def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
+              lengths: Sequence[int] | Sequence[Sequence[int]] | None = None) -> Mask:
+    """Same-document only.  ``documents(lengths=[2, 3])`` (ids ``[0 0 1 1 1]``)::
+
+        # # . . .
+        # # . . .
+        . . # # #
+        . . # # #
+        . . # # #
+
+    ``ids``: int tensor ``[B, S]`` or ``[S]``.  ``lengths``: a list of document lengths, or one
+    list per batch row (rows must cover the same total length).
+    """
+    if (ids is None) == (lengths is None):
+        raise ValueError("documents: give exactly one of ids or lengths")
+    if lengths is not None:
+        ids = _ids_from_lengths(lengths)
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        raise TypeError(f"documents: ids must be an integer tensor, got {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[-1] == 0:
+        raise ValueError(f"documents: ids must have shape [B, S] or [S], got {list(ids.shape)}")
+    return Documents(ids.long())
+
+
+def _ids_from_lengths(lengths) -> torch.Tensor:
+    rows = [list(lengths)] if all(isinstance(x, int) for x in lengths) else [list(r) for r in lengths]
+    if not rows or any(not r for r in rows):
+        raise ValueError("documents: lengths must not be empty")
+    for r in rows:
+        if any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in r):
+            raise ValueError(f"documents: lengths must be positive ints, got {r}")
+    totals = {sum(r) for r in rows}
+    if len(totals) != 1:
+        raise ValueError(f"documents: every batch row must cover the same length, got totals {sorted(totals)}")
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows])
+
+
+def padding(valid: torch.Tensor) -> Mask:
+    """Hide padded keys and padded queries.  ``valid`` is an HF-style ``[B, S]`` 0/1 or bool
+    tensor.  ``padding([[1, 1, 1, 0]])``::
+
+        # # # .
+        # # # .
+        # # # .
+        . . . .      <- a padded query sees nothing and outputs 0
+    """
+    valid = torch.as_tensor(valid)
+    if valid.dim() != 2:
+        raise ValueError(f"padding: valid must have shape [B, S], got {list(valid.shape)}")
+    if valid.dtype != torch.bool:
+        if valid.dtype.is_floating_point or not ((valid == 0) | (valid == 1)).all():
+            raise ValueError("padding: valid must be bool or hold only 0 and 1")
+        valid = valid != 0
+    return Padding(valid)
+
+
+def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
+    """Keys before the prefix length are visible to every query: ``kv < lengths[b]``.
+    ``prefix(2)``::
+
+        # # . .
+        # # . .
+        # # . .
+        # # . .
+    """
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"prefix: lengths must be integers, got {lengths.dtype}")
+    lengths = lengths.reshape(-1).long()
+    if lengths.numel() == 0 or int(lengths.min()) < 0:
+        raise ValueError(f"prefix: lengths must be non-negative and not empty, got {lengths.tolist()}")
+    return Prefix(lengths)
+
+
+def prefix_lm(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
+    """Bidirectional prefix, causal rest: ``causal() | prefix(lengths)``.  ``prefix_lm(2)``::
+
+        # # . . .
+        # # . . .
+        # # # . .
+        # # # # .
+        # # # # #
+    """
+    return causal() | prefix(lengths)
+
+
+def custom(mask_mod: MaskMod) -> Mask:
+    """FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor`` on absolute positions.
+    It is called with broadcasting index tensors, so write it with tensor operations
+    (``q_idx >= kv_idx``, ``table[b, q_idx]``), not Python ``if``.
+    """
+    if not callable(mask_mod):
+        raise TypeError(f"custom: mask_mod must be callable, got {type(mask_mod).__name__}")
+    return Custom(mask_mod)
+
+
+def dense(tensor: torch.Tensor) -> Mask:
+    """An explicit bool mask broadcastable to ``[B, H, Sq, Skv]`` (True = may attend)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"dense: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != torch.bool:
+        raise TypeError(f"dense: mask must be a bool tensor, got {tensor.dtype}")
+    if tensor.dim() > 4 or tensor.dim() < 2:
+        raise ValueError(f"dense: mask must have 2 to 4 dims, got shape {list(tensor.shape)}")
+    return Dense(tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape)))
+
+
+CATALOGUE: dict[str, Callable[[int, int], Mask]] = {
+    "full": lambda batch, seq: full(),
+    "causal": lambda batch, seq: causal(),
+    "padding": lambda batch, seq: padding(torch.arange(seq).expand(batch, seq)
+                                          < torch.linspace(seq, seq * 0.35, batch).round().long()[:, None]),
+    "documents": lambda batch, seq: documents(lengths=_doc_lengths(seq)),
+    "documents_causal": lambda batch, seq: documents(lengths=_doc_lengths(seq)) & causal(),
+    "prefix_lm": lambda batch, seq: prefix_lm(max(1, seq // 4)),
+    "sliding_window": lambda batch, seq: window(max(1, seq // 4)) & causal(),
+    "custom": lambda batch, seq: custom(lambda b, h, q, kv: ((q - kv) % 3 == 0) & (kv <= q)),
+}
+"""Named example masks for ``batch`` rows of ``seq`` tokens (demo, bench, tests)."""
+
+
+def _doc_lengths(seq: int) -> list[int]:
+    """Deterministic uneven document lengths summing to ``seq``."""
+    out, pattern, i = [], (0.125, 0.375, 0.0625, 0.25, 0.1875), 0
+    while sum(out) < seq:
+        out.append(max(1, min(seq - sum(out), round(seq * pattern[i % len(pattern)]))))
+        i += 1
+    return out

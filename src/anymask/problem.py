@@ -1,0 +1,76 @@
+"""A frozen description of one attention call: what every backend decides on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .masks import Mask
+from .structure import Structure, analyse
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool
+    scale: float
+    mask: Mask = field(repr=False)
+    structure: Structure = field(repr=False)
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.q_heads != self.kv_heads
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> Problem:
+    """Validate the inputs of ``attention`` and describe the call; clear errors on bad input."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H, S, D] (4 dims), got {list(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be an anymask Mask (e.g. anymask.masks.causal()), got {type(mask).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+    Bk, Hkv, Skv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k/v batch ({Bk}) differs from q batch ({B})")
+    if Dk != D:
+        raise ValueError(f"k/v head dim ({Dk}) differs from q head dim ({D})")
+    if min(B, Hq, Sq, D, Hkv, Skv) == 0:
+        raise ValueError(f"empty input: q {list(q.shape)}, k {list(k.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k/v heads ({Hkv}) for grouped-query attention")
+    if Sq > Skv:
+        raise ValueError(f"q_len ({Sq}) must not exceed kv_len ({Skv}): queries are the last q_len positions")
+    if scale is None:
+        scale = D ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    mask.validate(B, Hq, Sq, Skv)
+    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
+                   mask, analyse(mask.to(q.device)))
