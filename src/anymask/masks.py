@@ -125,7 +125,7 @@ def _check_sizes(batch: int, heads: int, q_len: int, kv_len: int) -> None:
 def _flatten(kind, terms) -> tuple[Mask, ...]:
     out: list[Mask] = []
     for t in terms:
-        out.extend(t.terms if isinstance(t, kind) else (t,))
+        out.extend(t.terms if type(t) is kind else (t,))
     return tuple(out)
 
 
@@ -279,7 +279,9 @@ class Dense(_TensorMask):
 # composites -------------------------------------------------------------------------------------
 
 
-class And(Mask):
+class _Nary(Mask):
+    """A combination of several terms (``And`` / ``Or``)."""
+
     def __init__(self, terms: tuple[Mask, ...]):
         self.terms = terms
 
@@ -294,6 +296,8 @@ class And(Mask):
         moved = tuple(t.to(device) for t in self.terms)
         return self if all(a is b for a, b in zip(moved, self.terms)) else type(self)(moved)
 
+
+class And(_Nary):
     def mask_mod(self, b, h, q, kv):
         out = self.terms[0].mask_mod(b, h, q, kv)
         for t in self.terms[1:]:
@@ -304,7 +308,7 @@ class And(Mask):
         return "(" + " & ".join(map(repr, self.terms)) + ")"
 
 
-class Or(And):
+class Or(_Nary):
     def mask_mod(self, b, h, q, kv):
         out = self.terms[0].mask_mod(b, h, q, kv)
         for t in self.terms[1:]:
@@ -429,7 +433,7 @@ def padding(valid: torch.Tensor) -> Mask:
     if valid.dim() != 2:
         raise ValueError(f"padding: valid must have shape [B, S], got {list(valid.shape)}")
     if valid.dtype != torch.bool:
-        if valid.dtype.is_floating_point or not ((valid == 0) | (valid == 1)).all():
+        if valid.is_complex() or not ((valid == 0) | (valid == 1)).all():
             raise ValueError("padding: valid must be bool or hold only 0 and 1")
         valid = valid != 0
     return Padding(valid)

@@ -66,7 +66,7 @@ class Structure:
 
 def analyse(mask: M.Mask) -> Structure:
     """Split ``mask`` into base / documents / padding / general (see module docstring)."""
-    terms = mask.terms if isinstance(mask, M.And) and not isinstance(mask, M.Or) else (mask,)
+    terms = mask.terms if isinstance(mask, M.And) else (mask,)
     base = ("full", None, None, None)
     documents = valid = None
     general: list[M.Mask] = []

@@ -1,0 +1,291 @@
+"""Masks: exact grids for every constructor, composition, structure analysis, bad input."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anymask import masks as M
+from anymask.structure import analyse, document_bounds, documents_are_contiguous, row_intervals
+
+
+def grid(text: str) -> torch.Tensor:
+    rows = [r.split() for r in text.strip().splitlines()]
+    return torch.tensor([[c == "#" for c in r] for r in rows])
+
+
+def dense2d(mask, q_len, kv_len=None, batch=1, b=0):
+    kv_len = q_len if kv_len is None else kv_len
+    return mask.to_dense(batch, 1, q_len, kv_len)[b, 0]
+
+
+CASES = [
+    (M.full(), 3, 3, """
+        # # #
+        # # #
+        # # #"""),
+    (M.causal(), 4, 4, """
+        # . . .
+        # # . .
+        # # # .
+        # # # #"""),
+    (M.causal(), 3, 6, """
+        # # # # . .
+        # # # # # .
+        # # # # # #"""),
+    (M.window(1), 4, 4, """
+        # . . .
+        # # . .
+        . # # .
+        . . # #"""),
+    (M.window(1, 1), 4, 4, """
+        # # . .
+        # # # .
+        . # # #
+        . . # #"""),
+    (M.window(None, 1), 3, 3, """
+        # # .
+        # # #
+        # # #"""),
+    (M.window(1) & M.causal(), 2, 5, """
+        . . # # .
+        . . . # #"""),
+    (M.documents(lengths=[2, 3]), 5, 5, """
+        # # . . .
+        # # . . .
+        . . # # #
+        . . # # #
+        . . # # #"""),
+    (M.documents(lengths=[2, 3]) & M.causal(), 5, 5, """
+        # . . . .
+        # # . . .
+        . . # . .
+        . . # # .
+        . . # # #"""),
+    (M.documents(torch.tensor([7, 7, 3, 7])), 4, 4, """
+        # # . #
+        # # . #
+        . . # .
+        # # . #"""),
+    (M.padding(torch.tensor([[1, 1, 1, 0]])), 4, 4, """
+        # # # .
+        # # # .
+        # # # .
+        . . . ."""),
+    (M.padding(torch.tensor([[0, 1, 1, 1]])) & M.causal(), 4, 4, """
+        . . . .
+        . # . .
+        . # # .
+        . # # #"""),
+    (M.prefix(2), 4, 4, """
+        # # . .
+        # # . .
+        # # . .
+        # # . ."""),
+    (M.prefix_lm(2), 5, 5, """
+        # # . . .
+        # # . . .
+        # # # . .
+        # # # # .
+        # # # # #"""),
+    (M.prefix_lm(3), 2, 5, """
+        # # # # .
+        # # # # #"""),
+    (~M.causal(), 3, 3, """
+        . # #
+        . . #
+        . . ."""),
+    (M.custom(lambda b, h, q, kv: (q + kv) % 2 == 0), 3, 3, """
+        # . #
+        . # .
+        # . #"""),
+    (M.custom(lambda b, h, q, kv: kv == q), 2, 4, """
+        . . # .
+        . . . #"""),
+    (M.dense(torch.tensor([[True, False], [False, True]])), 2, 2, """
+        # .
+        . #"""),
+    (M.causal() | M.window(None, 1), 3, 3, """
+        # # .
+        # # #
+        # # #"""),
+]
+
+
+@pytest.mark.parametrize("mask, q_len, kv_len, expected", CASES, ids=[repr(c[0]) for c in CASES])
+def test_constructor_grids(mask, q_len, kv_len, expected):
+    assert torch.equal(dense2d(mask, q_len, kv_len), grid(expected))
+
+
+def test_per_batch_terms():
+    m = M.prefix_lm(torch.tensor([1, 3]))
+    assert torch.equal(dense2d(m, 3, batch=2, b=0), grid("# . .\n# # .\n# # #"))
+    assert torch.equal(dense2d(m, 3, batch=2, b=1), grid("# # #\n# # #\n# # #"))
+    docs = M.documents(lengths=[[1, 2], [2, 1]])
+    assert torch.equal(dense2d(docs, 3, batch=2, b=1), grid("# # .\n# # .\n. . #"))
+
+
+def test_head_dependent_custom_mask():
+    m = M.custom(lambda b, h, q, kv: (kv <= q) | (h == 1))
+    d = m.to_dense(1, 2, 3, 3)
+    assert torch.equal(d[0, 0], grid("# . .\n# # .\n# # #"))
+    assert d[0, 1].all()
+
+
+def test_picture_is_the_dense_grid():
+    assert M.prefix_lm(2).picture(3) == "# # .\n# # .\n# # #"
+
+
+def test_prefix_lm_is_causal_or_prefix():
+    lengths = torch.tensor([0, 3, 7])
+    a = M.prefix_lm(lengths).to_dense(3, 1, 7, 7)
+    b = (M.causal() | M.prefix(lengths)).to_dense(3, 1, 7, 7)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: M.documents(), ValueError, "exactly one"),
+    (lambda: M.documents(torch.tensor([0.5, 1.0])), TypeError, "integer"),
+    (lambda: M.documents(torch.zeros(2, 2, 2, dtype=torch.long)), ValueError, r"\[B, S\]"),
+    (lambda: M.documents(lengths=[[2, 2], [3]]), ValueError, "same length"),
+    (lambda: M.documents(lengths=[2, 0]), ValueError, "positive"),
+    (lambda: M.padding(torch.tensor([1, 0])), ValueError, r"\[B, S\]"),
+    (lambda: M.padding(torch.tensor([[1, 2]])), ValueError, "0 and 1"),
+    (lambda: M.prefix(-1), ValueError, "non-negative"),
+    (lambda: M.prefix(1.5), TypeError, "integers"),
+    (lambda: M.window(-1), ValueError, "left"),
+    (lambda: M.dense(torch.ones(2, 2)), TypeError, "bool"),
+    (lambda: M.custom(3), TypeError, "callable"),
+    (lambda: M.causal() & torch.ones(2), TypeError, "combine"),
+])
+def test_bad_constructor_input(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("mask, sizes, match", [
+    (M.documents(lengths=[3, 3]), (1, 1, 5, 5), "kv_len=5"),
+    (M.documents(torch.zeros(3, 4, dtype=torch.long)), (2, 1, 4, 4), "batch 3"),
+    (M.padding(torch.ones(2, 4)), (2, 1, 5, 5), r"\[2, 5\]"),
+    (M.prefix([1, 2, 3]), (2, 1, 4, 4), "3 lengths"),
+    (M.prefix(9), (1, 1, 4, 4), "exceeds"),
+    (M.dense(torch.ones(3, 3, dtype=torch.bool)), (1, 1, 4, 4), "broadcast"),
+    (M.causal(), (1, 1, 5, 4), "must not exceed"),
+])
+def test_sizes_that_do_not_fit(mask, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        mask.to_dense(*sizes)
+
+
+def test_custom_must_return_bool():
+    with pytest.raises(TypeError, match="bool"):
+        M.custom(lambda b, h, q, kv: (q - kv).float()).to_dense(1, 1, 2, 2)
+
+
+# structure analysis ------------------------------------------------------------------------------
+
+
+def rebuild(s):
+    """A mask built back from a Structure (used to check analyse() loses nothing)."""
+    base = {
+        "full": M.full(),
+        "causal": M.causal(),
+        "window": M.window(s.left, s.right),
+        "prefix_lm": M.prefix_lm(s.prefix) if s.prefix is not None else None,
+    }[s.base]
+    m = base
+    if s.documents is not None:
+        m = m & M.documents(s.documents)
+    if s.valid is not None:
+        m = m & M.padding(s.valid)
+    for g in s.general:
+        m = m & g
+    return m
+
+
+@pytest.mark.parametrize("name", list(M.CATALOGUE))
+def test_catalogue_structure(name):
+    m = M.CATALOGUE[name](2, 20)
+    s = analyse(m)
+    assert torch.equal(rebuild(s).to_dense(2, 1, 20, 20), m.to_dense(2, 1, 20, 20))
+    assert (s.kind() == "general") == (name == "custom")
+
+
+def test_structure_merges_bases():
+    s = analyse(M.window(4, 3) & M.causal() & M.window(2, None))
+    assert (s.base, s.left, s.right) == ("window", 2, 0)
+    assert analyse(M.window(None, 0)).base == "causal"
+    assert analyse(M.prefix_lm(3) & M.causal()).base == "causal"
+    assert analyse(M.prefix_lm(3) & M.window(2)).general
+
+
+SEQ = 9
+
+
+@st.composite
+def mask_trees(draw, depth=0):
+    ids = draw(st.lists(st.integers(0, 2), min_size=SEQ, max_size=SEQ))
+    valid = draw(st.lists(st.booleans(), min_size=SEQ, max_size=SEQ))
+    leaves = [
+        M.full(), M.causal(),
+        M.window(draw(st.integers(0, 4)), draw(st.one_of(st.none(), st.integers(0, 3)))),
+        M.documents(torch.tensor(ids)),
+        M.documents(torch.tensor(sorted(ids))),
+        M.padding(torch.tensor([valid])),
+        M.prefix(draw(st.integers(0, SEQ))),
+        M.prefix_lm(draw(st.integers(0, SEQ))),
+        M.custom(lambda b, h, q, kv: (q * kv) % 3 != 1),
+    ]
+    leaf = st.sampled_from(leaves)
+    if depth >= 2:
+        return draw(leaf)
+    op = draw(st.sampled_from(["leaf", "and", "or", "not"]))
+    if op == "leaf":
+        return draw(leaf)
+    a = draw(mask_trees(depth + 1))
+    if op == "not":
+        return ~a
+    b = draw(mask_trees(depth + 1))
+    return a & b if op == "and" else a | b
+
+
+@settings(max_examples=150, deadline=None)
+@given(mask_trees(), st.integers(1, SEQ))
+def test_random_compositions(mask, q_len):
+    dense = mask.to_dense(1, 1, q_len, SEQ)
+    # analyse() keeps the meaning exactly
+    assert torch.equal(rebuild(analyse(mask)).to_dense(1, 1, q_len, SEQ), dense)
+    # & | ~ agree with elementwise logic on the oracle
+    other = M.causal()
+    assert torch.equal((mask & other).to_dense(1, 1, q_len, SEQ), dense & other.to_dense(1, 1, q_len, SEQ))
+    assert torch.equal((mask | other).to_dense(1, 1, q_len, SEQ), dense | other.to_dense(1, 1, q_len, SEQ))
+    assert torch.equal((~mask).to_dense(1, 1, q_len, SEQ), ~dense)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=5), st.sampled_from(["full", "causal", "window", "prefix_lm"]),
+       st.integers(0, 6), st.data())
+def test_row_intervals_match_oracle(lengths, base, n, data):
+    S = sum(lengths)
+    q_len = data.draw(st.integers(1, S))
+    base_mask = {"full": M.full(), "causal": M.causal(), "window": M.window(n, 1), "prefix_lm": M.prefix_lm(min(n, S))}[base]
+    m = base_mask & M.documents(lengths=lengths)
+    lo, hi = row_intervals(analyse(m), 1, q_len, S)
+    kv = torch.arange(S)
+    from_intervals = (kv >= lo[0, :, None]) & (kv <= hi[0, :, None])
+    assert torch.equal(from_intervals, m.to_dense(1, 1, q_len, S)[0, 0])
+
+
+def test_document_helpers():
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    start, end = document_bounds(ids)
+    assert start.tolist() == [[0, 0, 2, 2, 2, 5], [0] * 6]
+    assert end.tolist() == [[1, 1, 4, 4, 4, 5], [5] * 6]
+    assert documents_are_contiguous(ids)
+    assert not documents_are_contiguous(torch.tensor([[0, 1, 0]]))
+
+
+def test_mask_moves_device_once():
+    m = M.documents(lengths=[2, 2])
+    assert m.to("cpu") is m
+    assert m.to_dense(1, 1, 4, 4).device.type == "cpu"
