@@ -1,0 +1,72 @@
+"""Bad input gets a clear ValueError/TypeError naming the argument, never a deep stack trace."""
+
+import pytest
+import torch
+
+import anymask
+from anymask import masks as M
+
+
+def qkv(B=1, Hq=2, Hkv=2, Sq=8, Skv=8, D=4, dtype=torch.float32):
+    return (torch.randn(B, Hq, Sq, D, dtype=dtype), torch.randn(B, Hkv, Skv, D, dtype=dtype),
+            torch.randn(B, Hkv, Skv, D, dtype=dtype))
+
+
+def test_mask_is_required():
+    q, k, v = qkv()
+    with pytest.raises(TypeError):
+        anymask.attention(q, k, v)
+    with pytest.raises(TypeError, match="mask must be an anymask Mask"):
+        anymask.attention(q, k, v, None)
+    with pytest.raises(TypeError, match="mask must be an anymask Mask"):
+        anymask.attention(q, k, v, torch.ones(8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("args, error, match", [
+    (lambda: (torch.randn(2, 8, 4),) + qkv()[1:], ValueError, r"q must have shape \[B, H, S, D\]"),
+    (lambda: qkv()[:2] + (torch.randn(1, 2, 8),), ValueError, "v must have shape"),
+    (lambda: qkv(Hq=3, Hkv=2), ValueError, "multiple of k/v heads"),
+    (lambda: (qkv()[0].double(),) + qkv()[1:], TypeError, "share a dtype"),
+    (lambda: (qkv()[0].long(),) + qkv()[1:], TypeError, "q must be float16"),
+    (lambda: (qkv()[0].to("meta"),) + qkv()[1:], ValueError, "one device"),
+    (lambda: (qkv()[0],) + qkv(B=2)[1:], ValueError, "batch"),
+    (lambda: (qkv(D=8)[0],) + qkv()[1:], ValueError, "head dim"),
+    (lambda: qkv(Sq=9, Skv=8), ValueError, "must not exceed kv_len"),
+    (lambda: ("q",) + qkv()[1:], TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_tensors(args, error, match):
+    with pytest.raises(error, match=match):
+        anymask.attention(*args(), M.causal())
+
+
+@pytest.mark.parametrize("mask, match", [
+    (M.documents(lengths=[3, 3]), "kv_len=8"),
+    (M.documents(torch.zeros(3, 8, dtype=torch.long)), "batch 3"),
+    (M.padding(torch.ones(1, 7)), r"expected \[1, 8\]"),
+    (M.prefix(10), "exceeds"),
+    (M.dense(torch.ones(8, 9, dtype=torch.bool)), "does not broadcast"),
+])
+def test_masks_that_do_not_fit_the_call(mask, match):
+    with pytest.raises(ValueError, match=match):
+        anymask.attention(*qkv(), mask)
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        anymask.attention(*qkv(), M.causal(), backend="nope")
+
+
+def test_forced_backend_that_cannot_run_lists_its_reasons():
+    info = anymask.backends()
+    unavailable = [name for name, entry in info.items() if not entry["available"]]
+    if not unavailable:
+        pytest.skip("every backend can run on this machine")
+    name = unavailable[0]
+    with pytest.raises(anymask.BackendUnavailable, match=name) as err:
+        anymask.attention(*qkv(), M.causal(), backend=name)
+    assert info[name]["reasons"][0] in str(err.value)
+
+
+def test_bad_scale():
+    with pytest.raises(TypeError, match="scale"):
+        anymask.attention(*qkv(), M.causal(), scale="big")

@@ -1,0 +1,130 @@
+"""Every available backend agrees with eager (float64) on every mask it accepts.
+
+Tolerance is relative to PyTorch's own low-precision error: a backend may be off from the float64
+reference by at most twice what SDPA is off at the same dtype, plus a small absolute slack.
+Inputs are fresh random tensors on every run.
+"""
+
+import pytest
+import torch
+
+import anymask
+from anymask import masks as M
+from anymask.problem import describe
+
+from .tolerances import assert_close_to_reference, sdpa_error
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = [n for n in anymask.backends() if n != "eager"]
+
+
+def make_inputs(B, Hq, Hkv, Sq, Skv, D, device, requires_grad=True):
+    q = torch.randn(B, Hq, Sq, D, dtype=torch.float64, device=device)
+    k = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, device=device)
+    v = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, device=device)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def run_with_grads(q, k, v, mask, backend, dtype, grad_out):
+    leaves = [t.detach().to(dtype).requires_grad_(q.requires_grad) for t in (q, k, v)]
+    out = anymask.attention(*leaves, mask, backend=backend)
+    if not q.requires_grad:
+        return out, None
+    out.backward(grad_out.to(dtype))
+    return out, [t.grad for t in leaves]
+
+
+SHAPES = [  # B, Hq, Hkv, Sq, Skv, D
+    (2, 4, 4, 37, 37, 16),
+    (2, 4, 2, 37, 37, 16),  # GQA
+    (2, 2, 1, 5, 37, 16),  # decoding: queries are the last 5 positions
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa", "q<kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mask_name", list(M.CATALOGUE))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_backend_matches_eager(backend, mask_name, dtype, shape, device, grad):
+    B, Hq, Hkv, Sq, Skv, D = shape
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("not a GPU dtype")
+    mask = M.CATALOGUE[mask_name](B, Skv)
+    q, k, v = make_inputs(B, Hq, Hkv, Sq, Skv, D, device, requires_grad=grad)
+    low = [t.detach().to(dtype).requires_grad_(grad) for t in (q, k, v)]
+    with torch.set_grad_enabled(grad):
+        reasons = anymask.backends(*low, mask)[backend]["reasons"]
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    grad_out = torch.randn(B, Hq, Sq, D, dtype=torch.float64, device=device)
+    ref, ref_grads = run_with_grads(q, k, v, mask, "eager", torch.float64, grad_out)
+    peer, peer_grads = run_with_grads(q, k, v, mask, "sdpa", dtype, grad_out)
+    out, grads = run_with_grads(q, k, v, mask, backend, dtype, grad_out)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, D)
+    assert_close_to_reference(out, ref, sdpa_error(peer, ref), what=f"{backend} output")
+    if grad:
+        for name, g, r, pg in zip("qkv", grads, ref_grads, peer_grads):
+            assert_close_to_reference(g, r, sdpa_error(pg, r), what=f"{backend} d{name}")
+
+
+EMPTY_ROW_MASKS = {
+    "padded_queries": lambda B, S: M.padding(torch.arange(S).expand(B, S) < torch.tensor([[S - 3], [S]])) & M.causal(),
+    "left_padding": lambda B, S: M.padding(torch.arange(S).expand(B, S) >= torch.tensor([[4], [0]])) & M.causal(),
+    "no_key_rows": lambda B, S: M.window(2) & M.causal() & M.custom(lambda b, h, q, kv: q % 4 != 0),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_name", list(EMPTY_ROW_MASKS))
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_that_see_nothing_output_zero_with_zero_grad(backend, mask_name, dtype, device):
+    B, H, S, D = 2, 2, 19, 8
+    mask = EMPTY_ROW_MASKS[mask_name](B, S)
+    empty = ~mask.to_dense(B, H, S, S, device=device).any(-1)  # [B, H, S]
+    assert empty.any()
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in make_inputs(B, H, H, S, S, D, device))
+    reasons = anymask.backends(q, k, v, mask)[backend]["reasons"]
+    if reasons:
+        pytest.skip(f"{backend}: {'; '.join(reasons)}")
+    out = anymask.attention(q, k, v, mask, backend=backend)
+    assert torch.isfinite(out).all()
+    assert (out[empty] == 0).all()
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (q.grad[empty] == 0).all()
+
+
+def test_every_backend_reports_availability():
+    info = anymask.backends()
+    assert {"eager", "sdpa"} <= set(info)
+    for name, entry in info.items():
+        assert set(entry) == {"available", "reasons", "summary"}
+        assert entry["available"] == (not entry["reasons"]), name
+    assert info["eager"]["available"] and info["sdpa"]["available"]
+
+
+def test_auto_picks_a_backend_that_can_run():
+    q, k, v = make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False)
+    for name, make in M.CATALOGUE.items():
+        mask = make(1, 16)
+        chosen = anymask.which_backend(q.float(), k.float(), v.float(), mask)
+        assert anymask.backends(q.float(), k.float(), v.float(), mask)[chosen]["available"], name
+
+
+def test_scale_is_honoured():
+    q, k, v = make_inputs(1, 2, 2, 9, 9, 8, "cpu", requires_grad=False)
+    for backend in ["eager", "sdpa"]:
+        a = anymask.attention(q, k, v, M.causal(), backend=backend, scale=0.5)
+        b = anymask.attention(q * (0.5 * 8 ** 0.5), k, v, M.causal(), backend=backend)
+        torch.testing.assert_close(a, b)
+
+
+def test_problem_records_grad_and_structure():
+    q, k, v = make_inputs(1, 2, 2, 8, 8, 4, "cpu")
+    p = describe(q, k, v, M.documents(lengths=[3, 5]) & M.causal(), None)
+    assert p.requires_grad and p.structure.kind() == "documents+causal"
+    with torch.no_grad():
+        assert not describe(q, k, v, M.full(), None).requires_grad
