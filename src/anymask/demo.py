@@ -1,0 +1,60 @@
+"""``anymask demo``: every catalogue mask, its picture, auto's choice, each backend's error and time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import masks as M
+from .attention import attention, backends, which_backend
+
+
+def _median_ms(fn, repeats: int = 3) -> float:
+    fn()  # warm-up (compilation, caches)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _indent(text: str, pad: str = "    ") -> str:
+    return "\n".join(pad + line for line in text.splitlines())
+
+
+def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64, model: bool = True) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    print(f"anymask demo: batch {batch}, {heads} heads, seq {seq}, head dim {head_dim}, {dtype}, {device}")
+    print("error = max |backend - eager float64|; time = median forward ms\n")
+    for name, make in M.CATALOGUE.items():
+        mask = make(batch, seq)
+        print(f"== {name}: {mask!r}")
+        print(_indent(make(1, 12).picture(12)))
+        q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=torch.float64) for _ in range(3))
+        ref = attention(q, k, v, mask, backend="eager")
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        chosen = which_backend(q, k, v, mask)
+        print(f"    auto -> {chosen}")
+        for backend, entry in backends(q, k, v, mask).items():
+            if not entry["available"]:
+                print(f"    {backend:<11} -  ({entry['reasons'][0]})")
+                continue
+            out = attention(q, k, v, mask, backend=backend)
+            err = (out.double() - ref).abs().max().item()
+            ms = _median_ms(lambda: attention(q, k, v, mask, backend=backend))
+            star = "  <- auto" if backend == chosen else ""
+            print(f"    {backend:<11} error {err:9.2e}   {ms:8.2f} ms{star}")
+        print()
+    if model:
+        from .demo_model import run_model_demo
+
+        run_model_demo()
+    return 0
