@@ -1,0 +1,224 @@
+"""Hugging Face transformers integration: ``attn_implementation="anymask"``.
+
+::
+
+    import anymask.hf
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="anymask")
+    anymask.hf.set_mask(model, "bidirectional")   # "causal" | "bidirectional" | "prefix_lm" | a Mask
+    out = model(input_ids, attention_mask=am)      # padding always honoured
+    out = model(input_ids, position_ids=pos)       # packed documents isolated (causal or not)
+
+Importing this module registers ``"anymask"`` with transformers' ``AttentionInterface`` (the
+attention function) **and** ``AttentionMaskInterface`` (the mask function; without it transformers
+passes ``attention_mask=None`` even when the batch is padded).  The mask function builds nothing
+dense: it hands the attention function a :class:`~anymask.hf_masks.LayerKeys` (the 2-D padding
+of this layer's keys plus offsets and the sliding window), and the attention function assembles
+an anymask Mask from structure::
+
+    mask = base (set_mask / per call)  &  window  &  documents (position_ids / cu_seq_lens)  &  padding
+
+Per call, these keyword arguments of ``model(...)`` reach the attention function:
+
+- ``anymask_mask=`` a spec name or Mask, overriding ``set_mask`` for this forward;
+- ``prefix_lengths=`` (one per row) or ``token_type_ids`` (0 = prefix, 1 = continuation) for
+  ``prefix_lm``;
+- ``position_ids`` resets and TRL's ``cu_seq_lens_q/k`` + ``max_length_q/k`` mark packed documents.
+
+``generate`` rejects unknown keyword arguments, so for generation use :func:`using` (a context
+manager) instead of ``anymask_mask=``.  ``prefix_lm`` without a given prefix treats a call with no
+cache past (the prompt) as the prefix and continues causally: bidirectional prompt, causal answer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+
+from .attention import attention as _attend
+from . import masks
+from ._optional import require
+from .hf_masks import LayerKeys, build_mask, check_spec
+
+NAME = "anymask"
+_POLICY_ATTR = "_anymask_policy"
+MIN_TRANSFORMERS = "4.56"
+
+
+def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor, attention_mask, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs):
+    """transformers attention function.  Returns ``(attn_output [B, Sq, Hq, D], None)``.
+
+    query: ``[B, Hq, Sq, D]``; key, value: ``[B, Hkv, Skv, D]`` (after the cache update).
+    """
+    if dropout:
+        raise ValueError(f"anymask attention has no attention dropout (got {dropout}); set "
+                         "config.attention_dropout = 0.0")
+    if kwargs.get("softcap") is not None:
+        raise ValueError("anymask attention does not support attention logit soft-capping "
+                         "(Gemma 2's attn_logit_softcapping); set it to None or use another implementation")
+    spec, backend = _call_policy(module, kwargs)
+    keys = attention_mask if isinstance(attention_mask, LayerKeys) else _keys_from_tensor(attention_mask, key)
+    if isinstance(keys, torch.Tensor):  # an explicit 4-D mask passed to the model: take it as given
+        mask = masks.dense(keys)
+    else:
+        key, value, keys = _trim_static_cache(key, value, keys, query.shape[-2])
+        window = _window(module, keys, kwargs)
+        mask = build_mask(spec, keys, query.shape[-2], key.shape[-2], query.shape[0], window=window,
+                          training=module.training, kwargs=kwargs)
+    out = _attend(query, key, value, mask, backend=backend, scale=scaling)  # [B, Hq, Sq, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None = None,
+                           kv_length: int | None = None, kv_offset: int = 0, mask_function=None,
+                           attention_mask: torch.Tensor | None = None, local_size: int | None = None,
+                           q_length: int | None = None, q_offset=None, **kwargs) -> LayerKeys:
+    """transformers mask function: describe this layer's keys instead of building a 4-D mask.
+
+    ``mask_function`` (transformers' own causal / sliding / packed rule) is deliberately ignored:
+    the attention function decides the rule from ``set_mask`` and the call.  Accepts the 4.56
+    signature (``cache_position``) and the 5.x one (``q_length``, ``q_offset``).
+    """
+    if q_length is None:
+        q_length = int(cache_position.shape[0])
+        q_offset = cache_position[0] if q_offset is None else q_offset
+    q_offset = int(q_offset) if q_offset is not None else 0
+    kv_offset = int(kv_offset)
+    padding = None
+    if attention_mask is not None:
+        valid = attention_mask.bool()  # [B, past + q_len]
+        end = kv_offset + kv_length
+        if valid.shape[-1] < end:
+            valid = torch.nn.functional.pad(valid, (0, end - valid.shape[-1]))
+        valid = valid[:, kv_offset:end]
+        padding = None if bool(valid.all()) else valid
+    return LayerKeys(padding, q_length, int(kv_length), q_offset, kv_offset, local_size)
+
+
+def register() -> None:
+    """Register ``"anymask"`` with transformers (done on import; calling again is harmless)."""
+    require("transformers")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, anymask_attention_forward)
+    AttentionMaskInterface.register(NAME, anymask_mask_interface)
+
+
+def set_mask(model: torch.nn.Module, spec, backend: str = "auto") -> torch.nn.Module:
+    """Set the attention mask policy of ``model`` (and switch it to ``attn_implementation="anymask"``).
+
+    ``spec``: ``"causal"``, ``"bidirectional"``, ``"prefix_lm"`` or any anymask Mask (absolute
+    positions over the keys).  Padding, packed documents and sliding windows are added per call.
+    ``backend`` forces an anymask backend (default: dispatch picks).  Returns ``model``.
+    """
+    check_spec(spec)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    _ensure_anymask(model)
+    found = 0
+    for m in model.modules():
+        if _is_attention(m):
+            setattr(m, _POLICY_ATTR, (spec, backend))
+            found += 1
+    if not found:
+        raise ValueError(f"found no attention modules in {type(model).__name__} to set a mask on")
+    return model
+
+
+def get_mask(model: torch.nn.Module):
+    """The ``(spec, backend)`` policy ``set_mask`` stored (None when never set)."""
+    for m in model.modules():
+        if _is_attention(m):
+            return getattr(m, _POLICY_ATTR, None)
+    return None
+
+
+@contextmanager
+def using(model: torch.nn.Module, spec, backend: str = "auto"):
+    """``with anymask.hf.using(model, "prefix_lm"): model.generate(...)`` — a temporary policy."""
+    saved = [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)]
+    set_mask(model, spec, backend)
+    try:
+        yield model
+    finally:
+        for m, policy in saved:
+            if policy is None:
+                m.__dict__.pop(_POLICY_ATTR, None)
+            else:
+                setattr(m, _POLICY_ATTR, policy)
+
+
+# helpers ----------------------------------------------------------------------------------------
+
+
+def _is_attention(m: torch.nn.Module) -> bool:
+    return hasattr(m, "is_causal") and hasattr(m, "config")
+
+
+def _ensure_anymask(model) -> None:
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == NAME:
+        return
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"model uses attn_implementation={current!r}; load it with "
+                         f"attn_implementation='{NAME}'")
+    model.set_attn_implementation(NAME)
+
+
+def _call_policy(module, kwargs):
+    spec, backend = getattr(module, _POLICY_ATTR, None) or (None, "auto")
+    override = kwargs.get("anymask_mask")
+    if override is not None:
+        check_spec(override)
+        spec = override
+    elif kwargs.get("is_causal") is not None:
+        spec = "causal" if kwargs["is_causal"] else "bidirectional"
+    if spec is None:
+        spec = "causal" if getattr(module, "is_causal", True) else "bidirectional"
+    return spec, backend
+
+
+def _keys_from_tensor(attention_mask, key):
+    """A mask that did not come from our mask function: None, 2-D padding, or an explicit 4-D mask."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:  # [B, S] padding
+        S = key.shape[-2]
+        valid = attention_mask.bool()
+        return LayerKeys(None if bool(valid.all()) else valid, S, S, 0, 0)
+    if attention_mask.dim() == 4:  # [B, 1|H, Sq, Skv]: bool, or additive float (0 = attend)
+        if attention_mask.dtype == torch.bool:
+            return attention_mask
+        return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    raise ValueError(f"unexpected attention_mask of shape {list(attention_mask.shape)}")
+
+
+def _window(module, keys: LayerKeys | None, kwargs) -> int | None:
+    """Sliding window (tokens, self included) of this layer, or None for full attention."""
+    if keys is not None and keys.local_size is not None:
+        return int(keys.local_size)
+    if "sliding_window" in kwargs:
+        w = kwargs["sliding_window"]
+    else:
+        w = getattr(module, "sliding_window", None)
+    return int(w) if w is not None else None
+
+
+def _trim_static_cache(key, value, keys: LayerKeys | None, q_len: int):
+    """A static cache hands over all its slots; keep the keys up to the last query."""
+    if keys is None or keys.kv_length != key.shape[-2]:
+        return key, value, keys
+    end = keys.q_offset + q_len - keys.kv_offset  # keys after this are empty slots
+    if 0 < end < key.shape[-2]:
+        padding = None if keys.padding is None else keys.padding[:, :end]
+        keys = replace(keys, padding=padding, kv_length=end)
+        return key[:, :, :end], value[:, :, :end], keys
+    return key, value, keys
+
+
+register()

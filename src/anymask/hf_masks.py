@@ -1,0 +1,166 @@
+"""Build one attention call's anymask :class:`~anymask.Mask` from what transformers hands over.
+
+Nothing here builds an ``S x S`` tensor: padding stays a ``[B, S]`` vector, packed documents stay a
+``[B, S]`` id vector, and the base (causal / bidirectional / prefix-LM / window) stays a formula.
+The pieces, for one layer of one forward call::
+
+    mask = base  &  window (sliding layers)  &  documents (packed)  &  padding
+
+Key positions are the layer's keys (for a sliding-window cache, only the last ``kv_len`` positions
+the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-right convention)::
+
+    prefill, q_len = kv_len = 5, prefix_lm(3),         decoding one token, q_len = 1, kv_len = 6
+    left padding [0 1 1 1 1]
+
+        . . . . .    <- padded query: output 0                 # # # # # #
+        . # # # .
+        . # # # .
+        . # # # #
+        . # # # #
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import masks
+
+SPEC_NAMES = ("causal", "bidirectional", "prefix_lm")
+
+
+@dataclass(frozen=True)
+class LayerKeys:
+    """What transformers' mask factory knows about one layer's keys; our mask function returns it.
+
+    ``padding``: ``[B, kv_len]`` bool (True = real token) for exactly this layer's keys, or None
+    when nothing is padded.  ``q_offset`` / ``kv_offset``: absolute positions of the first query and
+    the first key (a sliding-window cache drops old keys, so ``kv_offset`` can be > 0).
+    ``local_size``: the sliding window (in tokens, self included) when transformers built this
+    mask for a sliding layer.
+    """
+
+    padding: torch.Tensor | None
+    q_length: int
+    kv_length: int
+    q_offset: int
+    kv_offset: int
+    local_size: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Transformers sometimes reads ``attention_mask.shape``; report the padding's."""
+        return tuple(self.padding.shape) if self.padding is not None else (0, self.kv_length)
+
+
+def check_spec(spec) -> None:
+    """Raise ``ValueError``/``TypeError`` for anything that is not a spec name or a Mask."""
+    if isinstance(spec, masks.Mask):
+        return
+    if not isinstance(spec, str):
+        raise TypeError(f"mask spec must be one of {SPEC_NAMES} or an anymask Mask, got {type(spec).__name__}")
+    if spec not in SPEC_NAMES:
+        raise ValueError(f"unknown mask spec {spec!r}; use one of {SPEC_NAMES} or an anymask Mask")
+
+
+def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int, *, window: int | None,
+               training: bool, kwargs: dict) -> masks.Mask:
+    """The mask of one attention call (see module docstring).
+
+    ``kv_len``/``q_len``: the sizes of this call's keys and queries (after any static-cache trim).
+    ``window``: sliding window in tokens (self included), or None.  ``kwargs``: the attention
+    function's keyword arguments (``position_ids``, ``cu_seq_lens_k``, ``token_type_ids``,
+    ``prefix_lengths``).
+    """
+    first_key = keys.kv_offset if keys is not None else 0  # absolute position of key 0
+    no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
+    mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs)
+    if window is not None:
+        # transformers' window: q - window < kv (and kv < q + window when bidirectional)
+        mask = mask & masks.window(window - 1, window - 1)
+    ids = _document_ids(kwargs, q_len, kv_len, batch)
+    if ids is not None:
+        mask = mask & masks.documents(ids)
+    if keys is not None and keys.padding is not None:
+        mask = mask & masks.padding(_fit_padding(keys.padding, kv_len))
+    return mask
+
+
+def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs) -> masks.Mask:
+    if isinstance(spec, masks.Mask):
+        return spec
+    if spec == "causal":
+        return masks.causal()
+    if spec == "bidirectional":
+        return masks.full()
+    prefix = _prefix_lengths(kwargs, kv_len, first_key)
+    if prefix is None:
+        if training:
+            raise ValueError("prefix_lm needs the prefix per call when training: pass prefix_lengths=[...] "
+                             "(one per row, in tokens from the start of the row) or token_type_ids "
+                             "(0 = prefix, 1 = continuation) to the model's forward")
+        # Inference without an explicit prefix: the first call's tokens (the prompt) are the prefix,
+        # later calls (decoding with a cache) continue causally.
+        return masks.full() if no_past else masks.causal()
+    return masks.prefix_lm(prefix)
+
+
+def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
+    """Per-row prefix length in this call's key coordinates, or None when none was given."""
+    given = kwargs.get("prefix_lengths")
+    if given is not None:
+        lengths = torch.as_tensor(given).reshape(-1).long()
+        return (lengths - first_key).clamp(0, kv_len)
+    types = kwargs.get("token_type_ids")
+    if types is None:
+        return None
+    # types: [B, T]; T covers this call's queries, or every position so far
+    total = first_key + kv_len
+    T = types.shape[-1]
+    is_cont = types != 0
+    first_cont = torch.where(is_cont.any(-1), is_cont.int().argmax(-1), torch.full_like(is_cont[:, 0], T, dtype=torch.long))
+    return (first_cont.long() + (total - T) - first_key).clamp(0, kv_len)
+
+
+def _document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
+    """``[B|1, kv_len]`` document ids of packed rows, or None when every row is one document.
+
+    From ``cu_seq_lens_k`` (TRL's ``DataCollatorWithFlattening``) when given, else from resets of
+    ``position_ids`` (a new document starts wherever the position does not step by +1)::
+
+        position_ids  0 1 2 0 1 0 1 2 3
+        document      0 0 0 1 1 2 2 2 2
+
+    Only a call whose queries are its keys (no cache past) can be split; decoding calls see one
+    document.
+    """
+    cu = kwargs.get("cu_seq_lens_k")
+    if cu is not None:
+        cu = cu.reshape(-1)
+        if int(cu[-1]) == kv_len and batch == 1:
+            pos = torch.arange(kv_len, device=cu.device)
+            ids = torch.searchsorted(cu[1:-1].to(pos.dtype).contiguous(), pos, right=True)
+            return ids.unsqueeze(0) if int(ids[-1]) > 0 else None
+        if q_len == kv_len:
+            raise ValueError(f"cu_seq_lens_k ends at {int(cu[-1])} but the call has {kv_len} keys in batch "
+                             f"{batch}; packed inputs must be one row of exactly the packed tokens")
+        return None
+    pos = kwargs.get("position_ids")
+    if pos is None or q_len != kv_len or pos.dim() != 2 or pos.shape[-1] != kv_len:
+        return None
+    step = torch.diff(pos, dim=-1) != 1  # [B|1, S-1]
+    if not bool(step.any()):
+        return None
+    ids = torch.zeros_like(pos)
+    ids[:, 1:] = step.long().cumsum(-1)
+    return ids
+
+
+def _fit_padding(valid: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Right-align the padding vector to this call's keys (the keys are the last ``kv_len``)."""
+    if valid.shape[-1] == kv_len:
+        return valid
+    if valid.shape[-1] > kv_len:
+        return valid[:, -kv_len:]
+    raise ValueError(f"attention_mask covers {valid.shape[-1]} positions but the layer has {kv_len} keys")
