@@ -1,0 +1,220 @@
+"""FlexAttention (``torch.nn.attention.flex_attention``), compiled once, BlockMask from tiles.
+
+The BlockMask comes from :func:`anymask.tiles.tile_classes` through ``BlockMask.from_kv_blocks``
+(never ``create_block_mask`` over ``S x S``): EMPTY tiles are skipped, FULL tiles run without
+mask math, PARTIAL tiles call a ``mask_mod``.  Structured masks share one ``mask_mod`` that reads
+per-row key intervals ``lo[b, q] <= kv <= hi[b, q]`` (and ``valid[b, kv]`` under padding) from
+captured O(B * S) tensors, so every structured mask runs the same compiled kernel; other masks
+wrap their own ``mask_mod``.  flex hands ``mask_mod`` query indices relative to the call
+(``0 .. q_len - 1``) and, in padded blocks, indices past the ends; both are mapped here
+(absolute = relative + kv_len - q_len) and clamped before any captured tensor is indexed.
+
+Compilation: on CUDA ``dynamic=None`` (a second sequence length compiles one dynamic kernel that
+serves every later length).  On CPU, dynamic shapes hit an Inductor C++ codegen bug in torch 2.13
+(``cur_kvSplitSize9 was not declared``: the flex CPU template renames size symbols with a plain
+string replace, so ``ks1`` also rewrites ``ks19``), so CPU compiles static shapes and pads
+``q_len`` and ``kv_len`` up to powers of two: one compile per length bucket, not per length.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import tiles
+from .base import Backend
+
+BLOCK = 128  # sparse block size (both directions), flex's default
+_CACHE_SIZE = 32
+_RECOMPILE_LIMIT = 64  # compiled variants of flex_attention (mask_mod kind x dtype x shapes) before eager
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_flex(device_type: str) -> Callable:
+    """``torch.compile(flex_attention)``, created on first use (one per device type)."""
+    if device_type not in _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED[device_type] = torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+    return _COMPILED[device_type]
+
+
+def _bucket(n: int) -> int:
+    """Next power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A compiled form of one (mask, shapes, device): the BlockMask and the padded lengths."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    q_len: int  # padded query length the kernel sees
+    kv_len: int  # padded key length the kernel sees
+
+
+def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor | None):
+    """mask_mod for structured masks: ``lo[b, q] <= kv <= hi[b, q]`` (and ``valid[b, kv]``).
+
+    lo, hi: long [B, Sq'] indexed by flex's relative query index; valid: bool [B, Skv'].
+    """
+    last_q = lo.shape[1] - 1
+    if valid is None:
+        def interval_mod(b, h, q_idx, kv_idx):
+            qc = q_idx.clamp(0, last_q)
+            return (kv_idx >= lo[b, qc]) & (kv_idx <= hi[b, qc])
+        return interval_mod
+    last_kv = valid.shape[1] - 1
+
+    def interval_valid_mod(b, h, q_idx, kv_idx):
+        qc = q_idx.clamp(0, last_q)
+        kc = kv_idx.clamp(0, last_kv)
+        return (kv_idx >= lo[b, qc]) & (kv_idx <= hi[b, qc]) & valid[b, kc]
+    return interval_valid_mod
+
+
+def _general_mod(mask, q_len: int, kv_len: int, device):
+    """mask_mod wrapping ``mask.mask_mod`` with absolute, clamped positions."""
+    info = torch.tensor([kv_len - q_len, q_len - 1, kv_len - 1], device=device)  # offset, last q, last kv
+
+    def general_mod(b, h, q_idx, kv_idx):
+        q_abs = torch.minimum(q_idx, info[1]) + info[0]
+        kc = torch.minimum(kv_idx, info[2])
+        return mask.mask_mod(b, h, q_abs, kc) & (q_idx <= info[1]) & (kv_idx <= info[2])
+    return general_mod
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=dim)
+
+
+def _compact(sel: torch.Tensor):
+    """Selected kv blocks of each row of tiles: counts int32 [B, H, nQ], indices int32 [B, H, nQ, nK]."""
+    num = sel.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(sel.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, idx
+
+
+def block_mask_from_tiles(classes: torch.Tensor, block: tuple[int, int], seq_lengths: tuple[int, int],
+                          mask_mod):
+    """``BlockMask.from_kv_blocks`` from tile classes ``int8 [B, H|1, nQ, nK]``."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    kv_num, kv_idx = _compact(classes == tiles.PARTIAL)
+    full_num, full_idx = _compact(classes == tiles.FULL)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=seq_lengths)
+
+
+class Flex(Backend):
+    name = "flex"
+    summary = "FlexAttention, compiled once; BlockMask from the mask's tiles (skips empty tiles)"
+
+    def __init__(self, block: int = BLOCK):
+        self.block = block
+        self._plans: OrderedDict[tuple, tuple[object, Plan]] = OrderedDict()
+
+    # reasons ---------------------------------------------------------------------------------
+    def _machine_reasons(self) -> list[str]:
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            return [f"torch {torch.__version__} has no torch.nn.attention.flex_attention (needs torch >= 2.5)"]
+        if not torch._dynamo.is_dynamo_supported():
+            return [f"torch.compile (dynamo) is not supported on this Python with torch {torch.__version__}"]
+        return []
+
+    def problem_reasons(self, p) -> list[str]:
+        if p.device_type == "cpu":
+            return _cpu_reasons(p)
+        if p.device_type != "cuda":
+            return [f"flex is wired for cpu and cuda here, not {p.device_type}"]
+        return []
+
+    # compiled form ---------------------------------------------------------------------------
+    def plan(self, p) -> Plan:
+        """The cached compiled form of ``p``'s mask (LRU of 32, keyed by mask identity and shapes)."""
+        key = (id(p.mask), p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device), self.block)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is p.mask:
+            self._plans.move_to_end(key)
+            return hit[1]
+        plan = self._build(p)
+        self._plans[key] = (p.mask, plan)  # the strong ref keeps id(p.mask) from being reused
+        while len(self._plans) > _CACHE_SIZE:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _build(self, p) -> Plan:
+        cpu = p.device_type == "cpu"
+        sq, skv = (_bucket(p.q_len), _bucket(p.kv_len)) if cpu else (p.q_len, p.kv_len)
+        bq, bk = (min(self.block, sq), min(self.block, skv)) if cpu else (self.block, self.block)
+        classes = tiles.tile_classes(p.mask, p.batch, p.q_heads, p.q_len, p.kv_len, (bq, bk),
+                                     device=p.device, structure=p.structure)  # [B, H|1, nQ, nK]
+        if p.kv_len % bk:  # the last column of tiles holds keys past kv_len: never run it unmasked
+            last = classes[..., -1]
+            last[last == tiles.FULL] = tiles.PARTIAL
+        classes = _pad_dim(_pad_dim(classes, 2, -(-sq // bq), tiles.EMPTY), 3, -(-skv // bk), tiles.EMPTY)
+        if tiles.is_structured(p.structure):
+            lo, hi, valid = tiles.row_bounds(p.structure, p.batch, p.q_len, p.kv_len, p.device)  # [B, Sq]
+            lo = _pad_dim(lo, 1, sq, skv).contiguous()  # padded rows see nothing
+            hi = _pad_dim(hi, 1, sq, -1).contiguous()
+            valid = None if valid is None else _pad_dim(valid, 1, skv, False).contiguous()  # [B, Skv']
+            mask_mod = _interval_mod(lo, hi, valid)
+        else:
+            mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
+        return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv)
+
+    # run -------------------------------------------------------------------------------------
+    def run(self, q, k, v, p):
+        plan = self.plan(p)
+        if not p.requires_grad:  # flex refuses requires_grad inputs on CPU even under no_grad
+            q, k, v = q.detach(), k.detach(), v.detach()
+        q_ = _pad_dim(q, 2, plan.q_len, 0)  # [B, Hq, Sq', D]
+        k_ = _pad_dim(k, 2, plan.kv_len, 0)  # [B, Hkv, Skv', D]
+        v_ = _pad_dim(v, 2, plan.kv_len, 0)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            out = compiled_flex(p.device_type)(q_, k_, v_, block_mask=plan.block_mask, scale=p.scale,
+                                               enable_gqa=True)  # [B, Hq, Sq', D]
+        return out[:, :, :p.q_len] if plan.q_len != p.q_len else out
+
+
+def _cpu_reasons(p) -> list[str]:
+    reasons = []
+    if p.requires_grad:
+        reasons.append(f"FlexAttention has no backward on CPU (torch {torch.__version__}: 'FlexAttention "
+                       "does not support backward on CPU'); use sdpa or eager to train on CPU")
+    if p.dtype == torch.float64:
+        reasons.append("compiled FlexAttention on CPU supports float32, float16 and bfloat16, not float64")
+    reasons.extend(_cpu_machine_reasons())
+    return reasons
+
+
+_CPU_MACHINE: list[str] | None = None
+
+
+def _cpu_machine_reasons() -> list[str]:
+    """Why compiled flex cannot run on this CPU at all (probed once)."""
+    global _CPU_MACHINE
+    if _CPU_MACHINE is None:
+        _CPU_MACHINE = []
+        if not torch.cpu._is_avx2_supported() or os.getenv("ATEN_CPU_CAPABILITY") == "default":
+            _CPU_MACHINE.append("compiled FlexAttention on CPU needs AVX2 (and ATEN_CPU_CAPABILITY != default)")
+        from torch._inductor import config
+
+        cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+        if cxx and not shutil.which(cxx):
+            _CPU_MACHINE.append(f"torch.compile on CPU needs a C++ compiler; {cxx!r} is not on PATH")
+    return _CPU_MACHINE
