@@ -1,0 +1,143 @@
+"""What a user of ``anymask.hf`` relies on: packed documents isolated, bidirectional really
+bidirectional, padding content irrelevant, per-call overrides, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .test_hf_common import VOCAB, tiny_model, twin
+
+import anymask.hf
+from anymask import masks
+
+LENGTHS = [5, 3, 6]
+
+
+def _hidden(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+def _packed():
+    torch.manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
+    ids = torch.cat(docs).unsqueeze(0)  # [1, 14]
+    pos = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    return docs, ids, pos, cu
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("spec", ["causal", "bidirectional"])
+@pytest.mark.parametrize("route", ["position_ids", "position_ids+use_cache", "cu_seq_lens"])
+def test_packed_batch_equals_each_document_alone(family, spec, route):
+    model = anymask.hf.set_mask(tiny_model(family), spec)
+    docs, ids, pos, cu = _packed()
+    if route == "cu_seq_lens":  # TRL DataCollatorWithFlattening kwargs
+        n = max(LENGTHS)
+        packed = _hidden(model, input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
+                         cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+    else:
+        packed = _hidden(model, input_ids=ids, position_ids=pos, use_cache=route.endswith("use_cache"))
+    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_cu_seq_lens_alone_separate_documents():
+    """Without position-id resets, TRL's cu_seq_lens still split the row."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "bidirectional")
+    docs, ids, _, cu = _packed()
+    n = max(LENGTHS)
+    split = _hidden(model, input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+    whole = _hidden(model, input_ids=ids)
+    first = len(docs[0])
+    assert not torch.allclose(split[:, :first], whole[:, :first], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def test_bidirectional_sees_later_tokens_and_causal_does_not(family):
+    model = tiny_model(family)
+    torch.manual_seed(4)
+    a = torch.randint(0, VOCAB, (1, 10))
+    b = a.clone()
+    b[0, -1] = (a[0, -1] + 1) % VOCAB  # change only the last token
+    anymask.hf.set_mask(model, "causal")
+    torch.testing.assert_close(_hidden(model, input_ids=a)[:, :-1], _hidden(model, input_ids=b)[:, :-1])
+    anymask.hf.set_mask(model, "bidirectional")
+    ha, hb = _hidden(model, input_ids=a), _hidden(model, input_ids=b)
+    # within the sliding window (Mistral: 4 tokens) earlier positions must move
+    assert (ha[0, -3] - hb[0, -3]).abs().max() > 1e-4
+    if family != "mistral":
+        assert (ha[0, 0] - hb[0, 0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("spec", ["causal", "bidirectional", "prefix_lm"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_content_does_not_matter(family, spec, side):
+    model = anymask.hf.set_mask(tiny_model(family), spec)
+    torch.manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.long)
+    pads = slice(0, 4) if side == "left" else slice(5, 9)
+    valid[0, pads] = 0
+    other = ids.clone()
+    other[0, pads] = (ids[0, pads] + 7) % VOCAB
+    extra = {"prefix_lengths": [6, 3]} if spec == "prefix_lm" else {}
+    h1 = _hidden(model, input_ids=ids, attention_mask=valid, **extra)
+    h2 = _hidden(model, input_ids=other, attention_mask=valid, **extra)
+    keep = valid.bool()
+    torch.testing.assert_close(h1[keep], h2[keep])
+
+
+def test_per_call_override_and_context_manager():
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    causal = _hidden(model, input_ids=ids)
+    bidir = _hidden(model, input_ids=ids, anymask_mask="bidirectional")
+    with anymask.hf.using(model, "bidirectional"):
+        torch.testing.assert_close(_hidden(model, input_ids=ids), bidir)
+    assert anymask.hf.get_mask(model) == ("causal", "auto")
+    torch.testing.assert_close(_hidden(model, input_ids=ids), causal)
+    full_mask = _hidden(model, input_ids=ids, anymask_mask=masks.full())
+    torch.testing.assert_close(full_mask, bidir)
+    assert not torch.allclose(causal[:, 0], bidir[:, 0], atol=1e-4)
+
+
+def test_prefix_from_token_type_ids_equals_prefix_lengths():
+    model = anymask.hf.set_mask(tiny_model("qwen3"), "prefix_lm")
+    ids = torch.randint(0, VOCAB, (2, 8))
+    types = torch.zeros(2, 8, dtype=torch.long)
+    types[0, 3:] = 1
+    types[1, 6:] = 1
+    a = _hidden(model, input_ids=ids, prefix_lengths=[3, 6])
+    b = _hidden(model, input_ids=ids, token_type_ids=types)
+    torch.testing.assert_close(a, b)
+
+
+def test_set_mask_switches_implementation_and_errors_are_clear():
+    model = tiny_model("llama", attn="sdpa")
+    anymask.hf.set_mask(model, "bidirectional", backend="eager")
+    assert model.config._attn_implementation == "anymask"
+    with pytest.raises(ValueError, match="unknown mask spec"):
+        anymask.hf.set_mask(model, "bidrectional")
+    with pytest.raises(TypeError, match="mask spec"):
+        anymask.hf.set_mask(model, 3)
+    anymask.hf.set_mask(model, "prefix_lm")
+    model.train()
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        model(torch.randint(0, VOCAB, (1, 6)))
+    model.config.attention_dropout = 0.1
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="attention_dropout"):
+        model(torch.randint(0, VOCAB, (1, 6)), prefix_lengths=[2])
+
+
+def test_forced_backend_is_used():
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend="eager")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    sdpa = twin(model, "sdpa")
+    torch.testing.assert_close(_hidden(model, input_ids=ids), _hidden(sdpa, input_ids=ids), atol=1e-5, rtol=1e-5)
