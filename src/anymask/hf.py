@@ -82,6 +82,8 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
     the attention function decides the rule from ``set_mask`` and the call.  Accepts the 4.56
     signature (``cache_position``) and the 5.x one (``q_length``, ``q_offset``).
     """
+    if isinstance(attention_mask, LayerKeys):  # prepared in advance by generate (static cache)
+        return attention_mask
     if q_length is None:
         q_length = int(cache_position.shape[0])
         q_offset = cache_position[0] if q_offset is None else q_offset
@@ -95,7 +97,7 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
             valid = torch.nn.functional.pad(valid, (0, end - valid.shape[-1]))
         valid = valid[:, kv_offset:end]
         padding = None if bool(valid.all()) else valid
-    return LayerKeys(padding, q_length, int(kv_length), q_offset, kv_offset, local_size)
+    return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size)
 
 
 def register() -> None:
@@ -190,7 +192,7 @@ def _keys_from_tensor(attention_mask, key):
     if attention_mask.dim() == 2:  # [B, S] padding
         S = key.shape[-2]
         valid = attention_mask.bool()
-        return LayerKeys(None if bool(valid.all()) else valid, S, S, 0, 0)
+        return LayerKeys(None if bool(valid.all()) else valid, valid.shape[0], S, S, 0, 0)
     if attention_mask.dim() == 4:  # [B, 1|H, Sq, Skv]: bool, or additive float (0 = attend)
         if attention_mask.dtype == torch.bool:
             return attention_mask

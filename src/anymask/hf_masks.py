@@ -42,6 +42,7 @@ class LayerKeys:
     """
 
     padding: torch.Tensor | None
+    batch: int
     q_length: int
     kv_length: int
     q_offset: int
@@ -49,9 +50,14 @@ class LayerKeys:
     local_size: int | None = None
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """Transformers sometimes reads ``attention_mask.shape``; report the padding's."""
-        return tuple(self.padding.shape) if self.padding is not None else (0, self.kv_length)
+    def shape(self) -> tuple[int, int, int, int]:
+        """The 4-D mask this stands for, ``[B, 1, q_len, kv_len]``: transformers treats a mask
+        that ``generate`` prepared in advance (static caches) as ready by its ``ndim``."""
+        return (self.batch, 1, self.q_length, self.kv_length)
+
+    @property
+    def ndim(self) -> int:
+        return 4
 
 
 def check_spec(spec) -> None:
