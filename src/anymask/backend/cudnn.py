@@ -1,0 +1,386 @@
+"""cuDNN fused attention through ``nvidia-cudnn-frontend`` graphs (bf16/fp16, CUDA).
+
+How masks become cuDNN graphs (see :mod:`anymask.kernels.cudnn_graphs` for the graph semantics):
+
+    full / causal / window       one dense graph; causal and windows bottom-right aligned when
+                                 q_len < kv_len (top-left when square)
+    documents and/or padding     unpadded into the ragged (THD) layout, one batch entry per
+                                 segment (:mod:`anymask.segments`), per-segment lengths, the base
+                                 mask inside each segment; padded queries output 0 on repad
+    prefix-LM                    two disjoint row blocks, no merge of softmax states:
+
+        rows <  P   full attention over keys < P     (padding mask with per-batch lengths
+                                                      when P differs between batch rows)
+        rows >= P   causal, bottom-right aligned, over all keys (keys < P are already visible)
+
+        # # . . . .      block A: rows 0-1, keys 0-1
+        # # . . . .
+        # # # . . .      block B: rows 2-5 (started at a multiple of 128 <= min P, so per-batch
+        # # # # . .               P share graphs; rows of B below a batch row's P are dropped)
+        # # # # # .
+        # # # # # #
+
+Every row given to cuDNN sees at least one key (a query always sees itself), so cuDNN's non-zero
+output for fully masked rows never reaches the user: rows that see nothing are exactly the padded
+queries, which repad fills with 0 (zero gradient).  Graph shapes are bucketed (segment count,
+max segment length, token capacity, prefix blocks) so new packings reuse cached graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .. import segments as SEG
+from .._optional import probe
+from ..problem import Problem
+from .base import Backend
+
+_MIN_BACKEND = 90600  # GQA with ragged offsets, int64 offsets, bottom-right causal + windows
+_ROW_BLOCK = 128  # prefix-LM block edges are multiples of this (graph reuse across prefixes)
+
+
+# bucketing ---------------------------------------------------------------------------------------
+
+
+def pow2_bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two ``>= max(n, minimum)``."""
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+# planning (pure PyTorch, CPU-testable) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Band:
+    """cuDNN's diagonal band: alignment and bounds (``None`` = unbounded)."""
+
+    bottom_right: bool = False
+    left_bound: int | None = None
+    right_bound: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One dense graph over query rows ``[row0, row1)`` and keys ``[0, kv1)``.
+
+    ``seq_q``/``seq_kv`` (``[B]`` long, or None) are per-batch lengths within the block (padding
+    mask); ``owns`` (``[B, row1 - row0]`` bool, or None = all) marks the rows whose output is used.
+    """
+
+    row0: int
+    row1: int
+    kv1: int
+    band: Band
+    seq_q: torch.Tensor | None = None
+    seq_kv: torch.Tensor | None = None
+    owns: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class DensePlan:
+    blocks: tuple[Block, ...]  # one block, or (A, B) for prefix-LM with A.row0 = 0, B.row0 <= A.row1
+
+
+@dataclass(frozen=True, eq=False)
+class RaggedPlan:
+    """Segments as batch entries of a ragged graph; padded up to ``segments`` with one-token dummies."""
+
+    layout: SEG.Layout
+    band: Band
+    segments: int  # N bucket
+    q_len: int  # max segment length buckets
+    kv_len: int
+    total_q: int  # token capacity buckets (real tokens + dummies)
+    total_kv: int
+
+    @property
+    def dummies(self) -> int:
+        return self.segments - self.layout.num_segments
+
+    def seq_lengths(self) -> tuple[list[int], list[int]]:
+        """Per-entry lengths, dummies (one token each) included."""
+        return list(self.layout.q_lengths) + [1] * self.dummies, list(self.layout.k_lengths) + [1] * self.dummies
+
+    def starts(self) -> tuple[list[int], list[int]]:
+        """Token offsets ``[N + 1]`` of each entry in the packed q and k (dummy d sits at ``T + d``)."""
+        lq, lk = self.seq_lengths()
+        return _cumsum(lq), _cumsum(lk)
+
+
+def _cumsum(lengths: list[int]) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+def _band(p: Problem, bottom_right: bool) -> Band:
+    """The base mask (full / causal / window) as a cuDNN band."""
+    s = p.structure
+    if s.base == "full":
+        return Band()
+    if s.base == "causal":
+        return Band(bottom_right, None, 0)
+    return Band(bottom_right, None if s.left is None else s.left + 1, s.right)
+
+
+def plan(p: Problem):
+    """The cuDNN calls for ``p`` (assumes :func:`reasons` is empty)."""
+    s = p.structure
+    if s.documents is not None or s.valid is not None:
+        return _ragged_plan(p)
+    if s.base == "prefix_lm":
+        return _prefix_plan(p)
+    return DensePlan((Block(0, p.q_len, p.kv_len, _band(p, p.q_len < p.kv_len)),))
+
+
+def _ragged_plan(p: Problem) -> RaggedPlan:
+    lay = SEG.layout(p.structure, p.batch, p.q_len, p.kv_len, device=p.device)
+    n = max(lay.num_segments, 1)
+    segments = pow2_bucket(n)
+    dummies = segments - lay.num_segments
+    tq = int(lay.cu_seqlens_q[-1]) + dummies
+    tk = int(lay.cu_seqlens_k[-1]) + dummies
+    return RaggedPlan(lay, _band(p, p.q_len < p.kv_len), segments,
+                      pow2_bucket(lay.max_seqlen_q, 64), pow2_bucket(lay.max_seqlen_k, 64),
+                      pow2_bucket(tq, 64), pow2_bucket(tk, 64))
+
+
+def _prefix_plan(p: Problem) -> DensePlan:
+    B, Sq, Skv = p.batch, p.q_len, p.kv_len
+    prefix = p.structure.prefix.to("cpu").long().expand(B)  # [B] keys < P are visible to all
+    rows = (prefix - (Skv - Sq)).clamp(0, Sq)  # [B] query rows inside the prefix
+    lo, hi = int(rows.min()), int(rows.max())
+    blocks = []
+    if hi > 0:
+        n_a = min(Sq, round_up(hi, _ROW_BLOCK))
+        kv_a = min(Skv, round_up(int(prefix.max()), _ROW_BLOCK))
+        exact = bool((rows == n_a).all()) and bool((prefix == kv_a).all())
+        local = torch.arange(n_a)  # [nA]
+        blocks.append(Block(0, n_a, kv_a, Band(),
+                            None if exact else rows.clamp(min=1), None if exact else prefix.clamp(min=1),
+                            local[None, :] < rows[:, None]))
+    b0 = (lo // _ROW_BLOCK) * _ROW_BLOCK
+    if lo < Sq:
+        local = torch.arange(b0, Sq)  # [Sq - b0]
+        owns = local[None, :] >= rows[:, None]  # [B, Sq - b0]
+        blocks.append(Block(b0, Sq, Skv, Band(Sq - b0 < Skv, None, 0), owns=None if bool(owns.all()) else owns))
+    return DensePlan(tuple(blocks))
+
+
+def plan_to_dense(pl, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """What a plan computes, as a bool mask ``[B, Sq, Skv]`` (cuDNN band semantics); the tests
+    compare it with ``mask.to_dense``."""
+    out = torch.zeros(batch, q_len, kv_len, dtype=torch.bool)
+    if isinstance(pl, RaggedPlan):
+        lay = pl.layout
+        cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+        qi, ki = lay.q_index.cpu(), lay.k_index.cpu()
+        for n in range(lay.num_segments):
+            rows, keys = qi[cq[n]:cq[n + 1]], ki[ck[n]:ck[n + 1]]  # flat positions
+            grid = _band_grid(pl.band, len(rows), len(keys))  # [nq, nk]
+            b = int(rows[0]) // q_len
+            out[b, (rows % q_len)[:, None], (keys % kv_len)[None, :]] = grid
+        return out
+    for blk in pl.blocks:
+        for b in range(batch):
+            nq = blk.row1 - blk.row0 if blk.seq_q is None else min(int(blk.seq_q[b]), blk.row1 - blk.row0)
+            nk = blk.kv1 if blk.seq_kv is None else min(int(blk.seq_kv[b]), blk.kv1)
+            grid = torch.zeros(blk.row1 - blk.row0, kv_len, dtype=torch.bool)
+            grid[:nq, :nk] = _band_grid(blk.band, nq, nk)
+            owns = torch.ones(blk.row1 - blk.row0, dtype=torch.bool) if blk.owns is None else blk.owns[b]
+            rows = torch.arange(blk.row0, blk.row1)[owns]
+            out[b, rows] = grid[owns]
+    return out
+
+
+def _band_grid(band: Band, nq: int, nk: int) -> torch.Tensor:
+    """cuDNN's band for one batch entry of ``nq`` rows and ``nk`` keys, bool ``[nq, nk]``."""
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(nk)[None, :]
+    d = nk - nq if band.bottom_right else 0
+    ok = torch.ones(nq, nk, dtype=torch.bool)
+    if band.right_bound is not None:
+        ok &= j <= i + d + band.right_bound
+    if band.left_bound is not None:
+        ok &= j > i + d - band.left_bound
+    return ok
+
+
+# reasons -----------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _head_dim_ok(d: int, major: int) -> bool:
+    return d % 8 == 0 and (d <= 128 or (d == 256 and major >= 9))
+
+
+def reasons(p: Problem) -> list[str]:
+    """Why the cuDNN backend cannot run ``p`` (machine reasons aside)."""
+    out = []
+    s = p.structure
+    if p.device_type != "cuda":
+        return [f"inputs are on {p.device}; cuDNN attention runs on CUDA tensors"]
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        out.append(f"cuDNN fused attention has no {p.dtype} kernels (fp16/bf16 only); use triton, sdpa or flex")
+    major = _capability(p.device.index if p.device.index is not None else torch.cuda.current_device())[0]
+    if not _head_dim_ok(p.head_dim, major):
+        out.append(f"head dim {p.head_dim} unsupported by cuDNN SDPA (multiple of 8, <= 128, or 256 on Hopper+)")
+    if s.general:
+        out.append(f"mask has general terms ({', '.join(map(repr, s.general))}); cuDNN takes "
+                   "documents/padding with full/causal/window, or prefix-LM")
+        return out
+    if s.base == "window" and (s.right is None or s.right > 0):
+        out.append(f"window(left={s.left}, right={s.right}) looks ahead; the cuDNN backend takes causal "
+                   "sliding windows (right=0) only")
+    if s.documents is not None or s.valid is not None:
+        if s.base == "prefix_lm":
+            out.append("prefix-LM combined with documents/padding is not a per-segment band; use triton or flex")
+        else:
+            out.extend(SEG.reasons(s, p.batch, p.q_len, p.kv_len))
+        if major < 9:
+            out.append("cuDNN's ragged (THD) layout for documents/padding needs Hopper or newer")
+    if p.requires_grad and p.q_len == 1 and p.kv_len == 1:
+        out.append("cuDNN SDPA backward does not take q_len = kv_len = 1")
+    return out
+
+
+# execution ---------------------------------------------------------------------------------------
+
+
+class _Attention(torch.autograd.Function):
+    """One cuDNN graph call; backward through the cached backward graph."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, meta, training):
+        from ..kernels import cudnn_graphs as G
+
+        o, stats = G.forward(spec, q, k, v, meta, training)
+        if training:
+            ctx.save_for_backward(q, k, v, o, stats)
+        ctx.spec, ctx.meta = spec, meta
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels import cudnn_graphs as G
+
+        q, k, v, o, stats = ctx.saved_tensors
+        dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do.contiguous(), stats, ctx.meta)
+        return dq, dk, dv, None, None, None
+
+
+def _dense_ready(t: torch.Tensor) -> torch.Tensor:
+    """A view cuDNN can read: dense last dim, no broadcast strides, 16-byte aligned base."""
+    if t.stride(-1) != 1 or 0 in t.stride() or t.data_ptr() % 16:
+        return t.contiguous()
+    return t
+
+
+def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
+    from ..kernels import cudnn_graphs as G
+
+    qb = q[:, :, blk.row0:blk.row1]  # [B, Hq, rows, D]
+    kb, vb = k[:, :, :blk.kv1], v[:, :, :blk.kv1]  # [B, Hkv, kv1, D]
+    lengths = blk.seq_q is not None
+    spec = G.Spec(p.dtype, p.batch, p.q_heads, p.kv_heads, blk.row1 - blk.row0, blk.kv1, p.head_dim, p.scale,
+                  lengths=lengths, bottom_right=blk.band.bottom_right, left_bound=blk.band.left_bound,
+                  right_bound=blk.band.right_bound, q_stride=tuple(qb.stride()), k_stride=tuple(kb.stride()),
+                  v_stride=tuple(vb.stride()), device=q.device.index or 0)
+    meta = G.Meta()
+    if lengths:
+        meta = G.Meta(blk.seq_q.to(q.device, torch.int32).view(-1, 1, 1, 1),
+                      blk.seq_kv.to(q.device, torch.int32).view(-1, 1, 1, 1))
+    return _Attention.apply(qb, kb, vb, spec, meta, p.requires_grad)  # [B, Hq, rows, D]
+
+
+def _run_dense(q, k, v, p: Problem, pl: DensePlan) -> torch.Tensor:
+    q, k, v = _dense_ready(q), _dense_ready(k), _dense_ready(v)
+    outs = [_run_block(q, k, v, p, blk) for blk in pl.blocks]
+    if len(pl.blocks) == 1:
+        return outs[0]
+    a, b = pl.blocks
+    o_a, o_b = outs  # [B, Hq, nA, D], [B, Hq, Sq - b0, D]
+    mid = o_a[:, :, b.row0:]  # rows [b0, nA): block A where it owns the row, else block B
+    take_a = a.owns[:, b.row0:].to(q.device)[:, None, :, None]  # [B, 1, nA - b0, 1]
+    mid = torch.where(take_a, mid, o_b[:, :, :a.row1 - b.row0])
+    return torch.cat([o_a[:, :, :b.row0], mid, o_b[:, :, a.row1 - b.row0:]], dim=2)
+
+
+def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
+    from ..kernels import cudnn_graphs as G
+
+    lay, dev = pl.layout, q.device
+    pad_q = lay.q_index[:1].expand(pl.dummies) if lay.q_index.numel() else lay.q_index.new_zeros(pl.dummies)
+    pad_k = lay.k_index[:1].expand(pl.dummies) if lay.k_index.numel() else lay.k_index.new_zeros(pl.dummies)
+    q_index = torch.cat([lay.q_index, pad_q]).to(dev)  # [Tq + dummies]: dummy d is a copy of token 0
+    k_index = torch.cat([lay.k_index, pad_k]).to(dev)
+    qp = SEG.unpad(q, q_index)  # [Tq', Hq, D]
+    kp, vp = SEG.unpad(k, k_index), SEG.unpad(v, k_index)  # [Tk', Hkv, D]
+    lq, lk = pl.seq_lengths()
+    sq, sk = pl.starts()
+    D = p.head_dim
+    meta = G.Meta(torch.tensor(lq, dtype=torch.int32).view(-1, 1, 1, 1).to(dev),
+                  torch.tensor(lk, dtype=torch.int32).view(-1, 1, 1, 1).to(dev),
+                  (torch.tensor(sq, dtype=torch.int64) * (p.q_heads * D)).view(-1, 1, 1, 1).to(dev),
+                  (torch.tensor(sk, dtype=torch.int64) * (p.kv_heads * D)).view(-1, 1, 1, 1).to(dev))
+    spec = G.Spec(p.dtype, pl.segments, p.q_heads, p.kv_heads, pl.q_len, pl.kv_len, D, p.scale,
+                  ragged=True, lengths=True, bottom_right=pl.band.bottom_right, left_bound=pl.band.left_bound,
+                  right_bound=pl.band.right_bound, total_q=pl.total_q, total_kv=pl.total_kv,
+                  device=dev.index or 0)
+    op = _Attention.apply(qp, kp, vp, spec, meta, p.requires_grad)  # [Tq', Hq, D]
+    real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
+    return SEG.repad(real, lay.q_index.to(dev), p.batch, p.q_len)  # [B, Hq, Sq, D], padded rows 0
+
+
+class Cudnn(Backend):
+    name = "cudnn"
+    summary = ("cuDNN fused attention graphs (nvidia-cudnn-frontend): documents/padding as ragged THD, "
+               "causal sliding windows, prefix-LM by row blocks, GQA; bf16/fp16 on CUDA")
+
+    def _machine_reasons(self) -> list[str]:
+        try:
+            if not torch.cuda.is_available():
+                out = ["no CUDA device: cuDNN attention runs on NVIDIA GPUs"]
+                if not _frontend_installed():
+                    out.append("cudnn (nvidia-cudnn-frontend) is not installed; pip install 'anymask[cudnn]'")
+                return out
+            found = probe("cudnn")
+            if isinstance(found, str):
+                return [found]
+            if found.backend_version() < _MIN_BACKEND:
+                return [f"cuDNN backend {found.backend_version()} is older than 9.6 (needed for ragged GQA "
+                        "and bottom-right causal windows)"]
+        except Exception as exc:  # a broken install must not break reason listing
+            return [f"cuDNN frontend probe failed ({type(exc).__name__}: {exc})"]
+        return []
+
+    def problem_reasons(self, p: Problem) -> list[str]:
+        try:
+            return reasons(p)
+        except Exception as exc:
+            return [f"could not plan cuDNN attention ({type(exc).__name__}: {exc})"]
+
+    def run(self, q, k, v, p):
+        pl = plan(p)
+        if isinstance(pl, RaggedPlan):
+            return _run_ragged(q, k, v, p, pl)
+        return _run_dense(q, k, v, p, pl)
+
+
+def _frontend_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("cudnn") is not None

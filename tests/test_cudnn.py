@@ -1,0 +1,256 @@
+"""cuDNN backend: mask -> graph planning checked exactly against ``mask.to_dense``; the plumbing
+(unpad/ragged offsets/dummy segments, prefix-LM row blocks, autograd) checked numerically on CPU
+through a stand-in for the cuDNN graphs; real graphs on the GPU (``gpu`` marker).
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+import anymask
+from anymask import masks as M
+from anymask.backend import cudnn as C
+from anymask.kernels import cudnn_graphs as G
+from anymask.problem import describe
+
+from .tolerances import assert_close_to_reference, sdpa_error
+
+B, S = 3, 300
+
+
+def _problem(mask, batch=B, q_len=S, kv_len=S, hq=4, hkv=2, d=16, dtype=torch.float32, grad=False):
+    q = torch.randn(batch, hq, q_len, d, dtype=dtype, requires_grad=grad)
+    k = torch.randn(batch, hkv, kv_len, d, dtype=dtype, requires_grad=grad)
+    return describe(q, k, k.detach().clone().requires_grad_(grad), mask, None)
+
+
+def _valid(lengths, seq=S, left=False):
+    pos = torch.arange(seq)
+    n = torch.tensor(lengths)[:, None]
+    return pos >= seq - n if left else pos < n
+
+
+PLANNED = {
+    "full": lambda: M.full(),
+    "causal": lambda: M.causal(),
+    "sliding_window": lambda: M.window(37) & M.causal(),
+    "window_zero": lambda: M.window(0) & M.causal(),
+    "documents": lambda: M.documents(lengths=[[100, 150, 50], [7, 293], [300]]),
+    "documents_causal": lambda: M.documents(lengths=[[100, 150, 50], [7, 293], [300]]) & M.causal(),
+    "documents_window": lambda: M.documents(lengths=[[100, 150, 50], [7, 293], [300]]) & M.window(20) & M.causal(),
+    "padding": lambda: M.padding(_valid([300, 171, 5])) & M.full(),
+    "padding_causal": lambda: M.padding(_valid([300, 171, 5])) & M.causal(),
+    "left_padding_causal": lambda: M.padding(_valid([300, 171, 5], left=True)) & M.causal(),
+    "padding_window": lambda: M.padding(_valid([300, 171, 5])) & M.window(16) & M.causal(),
+    "docs_padding": lambda: M.documents(lengths=[[100, 150, 50], [7, 293], [300]])
+    & M.padding(_valid([260, 171, 300])) & M.causal(),
+    "padding_holes_causal": lambda: M.padding(torch.arange(S).expand(B, S) % 7 != 3) & M.causal(),
+    "recurring_documents": lambda: M.documents(torch.arange(S).expand(B, S) // 10 % 3),
+    "prefix_lm": lambda: M.prefix_lm(75),
+    "prefix_lm_aligned": lambda: M.prefix_lm(128),
+    "prefix_lm_per_batch": lambda: M.prefix_lm([0, 130, 299]),
+    "prefix_lm_all_prefix": lambda: M.prefix_lm(S),
+}
+SHAPES = {"square": (S, S), "decode": (45, S), "one_query": (1, S)}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_plan_expands_to_the_mask_exactly(name, shape):
+    q_len, kv_len = SHAPES[shape]
+    mask = PLANNED[name]()
+    p = _problem(mask, q_len=q_len, kv_len=kv_len)
+    pl = C.plan(p)
+    got = C.plan_to_dense(pl, B, q_len, kv_len)
+    assert torch.equal(got, mask.to_dense(B, 1, q_len, kv_len)[:, 0])
+
+
+def test_plan_kinds():
+    assert isinstance(C.plan(_problem(M.causal())), C.DensePlan)
+    assert isinstance(C.plan(_problem(PLANNED["padding"]())), C.RaggedPlan)
+    causal = C.plan(_problem(M.causal())).blocks[0]
+    assert causal.band == C.Band(False, None, 0) and causal.seq_q is None
+    decode = C.plan(_problem(M.causal(), q_len=45)).blocks[0]
+    assert decode.band == C.Band(True, None, 0)
+    window = C.plan(_problem(M.window(37) & M.causal())).blocks[0]
+    assert window.band == C.Band(False, 38, 0)
+
+
+def test_prefix_lm_uses_two_row_blocks():
+    a, b = C.plan(_problem(M.prefix_lm(128), batch=2, q_len=512, kv_len=512)).blocks
+    assert (a.row0, a.row1, a.kv1, a.band, a.seq_q) == (0, 128, 128, C.Band(), None)  # exact: no lengths
+    assert (b.row0, b.row1, b.kv1, b.band, b.owns) == (128, 512, 512, C.Band(True, None, 0), None)
+    a, b = C.plan(_problem(M.prefix_lm([100, 300]), batch=2, q_len=512, kv_len=512)).blocks
+    assert (a.row1, a.kv1, a.seq_q.tolist(), a.seq_kv.tolist()) == (384, 384, [100, 300], [100, 300])
+    assert (b.row0, b.band.bottom_right) == (0, False)  # min prefix 100 < 128: block B from row 0
+
+
+def test_ragged_plan_buckets_reuse_graph_shapes():
+    def dims(lengths):
+        pl = C.plan(_problem(M.documents(lengths=lengths) & M.causal(), batch=1))
+        return pl.segments, pl.q_len, pl.kv_len, pl.total_q, pl.total_kv
+
+    assert dims([100, 150, 50]) == dims([130, 90, 80]) == (4, 256, 256, 512, 512)
+    pl = C.plan(_problem(M.documents(lengths=[100, 150, 50]), batch=1))
+    lq, lk = pl.seq_lengths()
+    sq, sk = pl.starts()
+    assert lq == [100, 150, 50, 1] and sq == [0, 100, 250, 300, 301]  # dummy: one token at T
+    assert sk == sq and pl.dummies == 1
+
+
+def _cuda_problem(mask, **kw):
+    return dataclasses.replace(_problem(mask, **kw), device=torch.device("cuda", 0))
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(C, "_capability", lambda index: (9, 0))
+
+
+def test_reasons(hopper):
+    bf16 = dict(dtype=torch.bfloat16)
+    for name in PLANNED:
+        if name not in ("padding_window",):
+            assert C.reasons(_cuda_problem(PLANNED[name](), **bf16)) == [], name
+    assert "fp16/bf16 only" in C.reasons(_cuda_problem(M.causal()))[0]
+    assert "head dim" in C.reasons(_cuda_problem(M.causal(), d=12, **bf16))[0]
+    assert "general terms" in C.reasons(_cuda_problem(M.custom(lambda b, h, q, kv: kv <= q), **bf16))[0]
+    assert "looks ahead" in C.reasons(_cuda_problem(M.window(3, 2), **bf16))[0]
+    assert "prefix-LM combined" in C.reasons(_cuda_problem(M.prefix_lm(4) & M.padding(_valid([9, 9, 9])), **bf16))[0]
+    holes = M.padding(torch.arange(S).expand(B, S) % 7 != 3) & M.window(8) & M.causal()
+    assert "holes" in C.reasons(_cuda_problem(holes, **bf16))[0]
+    assert "CUDA" in C.reasons(_problem(M.causal(), dtype=torch.bfloat16))[0]
+
+
+def test_machine_reasons_never_raise():
+    reasons = C.Cudnn()._machine_reasons()
+    assert isinstance(reasons, list)
+    if not torch.cuda.is_available():
+        assert any("CUDA" in r for r in reasons)
+
+
+# plumbing through a stand-in for the cuDNN graphs ------------------------------------------------
+
+
+def _band_attention(q, k, v, spec, nq, nk, scale):
+    """q [Hq, nq, D], k/v [Hkv, nk, D] -> [Hq, nq, D] with the graph's band (float64)."""
+    grid = C._band_grid(C.Band(spec.bottom_right, spec.left_bound, spec.right_bound), nq, nk)
+    assert grid.any(-1).all(), "a row given to cuDNN sees no key"
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)
+    s = (q @ k.transpose(-1, -2)) * scale
+    return s.masked_fill(~grid, float("-inf")).softmax(-1) @ v
+
+
+def _fake_math(spec, q, k, v, meta):
+    """What the graph computes, in float64, differentiable (rows outside lengths: 0)."""
+    q, k, v = q.double(), k.double(), v.double()
+    if spec.ragged:
+        assert q.is_contiguous() and k.is_contiguous()
+        hq, d = q.shape[1], q.shape[2]
+        starts_q = (meta.off_q.flatten() // (hq * d)).tolist()
+        starts_k = (meta.off_kv.flatten() // (k.shape[1] * d)).tolist()
+        lq, lk = meta.seq_q.flatten().tolist(), meta.seq_kv.flatten().tolist()
+        assert len(lq) == spec.batch and max(lq) <= spec.q_len and max(lk) <= spec.kv_len
+        assert starts_q[-1] <= spec.total_q and starts_k[-1] <= spec.total_kv and starts_q[-1] == q.shape[0]
+        out = torch.zeros_like(q)
+        for n in range(spec.batch):
+            rows = slice(starts_q[n], starts_q[n] + lq[n])
+            keys = slice(starts_k[n], starts_k[n] + lk[n])
+            o = _band_attention(q[rows].transpose(0, 1), k[keys].transpose(0, 1), v[keys].transpose(0, 1),
+                                spec, lq[n], lk[n], spec.scale)
+            out = out.index_copy(0, torch.arange(rows.start, rows.stop), o.transpose(0, 1))
+        return out
+    assert tuple(q.stride()) == spec.q_stride or not q.requires_grad
+    outs = []
+    for b in range(spec.batch):
+        nq = spec.q_len if meta.seq_q is None else int(meta.seq_q[b])
+        nk = spec.kv_len if meta.seq_kv is None else int(meta.seq_kv[b])
+        o = _band_attention(q[b, :, :nq], k[b, :, :nk], v[b, :, :nk], spec, nq, nk, spec.scale)
+        outs.append(torch.nn.functional.pad(o, (0, 0, 0, spec.q_len - nq)))
+    return torch.stack(outs)
+
+
+def _fake_forward(spec, q, k, v, meta, training):
+    with torch.no_grad():
+        o = _fake_math(spec, q, k, v, meta).to(q.dtype)
+    return o, (torch.zeros(spec.batch, spec.q_heads, spec.q_len, 1) if training else None)
+
+
+def _fake_backward(spec, q, k, v, o, do, stats, meta):
+    assert do.is_contiguous()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        out = _fake_math(spec, *leaves, meta)
+        grads = torch.autograd.grad(out, leaves, do.double())
+    return tuple(g.to(q.dtype).contiguous() for g in grads)
+
+
+@pytest.mark.parametrize("shape", ["square", "decode"])
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_plumbing_matches_eager(name, shape, monkeypatch):
+    monkeypatch.setattr(G, "forward", _fake_forward)
+    monkeypatch.setattr(G, "backward", _fake_backward)
+    q_len, kv_len = SHAPES[shape]
+    mask = PLANNED[name]()
+    q = torch.randn(B, 4, q_len, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, 2, kv_len, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, 2, kv_len, 16, dtype=torch.float64, requires_grad=True)
+    p = describe(q, k, v, mask, None)
+    out = C.Cudnn().run(q, k, v, p)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for name_, a, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a, r, msg=f"d{name_}")
+
+
+# real graphs -------------------------------------------------------------------------------------
+
+
+def _gpu_ready() -> bool:
+    return torch.cuda.is_available() and anymask.backends()["cudnn"]["available"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and nvidia-cudnn-frontend")
+@pytest.mark.parametrize("shape", ["square", "decode"])
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_gpu_matches_eager(name, shape):
+    q_len, kv_len = (256, 256) if shape == "square" else (64, 256)
+    mask = PLANNED[name]() if "padding" not in name and "documents" not in name else _resize(name, kv_len)
+    q = torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, 2, kv_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, 2, kv_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    reasons = anymask.backends(*low, mask)["cudnn"]["reasons"]
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    g = torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    peer = anymask.attention(*low, mask, backend="sdpa")
+    peer_grads = torch.autograd.grad(peer, low, g.bfloat16())
+    out = anymask.attention(*low, mask, backend="cudnn")
+    grads = torch.autograd.grad(out, low, g.bfloat16())
+    assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="cudnn output")
+    for n, a, r, pg in zip("qkv", grads, ref_grads, peer_grads):
+        assert_close_to_reference(a, r, sdpa_error(pg, r), what=f"cudnn d{n}")
+
+
+def _resize(name, seq):
+    """The planned structured masks at another length (documents/padding are length-bound)."""
+    docs = M.documents(lengths=[[seq // 3, seq // 2, seq - seq // 3 - seq // 2], [7, seq - 7], [seq]])
+    valid = _valid([seq, seq // 2 + 13, 5], seq=seq)
+    return {
+        "documents": docs, "documents_causal": docs & M.causal(),
+        "documents_window": docs & M.window(20) & M.causal(),
+        "padding": M.padding(valid) & M.full(), "padding_causal": M.padding(valid) & M.causal(),
+        "left_padding_causal": M.padding(_valid([seq, seq // 2 + 13, 5], seq=seq, left=True)) & M.causal(),
+        "padding_window": M.padding(valid) & M.window(16) & M.causal(),
+        "docs_padding": docs & M.padding(_valid([seq - 40, seq // 2 + 13, seq], seq=seq)) & M.causal(),
+        "padding_holes_causal": M.padding(torch.arange(seq).expand(B, seq) % 7 != 3) & M.causal(),
+    }[name]
