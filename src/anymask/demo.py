@@ -33,6 +33,9 @@ def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"anymask demo: batch {batch}, {heads} heads, seq {seq}, head dim {head_dim}, {dtype}, {device}")
+    machine = {name: entry["reasons"][0] for name, entry in backends().items() if not entry["available"]}
+    for name, reason in machine.items():
+        print(f"  not on this machine: {name:<11} {reason}")
     print("error = max |backend - eager float64|; time = median forward ms\n")
     for name, make in M.CATALOGUE.items():
         mask = make(batch, seq)
@@ -44,6 +47,8 @@ def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64,
         chosen = which_backend(q, k, v, mask)
         print(f"    auto -> {chosen}")
         for backend, entry in backends(q, k, v, mask).items():
+            if backend in machine:
+                continue
             if not entry["available"]:
                 print(f"    {backend:<11} -  ({entry['reasons'][0]})")
                 continue
