@@ -106,12 +106,16 @@ def as_eager_mask(model, dense_by_window, dtype) -> torch.Tensor | dict:
     return {t: additive(dense_by_window(w)) for t, w in wins.items()}
 
 
-def lora(model, seed: int = 0):
-    """peft LoRA on q/k/v/o with random (non-zero) A and B so every LoRA weight gets a gradient."""
+ATTN_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def lora(model, seed: int = 0, targets=ATTN_PROJ, init_lora_weights=False, r: int = 4):
+    """peft LoRA; by default on q/k/v/o with random (non-zero) A and B so every LoRA weight gets a
+    gradient."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(seed)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          init_lora_weights=False, lora_dropout=0.0)
+    cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                          init_lora_weights=init_lora_weights, lora_dropout=0.0)
     return peft.get_peft_model(model, cfg)
 
 
