@@ -1,0 +1,210 @@
+"""The grid of bench cases: frozen ``Case`` records, the default grids, config files, and masks.
+
+A case is one attention problem: a mask kind from :data:`anymask.masks.CATALOGUE`, a batch of
+``seq``-token rows, ``heads`` query heads over ``kv_heads`` key/value heads (GQA when they
+differ), a head dim, a dtype and a pass (``fwd`` or ``fwd+bwd``).  Grids expand to cases ordered
+so that the passes of one problem are neighbours (they share inputs and the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from .. import masks as M
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    mask: str  # a CATALOGUE name
+    batch: int
+    seq: int  # q_len == kv_len
+    heads: int  # query heads
+    kv_heads: int
+    head_dim: int
+    dtype: str  # "bf16" | "fp16" | "fp32"
+    mode: str  # "fwd" | "fwd+bwd"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def grad(self) -> bool:
+        return self.mode == "fwd+bwd"
+
+    @property
+    def problem_key(self) -> tuple:
+        """Everything but the pass: cases with one key share inputs and the reference."""
+        return (self.mask, self.batch, self.seq, self.heads, self.kv_heads, self.head_dim, self.dtype)
+
+    def label(self) -> str:
+        heads = f"{self.heads}" if self.heads == self.kv_heads else f"{self.heads}:{self.kv_heads}"
+        return f"{self.mask} B{self.batch} S{self.seq} H{heads} D{self.head_dim} {self.dtype} {self.mode}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    masks: tuple[str, ...] = tuple(M.CATALOGUE)
+    seqlens: tuple[int, ...] = (512,)
+    dtypes: tuple[str, ...] = ("fp32",)
+    passes: tuple[str, ...] = PASSES
+    head_dims: tuple[int, ...] = (64,)
+    heads: tuple[tuple[int, int], ...] = ((8, 8),)  # (query heads, kv heads)
+    tokens: int = 4096  # batch = max(1, tokens // seq) unless batch is set
+    batch: int | None = None
+
+    def cases(self) -> list[Case]:
+        out = []
+        for dtype in self.dtypes:
+            for mask in self.masks:
+                for seq in self.seqlens:
+                    batch = self.batch or max(1, self.tokens // seq)
+                    for hq, hkv in self.heads:
+                        for d in self.head_dims:
+                            out.extend(Case(mask, batch, seq, hq, hkv, d, dtype, mode) for mode in self.passes)
+        return out
+
+
+GRIDS = {
+    # CI: tiny, every mask, GQA, both passes; well under a minute on 2 cores.
+    "quick": Grid(seqlens=(128,), heads=((4, 2),), head_dims=(32,), tokens=256),
+    # CPU, 2 cores, a few minutes: 4k tokens per step, MHA and GQA 8:2.
+    "cpu": Grid(seqlens=(512, 2048), heads=((8, 8), (8, 2)), head_dims=(64,), tokens=4096),
+    # GPU (issue 5's cases): 16k tokens per step, 16 heads and GQA 32:8, head dim 128.
+    "gpu": Grid(dtypes=("bf16",), seqlens=(4096, 16384), heads=((16, 16), (32, 8)), head_dims=(128,),
+                tokens=16384),
+}
+
+
+# masks ------------------------------------------------------------------------------------------
+
+
+def doc_lengths(seq: int, seed: int = 0) -> list[int]:
+    """Deterministic document lengths summing to ``seq``: uniform in 256-2048 tokens, scaled down
+    for short sequences (``seq / 16`` to ``seq / 2``); the last document is cut to fit."""
+    lo = max(1, min(256, seq // 16))
+    hi = max(lo, min(2048, seq // 2))
+    rng, out = random.Random(seed), []
+    while sum(out) < seq:
+        out.append(min(seq - sum(out), rng.randint(lo, hi)))
+    return out
+
+
+def bench_mask(kind: str, batch: int, seq: int) -> M.Mask:
+    """The catalogue mask ``kind`` with bench-sized parameters.
+
+    documents: 256-2048-token documents, different per batch row; sliding_window: 1024 tokens back
+    (``seq / 4`` for shorter sequences), causal; padding: rows 100% down to 35% filled; prefix_lm:
+    a quarter of the sequence.  Other kinds are the catalogue's own.
+    """
+    if kind not in M.CATALOGUE:
+        raise ValueError(f"unknown mask {kind!r}; choose from {', '.join(M.CATALOGUE)}")
+    if kind in ("documents", "documents_causal"):
+        docs = M.documents(lengths=[doc_lengths(seq, seed=row) for row in range(batch)])
+        return docs & M.causal() if kind == "documents_causal" else docs
+    if kind == "sliding_window":
+        return M.window(max(1, min(1024, seq // 4))) & M.causal()
+    return M.CATALOGUE[kind](batch, seq)
+
+
+# parsing ----------------------------------------------------------------------------------------
+
+
+def parse_dtype(name: str) -> str:
+    name = name.strip().lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return name
+
+
+def parse_heads(spec: str | int | tuple) -> tuple[int, int]:
+    """``"16"`` -> (16, 16); ``"32:8"`` -> (32, 8) (query heads : kv heads)."""
+    if isinstance(spec, (tuple, list)):
+        hq, hkv = (int(x) for x in spec)
+    elif isinstance(spec, int):
+        hq = hkv = spec
+    else:
+        parts = str(spec).split(":")
+        hq = int(parts[0])
+        hkv = int(parts[1]) if len(parts) > 1 else hq
+    if hq < 1 or hkv < 1 or hq % hkv:
+        raise ValueError(f"heads {spec!r}: query heads must be a positive multiple of kv heads")
+    return hq, hkv
+
+
+def parse_pass(name: str) -> str:
+    name = name.strip().lower().replace("fwdbwd", "fwd+bwd").replace("fwd_bwd", "fwd+bwd")
+    if name in ("bwd", "train"):
+        name = "fwd+bwd"
+    if name not in PASSES:
+        raise ValueError(f"unknown pass {name!r}; choose from {', '.join(PASSES)}")
+    return name
+
+
+def _items(value) -> list:
+    if isinstance(value, str):
+        return [x for x in (s.strip() for s in value.split(",")) if x]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def override(grid: Grid, **options) -> Grid:
+    """``grid`` with the given options (``None`` = keep); values are lists or comma strings."""
+    changes = {}
+    parsers = {"masks": str, "seqlens": int, "dtypes": parse_dtype, "passes": parse_pass,
+               "head_dims": int, "heads": parse_heads}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in parsers:
+            items = tuple(parsers[name](x) for x in _items(value))
+            if name == "masks":
+                for m in items:
+                    if m not in M.CATALOGUE:
+                        raise ValueError(f"unknown mask {m!r}; choose from {', '.join(M.CATALOGUE)}")
+            if not items:
+                raise ValueError(f"{name}: empty list")
+            changes[name] = items
+        elif name in ("tokens", "batch"):
+            changes[name] = int(value)
+        else:
+            raise ValueError(f"unknown grid option {name!r}; known: {', '.join(f.name for f in fields(Grid))}")
+    return replace(grid, **changes)
+
+
+def load_config(path: str | Path) -> dict:
+    """Options from a JSON or TOML file: ``{"grid": "gpu", "masks": [...], "seqlens": [...],
+    "dtypes": [...], "passes": [...], "head_dims": [...], "heads": ["16", "32:8"], "batch": N,
+    "tokens": N, "backends": [...]}`` (every key optional)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table/object of options")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def grid_dict(grid: Grid) -> dict:
+    d = asdict(grid)
+    d["heads"] = [f"{a}:{b}" if a != b else str(a) for a, b in grid.heads]
+    return d
+
+
+__all__ = ["Case", "Grid", "GRIDS", "DTYPES", "PASSES", "bench_mask", "doc_lengths", "override",
+           "load_config", "parse_heads", "grid_dict"]

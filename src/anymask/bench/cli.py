@@ -1,0 +1,152 @@
+"""``anymask bench`` and ``anymask tune``: ``register(subparsers)`` adds both to a CLI.
+
+Cases come from a default grid (``--grid quick|cpu|gpu``; ``--quick``), then a config file
+(``--config cases.toml`` / ``.json``), then the command-line options, each overriding the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import GRIDS, grid_dict, load_config, override
+from .timing import Settings
+
+SETTINGS = {
+    "quick": Settings(warmup=1, rounds=3, budget_s=0.03, max_iters=12, min_iters=3),
+    "cpu": Settings(warmup=2, rounds=5, budget_s=0.3, max_iters=60, min_iters=5),
+    "gpu": Settings(warmup=3, rounds=5, budget_s=0.25, max_iters=100, min_iters=10),
+}
+_GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch", "tokens")
+
+
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", choices=sorted(GRIDS), help="default grid (default: gpu with CUDA, else cpu)")
+    p.add_argument("--quick", action="store_true", help="the tiny CI grid (under a minute on CPU)")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of grid options (same names as below)")
+    p.add_argument("--masks", help="comma list of catalogue masks (full,causal,padding,documents,...)")
+    p.add_argument("--seqlens", help="comma list of sequence lengths")
+    p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
+    p.add_argument("--passes", help="comma list of fwd,fwd+bwd")
+    p.add_argument("--head-dims", dest="head_dims", help="comma list of head dims")
+    p.add_argument("--heads", help="comma list of query heads, or q:kv for GQA (e.g. 16,32:8)")
+    p.add_argument("--batch", type=int, help="batch size (default: tokens // seq)")
+    p.add_argument("--tokens", type=int, help="tokens per step when --batch is not given")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+
+
+def _resolve(args) -> tuple[str, object, dict, torch.device]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = load_config(args.config) if args.config else {}
+    name = "quick" if args.quick else (args.grid or config.pop("grid", None) or
+                                      ("gpu" if device.type == "cuda" else "cpu"))
+    config.pop("grid", None)
+    if name not in GRIDS:
+        raise SystemExit(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
+    grid = GRIDS[name]
+    grid = override(grid, **{k: v for k, v in config.items() if k in _GRID_OPTIONS})
+    grid = override(grid, **{k: getattr(args, k) for k in _GRID_OPTIONS})
+    return name, grid, config, device
+
+
+def _bench(args) -> int:
+    from . import env, report, runner, variants
+
+    start = time.perf_counter()
+    name, grid, config, device = _resolve(args)
+    backends = args.backends.split(",") if args.backends else config.get("backends")
+    names = variants.names([b.strip() for b in backends] if isinstance(backends, (list, str)) and backends
+                           else None)
+    settings = SETTINGS[name]
+    if args.budget is not None:
+        settings = Settings(settings.warmup, settings.rounds, args.budget, settings.max_iters, settings.min_iters)
+    out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = grid.cases()
+    meta = env.metadata(device)
+    _, unavailable = variants.available()
+    meta.update(grid=name, grid_options=grid_dict(grid), variants=names, unavailable=unavailable,
+                settings=dataclasses.asdict(settings),
+                input_sets=args.sets, tune=args.tune,
+                command="anymask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
+    print(f"anymask bench: {len(cases)} cases x {len(names)} variants on {meta['device']} "
+          f"(torch {meta['torch']}, grid {name}) -> {out}", file=sys.stderr)
+    rows = runner.run(cases, device=device, names=names, settings=settings, tune=args.tune, sets=args.sets,
+                      progress=not args.no_progress)
+    cases_summary = report.case_summaries(rows)
+    tag = args.tag
+    line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,
+                          seconds=round(time.perf_counter() - start, 1))
+    report.write_csv(rows, out / f"{tag}.csv")
+    report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
+    if not args.no_plot:
+        from .plot import plot_masks
+
+        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}")
+    print(report.full_table(rows))
+    print(report.summary_table(cases_summary))
+    print(json.dumps(line))
+    return 0
+
+
+def _tune(args) -> int:
+    from tqdm import tqdm
+
+    from .. import tuning
+    from .cases import bench_mask
+    from .inputs import make_inputs
+
+    _, grid, _, device = _resolve(args)
+    cases = grid.cases()
+    print(f"anymask tune: {len(cases)} cases -> {tuning.cache_path()}", file=sys.stderr)
+    results = []
+    for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
+        mask = bench_mask(case.mask, case.batch, case.seq)
+        sets = make_inputs(case.batch, case.heads, case.kv_heads, case.seq, case.seq, case.head_dim,
+                           case.torch_dtype, device, sets=1)
+        q, k, v = (t.detach().requires_grad_(case.grad) for t in (sets.q[0], sets.k[0], sets.v[0]))
+        with torch.set_grad_enabled(case.grad):
+            winner = tuning.tune(q, k, v, mask, force=args.force)
+            from ..problem import describe
+
+            sig = tuning.signature(describe(q, k, v, mask, None))
+        entry = tuning.entries(device).get(sig, {})
+        results.append((case.label(), winner, entry.get("ms", {}), entry.get("rejected", {})))
+    for label, winner, ms, rejected in results:
+        times = "  ".join(f"{n} {t:.3f}" for n, t in sorted(ms.items(), key=lambda kv: kv[1]))
+        print(f"{label:<46} -> {winner or '-':<10} ms: {times}")
+        for n, why in rejected.items():
+            print(f"{'':<50}{n}: {why}")
+    print(json.dumps({"tune": "anymask", "cases": len(results), "cache": str(tuning.cache_path()),
+                      "winners": {w: sum(r[1] == w for r in results) for w in {r[1] for r in results}}}))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``bench`` and ``tune`` to an argparse ``subparsers`` object."""
+    bench = subparsers.add_parser("bench", help="every backend side by side on a grid of cases",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_grid_options(bench)
+    bench.add_argument("--backends", help="comma list of variants: backend names, auto, raw_sdpa_dense, "
+                                          "raw_flex (default: all available)")
+    bench.add_argument("--out", metavar="DIR", help="output directory (default benchmarks/results/<device>/)")
+    bench.add_argument("--tag", default="bench", help="file name stem of the CSV/JSON (default bench)")
+    bench.add_argument("--tune", action="store_true",
+                       help="store each case's fastest correct backend in the tuning cache before timing auto")
+    bench.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (default 3)")
+    bench.add_argument("--budget", type=float, help="steady-state seconds per variant per case")
+    bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_bench)
+
+    tune = subparsers.add_parser("tune", help="measure the grid's problems and cache each one's fastest backend")
+    _add_grid_options(tune)
+    tune.add_argument("--force", action="store_true", help="re-measure signatures already in the cache")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.set_defaults(func=_tune)

@@ -1,0 +1,135 @@
+"""Bench output: the full table, the per-case summary table, CSV, JSON, and the summary line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from itertools import groupby
+from pathlib import Path
+
+from .runner import COLUMNS, Row
+
+AUTO_SLACK = 1.05  # auto must be within 5% of the best forced backend
+STRUCTURED_PACKED = ("documents", "documents_causal", "padding")
+
+
+def _case_key(r: Row) -> tuple:
+    return (r.dtype, r.mask, r.seq, r.batch, r.heads, r.kv_heads, r.head_dim, r.mode)
+
+
+def _case_label(r: Row) -> str:
+    heads = f"{r.heads}" if r.heads == r.kv_heads else f"{r.heads}:{r.kv_heads}"
+    return f"{r.mask} B{r.batch} S{r.seq} H{heads} D{r.head_dim} {r.dtype} {r.mode}"
+
+
+def _num(x, fmt: str, none: str = "-") -> str:
+    if x is None:
+        return none
+    if isinstance(x, float) and math.isnan(x):
+        return "nan"
+    return format(x, fmt)
+
+
+def case_summaries(rows: list[Row]) -> list[dict]:
+    """One record per case: best forced backend, auto's choice and ratio, raw peers."""
+    out = []
+    for _, group in groupby(rows, key=_case_key):
+        group = list(group)
+        ok = {r.variant: r for r in group if r.status == "ok"}
+        forced = [r for r in ok.values() if r.eligible]
+        best = min(forced, key=lambda r: r.median_ms) if forced else None
+        auto = ok.get("auto")
+        raw_sdpa, raw_flex = ok.get("raw_sdpa_dense"), ok.get("raw_flex")
+        out.append({
+            "case": _case_label(group[0]), "mask": group[0].mask, "seq": group[0].seq, "dtype": group[0].dtype,
+            "pass": group[0].mode, "heads": f"{group[0].heads}:{group[0].kv_heads}",
+            "best": best.variant if best else None, "best_ms": best.median_ms if best else None,
+            "best_tflops": best.tflops if best else None,
+            "auto": auto.backend if auto else None, "auto_tflops": auto.tflops if auto else None,
+            "auto_vs_best": auto.auto_vs_best if auto else None,
+            "raw_sdpa_tflops": raw_sdpa.tflops if raw_sdpa else None,
+            "raw_flex_tflops": raw_flex.tflops if raw_flex else None,
+            "best_vs_raw_sdpa": raw_sdpa.median_ms / best.median_ms if best and raw_sdpa else None,
+            "best_vs_raw_flex": raw_flex.median_ms / best.median_ms if best and raw_flex else None,
+        })
+    return out
+
+
+def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
+    """The one-line JSON summary: does auto stay within 5% of the best forced backend?"""
+    ratios = [c["auto_vs_best"] for c in cases if c["auto_vs_best"] is not None]
+    within = [r <= AUTO_SLACK for r in ratios]
+    packed = [c["best_vs_raw_sdpa"] for c in cases if c["mask"] in STRUCTURED_PACKED and c["best_vs_raw_sdpa"]]
+    return {
+        "bench": "anymask",
+        **extra,
+        "rows": len(rows),
+        "cases": len(cases),
+        "failed": sum(r.status == "failed" for r in rows),
+        "skipped": sum(r.status == "skipped" for r in rows),
+        "auto_within_5pct": bool(within) and all(within),
+        "auto_within_5pct_cases": f"{sum(within)}/{len(within)}",
+        "worst_auto_vs_best": round(max(ratios), 3) if ratios else None,
+        "packed_best_vs_raw_sdpa_min": round(min(packed), 2) if packed else None,
+        "out": out_dir,
+    }
+
+
+def full_table(rows: list[Row]) -> str:
+    head = (f"  {'variant':<15} {'backend':<16} {'ms':>9} {'p20-p80':>17} {'TFLOP/s':>8} {'first s':>8} "
+            f"{'mem MB':>8} {'max err':>9} {'grad err':>9}  note")
+    lines = []
+    for _, group in groupby(rows, key=_case_key):
+        group = list(group)
+        r0 = group[0]
+        lines.append(f"{_case_label(r0)}   ({r0.kind}, density {r0.density:.3f}, {r0.gflop:.3g} GFLOP)")
+        lines.append(head)
+        for r in group:
+            if r.status != "ok":
+                lines.append(f"  {r.variant:<15} {r.status}: {r.reason}")
+                continue
+            spread = f"{r.p20_ms:.3f}-{r.p80_ms:.3f}"
+            note = r.reason
+            if r.variant == "auto" and r.auto_vs_best is not None:
+                note = f"auto/best({r.best}) = {r.auto_vs_best:.3f}"
+            elif r.eligible is False:
+                note = f"NOT ELIGIBLE: {r.reason}"
+            lines.append(f"  {r.variant:<15} {r.backend:<16} {r.median_ms:9.3f} {spread:>17} {_num(r.tflops, '8.3f'):>8} "
+                         f"{_num(r.first_call_s, '8.2f'):>8} {_num(r.peak_mem_mb, '8.0f'):>8} "
+                         f"{_num(r.max_err, '9.2e'):>9} {_num(r.grad_err, '9.2e'):>9}  {note}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_table(cases: list[dict]) -> str:
+    head = (f"{'case':<44} {'best':<10} {'TFLOP/s':>8} {'auto':<10} {'auto/best':>9} "
+            f"{'raw sdpa':>8} {'raw flex':>8} {'best/sdpa':>9}")
+    lines = ["summary (TFLOP/s over visible pairs; best = fastest forced backend that agrees with float64)", head]
+    for c in cases:
+        ratio = c["best_vs_raw_sdpa"]
+        lines.append(f"{c['case']:<44} {c['best'] or '-':<10} {_num(c['best_tflops'], '8.3f'):>8} "
+                     f"{c['auto'] or '-':<10} {_num(c['auto_vs_best'], '9.3f'):>9} "
+                     f"{_num(c['raw_sdpa_tflops'], '8.3f'):>8} {_num(c['raw_flex_tflops'], '8.3f'):>8} "
+                     f"{_num(ratio, '8.2f') + 'x' if ratio else '-':>9}")
+    return "\n".join(lines)
+
+
+def _plain(x):
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return None
+    return x
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_dict())
+
+
+def write_json(rows: list[Row], cases: list[dict], meta: dict, line: dict, path: Path) -> None:
+    doc = {"meta": meta, "summary": line, "cases": cases,
+           "rows": [{k: _plain(v) for k, v in r.as_dict().items()} for r in rows]}
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")

@@ -1,0 +1,162 @@
+"""What a bench case times, side by side:
+
+    <backend>        every available anymask backend, forced: ``attention(..., backend=name)``
+    auto             ``attention(..., backend="auto")``; the row records which backend it chose
+    raw_sdpa_dense   what users write today: SDPA with a dense bool mask they built once
+                     (rows that see no key unmasked, as transformers does)
+    raw_flex         what users write today: ``torch.compile(flex_attention)`` with a BlockMask
+                     from ``create_block_mask`` (not on CPU for fwd+bwd: no backward there)
+
+``prepare`` returns a :class:`Prepared` call, or a reason string when the variant cannot run the
+case.  Raw variants promise nothing on rows that see no key, so their error is taken over the
+other rows (see :mod:`anymask.bench.errors`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import backend as B
+from ..attention import attention
+from ..dispatch import choose
+from ..masks import Mask
+from ..problem import Problem
+from ..tiles import is_head_invariant
+from .inputs import InputSets
+
+RAW = ("raw_sdpa_dense", "raw_flex")
+EAGER_LIMIT = 1 << 28  # score elements [B, H, Sq, Skv] the eager reference may materialise
+
+
+@dataclass(frozen=True)
+class Prepared:
+    fn: Callable[[int], tuple]  # set index -> (out [B, Hq, S, D], (dq, dk, dv) or None)
+    backend: str  # what actually runs (auto: its choice)
+    setup_s: float  # one-time preparation outside the timed calls (dense mask, BlockMask)
+    raw: bool
+
+
+def available() -> tuple[list[str], dict[str, list[str]]]:
+    """Anymask backends that can run on this machine, and the others with their reasons."""
+    ok, unavailable = [], {}
+    for name in B.names():
+        reasons = list(B.get(name).machine_reasons)
+        if reasons:
+            unavailable[name] = reasons
+        else:
+            ok.append(name)
+    return ok, unavailable
+
+
+def names(requested: list[str] | None = None) -> list[str]:
+    """Variants to run: every available backend, ``auto`` and the raw calls, or ``requested``."""
+    ok, _ = available()
+    every = [*ok, "auto", *RAW]
+    if not requested:
+        return every
+    known = [*B._MODULES, "auto", *RAW]
+    for name in requested:
+        if name not in known:
+            raise ValueError(f"unknown backend {name!r}; known: {', '.join(known)}")
+    return list(dict.fromkeys(requested))
+
+
+def _runner(f, inputs: InputSets, grad: bool):
+    if not grad:
+        return lambda i: (f(inputs.q[i], inputs.k[i], inputs.v[i]), None)
+
+    def run(i):
+        q, k, v = inputs.q[i], inputs.k[i], inputs.v[i]
+        out = f(q, k, v)
+        return out, torch.autograd.grad(out, (q, k, v), inputs.dout[i])
+
+    return run
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
+    """A timed call of variant ``name`` for problem ``p``, or why it cannot run."""
+    grad = p.requires_grad
+    if name == "auto":
+        chosen = choose(p, "auto").name
+        f = (lambda q, k, v: attention(q, k, v, mask, scale=p.scale))
+        return Prepared(_runner(f, inputs, grad), chosen, 0.0, False)
+    if name == "raw_sdpa_dense":
+        return _raw_sdpa(mask, inputs, p)
+    if name == "raw_flex":
+        return _raw_flex(mask, inputs, p)
+    backend = B.get(name, missing_ok=True)
+    if backend is None:
+        return f"backend {name!r} is not part of this install"
+    reasons = backend.not_supported_reasons(p)
+    if name == "eager" and not reasons:
+        elements = p.batch * p.q_heads * p.q_len * p.kv_len
+        if elements > EAGER_LIMIT:
+            reasons = [f"the eager reference materialises [B, H, Sq, Skv] scores: {elements:.2e} "
+                       f"elements > {EAGER_LIMIT:.2e}"]
+    if reasons:
+        return "; ".join(reasons)
+    f = (lambda q, k, v: attention(q, k, v, mask, backend=name, scale=p.scale))
+    return Prepared(_runner(f, inputs, grad), name, 0.0, False)
+
+
+def _raw_sdpa(mask: Mask, inputs: InputSets, p: Problem) -> Prepared:
+    t0 = time.perf_counter()
+    heads = 1 if is_head_invariant(mask) else p.q_heads
+    dense = mask.to_dense(p.batch, heads, p.q_len, p.kv_len, device=p.device)  # [B, H|1, Sq, Skv]
+    dense = dense | ~dense.any(dim=-1, keepdim=True)  # rows with no key would give NaN
+    _sync(p.device)
+    gqa = {"enable_gqa": True} if p.is_gqa else {}
+    f = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=p.scale, **gqa))
+    return Prepared(_runner(f, inputs, p.requires_grad), "sdpa(dense mask)", time.perf_counter() - t0, True)
+
+
+_COMPILED_FLEX = {}
+
+
+def _compiled_flex():
+    """One ``torch.compile(flex_attention, dynamic=False)`` per process, as users write it; the
+    recompile limit is raised so that a grid of shapes and masks does not fall back to eager."""
+    if "fn" not in _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        config = torch._dynamo.config
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(config, knob):
+                setattr(config, knob, max(getattr(config, knob), 1024))
+        _COMPILED_FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["fn"]
+
+
+def _raw_flex(mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+    except ImportError as exc:
+        return f"FlexAttention is not importable: {exc}"
+    if p.device_type == "cpu" and p.requires_grad:
+        return "FlexAttention has no backward on CPU"
+    if p.q_len != p.kv_len:
+        return "the raw flex call assumes q_len == kv_len"
+    t0 = time.perf_counter()
+    m = mask.to(p.device)
+    heads = None if is_head_invariant(mask) else p.q_heads
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return m.mask_mod(b, h, q_idx, kv_idx)
+
+    block_mask = create_block_mask(mask_mod, p.batch, heads, p.q_len, p.kv_len, device=p.device)
+    _sync(p.device)
+    compiled = _compiled_flex()
+    gqa = {"enable_gqa": True} if p.is_gqa else {}
+    f = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=p.scale, **gqa))
+    return Prepared(_runner(f, inputs, p.requires_grad), "flex_attention", time.perf_counter() - t0, True)

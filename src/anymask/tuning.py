@@ -1,0 +1,368 @@
+"""Measured-choice cache: which backend won, on this machine, for problems like this one.
+
+``dispatch`` asks :func:`lookup` before its static preference.  Entries live in one
+human-readable JSON file, ``choices.json`` in the user cache directory (``$ANYMASK_CACHE_DIR``
+overrides it; default ``~/.cache/anymask`` on Linux, ``~/Library/Caches/anymask`` on macOS,
+``%LOCALAPPDATA%\\anymask\\Cache`` on Windows)::
+
+    {"format": "anymask-choices/1",
+     "machines": {"NVIDIA H200 | torch 2.11.0 | triton 3.6.0": {
+         "documents+causal|q4096|kv4096|hd128|gqa4|bfloat16|grad|d1/16": {
+             "backend": "flex", "ms": {"flex": 3.1, "sdpa": 9.8}, "rejected": {}, ...}}}}
+
+A machine is a device name plus the torch and triton versions; a problem signature is the mask
+structure (``Structure.kind()``), sequence lengths rounded to a power of two, head dim, GQA ratio,
+dtype, whether gradients are needed, and the mask's density rounded to a power of two.  A missing
+entry gives ``None`` and the static preference applies.
+
+Filling the cache: ``anymask tune`` (a grid), :func:`tune` (one call's problem), or
+``ANYMASK_AUTOTUNE=1`` (every unseen signature is measured on first use, on random inputs of the
+same shapes).  Only backends whose output (and gradients) agree with a float64 reference, within
+:func:`tolerance` of SDPA's own error at that dtype, may win.  Writes are atomic (temp file +
+``os.replace``) under a file lock (``fcntl``, where available) and merge with what other
+processes wrote meanwhile.  A corrupt file is ignored with a warning (and set aside as
+``choices.json.corrupt`` on the next write).
+
+:func:`lookup` is cheap: the file is read once per process; a problem whose shape-level signature
+has no entry returns at once; otherwise the mask's density is computed once per mask object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .problem import Problem, describe
+
+ENV_DIR = "ANYMASK_CACHE_DIR"
+ENV_AUTOTUNE = "ANYMASK_AUTOTUNE"
+FORMAT = "anymask-choices/1"
+FILENAME = "choices.json"
+
+RATIO = 2.0  # a backend may be off by twice SDPA's own error at the dtype ...
+ABS_SLACK = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # ... plus this
+
+
+def tolerance(peer_error: float, dtype: torch.dtype, magnitude: float = 1.0) -> float:
+    """Largest acceptable max-abs error against float64, given SDPA's error at ``dtype``."""
+    return RATIO * peer_error + ABS_SLACK.get(dtype, 1e-3) * max(1.0, magnitude)
+
+
+# where ------------------------------------------------------------------------------------------
+
+
+def cache_path() -> Path:
+    """The cache file: ``$ANYMASK_CACHE_DIR/choices.json`` or the platform's user cache dir."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        return Path(env).expanduser() / FILENAME
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    elif os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        return base / "anymask" / "Cache" / FILENAME
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "anymask" / FILENAME
+
+
+# machine key ------------------------------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+@lru_cache(maxsize=None)
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@lru_cache(maxsize=None)
+def machine_key(device: str) -> str:
+    """``"<device name> | torch <v> | triton <v>"`` for a device string such as ``"cuda:0"``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
+    elif dev.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        name = f"{_cpu_name()} ({cores} cores)"
+    else:
+        name = dev.type
+    return f"{name} | torch {torch.__version__} | triton {_version('triton')}"
+
+
+# signature --------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, round(math.log2(max(1, n))))
+
+
+def density_bucket(density: float) -> str:
+    """``"1"``, ``"1/2"``, ``"1/4"`` ... (nearest power of two), ``"0"`` for an empty mask."""
+    if density <= 0:
+        return "0"
+    k = min(16, max(0, round(-math.log2(density))))
+    return "1" if k == 0 else f"1/{1 << k}"
+
+
+def shape_signature(p: Problem) -> str:
+    """Everything in the signature but the density (no tensor is read)."""
+    return "|".join((p.structure.kind(), f"q{_pow2(p.q_len)}", f"kv{_pow2(p.kv_len)}", f"hd{p.head_dim}",
+                     f"gqa{p.q_heads // p.kv_heads}", str(p.dtype).replace("torch.", ""),
+                     "grad" if p.requires_grad else "nograd"))
+
+
+_DENSITY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _sampled_density(p: Problem, rows: int = 64) -> float:
+    """Density of an opaque mask from ``rows`` evenly spaced query rows (all keys, all batch rows)."""
+    from .tiles import is_head_invariant
+
+    heads = 1 if is_head_invariant(p.mask) else p.q_heads
+    m = p.mask.to(p.device)
+    q = torch.linspace(0, p.q_len - 1, min(rows, p.q_len), device=p.device).round().long()
+    q = (q + p.kv_len - p.q_len).view(1, 1, -1, 1)
+    b = torch.arange(p.batch, device=p.device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=p.device).view(1, -1, 1, 1)
+    kv = torch.arange(p.kv_len, device=p.device).view(1, 1, 1, -1)
+    return m.mask_mod(b, h, q, kv).expand(p.batch, heads, q.shape[2], p.kv_len).float().mean().item()
+
+
+def density(p: Problem) -> float:
+    """Fraction of visible pairs (exact for structured masks, sampled otherwise); cached per mask."""
+    from .tiles import is_structured, visible_pairs
+
+    key = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device))
+    per_mask = _DENSITY.setdefault(p.mask, {})
+    if key not in per_mask:
+        if is_structured(p.structure):
+            pairs = visible_pairs(p.mask, p.batch, p.q_heads, p.q_len, p.kv_len, device=p.device,
+                                  structure=p.structure)
+            per_mask[key] = pairs / (p.batch * p.q_heads * p.q_len * p.kv_len)
+        else:
+            per_mask[key] = _sampled_density(p)
+    return per_mask[key]
+
+
+def signature(p: Problem) -> str:
+    """The bucketed problem signature, e.g. ``documents+causal|q4096|kv4096|hd128|gqa4|bfloat16|grad|d1/16``."""
+    return f"{shape_signature(p)}|d{density_bucket(density(p))}"
+
+
+# the file ---------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_STATE: dict = {"path": None, "machines": {}, "shapes": {}}
+_FAILED: set = set()
+_BUSY = threading.local()
+
+
+def _parse(text: str) -> dict:
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
+        raise ValueError("expected an object with a 'machines' object")
+    for machine, entries in data["machines"].items():
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("backend"), str)
+                                                    for e in entries.values()):
+            raise ValueError(f"machine {machine!r}: expected signature -> {{'backend': name, ...}}")
+    return data["machines"]
+
+
+def _read(path: Path) -> tuple[dict, bool]:
+    """``(machines, corrupt)``; a corrupt file warns and reads as empty."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}, False
+    except OSError as exc:
+        warnings.warn(f"anymask: cannot read the tuning cache {path} ({exc}); ignoring it", stacklevel=3)
+        return {}, False
+    try:
+        return _parse(text), False
+    except (ValueError, TypeError) as exc:
+        warnings.warn(f"anymask: ignoring the corrupt tuning cache {path} ({exc}); "
+                      "`anymask tune` will rewrite it", stacklevel=3)
+        return {}, True
+
+
+def _set_state(path: Path, machines: dict) -> None:
+    shapes = {m: {sig.rsplit("|d", 1)[0] for sig in entries} for m, entries in machines.items()}
+    _STATE.update(path=path, machines=machines, shapes=shapes)
+
+
+def _machines() -> dict:
+    path = cache_path()
+    if _STATE["path"] != path:
+        with _LOCK:
+            if _STATE["path"] != path:
+                _set_state(path, _read(path)[0])
+    return _STATE["machines"]
+
+
+def reload() -> None:
+    """Forget the in-memory copy; the next lookup reads the file again."""
+    with _LOCK:
+        _STATE.update(path=None, machines={}, shapes={})
+        _FAILED.clear()
+
+
+def entries(device="cpu") -> dict:
+    """Signature -> entry for ``device``'s machine key (a copy)."""
+    return dict(_machines().get(machine_key(str(torch.device(device))), {}))
+
+
+@contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): atomic replace still keeps the file whole
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _atomic_write(path: Path, machines: dict) -> None:
+    text = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=".choices.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def store(machine: str, sig: str, entry: dict) -> None:
+    """Add or replace one entry: lock, re-read, merge, write atomically, refresh memory."""
+    if not isinstance(entry.get("backend"), str):
+        raise ValueError("entry needs a 'backend' name")
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path):
+        machines, corrupt = _read(path)
+        if corrupt:
+            os.replace(path, path.with_name(path.name + ".corrupt"))
+        machines.setdefault(machine, {})[sig] = entry
+        _atomic_write(path, machines)
+    with _LOCK:
+        _set_state(path, machines)
+
+
+# lookup and tuning ------------------------------------------------------------------------------
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get(ENV_AUTOTUNE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def lookup(p: Problem) -> str | None:
+    """The measured winner for ``p``'s signature on this machine, or ``None``.
+
+    With ``ANYMASK_AUTOTUNE=1`` an unseen signature is measured now and stored.
+    """
+    machine = machine_key(str(p.device))
+    known = _machines().get(machine)
+    if known and shape_signature(p) in _STATE["shapes"].get(machine, ()):
+        entry = known.get(signature(p))
+        if entry is not None:
+            return entry["backend"]
+    if _autotune_enabled() and not getattr(_BUSY, "on", False):
+        return _autotune(p, machine)
+    return None
+
+
+def _autotune(p: Problem, machine: str) -> str | None:
+    if torch.compiler.is_compiling():
+        return None
+    if p.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    sig = signature(p)
+    if (machine, sig) in _FAILED:
+        return None
+    try:
+        return _measure_and_store(p, machine, sig, first=None)
+    except Exception as exc:  # autotuning must never break the user's call
+        _FAILED.add((machine, sig))
+        warnings.warn(f"anymask: autotuning {sig} failed ({type(exc).__name__}: {exc}); "
+                      "using the static preference", stacklevel=3)
+        return None
+
+
+def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
+    from .bench.choose import measure_problem
+
+    _BUSY.on = True
+    try:
+        with torch.set_grad_enabled(p.requires_grad):
+            choice = measure_problem(p, first=first)
+    finally:
+        _BUSY.on = False
+    if choice.winner is None:
+        return None
+    remember(p, choice.entry(), machine=machine, sig=sig)
+    return choice.winner
+
+
+def remember(p: Problem, entry: dict, *, machine: str | None = None, sig: str | None = None) -> None:
+    """Store ``entry`` (``{"backend": name, ...}``) as the measured choice for ``p``'s signature."""
+    entry = dict(entry, measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    store(machine or machine_key(str(p.device)), sig or signature(p), entry)
+
+
+def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float | None = None,
+         force: bool = False) -> str | None:
+    """Measure every backend that can run this call, store the fastest correct one for its
+    signature, and return its name (the cached winner, without measuring, unless ``force``).
+
+    Gradients are part of the signature: call it with inputs that require grad (and grad enabled)
+    to tune training, without to tune inference.  ``q, k, v`` serve as one of the input sets.
+    """
+    p = describe(q, k, v, mask, scale)
+    machine, sig = machine_key(str(p.device)), signature(p)
+    if not force:
+        entry = _machines().get(machine, {}).get(sig)
+        if entry is not None:
+            return entry["backend"]
+    return _measure_and_store(p, machine, sig, first=(q, k, v))
+
+
+__all__ = ["lookup", "tune", "remember", "signature", "machine_key", "cache_path", "store", "entries", "reload",
+           "tolerance", "density_bucket"]
