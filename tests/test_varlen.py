@@ -156,6 +156,8 @@ def test_layout_is_what_the_oracle_implies(trial):
     assert lay.k_index.tolist() == [j for keys, _ in expected for j in keys]
     assert lay.q_index.tolist() == [j for _, queries in expected for j in queries]
     assert lay.max_seqlen_k == max(lay.k_lengths, default=0)
+    square = seg.layout(analyse(mask), B, Skv, Skv)
+    assert seg.has_holes(analyse(mask), B, Skv) == (not square.contiguous)
 
 
 def test_contiguous_documents_give_runs():
