@@ -1,0 +1,85 @@
+"""Tile sizes and launch settings per kernel, head dim and dtype (Hopper-tuned; small in the interpreter).
+
+The block sizes are fixed per entry (the mask lowering depends on them); ``ANYMASK_TRITON_FP32``
+picks the fp32 dot precision (``tf32x3`` by default on the GPU, ``ieee`` for exact fp32 products).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+    precision: str  # tl.dot input_precision for fp32 inputs
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fp32_precision() -> str:
+    if interpreting():
+        return "ieee"
+    return os.environ.get("ANYMASK_TRITON_FP32", "tf32x3")
+
+
+_GPU = {  # (kernel, head dim bucket, dtype bucket) -> (block_m, block_n, warps, stages)
+    ("fwd", 64, "half"): (128, 128, 4, 3),
+    ("fwd", 128, "half"): (128, 128, 8, 3),
+    ("fwd", 64, "fp32"): (64, 64, 4, 2),
+    ("fwd", 128, "fp32"): (64, 32, 4, 2),
+    ("dkdv", 64, "half"): (64, 128, 8, 2),
+    ("dkdv", 128, "half"): (64, 128, 8, 2),
+    ("dkdv", 64, "fp32"): (32, 64, 4, 2),
+    ("dkdv", 128, "fp32"): (32, 64, 4, 2),
+    ("dq", 64, "half"): (128, 64, 8, 2),
+    ("dq", 128, "half"): (128, 64, 8, 2),
+    ("dq", 64, "fp32"): (64, 32, 4, 2),
+    ("dq", 128, "fp32"): (64, 32, 4, 2),
+}
+
+_INTERPRET = {"fwd": (16, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+_OVERRIDES: dict[tuple[str, int, str], Config] = {}
+
+
+def _buckets(head_dim: int, dtype: torch.dtype):
+    return (64 if head_dim <= 64 else 128), ("fp32" if dtype == torch.float32 else "half")
+
+
+def get(kernel: str, head_dim: int, dtype: torch.dtype) -> Config:
+    """Launch settings for ``kernel`` in ``("fwd", "dkdv", "dq")``."""
+    d, t = _buckets(head_dim, dtype)
+    if (kernel, d, t) in _OVERRIDES:
+        return _OVERRIDES[(kernel, d, t)]
+    precision = fp32_precision() if dtype == torch.float32 else "tf32"
+    if interpreting():
+        bm, bn = _INTERPRET[kernel]
+        return Config(bm, bn, 4, 1, precision)
+    bm, bn, warps, stages = _GPU[(kernel, d, t)]
+    return Config(bm, bn, warps, stages, precision)
+
+
+def override(kernel: str, head_dim: int, dtype: torch.dtype, **changes) -> Config:
+    """Replace settings for one entry (benchmark sweeps and tests); returns the new config."""
+    d, t = _buckets(head_dim, dtype)
+    _OVERRIDES.pop((kernel, d, t), None)
+    cfg = replace(get(kernel, head_dim, dtype), **changes)
+    _OVERRIDES[(kernel, d, t)] = cfg
+    return cfg
+
+
+def reset() -> None:
+    """Forget every :func:`override`."""
+    _OVERRIDES.clear()

@@ -1,0 +1,253 @@
+"""Block-sparse flash-attention backward in Triton, deterministic (no atomics).
+
+Three launches:
+
+    delta   = rowsum(dO * O)                      one program per (q tile, batch * q head)
+    dK, dV  over the column view                  one program per (batch * kv head, kv tile); it
+                                                  sums over the q heads of its GQA group in order
+    dQ      over the row view                     one program per (batch * q head, q tile)
+
+Probabilities are recomputed from the forward's base-2 LSE; partial tiles mask with the row
+intervals, so rows that see no key (``lse = +inf``) get exactly zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import mask_bounds
+from .config import Config
+from .triton_fwd import LOG2E
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, Sq, H, sob, soh, som, sdb, sdh, sdm,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Sq
+    o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :],
+                mask=in_q[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdm + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=in_q)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base, delta_base, lo_base, hi_base,
+               sqm, sdm, Sq, qk_scale,
+               MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Add one q tile's contribution to a kv tile's dK (unscaled) and dV accumulators."""
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_base + offs_m[:, None] * sqm + offs_d[None, :]
+    do_ptrs = do_base + offs_m[:, None] * sdm + offs_d[None, :]
+    if MASKED:
+        in_q = offs_m < Sq
+        q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)  # [BM, D]
+        do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=in_q, other=0.0)  # [BM]
+        delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
+        lo = tl.load(lo_base + offs_m, mask=in_q, other=1)
+        hi = tl.load(hi_base + offs_m, mask=in_q, other=0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+    p_t = tl.exp2(s_t - lse[None, :])
+    if MASKED:
+        ok = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
+        if KPAD:
+            ok = ok & k_ok[:, None]
+        p_t = tl.where(ok, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # [BN, D]
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # [BN, D]
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn,
+                 s_bnd, s_kvalid, s_tiles, s_order,
+                 HKV, GROUPS, Sq, Skv, scale, qk_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 KPAD: tl.constexpr, PRECISION: tl.constexpr):
+    bhk = tl.program_id(0)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n = tl.load(ORDER + b * s_order + tl.program_id(1))
+    tile = TILES + b * s_tiles + n * 4
+    first = tl.load(tile)
+    full_first = tl.load(tile + 1)
+    full_end = tl.load(tile + 2)
+    end = tl.load(tile + 3)
+
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_kv = offs_n < Skv
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=in_kv[:, None], other=0.0)  # [BN, D]
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=in_kv[:, None], other=0.0)
+    k_ok = in_kv
+    if KPAD:
+        k_ok = tl.load(KVALID + b * s_kvalid + offs_n, mask=in_kv, other=0) != 0  # [BN]
+    lo_base = LO + b * s_bnd
+    hi_base = HI + b * s_bnd
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUPS):
+        h = hk * GROUPS + g
+        bh = b * (HKV * GROUPS) + h
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+        lse_base = LSE + bh.to(tl.int64) * Sq
+        delta_base = DELTA + bh.to(tl.int64) * Sq
+        for m in range(first, full_first):
+            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+        for m in range(full_first, full_end):
+            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                False, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+        for m in range(full_end, end):
+            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+    dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_kv[:, None])
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
+               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
+               s_bnd, s_kvalid, s_tiles, s_order,
+               H, GROUPS, Sq, Skv, scale, qk_scale,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               KPAD: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUPS
+    m = tl.load(ORDER + b * s_order + tl.program_id(1))
+    tile = TILES + b * s_tiles + m * 4
+    first = tl.load(tile)
+    full_first = tl.load(tile + 1)
+    full_end = tl.load(tile + 2)
+    end = tl.load(tile + 3)
+
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_q = offs_m < Sq
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)  # [BM, D]
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdm + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=in_q, other=0.0)  # [BM]
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=in_q, other=0.0)
+    lo = tl.load(LO + b * s_bnd + offs_m, mask=in_q, other=1)
+    hi = tl.load(HI + b * s_bnd + offs_m, mask=in_q, other=0)
+    k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+    kvalid = KVALID + b * s_kvalid
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for n in range(first, full_first):
+        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                      True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+    for n in range(full_first, full_end):
+        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                      False, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+    for n in range(full_end, end):
+        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                      True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+    dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+             MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Add one kv tile's contribution to a q tile's dQ (unscaled)."""
+    offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+    if MASKED:
+        in_kv = offs_n < Skv
+        k = tl.load(k_ptrs, mask=in_kv[:, None], other=0.0)  # [BN, D]
+        v = tl.load(v_ptrs, mask=in_kv[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
+        if KPAD:
+            ok = ok & (tl.load(kvalid + offs_n, mask=in_kv, other=0) != 0)[None, :]
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM, D]
+    return dq
+
+
+def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
+             cfg_dkdv: Config, cfg_dq: Config):
+    """Gradients ``dq [B, Hq, Sq, D]``, ``dk, dv [B, Hkv, Skv, D]`` in the inputs' dtypes.
+
+    do, o: [B, Hq, Sq, D]; lse: [B, Hq, Sq] base-2 (from :func:`triton_fwd.forward`).
+    """
+    B, H, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    do = do.contiguous()
+    delta = torch.empty_like(lse)  # [B, Hq, Sq] fp32
+    _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
+        o, do, delta, Sq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        BLOCK_M=64, HEAD_DIM=D)
+    kvalid = bounds.kvalid if bounds.kvalid is not None else bounds.lo
+    per_b = bounds.batch > 1
+    kpad = bounds.kvalid is not None
+    common = (bounds.lo, bounds.hi, kvalid)
+
+    dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
+    n_n = tiles.shape[1]
+    _dkdv_kernel[(B * Hkv, n_n)](
+        q, k, v, do, lse, delta, dk, dv, *common, tiles, order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
+        Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
+        BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
+        PRECISION=cfg_dkdv.precision, num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
+
+    dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
+    tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
+    n_m = tiles.shape[1]
+    _dq_kernel[(B * H, n_m)](
+        q, k, v, do, lse, delta, dq, *common, tiles, order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
+        H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
+        BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
+        PRECISION=cfg_dq.precision, num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
+    return dq, dk, dv

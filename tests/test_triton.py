@@ -1,0 +1,353 @@
+"""Our Triton kernels: mask lowering exactly against the dense oracle; forward and backward against
+float64 eager, with tolerances relative to SDPA's own error at the same dtype.
+
+Where to run.  With a CUDA device (and ``TRITON_INTERPRET`` unset) the kernels run on the GPU.
+Without one they run on the CPU through Triton's interpreter, which needs ``TRITON_INTERPRET=1``
+in the environment *before Triton is first imported* (``triton.jit`` reads it at decoration time,
+Triton's own standard library included).  So:
+
+- if Triton is not imported yet (or was imported under the interpreter), a module-scoped fixture
+  sets the variable, imports the kernels in this process, and restores the environment after the
+  module; other test modules never see the variable;
+- if something earlier in this process imported Triton without it (``torch.compile`` does), the
+  fixture runs this file once in a fresh ``python -m pytest`` subprocess with the variable set
+  and each test here reports its own outcome from that run (its JUnit XML).
+
+Without Triton installed the kernel tests skip; the lowering tests need only PyTorch.  Inputs are
+fresh random tensors on every run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+
+import anymask
+from anymask import masks as M
+from anymask.kernels import mask_bounds as MB
+from anymask.structure import analyse
+
+from .tolerances import assert_close_to_reference, sdpa_error
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton)")
+
+
+def _interpreter_ready() -> bool:
+    """True when Triton can still run its interpreter in this process."""
+    if "triton" not in sys.modules:
+        return True
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(sys.modules["triton"].language.standard.zeros, InterpretedFunction)
+
+
+class Delegated:
+    """Outcomes of this file's tests from a subprocess run under ``TRITON_INTERPRET=1``."""
+
+    def __init__(self, tmp: Path):
+        xml = tmp / "triton.xml"
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        run = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
+                              "-p", "no:cacheprovider", f"--junitxml={xml}"],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        self.log = run.stdout[-4000:] + run.stderr[-2000:]
+        self.outcomes = {}
+        if xml.exists():
+            for case in ET.parse(xml).iter("testcase"):
+                self.outcomes[case.get("name")] = self._outcome(case)
+
+    @staticmethod
+    def _outcome(case) -> tuple[str, str]:
+        for tag, outcome in (("failure", "failed"), ("error", "failed"), ("skipped", "skipped")):
+            found = case.find(tag)
+            if found is not None:
+                return outcome, found.get("message", "")
+        return "passed", ""
+
+    def report(self, name: str) -> None:
+        outcome, message = self.outcomes.get(name, ("missing", self.log))
+        if outcome == "skipped":
+            pytest.skip(message)
+        if outcome != "passed":
+            pytest.fail(f"{outcome} in the interpreter subprocess: {message}")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """The kernels for this device, or a :class:`Delegated` when the interpreter can't run here."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    if ON_GPU:
+        yield importlib.import_module("anymask.kernels.triton_fwd")
+        return
+    if not _interpreter_ready():
+        yield Delegated(tmp_path_factory.mktemp("triton"))
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield importlib.import_module("anymask.kernels.triton_fwd")
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.fixture
+def delegated(kernels, request) -> bool:
+    """True when this test's outcome came from the subprocess (the test body then returns)."""
+    if isinstance(kernels, Delegated):
+        kernels.report(request.node.name)
+        return True
+    return False
+
+
+# --- masks -------------------------------------------------------------------------------------
+
+def _valid(B, S, starts, ends):
+    pos = torch.arange(S).expand(B, S)
+    return (pos >= torch.tensor(starts)[:, None]) & (pos < torch.tensor(ends)[:, None])
+
+
+MASKS = {
+    **{name: make for name, make in M.CATALOGUE.items() if name != "custom"},
+    "left_padding_causal": lambda B, S: M.padding(_valid(B, S, [3] + [0] * (B - 1), [S] * B)) & M.causal(),
+    "padded_queries_full": lambda B, S: M.padding(_valid(B, S, [0] * B, [S - 5] + [S] * (B - 1))),
+    "scattered_padding": lambda B, S: M.padding((torch.arange(S) % 5 != 2).expand(B, S)) & M.causal(),
+    "band": lambda B, S: M.window(5, 3),
+    "documents_window": lambda B, S: M.documents(lengths=[S // 3, S - S // 3]) & M.window(4) & M.causal(),
+    "prefix_lm_per_row": lambda B, S: M.prefix_lm(torch.tensor([S // 2] + [3] * (B - 1))),
+    "documents_padding": lambda B, S: M.documents(lengths=[S // 2, S - S // 2]) & M.padding(
+        _valid(B, S, [0] * B, [S - 4] * B)) & M.causal(),
+}
+
+
+# --- lowering (no triton needed) ---------------------------------------------------------------
+
+def oracle_classes(dense: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """Kernel tile classes from a dense ``[Sq, Skv]`` mask: 0 empty, 1 partial, 2 full, where full
+    means every slot of the ``bm x bn`` tile is in bounds and visible."""
+    sq, skv = dense.shape
+    n_m, n_n = -(-sq // bm), -(-skv // bn)
+    padded = torch.zeros(n_m * bm, n_n * bn, dtype=torch.bool)
+    padded[:sq, :skv] = dense
+    t = padded.view(n_m, bm, n_n, bn)
+    full, any_ = t.all(3).all(1), t.any(3).any(1)
+    return torch.where(full, 2, torch.where(any_, 1, 0))
+
+
+def classes_of(tiles: torch.Tensor, n_other: int) -> torch.Tensor:
+    """Expand ``[n, 4]`` (first, full_first, full_end, end) ranges to ``[n, n_other]`` classes."""
+    first, full_first, full_end, end = (x[:, None] for x in tiles.long().unbind(-1))
+    idx = torch.arange(n_other)
+    out = torch.where((idx >= first) & (idx < end), 1, 0)
+    return torch.where((idx >= full_first) & (idx < full_end), 2, out)
+
+
+LOWERING_SIZES = [(17, 17), (37, 37), (5, 37), (64, 64), (33, 100), (1, 9)]
+LOWERING_BLOCKS = [(16, 16), (8, 16), (16, 8), (32, 16), (4, 4), (128, 64)]
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("q_len,kv_len", LOWERING_SIZES)
+def test_lowering_matches_dense_oracle(name, q_len, kv_len):
+    B = 3
+    mask = MASKS[name](B, kv_len)
+    bounds = MB.build(analyse(mask), q_len, kv_len, "cpu")
+    dense = mask.to_dense(B, 1, q_len, kv_len)[:, 0]  # [B, Sq, Skv]
+    scattered = bounds.kvalid is not None
+    assert scattered == (name == "scattered_padding")
+    lo, hi = bounds.lo.long(), bounds.hi.long()
+    keys = torch.arange(kv_len)
+    for bm, bn in LOWERING_BLOCKS:
+        rows, row_order = MB.row_tiles(bounds, bm, bn)
+        cols, col_order = MB.col_tiles(bounds, bm, bn)
+        for b in range(B):
+            r = min(b, bounds.batch - 1)
+            visible = (keys >= lo[r, :, None]) & (keys <= hi[r, :, None])
+            if scattered:
+                visible &= bounds.kvalid[r].bool()
+            assert torch.equal(visible, dense[b]), (name, b)
+            want = oracle_classes(dense[b], bm, bn)  # [nM, nN]
+            got_rows = classes_of(rows[r], want.shape[1])
+            got_cols = classes_of(cols[r], want.shape[0]).T
+            if scattered:  # sound, not exact: no tile skipped that has a visible pair, none unmasked
+                assert not ((got_rows == 0) & (want > 0)).any() and not (got_rows == 2).any()
+                assert not ((got_cols == 0) & (want > 0)).any() and not (got_cols == 2).any()
+            else:
+                assert torch.equal(got_rows, want), (name, b, bm, bn)
+                assert torch.equal(got_cols, want), (name, b, bm, bn)
+            assert sorted(row_order[r].tolist()) == list(range(rows.shape[1]))
+            assert sorted(col_order[r].tolist()) == list(range(cols.shape[1]))
+
+
+def test_lowering_orders_heaviest_tiles_first():
+    bounds = MB.build(analyse(M.causal()), 256, 256, "cpu")
+    tiles, order = MB.row_tiles(bounds, 64, 64)
+    assert order[0].tolist() == [3, 2, 1, 0]
+    tiles, order = MB.col_tiles(bounds, 64, 64)
+    assert order[0].tolist() == [0, 1, 2, 3]
+
+
+def test_lowering_is_shared_across_batch_when_mask_is():
+    bounds = MB.build(analyse(M.documents(lengths=[5, 7]) & M.causal()), 12, 12, "cpu")
+    assert bounds.batch == 1 and bounds.lo.shape == (1, 12)
+
+
+def test_reasons_for_masks_without_intervals():
+    assert MB.reasons(analyse(M.causal() & M.padding(torch.ones(2, 8)))) == []
+    custom = MB.reasons(analyse(M.custom(lambda b, h, q, kv: q >= kv)))
+    assert custom and "general" in custom[0]
+    split = MB.reasons(analyse(M.documents(torch.tensor([[0, 0, 1, 1, 0, 0]]))))
+    assert split and "contiguous" in split[0]
+
+
+# --- kernels -----------------------------------------------------------------------------------
+
+def _inputs(B, Hq, Hkv, Sq, Skv, D):
+    q = torch.randn(B, Hq, Sq, D, dtype=torch.float64, device=DEVICE)
+    k = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, device=DEVICE)
+    v = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, device=DEVICE)
+    return q, k, v
+
+
+def _run(q, k, v, mask, backend, dtype, grad_out):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = anymask.attention(*leaves, mask, backend=backend)
+    out.backward(grad_out.to(dtype))
+    return out, [t.grad for t in leaves]
+
+
+def _check(mask, shape, dtype):
+    B, Hq, Hkv, Sq, Skv, D = shape
+    q, k, v = _inputs(B, Hq, Hkv, Sq, Skv, D)
+    grad_out = torch.randn(B, Hq, Sq, D, dtype=torch.float64, device=DEVICE)
+    ref, ref_grads = _run(q, k, v, mask, "eager", torch.float64, grad_out)
+    peer, peer_grads = _run(q, k, v, mask, "sdpa", dtype, grad_out)
+    out, grads = _run(q, k, v, mask, "triton", dtype, grad_out)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, D)
+    assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="triton output")
+    for name, g, r, pg in zip("qkv", grads, ref_grads, peer_grads):
+        assert g.dtype == dtype
+        assert_close_to_reference(g, r, sdpa_error(pg, r), what=f"triton d{name}")
+
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_forward_backward_every_mask(delegated, name, dtype):
+    if delegated:
+        return
+    _check(MASKS[name](2, 41), (2, 2, 2, 41, 41, 16), dtype)
+
+
+SHAPES = {  # B, Hq, Hkv, Sq, Skv, D
+    "gqa": (1, 4, 2, 37, 37, 32),
+    "q<kv": (2, 2, 1, 19, 45, 16),
+    "d64": (1, 2, 2, 50, 50, 64),
+    "tiny": (1, 1, 1, 3, 7, 16),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("name", ["causal", "documents_causal", "padding", "prefix_lm", "sliding_window"])
+def test_forward_backward_shapes(delegated, name, shape, dtype):
+    if delegated:
+        return
+    dims = SHAPES[shape]
+    _check(MASKS[name](dims[0], dims[4]), dims, dtype)
+
+
+@needs_triton
+def test_longer_sequence_with_many_tiles(delegated):
+    if delegated:
+        return
+    _check(MASKS["documents_causal"](1, 100), (1, 2, 1, 100, 100, 32), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["left_padding_causal", "padded_queries_full", "scattered_padding"])
+def test_rows_that_see_nothing_output_zero_with_zero_grad(delegated, name):
+    if delegated:
+        return
+    B, H, S, D = 2, 2, 23, 16
+    mask = MASKS[name](B, S)
+    empty = ~mask.to_dense(B, H, S, S, device=DEVICE).any(-1)  # [B, H, S]
+    assert empty.any()
+    q, k, v = (t.float().requires_grad_() for t in _inputs(B, H, H, S, S, D))
+    out = anymask.attention(q, k, v, mask, backend="triton")
+    assert torch.isfinite(out).all() and (out[empty] == 0).all()
+    out.backward(torch.randn_like(out))
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert (q.grad[empty] == 0).all()
+
+
+@needs_triton
+def test_backward_is_deterministic(delegated):
+    if delegated:
+        return
+    mask = MASKS["documents_causal"](1, 40)
+    q, k, v = (t.float() for t in _inputs(1, 4, 2, 40, 40, 16))
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        anymask.attention(*leaves, mask, backend="triton").sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@needs_triton
+def test_bfloat16_runs(delegated):
+    if delegated:
+        return
+    """bf16 end to end (computed in fp32 under the interpreter, natively on a GPU)."""
+    _check(MASKS["prefix_lm"](1, 33), (1, 2, 2, 33, 33, 16), torch.bfloat16)
+
+
+@needs_triton
+def test_forward_only_under_no_grad(delegated):
+    if delegated:
+        return
+    q, k, v = (t.float() for t in _inputs(1, 2, 2, 20, 20, 16))
+    with torch.no_grad():
+        out = anymask.attention(q, k, v, M.causal(), backend="triton")
+    ref = anymask.attention(q, k, v, M.causal(), backend="eager")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+def test_reasons(delegated):
+    if delegated:
+        return
+    q, k, v = (t.float() for t in _inputs(1, 2, 2, 8, 8, 16))
+    ok = anymask.backends(q, k, v, M.causal())["triton"]
+    assert ok["available"], ok["reasons"]
+
+    def reasons(q, k, v, mask=M.causal()):
+        return " | ".join(anymask.backends(q, k, v, mask)["triton"]["reasons"])
+
+    assert "float64" in reasons(q.double(), k.double(), v.double())
+    odd = [torch.randn(1, 2, 8, 24, device=DEVICE) for _ in range(3)]
+    assert "head dim 24" in reasons(*odd)
+    assert "general" in reasons(q, k, v, M.custom(lambda b, h, qi, kv: qi >= kv))
+    assert "contiguous" in reasons(q, k, v, M.documents(torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]])))
+    with pytest.raises(anymask.BackendUnavailable, match="general"):
+        anymask.attention(q, k, v, M.custom(lambda b, h, qi, kv: qi >= kv), backend="triton")
