@@ -75,8 +75,9 @@ class Grid:
 
 
 GRIDS = {
-    # CI: tiny, every mask, GQA, both passes; well under a minute on 2 cores.
-    "quick": Grid(seqlens=(128,), heads=((4, 2),), head_dims=(32,), tokens=256),
+    # CI: tiny; four kinds of mask (dense, padded, packed, opaque), GQA, both passes; < 1 min.
+    "quick": Grid(masks=("causal", "padding", "documents_causal", "custom"), seqlens=(128,), heads=((4, 2),),
+                  head_dims=(32,), tokens=256),
     # CPU, 2 cores, a few minutes: 4k tokens per step, MHA and GQA 8:2.
     "cpu": Grid(seqlens=(512, 2048), heads=((8, 8), (8, 2)), head_dims=(64,), tokens=4096),
     # GPU (issue 5's cases): 16k tokens per step, 16 heads and GQA 32:8, head dim 128.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import backend as B
 from ..dispatch import candidates
 from ..problem import Problem
 from . import variants
@@ -44,7 +45,8 @@ def describe_problem(p: Problem) -> str:
 def measure_problem(p: Problem, *, first=None, settings: Settings = TUNE_SETTINGS, sets: int = 3) -> Choice:
     """Time the backends that can run ``p`` on ``sets`` input sets (``first`` = the caller's
     ``(q, k, v)`` as set 0, else random), check each against the float64 reference, pick."""
-    names = candidates(p)
+    names = candidates(p)  # static order first, then any other registered backend that can run
+    names += [n for n in B.names() if n not in names and not B.get(n).not_supported_reasons(p)]
     has_key = rows_with_keys(p.mask, p.batch, p.q_heads, p.q_len, p.kv_len, p.device)
     inputs = make_inputs(p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
                          sets=sets, row_has_key=has_key, first=first).with_grad(p.requires_grad)

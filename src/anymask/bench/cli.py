@@ -39,9 +39,12 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, help="batch size (default: tokens // seq)")
     p.add_argument("--tokens", type=int, help="tokens per step when --batch is not given")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
 
 
 def _resolve(args) -> tuple[str, object, dict, torch.device]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = load_config(args.config) if args.config else {}
     name = "quick" if args.quick else (args.grid or config.pop("grid", None) or

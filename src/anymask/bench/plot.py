@@ -14,6 +14,10 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    order = list(dict.fromkeys(r.variant for r in rows if r.variant != "auto"))
+    colour = {v: palette[i % len(palette)] for i, v in enumerate(order)}
+    colour["auto"] = "black"
     paths = []
     for mask in dict.fromkeys(r.mask for r in rows):
         mine = [r for r in rows if r.mask == mask and r.status == "ok" and r.tflops is not None]
@@ -26,9 +30,9 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
             these = [r for r in mine if (r.dtype, r.mode, r.heads, r.kv_heads, r.head_dim) == cfg]
             for variant in dict.fromkeys(r.variant for r in these):
                 pts = sorted((r.seq, r.tflops) for r in these if r.variant == variant)
-                style = {"linewidth": 2.5, "color": "black"} if variant == "auto" else {}
                 ls = "--" if variant.startswith("raw_") else "-"
-                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant, **style)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant,
+                        color=colour[variant], linewidth=2.5 if variant == "auto" else 1.5)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length")
             ax.set_ylabel("TFLOP/s (visible pairs)")

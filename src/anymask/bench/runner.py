@@ -4,14 +4,14 @@ variant timed side by side, then ``auto`` timed against the fastest correct forc
 Stage 1 times every forced backend and raw call round-robin.  The fastest forced backend whose
 error agrees with the reference is the case's *best*; with ``tune=True`` it is stored as the
 measured choice for the problem's signature (so ``auto`` picks it).  Stage 2 times ``auto`` and
-*best* round-robin again, so their ratio (``auto_vs_best``) is a paired comparison, not two
-measurements minutes apart.
+*best* again, alternating call by call, so their ratio (``auto_vs_best``) is a paired comparison,
+not two measurements minutes apart.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 
 import torch
@@ -25,7 +25,7 @@ from .choose import Choice, describe_problem
 from .errors import errors, rejections
 from .inputs import InputSets, make_inputs
 from .reference import Reference, reference, rows_with_keys
-from .timing import Settings, Timing, measure
+from .timing import Settings, Timing, measure, paired_ratio
 
 BWD_FACTOR = 3.5  # forward + backward FLOPs = 3.5 x forward
 
@@ -59,7 +59,7 @@ class Row:
     pairs: int = 0  # visible (b, h, q, kv) pairs
     density: float = 0.0
     gflop: float = 0.0
-    auto_vs_best: float | None = None  # auto row: auto time / best forced time, paired
+    auto_vs_best: float | None = None  # auto row: median of paired auto/best time ratios
     best: str = ""  # auto row: the best forced backend it was paired with
 
     def as_dict(self) -> dict:
@@ -135,13 +135,13 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
     fns = {"auto": auto.fn}
     if best_prep is not None:
         fns["best"] = best_prep.fn
-    timings, outputs = measure(fns, len(inputs), p.device, settings)
+    timings, outputs = measure(fns, len(inputs), p.device, replace(settings, interleave=True))
     t = timings["auto"]
     if not isinstance(t, Timing):
         return _row(case, kind, "auto", auto.backend, "failed", reason=t, **common)
     err = errors(outputs["auto"], ref)
     tb = timings.get("best")
-    ratio = t.median_ms / tb.median_ms if isinstance(tb, Timing) and tb.median_ms > 0 else None
+    ratio = paired_ratio(t, tb) if isinstance(tb, Timing) else None
     return _row(case, kind, "auto", auto.backend, "ok", timing=t, setup_s=0.0, err=err, auto_vs_best=ratio,
                 best=best or "", **common)
 

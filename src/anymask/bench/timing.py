@@ -52,6 +52,7 @@ class Settings:
     budget_s: float = 0.5  # steady-state seconds per variant (spread over the rounds)
     max_iters: int = 100  # timed calls per variant at most
     min_iters: int = 5
+    interleave: bool = False  # one call per variant per round, equal counts (paired A/B samples)
 
 
 def _sync(device: torch.device) -> None:
@@ -133,16 +134,22 @@ def measure(fns: dict[str, Callable[[int], Any]], n_sets: int, device, settings:
             timings[name] = _failure(exc, device)
             keep.pop(name, None)
     live = [n for n in fns if n not in timings]
-    per_round = {}
-    for name in live:
-        total = settings.budget_s / max(estimate[name], 1e-6)
-        total = min(settings.max_iters, max(settings.min_iters, int(total)))
-        per_round[name] = max(1, math.ceil(total / settings.rounds))
+    totals = {n: min(settings.max_iters, max(settings.min_iters, int(settings.budget_s / max(estimate[n], 1e-6))))
+              for n in live}
+    if settings.interleave and totals:  # equal counts: sample i of every variant forms one pair
+        totals = dict.fromkeys(live, min(totals.values()))
+    rounds = max(totals.values(), default=0) if settings.interleave else settings.rounds
+
+    def calls(name: str, r: int) -> int:
+        if settings.interleave:
+            return 1 if r < totals[name] else 0
+        return max(1, math.ceil(totals[name] / settings.rounds))
+
     samples: dict[str, list[float]] = {n: [] for n in live}
     counter = dict.fromkeys(live, 0)
-    for _ in range(settings.rounds):
-        for name in [n for n in live if n not in timings]:
-            sets = [(counter[name] + j) % n_sets for j in range(per_round[name])]
+    for r in range(rounds):
+        for name in [n for n in live if n not in timings and calls(n, r)]:
+            sets = [(counter[name] + j) % n_sets for j in range(calls(name, r))]
             counter[name] += len(sets)
             try:
                 samples[name] += _timed_calls(fns[name], sets, device, keep, name)
@@ -159,3 +166,10 @@ def measure(fns: dict[str, Callable[[int], Any]], n_sets: int, device, settings:
             _failure(exc, device)
         timings[name] = Timing(first[name], tuple(samples[name]), peak)
     return timings, keep
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median of per-pair time ratios ``a_i / b_i`` of two interleaved measurements: robust to
+    drift and to load spikes that hit fewer than half of the pairs."""
+    ratios = [x / y for x, y in zip(a.samples_ms, b.samples_ms) if y > 0]
+    return statistics.median(ratios) if ratios else a.median_ms / b.median_ms

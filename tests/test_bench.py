@@ -1,0 +1,178 @@
+"""``anymask bench``: the quick grid end to end on CPU, FLOPs over visible pairs, auto's reported
+choice, the chunked float64 reference, grid parsing and timing statistics."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import anymask
+from anymask import masks as M
+from anymask.bench import reference as R
+from anymask.bench.__main__ import main as bench_main
+from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, load_config, override, parse_heads
+from anymask.bench.runner import BWD_FACTOR, COLUMNS, run
+from anymask.bench.timing import Settings, Timing, measure, paired_ratio
+
+FAST = Settings(warmup=1, rounds=2, budget_s=0.01, max_iters=4, min_iters=2)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    from anymask import tuning
+
+    monkeypatch.setenv("ANYMASK_CACHE_DIR", str(tmp_path / "cache"))
+    tuning.reload()
+    yield
+    tuning.reload()
+
+
+def test_quick_bench_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert bench_main(["bench", "--quick", "--out", str(out), "--no-progress", "--tune"]) == 0
+    stdout = capsys.readouterr().out
+    line = json.loads(stdout.strip().splitlines()[-1])
+    quick = GRIDS["quick"]
+    n_cases = len(quick.cases())
+    assert line["bench"] == "anymask" and line["cases"] == n_cases and line["out"] == str(out)
+    assert line["failed"] == 0
+    assert isinstance(line["auto_within_5pct"], bool)
+
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS
+    for col in ("median_ms", "p20_ms", "p80_ms", "tflops", "peak_mem_mb", "max_err", "first_call_s", "pass"):
+        assert col in COLUMNS
+    variants = {r["variant"] for r in rows}
+    assert {"auto", "raw_sdpa_dense", "sdpa", "eager"} <= variants
+    assert len(rows) == line["rows"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(float(r["median_ms"]) > 0 and float(r["tflops"]) > 0 for r in ok)
+    assert all(float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"]) for r in ok)
+    assert all(r["peak_mem_mb"] == "" for r in ok)  # CPU: no allocator statistic, no guess
+    assert all(float(r["max_err"]) < 1e-4 for r in ok)  # fp32
+    assert all(r["grad_err"] != "" for r in ok if r["pass"] == "fwd+bwd")
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert all(r["reason"] for r in skipped)
+    if "flex" in anymask.backends() and anymask.backends()["flex"]["available"]:
+        assert any(r["variant"] == "raw_flex" and r["pass"] == "fwd+bwd" and "backward" in r["reason"]
+                   for r in skipped)
+    assert {r["mask"] for r in rows} == set(quick.masks)
+
+    doc = json.loads((out / "bench.json").read_text())
+    for key in ("device", "torch", "triton", "transformers", "git_commit", "date", "grid_options"):
+        assert key in doc["meta"]
+    assert doc["summary"] == line and len(doc["rows"]) == len(rows) and len(doc["cases"]) == n_cases
+    for mask in quick.masks:
+        png = out / f"{mask}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "summary" in stdout and "auto/best" in stdout
+
+
+def _hand_pairs(kind, batch, seq):
+    if kind == "causal":
+        return batch * seq * (seq + 1) // 2
+    if kind == "full":
+        return batch * seq * seq
+    if kind == "documents_causal":
+        return batch * sum(n * (n + 1) // 2 for n in doc_lengths(seq))  # batch rows differ: see below
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["causal", "full", "padding", "documents_causal"])
+def test_flops_count_visible_pairs_only(kind):
+    batch, seq, heads, d = 2, 16, 2, 8
+    if kind == "padding":  # rows 16 and round(16 * 0.35) = 6 valid tokens: keys and queries
+        per_head = 16 * 16 + 6 * 6
+    elif kind == "documents_causal":  # each batch row has its own documents
+        per_head = sum(n * (n + 1) // 2 for row in range(batch) for n in doc_lengths(seq, seed=row))
+    else:
+        per_head = _hand_pairs(kind, batch, seq)
+    cases = [Case(kind, batch, seq, heads, heads, d, "fp32", mode) for mode in ("fwd", "fwd+bwd")]
+    rows = run(cases, device="cpu", names=["sdpa"], settings=FAST, sets=2, progress=False)
+    fwd, both = rows
+    assert fwd.pairs == both.pairs == heads * per_head
+    assert fwd.gflop * 1e9 == pytest.approx(4 * d * heads * per_head)
+    assert both.gflop == pytest.approx(BWD_FACTOR * fwd.gflop)
+    for r in rows:
+        assert r.tflops == pytest.approx(r.gflop * 1e9 / (r.median_ms * 1e-3) / 1e12)
+        assert r.density == pytest.approx(per_head / (batch * seq * seq))
+
+
+def test_auto_reports_dispatch_choice():
+    cases = [Case(kind, 2, 32, 4, 2, 16, "fp32", mode) for kind in ("causal", "padding", "custom")
+             for mode in ("fwd", "fwd+bwd")]
+    rows = run(cases, device="cpu", names=["sdpa", "auto"], settings=FAST, sets=2, progress=False)
+    autos = [r for r in rows if r.variant == "auto"]
+    assert len(autos) == len(cases)
+    for case, row in zip(cases, autos):
+        mask = bench_mask(case.mask, case.batch, case.seq)
+        q = torch.randn(case.batch, case.heads, case.seq, case.head_dim, requires_grad=case.grad)
+        k = torch.randn(case.batch, case.kv_heads, case.seq, case.head_dim, requires_grad=case.grad)
+        v = torch.randn_like(k, requires_grad=case.grad)
+        with torch.set_grad_enabled(case.grad):
+            assert row.backend == anymask.which_backend(q, k, v, mask)
+        assert row.auto_vs_best is not None and row.best == "sdpa"
+
+
+@pytest.mark.parametrize("mask_name", ["padding", "documents_causal", "custom", "prefix_lm"])
+def test_chunked_reference_matches_autograd_float64(mask_name, monkeypatch):
+    monkeypatch.setitem(R._CHUNK, "cpu", 64)  # force many row blocks
+    B, Hq, Hkv, Sq, Skv, D = 2, 4, 2, 11, 19, 8
+    mask = M.CATALOGUE[mask_name](B, Skv)
+    q = torch.randn(B, Hq, Sq, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, Hkv, Skv, D, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(B, Hq, Sq, D, dtype=torch.float64)
+    out = anymask.attention(q, k, v, mask, backend="eager")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = R.reference(q, k, v, mask, None, dout)
+    torch.testing.assert_close(ref.out, out.detach(), rtol=1e-10, atol=1e-10)
+    for mine, theirs in zip(ref.grads, grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+    dense = mask.to_dense(B, Hq, Sq, Skv)
+    assert torch.equal(ref.row_has_key.expand(B, Hq, Sq), dense.any(dim=-1))
+    assert torch.equal(R.rows_with_keys(mask, B, Hq, Sq, Skv, "cpu"), ref.row_has_key)
+
+
+def test_grid_options_and_config(tmp_path):
+    grid = override(GRIDS["cpu"], masks="causal,padding", seqlens="64", heads="4,8:2", dtypes="bf16,float32",
+                    passes="fwd", batch=3)
+    cases = grid.cases()
+    assert len(cases) == 2 * 1 * 2 * 2 * 1
+    assert {(c.heads, c.kv_heads) for c in cases} == {(4, 4), (8, 2)}
+    assert {c.dtype for c in cases} == {"bf16", "fp32"} and {c.batch for c in cases} == {3}
+    assert parse_heads("32:8") == (32, 8)
+    with pytest.raises(ValueError):
+        parse_heads("6:4")
+    with pytest.raises(ValueError):
+        override(GRIDS["cpu"], masks="nope")
+    toml = tmp_path / "cases.toml"
+    toml.write_text('grid = "quick"\nmasks = ["full"]\nseqlens = [32, 64]\nheads = ["4:1"]\n')
+    assert load_config(toml) == {"grid": "quick", "masks": ["full"], "seqlens": [32, 64], "heads": ["4:1"]}
+    js = tmp_path / "cases.json"
+    js.write_text(json.dumps({"passes": ["fwd+bwd"], "head-dims": [16]}))
+    assert override(GRIDS["quick"], **load_config(js)).cases()[0].head_dim == 16
+
+
+def test_bench_masks_follow_the_issue():
+    for seq in (4096, 16384):
+        lengths = [doc_lengths(seq, seed=row) for row in range(4)]
+        assert all(sum(ls) == seq for ls in lengths)
+        assert all(256 <= n <= 2048 for ls in lengths for n in ls[:-1])
+    window = bench_mask("sliding_window", 1, 16384)
+    assert window.to_dense(1, 1, 16384, 16384)[0, 0, 5000].sum() == 1025  # 1024 back + itself
+
+
+def test_timing_statistics_and_failures():
+    t = Timing(0.5, (1.0, 2.0, 3.0, 4.0, 5.0), None)
+    assert t.median_ms == 3.0 and t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(4.2)
+    assert paired_ratio(Timing(0, (2.0, 4.0, 100.0), None), Timing(0, (1.0, 2.0, 2.0), None)) == 2.0
+
+    def boom(i):
+        raise RuntimeError("no kernel for this")
+
+    timings, outputs = measure({"ok": lambda i: i, "boom": boom}, 3, "cpu", FAST)
+    assert "no kernel" in timings["boom"] and isinstance(timings["ok"], Timing)
+    assert outputs["ok"] == 0  # the last timed call on input set 0
