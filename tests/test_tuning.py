@@ -1,0 +1,162 @@
+"""The measured-choice cache: round trip, corrupt files, concurrent writers, eligibility, autotune."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import anymask
+from anymask import backend as B
+from anymask import masks as M
+from anymask import tuning
+from anymask.problem import describe
+
+SRC = str(Path(anymask.__file__).resolve().parents[1])
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANYMASK_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ANYMASK_AUTOTUNE", raising=False)
+    tuning.reload()
+    yield tmp_path
+    tuning.reload()
+
+
+def problem(mask=None, seq=32, grad=False, dtype=torch.float32):
+    mask = mask if mask is not None else M.causal()
+    q = torch.randn(2, 4, seq, 16, dtype=dtype, requires_grad=grad)
+    k = torch.randn(2, 2, seq, 16, dtype=dtype, requires_grad=grad)
+    v = torch.randn(2, 2, seq, 16, dtype=dtype, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        return describe(q, k, v, mask, None), (q, k, v)
+
+
+def test_signature_is_bucketed_and_readable():
+    p, _ = problem(M.documents(lengths=[8, 8, 16]) & M.causal(), seq=32)
+    sig = tuning.signature(p)
+    assert sig.startswith("documents+causal|q32|kv32|hd16|gqa2|float32|nograd|d")
+    p2, _ = problem(M.documents(lengths=[8, 8, 14]) & M.causal(), seq=30)  # rounds to 32
+    assert tuning.shape_signature(p2) == tuning.shape_signature(p)
+    assert tuning.density_bucket(1.0) == "1" and tuning.density_bucket(0.26) == "1/4"
+    assert tuning.density_bucket(0.0) == "0"
+
+
+def test_round_trip(cache_dir):
+    p, _ = problem()
+    assert tuning.lookup(p) is None
+    tuning.remember(p, {"backend": "eager", "ms": {"eager": 1.0}})
+    assert tuning.lookup(p) == "eager"
+    tuning.reload()  # a new process: read from the file
+    assert tuning.lookup(p) == "eager"
+    doc = json.loads((cache_dir / "choices.json").read_text())
+    assert doc["format"] == tuning.FORMAT
+    [(machine, entries)] = doc["machines"].items()
+    assert "torch " + torch.__version__ in machine and "triton" in machine
+    assert entries[tuning.signature(p)]["backend"] == "eager"
+    p_grad, inputs = problem(grad=True)
+    assert tuning.lookup(p_grad) is None  # gradients are part of the signature
+    with torch.no_grad():
+        assert anymask.which_backend(*(t.detach() for t in inputs), M.causal()) == "eager"  # dispatch uses it
+
+
+def test_lookup_without_entries_reads_no_tensor(monkeypatch):
+    p, _ = problem()
+    monkeypatch.setattr(tuning, "density", lambda p: pytest.fail("density computed on a miss"))
+    assert tuning.lookup(p) is None
+
+
+def test_corrupt_file_warns_and_is_ignored(cache_dir):
+    path = cache_dir / "choices.json"
+    path.write_text("{ this is not json")
+    p, _ = problem()
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert tuning.lookup(p) is None
+    with pytest.warns(UserWarning, match="corrupt"):
+        tuning.remember(p, {"backend": "sdpa"})
+    assert (cache_dir / "choices.json.corrupt").read_text() == "{ this is not json"
+    tuning.reload()
+    assert tuning.lookup(p) == "sdpa"
+    path.write_text(json.dumps({"machines": {"m": {"sig": {"no backend": 1}}}}))
+    tuning.reload()
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert tuning.lookup(p) is None
+
+
+def test_concurrent_writers_keep_every_entry(cache_dir):
+    script = textwrap.dedent("""
+        import sys
+        from anymask import tuning
+        who = sys.argv[1]
+        for i in range(40):
+            tuning.store("machine", f"{who}-{i}", {"backend": "sdpa", "n": i})
+    """)
+    env = dict(os.environ, PYTHONPATH=SRC, ANYMASK_CACHE_DIR=str(cache_dir))
+    procs = [subprocess.Popen([sys.executable, "-c", script, who], env=env) for who in ("a", "b", "c")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    entries = json.loads((cache_dir / "choices.json").read_text())["machines"]["machine"]
+    assert set(entries) == {f"{who}-{i}" for who in "abc" for i in range(40)}
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
+
+
+class WrongBackend(B.Backend):
+    """Fast and wrong (differentiable in q, k and v, so it is timed in both passes)."""
+
+    name = "wrong_for_test"
+    summary = "test only"
+
+    def run(self, q, k, v, p):
+        return q * 0.5 + (k.sum() + v.sum()) * 0
+
+
+@pytest.fixture
+def wrong_backend():
+    B._MODULES["wrong_for_test"] = ("eager", "Eager")  # the module exists; the instance below is used
+    B._INSTANCES["wrong_for_test"] = WrongBackend()
+    yield "wrong_for_test"
+    B._MODULES.pop("wrong_for_test", None)
+    B._INSTANCES.pop("wrong_for_test", None)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_wrong_backend_is_never_chosen(wrong_backend, grad):
+    from anymask.bench.choose import measure_problem
+
+    p, inputs = problem(M.padding(torch.tensor([[1] * 32, [1] * 20 + [0] * 12])) & M.causal(), grad=grad)
+    choice = measure_problem(p, first=inputs)
+    assert wrong_backend in choice.ms, "the wrong backend must have been measured"
+    assert wrong_backend in choice.rejected and "error" in choice.rejected[wrong_backend]
+    assert choice.winner is not None and choice.winner != wrong_backend
+    with torch.set_grad_enabled(grad):
+        winner = tuning.tune(*inputs, p.mask, force=True)
+    assert winner not in (None, wrong_backend)
+    assert tuning.lookup(p) == winner
+
+
+def test_tune_then_auto_uses_the_winner():
+    mask = M.documents(lengths=[10, 22]) & M.causal()
+    _, (q, k, v) = problem(mask)
+    winner = anymask.tuning.tune(q, k, v, mask)
+    assert winner in anymask.backends()
+    assert anymask.which_backend(q, k, v, mask) == winner
+    assert anymask.tuning.tune(q, k, v, mask) == winner  # cached: no second measurement
+
+
+def test_autotune_env_measures_unseen_signature_once(monkeypatch, cache_dir):
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "1")
+    mask = M.window(4) & M.causal()
+    p, (q, k, v) = problem(mask, seq=24)
+    out = anymask.attention(q, k, v, mask)
+    ref = anymask.attention(q.double(), k.double(), v.double(), mask, backend="eager")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    sig = tuning.signature(p)
+    entries = tuning.entries("cpu")
+    assert sig in entries and entries[sig]["backend"] in anymask.backends()
+    stamp = entries[sig]["measured_at"]
+    anymask.attention(q, k, v, mask)
+    assert tuning.entries("cpu")[sig]["measured_at"] == stamp  # not measured again
