@@ -67,6 +67,12 @@ def environment() -> None:
             f"backend {cudnn.backend_version()} ({cudnn.backend_version_string()})")
     except Exception as exc:
         log(f"cudnn frontend import FAILED: {type(exc).__name__}: {exc}")
+    for mod in ("cuda.bindings", "cutlass"):
+        try:
+            __import__(mod)
+            log(f"{mod} importable (cudnn-frontend python engines may use it)")
+        except Exception as exc:
+            log(f"{mod} not importable ({type(exc).__name__}); cudnn-frontend uses the cuDNN backend engines only")
     try:
         import triton
 
@@ -300,6 +306,8 @@ def _runner(backend: str, mask, q, k, v):
     import torch.nn.functional as F
     from anymask.structure import analyse
 
+    if backend == "cudnn-preplanned":
+        return _preplanned(mask, q, k, v)
     if backend != "sdpa-native":
         return lambda: anymask.attention(q, k, v, mask, backend=backend)
     s = analyse(mask)
@@ -310,6 +318,19 @@ def _runner(backend: str, mask, q, k, v):
     dense = mask.to_dense(B, 1, S, S, device="cuda")
     dense = dense | ~dense.any(-1, keepdim=True)
     return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=k.shape[1] != H)
+
+
+def _preplanned(mask, q, k, v):
+    """The cuDNN backend with the plan (segment layout, row blocks) made once: kernel + glue only."""
+    from anymask.backend import cudnn as C
+    from anymask.problem import describe
+
+    p_train = describe(q, k, v, mask, None)
+    with torch.no_grad():
+        p_inf = describe(q, k, v, mask, None)
+    pl = C.plan(p_train)
+    run = C._run_ragged if isinstance(pl, C.RaggedPlan) else C._run_dense
+    return lambda: run(q, k, v, p_train if torch.is_grad_enabled() else p_inf, pl)
 
 
 def timing(args, backends: list[str]) -> None:
@@ -329,7 +350,7 @@ def timing(args, backends: list[str]) -> None:
                 return
             q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3))
-            if backend != "sdpa-native":
+            if backend not in ("sdpa-native", "cudnn-preplanned"):
                 reasons = anymask.backends(q, k, v, mask)[backend]["reasons"]
                 if reasons:
                     log(f"  {name:20s} {backend:12s} n/a: {'; '.join(reasons)[:160]}")
@@ -398,7 +419,7 @@ def main() -> None:
         guarded("correctness", correctness, args)
     log(f"-- elapsed {time.time() - T0:.0f} s")
     if "time" in parts:
-        guarded("timing", timing, args, ["cudnn", "sdpa-native", "varlen"])
+        guarded("timing", timing, args, ["cudnn", "cudnn-preplanned", "sdpa-native", "varlen"])
     log(f"-- elapsed {time.time() - T0:.0f} s")
     if "flex" in parts:
         guarded("timing flex", timing, args, ["flex"])
