@@ -58,9 +58,41 @@ def _resolve(args) -> tuple[str, object, dict, torch.device]:
     return name, grid, config, device
 
 
+def _plot(rows, out: Path, meta: dict) -> None:
+    from .._optional import MissingDependency
+    from .plot import plot_masks
+
+    try:
+        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}")
+    except MissingDependency as exc:
+        print(f"anymask bench: no plots ({exc}); later: anymask bench --plot-only {out}", file=sys.stderr)
+
+
+def _plot_only(path: Path) -> int:
+    """Plots (and the tables) from an earlier run's JSON: ``--plot-only DIR_OR_JSON``."""
+    from . import report
+    from .runner import Row
+
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    for file in files:
+        doc = json.loads(file.read_text())
+        if "rows" not in doc or "meta" not in doc:
+            continue
+        rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
+        out = file.parent / file.stem if len(files) > 1 else file.parent
+        out.mkdir(parents=True, exist_ok=True)
+        _plot(rows, out, doc["meta"])
+        report.write_csv(rows, file.with_suffix(".csv"))
+        print(report.summary_table(report.case_summaries(rows)))
+        print(json.dumps(doc["summary"]))
+    return 0
+
+
 def _bench(args) -> int:
     from . import env, report, runner, variants
 
+    if args.plot_only:
+        return _plot_only(Path(args.plot_only))
     start = time.perf_counter()
     name, grid, config, device = _resolve(args)
     backends = args.backends.split(",") if args.backends else config.get("backends")
@@ -89,9 +121,7 @@ def _bench(args) -> int:
     report.write_csv(rows, out / f"{tag}.csv")
     report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
     if not args.no_plot:
-        from .plot import plot_masks
-
-        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}")
+        _plot(rows, out, meta)
     print(report.full_table(rows))
     print(report.summary_table(cases_summary))
     print(json.dumps(line))
@@ -145,6 +175,8 @@ def register(subparsers) -> None:
     bench.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (default 3)")
     bench.add_argument("--budget", type=float, help="steady-state seconds per variant per case")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    bench.add_argument("--plot-only", metavar="PATH", help="no run: plots and CSV from earlier JSON results "
+                                                         "(a file, or every *.json in a directory)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 

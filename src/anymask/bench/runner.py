@@ -11,6 +11,7 @@ not two measurements minutes apart.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 
@@ -168,8 +169,11 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
             ref = reference(base.q[0], base.k[0], base.v[0], mask, None, base.dout[0] if grad else None)
             pairs = visible_pairs(mask, c.batch, c.heads, c.seq, c.seq, device=device)
             for case in group:
+                t0 = time.perf_counter()
                 rows.extend(run_case(case, mask, base, ref, pairs, names, settings, tune=tune))
                 bar.update(1)
+                if progress:
+                    bar.write(f"  {case.label()}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             del base, ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()

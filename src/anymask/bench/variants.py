@@ -44,8 +44,14 @@ class Prepared:
 def available() -> tuple[list[str], dict[str, list[str]]]:
     """Anymask backends that can run on this machine, and the others with their reasons."""
     ok, unavailable = [], {}
-    for name in B.names():
-        reasons = list(B.get(name).machine_reasons)
+    for name in B._MODULES:
+        try:
+            backend = B.get(name, missing_ok=True)
+            if backend is None:
+                continue
+            reasons = list(backend.machine_reasons)
+        except Exception as exc:  # a backend whose module fails to import is a result too
+            reasons = [f"module failed to import: {type(exc).__name__}: {exc}"]
         if reasons:
             unavailable[name] = reasons
         else:
