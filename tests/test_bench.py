@@ -11,7 +11,7 @@ import anymask
 from anymask import masks as M
 from anymask.bench import reference as R
 from anymask.bench.__main__ import main as bench_main
-from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, load_config, override, parse_heads
+from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, expand, load_config, override, parse_heads
 from anymask.bench.runner import BWD_FACTOR, COLUMNS, run
 from anymask.bench.timing import Settings, Timing, measure, paired_ratio
 
@@ -33,7 +33,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     assert bench_main(["bench", "--quick", "--out", str(out), "--no-progress", "--tune"]) == 0
     stdout = capsys.readouterr().out
     line = json.loads(stdout.strip().splitlines()[-1])
-    quick = GRIDS["quick"]
+    [quick] = GRIDS["quick"]
     n_cases = len(quick.cases())
     assert line["bench"] == "anymask" and line["cases"] == n_cases and line["out"] == str(out)
     assert line["failed"] == 0
@@ -137,7 +137,7 @@ def test_chunked_reference_matches_autograd_float64(mask_name, monkeypatch):
 
 
 def test_grid_options_and_config(tmp_path):
-    grid = override(GRIDS["cpu"], masks="causal,padding", seqlens="64", heads="4,8:2", dtypes="bf16,float32",
+    grid = override(GRIDS["cpu"][0], masks="causal,padding", seqlens="64", heads="4,8:2", dtypes="bf16,float32",
                     passes="fwd", batch=3)
     cases = grid.cases()
     assert len(cases) == 2 * 1 * 2 * 2 * 1
@@ -147,13 +147,17 @@ def test_grid_options_and_config(tmp_path):
     with pytest.raises(ValueError):
         parse_heads("6:4")
     with pytest.raises(ValueError):
-        override(GRIDS["cpu"], masks="nope")
+        override(GRIDS["cpu"][0], masks="nope")
     toml = tmp_path / "cases.toml"
     toml.write_text('grid = "quick"\nmasks = ["full"]\nseqlens = [32, 64]\nheads = ["4:1"]\n')
     assert load_config(toml) == {"grid": "quick", "masks": ["full"], "seqlens": [32, 64], "heads": ["4:1"]}
     js = tmp_path / "cases.json"
     js.write_text(json.dumps({"passes": ["fwd+bwd"], "head-dims": [16]}))
-    assert override(GRIDS["quick"], **load_config(js)).cases()[0].head_dim == 16
+    assert override(GRIDS["quick"][0], **load_config(js)).cases()[0].head_dim == 16
+    gpu = expand(GRIDS["gpu"])
+    assert len(gpu) == len(set(gpu)) == 8 * 2 * 2 + 8 + 8
+    assert {c.dtype for c in gpu} == {"bf16", "fp32"} and {(c.heads, c.kv_heads) for c in gpu} == {(16, 16), (32, 8)}
+    assert all(c.batch * c.seq == 16384 for c in gpu)
 
 
 def test_bench_masks_follow_the_issue():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import GRIDS, grid_dict, load_config, override
+from .cases import GRIDS, expand, grid_dict, load_config, override
 from .timing import Settings
 
 SETTINGS = {
@@ -52,10 +52,10 @@ def _resolve(args) -> tuple[str, object, dict, torch.device]:
     config.pop("grid", None)
     if name not in GRIDS:
         raise SystemExit(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
-    grid = GRIDS[name]
-    grid = override(grid, **{k: v for k, v in config.items() if k in _GRID_OPTIONS})
-    grid = override(grid, **{k: getattr(args, k) for k in _GRID_OPTIONS})
-    return name, grid, config, device
+    from_file = {k: v for k, v in config.items() if k in _GRID_OPTIONS}
+    from_args = {k: getattr(args, k) for k in _GRID_OPTIONS}
+    grids = tuple(override(override(g, **from_file), **from_args) for g in GRIDS[name])
+    return name, grids, config, device
 
 
 def _plot(rows, out: Path, meta: dict) -> None:
@@ -94,7 +94,7 @@ def _bench(args) -> int:
     if args.plot_only:
         return _plot_only(Path(args.plot_only))
     start = time.perf_counter()
-    name, grid, config, device = _resolve(args)
+    name, grids, config, device = _resolve(args)
     backends = args.backends.split(",") if args.backends else config.get("backends")
     names = variants.names([b.strip() for b in backends] if isinstance(backends, (list, str)) and backends
                            else None)
@@ -103,17 +103,17 @@ def _bench(args) -> int:
         settings = Settings(settings.warmup, settings.rounds, args.budget, settings.max_iters, settings.min_iters)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
-    cases = grid.cases()
+    cases = expand(grids)
     meta = env.metadata(device)
     _, unavailable = variants.available()
-    meta.update(grid=name, grid_options=grid_dict(grid), variants=names, unavailable=unavailable,
+    meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
                 settings=dataclasses.asdict(settings),
                 input_sets=args.sets, tune=args.tune,
                 command="anymask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     print(f"anymask bench: {len(cases)} cases x {len(names)} variants on {meta['device']} "
           f"(torch {meta['torch']}, grid {name}) -> {out}", file=sys.stderr)
     rows = runner.run(cases, device=device, names=names, settings=settings, tune=args.tune, sets=args.sets,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, deadline_s=args.deadline)
     cases_summary = report.case_summaries(rows)
     tag = args.tag
     line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,
@@ -135,8 +135,8 @@ def _tune(args) -> int:
     from .cases import bench_mask
     from .inputs import make_inputs
 
-    _, grid, _, device = _resolve(args)
-    cases = grid.cases()
+    _, grids, _, device = _resolve(args)
+    cases = expand(grids)
     print(f"anymask tune: {len(cases)} cases -> {tuning.cache_path()}", file=sys.stderr)
     results = []
     for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
@@ -174,6 +174,8 @@ def register(subparsers) -> None:
                        help="store each case's fastest correct backend in the tuning cache before timing auto")
     bench.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (default 3)")
     bench.add_argument("--budget", type=float, help="steady-state seconds per variant per case")
+    bench.add_argument("--deadline", type=float, metavar="S",
+                       help="start no new problem after S seconds (the rest is reported as skipped)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     bench.add_argument("--plot-only", metavar="PATH", help="no run: plots and CSV from earlier JSON results "
                                                          "(a file, or every *.json in a directory)")

@@ -36,6 +36,8 @@ def case_summaries(rows: list[Row]) -> list[dict]:
     out = []
     for _, group in groupby(rows, key=_case_key):
         group = list(group)
+        if group[0].variant == "*":  # never started (time budget)
+            continue
         ok = {r.variant: r for r in group if r.status == "ok"}
         forced = [r for r in ok.values() if r.eligible]
         best = min(forced, key=lambda r: r.median_ms) if forced else None
@@ -67,7 +69,8 @@ def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
         "rows": len(rows),
         "cases": len(cases),
         "failed": sum(r.status == "failed" for r in rows),
-        "skipped": sum(r.status == "skipped" for r in rows),
+        "skipped": sum(r.status == "skipped" and r.variant != "*" for r in rows),
+        "not_started": sum(r.variant == "*" for r in rows),
         "auto_within_5pct": bool(within) and all(within),
         "auto_within_5pct_cases": f"{sum(within)}/{len(within)}",
         "worst_auto_vs_best": round(max(ratios), 3) if ratios else None,

@@ -148,11 +148,15 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
 
 
 def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune: bool = False,
-        sets: int = 3, progress: bool = True) -> list[Row]:
-    """Run ``cases`` (passes of one problem share inputs and the reference); a tqdm bar on stderr."""
+        sets: int = 3, progress: bool = True, deadline_s: float | None = None) -> list[Row]:
+    """Run ``cases`` (passes of one problem share inputs and the reference); a tqdm bar on stderr.
+
+    After ``deadline_s`` seconds no new problem is started; its cases get one ``skipped`` row each.
+    """
     from tqdm import tqdm
 
     device = torch.device(device)
+    start = time.perf_counter()
     rows: list[Row] = []
     bar = tqdm(total=len(cases), desc="anymask bench", unit="case", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
@@ -160,6 +164,11 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
         for _, group in groupby(cases, key=lambda c: c.problem_key):
             group = list(group)
             c = group[0]
+            if deadline_s is not None and time.perf_counter() - start > deadline_s:
+                rows.extend(_row(x, "", "*", "-", "skipped", reason=f"time budget of {deadline_s:.0f} s spent")
+                            for x in group)
+                bar.update(len(group))
+                continue
             bar.set_postfix_str(c.label().rsplit(" ", 1)[0], refresh=True)
             mask = bench_mask(c.mask, c.batch, c.seq)
             has_key = rows_with_keys(mask, c.batch, c.heads, c.seq, c.seq, device)
