@@ -245,6 +245,9 @@ def correctness(args) -> None:
 def _check_one(name, mask, shape) -> None:
     import anymask
 
+    from anymask.backend import cudnn as C
+
+    C._FAILED.clear()  # report every failure, not only the first of its kind
     B, Hq, Hkv, Sq, Skv, D = shape
     q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=torch.float64, requires_grad=True)
@@ -360,6 +363,9 @@ def timing(args, backends: list[str]) -> None:
 
 
 def _time_one(name, backend, mask, q, k, v, flops) -> None:
+    from anymask.backend import cudnn as C
+
+    C._FAILED.clear()
     fn = _runner(backend, mask, q, k, v)
     g = torch.randn_like(q)
     t_compile = time.time()

@@ -209,6 +209,20 @@ def test_plumbing_matches_eager(name, shape, monkeypatch):
         torch.testing.assert_close(a, r, msg=f"d{name_}")
 
 
+def test_graph_failure_becomes_a_reason(hopper, monkeypatch):
+    def broken(*args, **kwargs):
+        raise G.CudnnGraphError("cuDNN forward graph failed at check_support: not supported")
+
+    monkeypatch.setattr(G, "forward", broken)
+    monkeypatch.setattr(C, "_FAILED", {})
+    q, k, v = (torch.randn(1, 2, 64, 16, dtype=torch.bfloat16) for _ in range(3))
+    p = describe(q, k, v, M.causal(), None)
+    with pytest.raises(G.CudnnGraphError):
+        C.Cudnn().run(q, k, v, p)
+    cuda_p = dataclasses.replace(p, device=torch.device("cuda", 0))
+    assert "failed on this kind of call earlier" in C.reasons(cuda_p)[-1]
+
+
 # real graphs -------------------------------------------------------------------------------------
 
 

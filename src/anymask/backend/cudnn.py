@@ -227,6 +227,14 @@ def _head_dim_ok(d: int, major: int) -> bool:
     return d % 8 == 0 and (d <= 128 or (d == 256 and major >= 9))
 
 
+_FAILED: dict[tuple, str] = {}  # signature -> first cuDNN error seen for it (then a reason)
+
+
+def _signature(p: Problem) -> tuple:
+    """What a cuDNN graph failure is remembered by (coarser than a graph: one failure per kind)."""
+    return (p.dtype, p.head_dim, p.q_heads, p.kv_heads, p.structure.kind(), p.q_len < p.kv_len, p.requires_grad)
+
+
 def reasons(p: Problem) -> list[str]:
     """Why the cuDNN backend cannot run ``p`` (machine reasons aside)."""
     out = []
@@ -254,6 +262,9 @@ def reasons(p: Problem) -> list[str]:
             out.append("cuDNN's ragged (THD) layout for documents/padding needs Hopper or newer")
     if p.requires_grad and p.q_len == 1 and p.kv_len == 1:
         out.append("cuDNN SDPA backward does not take q_len = kv_len = 1")
+    failed = _FAILED.get(_signature(p))
+    if failed:
+        out.append(f"cuDNN failed on this kind of call earlier in this process: {failed}")
     return out
 
 
@@ -261,16 +272,21 @@ def reasons(p: Problem) -> list[str]:
 
 
 class _Attention(torch.autograd.Function):
-    """One cuDNN graph call; backward through the cached backward graph."""
+    """One cuDNN graph call; backward through the cached backward graph.  A graph error is
+    remembered under the problem's signature, so ``auto`` skips cuDNN for it afterwards."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec, meta, training):
+    def forward(ctx, q, k, v, spec, meta, training, sig):
         from ..kernels import cudnn_graphs as G
 
-        o, stats = G.forward(spec, q, k, v, meta, training)
+        try:
+            o, stats = G.forward(spec, q, k, v, meta, training)
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(sig, str(exc).splitlines()[0])
+            raise
         if training:
             ctx.save_for_backward(q, k, v, o, stats)
-        ctx.spec, ctx.meta = spec, meta
+        ctx.spec, ctx.meta, ctx.sig = spec, meta, sig
         return o
 
     @staticmethod
@@ -278,8 +294,12 @@ class _Attention(torch.autograd.Function):
         from ..kernels import cudnn_graphs as G
 
         q, k, v, o, stats = ctx.saved_tensors
-        dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do.contiguous(), stats, ctx.meta)
-        return dq, dk, dv, None, None, None
+        try:
+            dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do.contiguous(), stats, ctx.meta)
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
+            raise
+        return dq, dk, dv, None, None, None, None
 
 
 def _dense_ready(t: torch.Tensor) -> torch.Tensor:
@@ -303,7 +323,7 @@ def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
     if lengths:
         meta = G.Meta(blk.seq_q.to(q.device, torch.int32).view(-1, 1, 1, 1),
                       blk.seq_kv.to(q.device, torch.int32).view(-1, 1, 1, 1))
-    return _Attention.apply(qb, kb, vb, spec, meta, p.requires_grad)  # [B, Hq, rows, D]
+    return _Attention.apply(qb, kb, vb, spec, meta, p.requires_grad, _signature(p))  # [B, Hq, rows, D]
 
 
 def _run_dense(q, k, v, p: Problem, pl: DensePlan) -> torch.Tensor:
@@ -340,7 +360,7 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
                   ragged=True, lengths=True, bottom_right=pl.band.bottom_right, left_bound=pl.band.left_bound,
                   right_bound=pl.band.right_bound, total_q=pl.total_q, total_kv=pl.total_kv,
                   device=dev.index or 0)
-    op = _Attention.apply(qp, kp, vp, spec, meta, p.requires_grad)  # [Tq', Hq, D]
+    op = _Attention.apply(qp, kp, vp, spec, meta, p.requires_grad, _signature(p))  # [Tq', Hq, D]
     real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
     return SEG.repad(real, lay.q_index.to(dev), p.batch, p.q_len)  # [B, Hq, Sq, D], padded rows 0
 
