@@ -173,15 +173,16 @@ def _ensure_anymask(model) -> None:
 
 
 def _call_policy(module, kwargs):
+    """``(spec, backend)``: ``anymask_mask=`` > ``set_mask`` > ``is_causal`` kwarg > ``module.is_causal``."""
     spec, backend = getattr(module, _POLICY_ATTR, None) or (None, "auto")
     override = kwargs.get("anymask_mask")
     if override is not None:
         check_spec(override)
         spec = override
-    elif kwargs.get("is_causal") is not None:
-        spec = "causal" if kwargs["is_causal"] else "bidirectional"
     if spec is None:
-        spec = "causal" if getattr(module, "is_causal", True) else "bidirectional"
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        spec = "causal" if is_causal else "bidirectional"
     return spec, backend
 
 
