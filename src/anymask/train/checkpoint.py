@@ -1,0 +1,151 @@
+"""Checkpoints that are never half-written: everything goes to a temporary directory next to the
+target, which is renamed into place only when complete.
+
+    output_dir/
+      checkpoint-000020/     adapter/ (peft save_pretrained), optimizer.pt, rng.pt, state.json
+      adapter/               the final LoRA adapter (peft save_pretrained) + tokenizer
+
+Full (unsharded) state dicts are gathered through ``torch.distributed.checkpoint.state_dict``, so
+the same files come out of one process, DDP or FSDP2; rank 0 writes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .distributed import Dist
+
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, d: Dist):
+    """Yield a temporary directory (rank 0 writes into it); on success it replaces ``final``.
+
+    On any error or interrupt the temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = final.parent / f".tmp-{final.name}"
+    if d.main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        yield tmp
+        d.barrier()
+        if d.main:
+            old = final.parent / f".old-{final.name}"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    d.barrier()
+
+
+def clean_partial(output_dir: Path) -> None:
+    """Remove temporary directories a killed run left behind (never complete checkpoints)."""
+    for p in Path(output_dir).glob(".tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def adapter_state(peft_model) -> dict:
+    """The trainable (LoRA) parameters, gathered in full on every rank, on the CPU."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(peft_model, options=_options(ignore_frozen_params=True))
+
+
+def save_adapter(peft_model, path: Path, d: Dist, tokenizer=None) -> None:
+    """``peft_model.save_pretrained`` (reloadable with ``PeftModel.from_pretrained``), atomically."""
+    state = adapter_state(peft_model)
+    with atomic_dir(path, d) as tmp:
+        if d.main:
+            peft_model.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+
+def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra: dict) -> None:
+    """A resumable checkpoint: adapter, optimizer, scheduler, step and every rank's RNG states."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = adapter_state(peft_model)
+    optim = get_optimizer_state_dict(peft_model, optimizer, options=_options())
+    rngs = d.gather(_rng_state())
+    with atomic_dir(path, d) as tmp:
+        if d.main:
+            peft_model.save_pretrained(str(tmp / "adapter"), state_dict=state)
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            torch.save(rngs, tmp / "rng.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "world": d.world, **extra}, indent=1))
+
+
+def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
+    """Restore what :func:`save` wrote; returns ``state.json`` (with ``step``)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    adapter = _read_adapter(path / "adapter", peft_model)
+    set_model_state_dict(peft_model, adapter, options=_options(strict=False))
+    blob = torch.load(path / "optimizer.pt", weights_only=False)
+    set_optimizer_state_dict(peft_model, optimizer, blob["optimizer"], options=_options())
+    scheduler.load_state_dict(blob["scheduler"])
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    if len(rngs) == d.world:
+        _set_rng_state(rngs[d.rank])
+    return state
+
+
+def _read_adapter(adapter_dir: Path, peft_model) -> dict:
+    """The saved adapter weights, keyed like ``peft_model``'s own state dict."""
+    from peft.utils import load_peft_weights
+
+    saved = load_peft_weights(str(adapter_dir), device="cpu")  # keys without the adapter name
+    own = [k for k, p in peft_model.named_parameters() if p.requires_grad]
+    out = {}
+    for key in own:
+        short = re.sub(r"\.default(?=\.)", "", key, count=1)
+        if short not in saved:
+            raise KeyError(f"checkpoint adapter {adapter_dir} has no weight for {key}")
+        out[key] = saved[short]
+    return out
+
+
+def latest(output_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+             if (m := _CKPT.match(p.name)) and (p / "state.json").exists()]
+    return max(found)[1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

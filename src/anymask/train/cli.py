@@ -1,0 +1,102 @@
+"""``anymask train ...``: the command line of :func:`anymask.train.train`.
+
+``register(subparsers)`` adds the ``train`` subcommand to the ``anymask`` CLI;
+``python -m anymask.train ...`` runs it alone (also under ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import DTYPES, PARALLEL, TASKS, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory or hub name (loaded offline when cached)")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help="JSONL training data (fields depend on --task)")
+    p.add_argument("--output-dir", default="anymask-train", help="checkpoints, final adapter, metrics.jsonl")
+    p.add_argument("--eval-data", help="JSONL eval data (default: --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
+    p.add_argument("--gguf-file", help="GGUF file inside --model to load weights and tokenizer from")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--attn", default="anymask", help="attention implementation (anymask, or a transformers "
+                   "one with an explicit mask: sdpa, flex_attention, eager)")
+    p.add_argument("--backend", default="auto", help="anymask backend (default: dispatch picks)")
+    p.add_argument("--tokens-per-batch", type=int, default=2048, help="packed tokens per micro-batch")
+    p.add_argument("--truncate", action="store_true", help="cut examples longer than --tokens-per-batch")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: final adapter only)")
+    p.add_argument("--resume", help="checkpoint directory to resume from, or 'auto' (newest in --output-dir)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", choices=PARALLEL, default="none", help="under torchrun: ddp or fsdp2")
+    p.add_argument("--data-shards", type=int, help="data shards (default: the world size)")
+    p.add_argument("--temperature", type=float, default=0.05, help="embedding: InfoNCE temperature")
+    p.add_argument("--mask-token", help="diffusion: mask token (default: the tokenizer's mask/unk/pad/eos)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=args.model, task=args.task, data=args.data, output_dir=args.output_dir, eval_data=args.eval_data,
+        eval_fraction=args.eval_fraction, gguf_file=args.gguf_file, dtype=args.dtype, attn=args.attn,
+        backend=args.backend, tokens_per_batch=args.tokens_per_batch, truncate=args.truncate,
+        grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, gradient_checkpointing=args.gradient_checkpointing,
+        eval_every=args.eval_every, save_every=args.save_every, resume=args.resume, seed=args.seed,
+        parallel=args.parallel, data_shards=args.data_shards, progress=not args.no_progress,
+        temperature=args.temperature, mask_token=args.mask_token)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .loop import train
+
+    config = config_from_args(args)
+    try:
+        config.validate()
+        result = train(config)
+    except DataError as exc:
+        print(f"anymask train: bad data: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if not isinstance(exc, DataError) and "must be" not in str(exc) and "unknown" not in str(exc):
+            raise
+        print(f"anymask train: error: {exc}", file=sys.stderr)
+        return 2
+    losses = result.losses
+    if losses and os.environ.get("RANK", "0") == "0":
+        print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+              + (f", eval loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else "")
+              + f"; adapter in {result.adapter_dir}")
+    return 0
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``train`` to the ``anymask`` CLI's subparsers."""
+    p = subparsers.add_parser("train", help="LoRA fine-tuning with the mask a task needs",
+                              description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anymask train", description="LoRA fine-tuning with any mask.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,74 @@
+"""``TrainConfig``: every knob of one training run, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
+PARALLEL = ("none", "ddp", "fsdp2")
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """One training run.  Sizes are in tokens; ``tokens_per_batch`` is one packed micro-batch.
+
+    A step consumes ``grad_accum`` micro-batches on every rank, so the global batch of a step is
+    ``world_size * grad_accum`` micro-batches.  The data is cut into ``data_shards`` shards
+    (default: the world size); each rank packs its own shards, and micro-batch ``j`` of a step
+    comes from the rank's shard ``j % shards_per_rank``.  Runs with the same ``data_shards`` and
+    the same global batch therefore see the same micro-batches whatever the world size.
+    """
+
+    model: str
+    task: str
+    data: str
+    output_dir: str = "anymask-train"
+    eval_data: str | None = None
+    eval_fraction: float = 0.0  # hold out this fraction of ``data`` when no ``eval_data``
+    gguf_file: str | None = None  # load ``model`` from this GGUF file inside the model dir
+    dtype: str = "bf16"
+    attn: str = "anymask"  # or a transformers implementation (sdpa, flex_attention, eager)
+    backend: str = "auto"  # anymask backend
+    tokens_per_batch: int = 2048
+    truncate: bool = False
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str | list[str] = "all-linear"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # steps; 0 = only at the end (when there is eval data)
+    save_every: int = 0  # steps; 0 = only the final adapter
+    resume: str | None = None  # a checkpoint dir, or "auto" for the newest in output_dir
+    seed: int = 0
+    parallel: str = "none"
+    data_shards: int | None = None
+    progress: bool = True
+    temperature: float = 0.05  # embedding: InfoNCE temperature (cosine similarities)
+    mask_token: str | None = None  # diffusion: the token that replaces masked tokens
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work, before anything is loaded."""
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"unknown parallel mode {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        for name in ("tokens_per_batch", "grad_accum", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.data_shards is not None and self.data_shards < 1:
+            raise ValueError(f"data_shards must be >= 1, got {self.data_shards}")

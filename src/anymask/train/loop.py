@@ -1,0 +1,241 @@
+"""``train(config)``: the training loop shared by the CLI, the Python API and torchrun.
+
+Per step and rank: ``grad_accum`` packed micro-batches; each micro-batch's loss sum is divided by
+the number of loss units in the *global* batch (all ranks), so every unit weighs the same whatever
+the packing, the accumulation or the world size.  Rank 0 shows a progress bar (loss, tokens/s),
+appends to ``output_dir/metrics.jsonl``, and writes checkpoints and the final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data, distributed, model as M, tasks
+from .config import TrainConfig
+from .packing import Packed, pack, shard
+from .stream import Stream, local_shards, split
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step history (loss, tokens, seconds), eval losses, where things are."""
+
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    adapter_dir: str | None = None
+    peak_memory_bytes: int | None = None
+    model: object = None  # the trained peft model (unwrapped)
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history]
+
+
+def train(config: TrainConfig, *, model=None, tokenizer=None, examples: list | None = None,
+          eval_examples: list | None = None) -> TrainResult:
+    """Run ``config``.  ``model`` (a loaded transformers model, no adapters yet), ``tokenizer`` and
+    already tokenized ``examples`` (:class:`anymask.train.data.Example`) replace loading from
+    ``config.model`` / ``config.data`` when given."""
+    config.validate()
+    d = distributed.setup(config.parallel)
+    try:
+        return _run(config, d, model, tokenizer, examples, eval_examples)
+    finally:
+        distributed.shutdown(d)
+
+
+def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> TrainResult:
+    out_dir = Path(cfg.output_dir)
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_partial(out_dir)
+    torch.manual_seed(cfg.seed)
+    if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.extra.get("mask_token_id") is None):
+        tokenizer = M.load_tokenizer(cfg.model, cfg.gguf_file)
+    task = tasks.make(cfg.task, tokenizer=tokenizer, temperature=cfg.temperature, mask_token=cfg.mask_token,
+                      mask_token_id=cfg.extra.get("mask_token_id"))
+    count = cfg.data_shards or d.world
+    mine = local_shards(count, d)
+    failure, stream, eval_rows = None, None, []
+    try:
+        train_ex, eval_ex = _examples(cfg, tokenizer, examples, eval_examples, mine, count, d)
+        stream = Stream(split(train_ex, mine, count), cfg.tokens_per_batch, cfg.grad_accum, cfg.seed, d)
+        eval_rows = pack(eval_ex, cfg.tokens_per_batch, seed=cfg.seed, shuffle=False)
+    except Exception as exc:  # every rank must hear about a data error, or the others wait forever
+        failure = exc
+    d.agree(failure)
+
+    if base is None:
+        base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
+    peft_model = M.prepare(base.to(d.device), task, attn=cfg.attn, backend=cfg.backend, dtype=cfg.dtype,
+                           lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
+                           seed=cfg.seed)
+    module = M.TaskModel(peft_model, task, cfg.attn)
+    wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = stream.steps_in_epoch(0)
+    if steps_per_epoch == 0:
+        raise ValueError(f"not enough data for one step: every rank needs {cfg.grad_accum} packed micro-batches "
+                         f"of up to {cfg.tokens_per_batch} tokens per step")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))
+
+    start = 0
+    resume = checkpoint.latest(out_dir) if cfg.resume == "auto" else cfg.resume
+    if resume:
+        start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
+
+    result = TrainResult()
+    bar = _progress(cfg, d, total, start)
+    epoch, index = _position(stream, start)
+    if start == 0:
+        _eval(wrapped, eval_rows, task, d, 0, result, out_dir, None)  # the loss before training
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    try:
+        for step in range(start + 1, total + 1):
+            micro = [b.to(d.device) for b in stream.step(epoch, index)]
+            lr = scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            loss = _train_step(wrapped, micro, task, optimizer, scheduler, params, cfg, d)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            seconds = time.perf_counter() - t0
+            tokens = int(d.sum(sum(b.num_tokens for b in micro)))
+            record = {"step": step, "loss": loss, "tokens": tokens, "seconds": seconds, "lr": lr}
+            result.history.append(record)
+            _log(out_dir, d, record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+                bar.update(1)
+            index += 1
+            if index >= steps_per_epoch:
+                epoch, index = epoch + 1, 0
+                steps_per_epoch = stream.steps_in_epoch(epoch)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                _eval(wrapped, eval_rows, task, d, step, result, out_dir, bar)
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint.save(out_dir / f"checkpoint-{step:06d}", peft_model, optimizer, scheduler, step, d,
+                                {"config": asdict(cfg)})
+    finally:
+        if bar is not None:
+            bar.close()
+    if d.device.type == "cuda":
+        result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(d.device))
+    _eval(wrapped, eval_rows, task, d, total, result, out_dir, None)
+    checkpoint.save_adapter(peft_model, out_dir / "adapter", d, tokenizer)
+    result.adapter_dir = str(out_dir / "adapter")
+    result.model = peft_model
+    return result
+
+
+def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):
+    """(train examples, indexed globally; only this rank's shards are tokenized, the others are
+    None) and this rank's share of the eval examples."""
+    if examples is not None:
+        return examples, shard(list(eval_examples or []), d.rank, d.world)
+    records = data.read_records(cfg.data, cfg.task)
+    if cfg.eval_data:
+        eval_records = data.read_records(cfg.eval_data, cfg.task)
+    else:
+        held = int(len(records) * cfg.eval_fraction)
+        records, eval_records = records[:len(records) - held], records[len(records) - held:]
+    own = set(mine)
+    keep = [r if i % count in own else None for i, r in enumerate(records)]
+    toks = iter(data.tokenize([r for r in keep if r is not None], tokenizer, cfg.task, cfg.tokens_per_batch,
+                              truncate=cfg.truncate, path=cfg.data))
+    train_ex = [next(toks) if r is not None else None for r in keep]
+    eval_ex = data.tokenize(shard(eval_records, d.rank, d.world), tokenizer, cfg.task, cfg.tokens_per_batch,
+                            truncate=cfg.truncate, path=cfg.eval_data or cfg.data)
+    return train_ex, eval_ex
+
+
+def _train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params, cfg, d) -> float:
+    units = d.sum(sum(task.count(b) for b in micro))  # loss units in the global batch
+    scale = d.world / max(units, 1.0)  # DDP / FSDP average gradients over ranks; undo that
+    total = torch.zeros((), device=d.device)
+    for j, batch in enumerate(micro):
+        with distributed.no_sync(wrapped, d, skip=j < len(micro) - 1):
+            loss_sum = wrapped(batch)
+            (loss_sum * scale).backward()
+        total += loss_sum.detach().float()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return d.sum(total.item()) / max(units, 1.0)
+
+
+@torch.no_grad()
+def _eval(wrapped, rows: list[Packed], task, d, step: int, result: TrainResult, out_dir: Path, bar) -> None:
+    """Mean loss over the eval rows of all ranks.  Ranks run the same number of forwards (FSDP2
+    needs that): a rank with fewer rows repeats its first one with weight 0."""
+    n = int(d.max(len(rows)))
+    if n == 0:
+        return
+    was_training = wrapped.training
+    wrapped.eval()
+    total, units = 0.0, 0.0
+    for i in range(n):
+        real = i < len(rows)
+        batch = (rows[i] if real else (rows[0] if rows else _dummy())).to(d.device)
+        value = float(wrapped(batch))
+        if real:
+            total, units = total + value, units + task.count(batch)
+    wrapped.train(was_training)
+    loss = d.sum(total) / max(d.sum(units), 1.0)
+    record = {"step": step, "eval_loss": loss}
+    result.evals.append(record)
+    _log(out_dir, d, record)
+    if bar is not None:
+        bar.write(f"step {step}: eval loss {loss:.4f}")
+
+
+def _dummy() -> Packed:
+    z = torch.zeros(1, 2, dtype=torch.long)
+    return Packed(z, torch.arange(2).unsqueeze(0), z, torch.tensor([[True, False]]), (1, 1), 0)
+
+
+def _position(stream: Stream, step: int) -> tuple[int, int]:
+    """(epoch, index within epoch) of the step after ``step`` completed steps."""
+    epoch = 0
+    while True:
+        n = stream.steps_in_epoch(epoch)
+        if step < n:
+            return epoch, step
+        step -= n
+        epoch += 1
+
+
+def _schedule(warmup: int, total: int):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _progress(cfg, d, total: int, start: int):
+    if not (cfg.progress and d.main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+
+
+def _log(out_dir: Path, d, record: dict) -> None:
+    if d.main:
+        with open(out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,108 @@
+"""Load a Hugging Face decoder, switch its attention, add LoRA (peft), wrap it with its task."""
+
+from __future__ import annotations
+
+import torch
+
+from .._optional import require
+from .tasks import Task
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TaskModel(torch.nn.Module):
+    """The peft model plus its task; ``forward(batch)`` returns the task's loss sum.
+
+    With ``attn="anymask"`` the mask comes from ``anymask.hf`` (``set_mask`` + per-call kwargs +
+    ``position_ids`` resets); any other transformers implementation gets the task's mask as an
+    explicit 4-D mask (a dense bool tensor, or a BlockMask for ``flex_attention``).
+    """
+
+    def __init__(self, peft_model: torch.nn.Module, task: Task, attn: str = "anymask"):
+        super().__init__()
+        self.peft = peft_model
+        self.task = task
+        self.attn = attn
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.task.loss_sum(self.peft, batch, self.attn_kwargs(batch))
+
+    def attn_kwargs(self, batch) -> dict:
+        if self.attn == "anymask":
+            return self.task.call_kwargs(batch)
+        from .baseline import explicit_mask
+
+        return {"attention_mask": explicit_mask(self.task.mask(batch), batch.num_tokens, self.attn,
+                                                batch.input_ids.device)}
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None):
+    transformers = require("transformers")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_file: str | None = None,
+              device: torch.device | str = "cpu"):
+    """The pretrained model at ``path`` (a directory or hub name; ``gguf_file`` inside it)."""
+    transformers = require("transformers")
+    if attn == "anymask":
+        import anymask.hf  # noqa: F401  (registers the implementation)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
+                                                             **kwargs)
+    return model.to(device)
+
+
+def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", dtype: str = "bf16",
+            lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0, lora_targets="all-linear",
+            gradient_checkpointing: bool = False, seed: int = 0):
+    """Set the mask policy, add LoRA adapters (initialised from ``seed``); returns the peft model."""
+    peft = require("peft")
+    model = model.to(DTYPES[dtype])
+    model.config.use_cache = False
+    if attn == "anymask":
+        import anymask.hf
+
+        anymask.hf.set_mask(model, task.spec, backend=backend)
+    elif model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             target_modules=lora_targets, task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = peft.get_peft_model(model, config)
+    for p in peft_model.parameters():  # adapters train in the model's dtype
+        if p.requires_grad and p.dtype != DTYPES[dtype]:
+            p.data = p.data.to(DTYPES[dtype])
+    return peft_model
+
+
+def decoder_layers(peft_model) -> list[torch.nn.Module]:
+    """The decoder layers (for FSDP2's per-layer sharding)."""
+    base = peft_model.get_base_model()
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP2")
+    return list(layers)
+
+
+def load_adapter(model_path: str, adapter_dir: str, *, task: str = "sft", dtype: str = "fp32",
+                 gguf_file: str | None = None, backend: str = "auto", device="cpu"):
+    """A trained model for inference: base weights + the saved LoRA adapter, the task's mask set.
+
+    ``task`` picks the mask: ``sft`` causal, ``embedding``/``diffusion`` bidirectional,
+    ``prefix_lm`` prefix-LM (bidirectional prompt, causal continuation).
+    """
+    peft = require("peft")
+    import anymask.hf
+
+    base = load_base(model_path, dtype=dtype, gguf_file=gguf_file, device=device)
+    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    spec = {"sft": "causal", "prefix_lm": "prefix_lm"}.get(task, "bidirectional")
+    anymask.hf.set_mask(model, spec, backend=backend)
+    return model.eval()

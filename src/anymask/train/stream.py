@@ -1,0 +1,61 @@
+"""The micro-batches of each step, the same for any world size with the same ``data_shards``.
+
+The examples are cut into ``shards`` fixed shards; rank ``r`` of ``world`` owns shards
+``r, r + world, ...`` and packs only those.  Each step takes ``grad_accum`` micro-batches per
+rank, round-robin over its shards::
+
+    data_shards 2, grad_accum 2, one process      step s: shard0[s], shard1[s]
+    data_shards 2, grad_accum 1, two processes    step s: rank 0 shard0[s] | rank 1 shard1[s]
+
+An epoch ends when the first shard (over all ranks) runs out; every rank agrees on the count.
+"""
+
+from __future__ import annotations
+
+from .data import Example
+from .distributed import Dist
+from .packing import Packed, pack, shard
+
+
+class Stream:
+    def __init__(self, examples_by_shard: dict[int, list[Example]], max_tokens: int, grad_accum: int,
+                 seed: int, d: Dist):
+        self.shards = sorted(examples_by_shard)
+        self.examples = examples_by_shard
+        if grad_accum % len(self.shards):
+            raise ValueError(f"grad_accum ({grad_accum}) must be a multiple of the data shards per rank "
+                             f"({len(self.shards)})")
+        self.per_shard = grad_accum // len(self.shards)  # micro-batches per shard per step
+        self.max_tokens, self.seed, self.d = max_tokens, seed, d
+        self._epoch, self._rows = None, {}
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        self._load(epoch)
+        local = min(len(rows) for rows in self._rows.values()) // self.per_shard
+        return int(self.d.min(local))
+
+    def step(self, epoch: int, index: int) -> list[Packed]:
+        """The micro-batches of step ``index`` of ``epoch`` on this rank."""
+        self._load(epoch)
+        out = []
+        for j in range(self.per_shard):
+            for s in self.shards:
+                out.append(self._rows[s][index * self.per_shard + j])
+        return out
+
+    def _load(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            self._rows = {s: pack(self.examples[s], self.max_tokens, seed=self.seed, epoch=epoch, shard_index=s)
+                          for s in self.shards}
+            self._epoch = epoch
+
+
+def local_shards(count: int, d: Dist) -> list[int]:
+    """The shards rank ``d.rank`` owns."""
+    if count % d.world:
+        raise ValueError(f"data_shards ({count}) must be a multiple of the world size ({d.world})")
+    return list(range(d.rank, count, d.world))
+
+
+def split(examples: list[Example], shards: list[int], count: int) -> dict[int, list[Example]]:
+    return {s: shard(examples, s, count) for s in shards}
