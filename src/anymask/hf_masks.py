@@ -21,6 +21,7 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +130,26 @@ def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
     return (first_cont.long() + (total - T) - first_key).clamp(0, kv_len)
 
 
+_LAST_IDS: list = []  # [(source tensor weakref, its _version, sizes, ids)]: one entry, reused across layers
+
+
 def _document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
+    """Cached :func:`_find_document_ids`: every layer of one forward gets the same ``position_ids``
+    / ``cu_seq_lens_k`` tensor, so the (host-synchronising) detection runs once per forward."""
+    source = kwargs.get("cu_seq_lens_k")
+    source = kwargs.get("position_ids") if source is None else source
+    if source is None:
+        return None
+    key = (source._version, q_len, kv_len, batch)
+    entry = _LAST_IDS[0] if _LAST_IDS else None
+    if entry is not None and entry[0]() is source and entry[1] == key:
+        return entry[2]
+    ids = _find_document_ids(kwargs, q_len, kv_len, batch)
+    _LAST_IDS[:] = [(weakref.ref(source), key, ids)]
+    return ids
+
+
+def _find_document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
     """``[B|1, kv_len]`` document ids of packed rows, or None when every row is one document.
 
     From ``cu_seq_lens_k`` (TRL's ``DataCollatorWithFlattening``) when given, else from resets of
