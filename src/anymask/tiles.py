@@ -84,18 +84,17 @@ def _valid_prefix(valid: torch.Tensor) -> torch.Tensor:
 def _count_in(lo, hi, prefix, start, end):
     """Visible keys of each row in each key range ``[start, end]``.
 
-    lo, hi: [B, R]; start, end: [K] (or scalars); prefix: [B, Skv + 1] or None.  Returns [B, R, K].
+    lo, hi: [B, R] with ``0 <= lo <= Skv`` and ``-1 <= hi < Skv``; start, end: [K] within
+    ``[0, Skv)``; prefix: [B, Skv + 1] or None.  Returns [B, R, K].  An empty intersection
+    (``a > e``) gives ``e + 1 <= a``, hence a difference ``<= 0``, clamped to 0.
     """
-    a = torch.maximum(lo[..., None], start)  # [B, R, K]
-    e = torch.minimum(hi[..., None], end)  # [B, R, K]
-    nonempty = a <= e
+    a = torch.maximum(lo[..., None], start)  # [B, R, K], in [0, Skv]
+    e1 = torch.minimum(hi[..., None], end) + 1  # [B, R, K], in [0, Skv]
     if prefix is None:
-        return torch.where(nonempty, e - a + 1, torch.zeros_like(a))
+        return (e1 - a).clamp_(min=0)
     B, R, K = a.shape
-    n = prefix.shape[1] - 1
-    top = prefix.gather(1, (e + 1).clamp(0, n).reshape(B, R * K)).view(B, R, K)
-    bottom = prefix.gather(1, a.clamp(0, n).reshape(B, R * K)).view(B, R, K)
-    return torch.where(nonempty, top - bottom, torch.zeros_like(a))
+    top = prefix.gather(1, e1.view(B, R * K))
+    return (top - prefix.gather(1, a.view(B, R * K))).clamp_(min=0).view(B, R, K)
 
 
 def _rows_per_chunk(bq: int, per_row: int) -> int:

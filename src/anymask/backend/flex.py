@@ -7,13 +7,23 @@ per-row key intervals ``lo[b, q] <= kv <= hi[b, q]`` (and ``valid[b, kv]`` under
 captured O(B * S) tensors, so every structured mask runs the same compiled kernel; other masks
 wrap their own ``mask_mod``.  flex hands ``mask_mod`` query indices relative to the call
 (``0 .. q_len - 1``) and, in padded blocks, indices past the ends; both are mapped here
-(absolute = relative + kv_len - q_len) and clamped before any captured tensor is indexed.
+(absolute = relative + kv_len - q_len) and clamped before any captured tensor is indexed.  The
+last column of tiles is never FULL when ``kv_len`` is not a multiple of the block, so keys past
+the end are always masked by ``mask_mod`` whatever the kernel does with them.  GQA goes through
+``enable_gqa=True``.  Rows that see no key come out exactly 0 with zero gradient (tested on CPU
+and on an H200), so no fix-up is applied.  Masks are taken as immutable: the compiled form is
+cached by mask identity and shapes (LRU of 32).
 
 Compilation: on CUDA ``dynamic=None`` (a second sequence length compiles one dynamic kernel that
 serves every later length).  On CPU, dynamic shapes hit an Inductor C++ codegen bug in torch 2.13
 (``cur_kvSplitSize9 was not declared``: the flex CPU template renames size symbols with a plain
 string replace, so ``ks1`` also rewrites ``ks19``), so CPU compiles static shapes and pads
 ``q_len`` and ``kv_len`` up to powers of two: one compile per length bucket, not per length.
+The variants (mask_mod kind x dtype x head dim x length bucket) may exceed dynamo's default
+recompile limit of 8, after which flex would silently run unfused; calls here raise it to 64.
+
+Not supported (see ``problem_reasons``): backward on CPU, float64 (CPU template: fp32/fp16/bf16
+only; CUDA: Triton compilation error), and on CUDA head dims below 16 or above 256.
 """
 
 from __future__ import annotations
@@ -141,7 +151,7 @@ class Flex(Backend):
             return _cpu_reasons(p)
         if p.device_type != "cuda":
             return [f"flex is wired for cpu and cuda here, not {p.device_type}"]
-        return []
+        return _cuda_reasons(p)
 
     # compiled form ---------------------------------------------------------------------------
     def plan(self, p) -> Plan:
@@ -189,6 +199,19 @@ class Flex(Backend):
             out = compiled_flex(p.device_type)(q_, k_, v_, block_mask=plan.block_mask, scale=p.scale,
                                                enable_gqa=True)  # [B, Hq, Sq', D]
         return out[:, :, :p.q_len] if plan.q_len != p.q_len else out
+
+
+def _cuda_reasons(p) -> list[str]:
+    """Limits of flex's Triton kernels, as seen on an H200 with torch 2.11."""
+    reasons = []
+    if p.dtype == torch.float64:
+        reasons.append("compiled FlexAttention does not build float64 kernels on CUDA (Triton compilation "
+                       "error with torch 2.11); use float32 or eager")
+    if p.head_dim < 16:
+        reasons.append(f"FlexAttention on CUDA needs head dim >= 16, got {p.head_dim}")
+    if p.head_dim > 256:
+        reasons.append(f"head dim {p.head_dim} > 256: flex's Triton kernels exceed shared memory (H200, torch 2.11)")
+    return reasons
 
 
 def _cpu_reasons(p) -> list[str]:
