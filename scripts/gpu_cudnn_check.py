@@ -395,7 +395,8 @@ def graph_report() -> None:
             plan = f"? ({type(exc).__name__})"
         log(f"  {kind:3s} B={spec.batch} H={spec.q_heads}/{spec.kv_heads} S={spec.q_len}x{spec.kv_len} "
             f"ragged={spec.ragged} lengths={spec.lengths} br={spec.bottom_right} lb={spec.left_bound} "
-            f"rb={spec.right_bound} tot={spec.total_q} ws={built.workspace >> 20} MiB plan={plan}")
+            f"rb={spec.right_bound} tot={spec.total_q} ws={built.workspace >> 20} MiB plan={plan}"
+            + (f" NOTE {built.note}" if built.note else ""))
 
 
 def main() -> None:

@@ -80,6 +80,7 @@ class Meta:
 class _Built:
     graph: object
     workspace: int
+    note: str = ""  # how it was built when the first attempt failed
 
 
 _cache: dict[tuple, _Built] = {}
@@ -247,6 +248,21 @@ def _build_backward(spec: Spec) -> _Built:
     return _finish(c, g, spec, "backward")
 
 
+def _with_fallback(build, spec: Spec, *args) -> _Built:
+    """Build; an unmasked graph that cuDNN declines is retried with a band that hides nothing
+    (``right_bound = kv_len``: every key is visible), which takes cuDNN's banded path."""
+    try:
+        return build(spec, *args)
+    except CudnnGraphError as first:
+        if spec.left_bound is not None or spec.right_bound is not None:
+            raise
+        try:
+            built = build(dataclasses.replace(spec, right_bound=spec.kv_len), *args)
+        except CudnnGraphError as second:
+            raise CudnnGraphError(f"{first}\n  retried with an all-visible band: {second}") from first
+        return dataclasses.replace(built, note=f"all-visible band (unmasked graph declined: {str(first)[:200]})")
+
+
 def _get(key: tuple, build) -> _Built:
     hit = _cache.get(key)
     if hit is not None:
@@ -284,7 +300,7 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     """Run the forward graph.  Dense: q ``[B, Hq, Sq, D]`` -> o ``[B, Hq, Sq, D]`` (contiguous);
     ragged: q ``[T, Hq, D]`` -> o ``[T, Hq, D]``.  Returns ``(o, stats or None)``."""
     fkey = spec.forward_key()
-    built = _get((fkey, "fwd", training), lambda: _build_forward(fkey, training))
+    built = _get((fkey, "fwd", training), lambda: _with_fallback(_build_forward, fkey, training))
     o = torch.empty(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
                     dtype=q.dtype, device=q.device)
     pack = {_Q: q, _K: k, _V: v, _O: o, **_meta_pack(spec, meta)}
@@ -299,7 +315,7 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
 def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta):
     """Run the backward graph; ``do`` laid out like ``o``.  Returns ``(dq, dk, dv)`` shaped like
     q, k, v (dense gradients contiguous)."""
-    built = _get((spec, "bwd"), lambda: _build_backward(spec))
+    built = _get((spec, "bwd"), lambda: _with_fallback(_build_backward, spec))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
