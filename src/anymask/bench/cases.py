@@ -80,8 +80,10 @@ GRIDS: dict[str, tuple[Grid, ...]] = {
     # CI: tiny; four kinds of mask (dense, padded, packed, opaque), GQA, both passes; < 1 min.
     "quick": (Grid(masks=("causal", "padding", "documents_causal", "custom"), seqlens=(128,), heads=((4, 2),),
                    head_dims=(32,), tokens=256),),
-    # CPU, 2 cores, a few minutes: 4k tokens per step, MHA and GQA 8:2.
-    "cpu": (Grid(seqlens=(512, 2048), heads=((8, 8), (8, 2)), head_dims=(64,), tokens=4096),),
+    # CPU, 2 cores, a few minutes: 2k tokens per step, 4 heads, both passes at S 256 and 1024; GQA
+    # 4:1 at S 1024 fwd+bwd (FlexAttention compiles per shape and mask: ~4 s each on 2 cores).
+    "cpu": (Grid(seqlens=(256, 1024), heads=((4, 4),), head_dims=(64,), tokens=2048),
+            Grid(seqlens=(1024,), heads=((4, 1),), head_dims=(64,), tokens=2048, passes=("fwd+bwd",))),
     # GPU (issue 5's cases): 16k tokens per step, head dim 128, every mask.  Selective, so that
     # compilation (FlexAttention compiles per shape, mask and pass) and FP32's slow peers fit in
     # ~8 minutes on an H200: bf16 at S 4096 and 16384 both passes; GQA 32:8 and fp32 at S 4096

@@ -20,7 +20,7 @@ from .timing import Settings
 
 SETTINGS = {
     "quick": Settings(warmup=1, rounds=3, budget_s=0.03, max_iters=12, min_iters=3),
-    "cpu": Settings(warmup=2, rounds=5, budget_s=0.3, max_iters=60, min_iters=5),
+    "cpu": Settings(warmup=1, rounds=3, budget_s=0.25, max_iters=60, min_iters=3),
     "gpu": Settings(warmup=3, rounds=5, budget_s=0.25, max_iters=100, min_iters=10),
 }
 _GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch", "tokens")
@@ -113,7 +113,7 @@ def _bench(args) -> int:
     print(f"anymask bench: {len(cases)} cases x {len(names)} variants on {meta['device']} "
           f"(torch {meta['torch']}, grid {name}) -> {out}", file=sys.stderr)
     rows = runner.run(cases, device=device, names=names, settings=settings, tune=args.tune, sets=args.sets,
-                      progress=not args.no_progress, deadline_s=args.deadline)
+                      progress=not args.no_progress, deadline_s=args.deadline, forced=bool(backends))
     cases_summary = report.case_summaries(rows)
     tag = args.tag
     line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,

@@ -91,7 +91,7 @@ def _row(case: Case, kind: str, variant: str, backend: str, status: str, *, reas
 
 
 def run_case(case: Case, mask, base: InputSets, ref: Reference, pairs: int, names: list[str],
-             settings: Settings, *, tune: bool = False) -> list[Row]:
+             settings: Settings, *, tune: bool = False, forced: bool = False) -> list[Row]:
     """Every variant of one case; see the module docstring for the two stages."""
     inputs = base.with_grad(case.grad)
     with torch.set_grad_enabled(case.grad):
@@ -101,7 +101,7 @@ def run_case(case: Case, mask, base: InputSets, ref: Reference, pairs: int, name
         common = dict(pairs=pairs, flops=flops)
         rows, prepared = [], {}
         for name in [n for n in names if n != "auto"]:
-            prep = variants.prepare(name, mask, inputs, p)
+            prep = variants.prepare(name, mask, inputs, p, forced=forced)
             if isinstance(prep, str):
                 rows.append(_row(case, kind, name, name, "skipped", reason=prep, **common))
             else:
@@ -148,10 +148,11 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
 
 
 def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune: bool = False,
-        sets: int = 3, progress: bool = True, deadline_s: float | None = None) -> list[Row]:
+        sets: int = 3, progress: bool = True, deadline_s: float | None = None, forced: bool = False) -> list[Row]:
     """Run ``cases`` (passes of one problem share inputs and the reference); a tqdm bar on stderr.
 
     After ``deadline_s`` seconds no new problem is started; its cases get one ``skipped`` row each.
+    ``forced``: the variants were named by the user (no size limits on eager).
     """
     from tqdm import tqdm
 
@@ -179,7 +180,7 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
             pairs = visible_pairs(mask, c.batch, c.heads, c.seq, c.seq, device=device)
             for case in group:
                 t0 = time.perf_counter()
-                rows.extend(run_case(case, mask, base, ref, pairs, names, settings, tune=tune))
+                rows.extend(run_case(case, mask, base, ref, pairs, names, settings, tune=tune, forced=forced))
                 bar.update(1)
                 if progress:
                     bar.write(f"  {case.label()}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -30,7 +30,7 @@ from ..tiles import is_head_invariant
 from .inputs import InputSets
 
 RAW = ("raw_sdpa_dense", "raw_flex")
-EAGER_LIMIT = 1 << 28  # score elements [B, H, Sq, Skv] the eager reference may materialise
+EAGER_LIMIT = {"cpu": 1 << 22, "cuda": 1 << 28}  # score elements [B, H, Sq, Skv] eager may materialise
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
-    """A timed call of variant ``name`` for problem ``p``, or why it cannot run."""
+def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem, *, forced: bool = False) -> Prepared | str:
+    """A timed call of variant ``name`` for problem ``p``, or why it cannot run.  ``forced``:
+    asked for by name, so size limits (eager) do not apply."""
     grad = p.requires_grad
     if name == "auto":
         chosen = choose(p, "auto").name
@@ -104,11 +105,12 @@ def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem) -> Prepared | 
     if backend is None:
         return f"backend {name!r} is not part of this install"
     reasons = backend.not_supported_reasons(p)
-    if name == "eager" and not reasons:
+    if name == "eager" and not reasons and not forced:
         elements = p.batch * p.q_heads * p.q_len * p.kv_len
-        if elements > EAGER_LIMIT:
+        limit = EAGER_LIMIT.get(p.device_type, EAGER_LIMIT["cuda"])
+        if elements > limit:
             reasons = [f"the eager reference materialises [B, H, Sq, Skv] scores: {elements:.2e} "
-                       f"elements > {EAGER_LIMIT:.2e}"]
+                       f"elements > {limit:.2e} on {p.device_type} (force it with --backends eager)"]
     if reasons:
         return "; ".join(reasons)
     f = (lambda q, k, v: attention(q, k, v, mask, backend=name, scale=p.scale))
