@@ -106,7 +106,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
             micro = [b.to(d.device) for b in stream.step(epoch, index)]
             lr = scheduler.get_last_lr()[0]
             t0 = time.perf_counter()
-            loss = _train_step(wrapped, micro, task, optimizer, scheduler, params, cfg, d)
+            loss = train_step(wrapped, micro, task, optimizer, scheduler, params, cfg, d)
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             seconds = time.perf_counter() - t0
@@ -159,7 +159,8 @@ def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):
     return train_ex, eval_ex
 
 
-def _train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params, cfg, d) -> float:
+def train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params, cfg, d) -> float:
+    """One optimizer step over this rank's micro-batches; returns the global mean loss."""
     units = d.sum(sum(task.count(b) for b in micro))  # loss units in the global batch
     scale = d.world / max(units, 1.0)  # DDP / FSDP average gradients over ranks; undo that
     total = torch.zeros((), device=d.device)

@@ -1,0 +1,218 @@
+"""Training throughput on the GPU: anymask vs transformers' own attention, per task.
+
+A Llama-3.2-1B-shaped model (random init: hidden 2048, 16 layers, 32 heads, 8 kv heads,
+intermediate 8192, vocab 128256), bf16, LoRA r=16 on every linear layer, one packed row of
+``--tokens`` tokens per step (default 16384) built from documents of 256-4096 tokens.  For each task
+(sft, prefix_lm, embedding, diffusion) it trains a few steps with
+
+    anymask         attn_implementation="anymask", documents from position_ids (anymask.hf)
+    sdpa            transformers' sdpa with the task's explicit 4-D bool mask
+    flex_attention  transformers' flex_attention with a BlockMask of the same mask
+
+through the same training step as ``anymask train`` (:func:`anymask.train.loop.train_step`), and
+reports tokens/s (median over the timed steps) and peak memory.  Writes ``train_bench.csv`` and
+``train_bench.json`` to ``$OUT`` (or ``--out``) and prints one JSON line at the end.
+
+    PYTHONPATH=src python3 scripts/gpu_train_bench.py            # on the H200, < 8 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ATTNS = ("anymask", "sdpa", "flex_attention")
+TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
+MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+             intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
+             rope_theta=500000.0, attention_dropout=0.0)
+TINY = dict(MODEL, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=256, vocab_size=1024)  # --tiny: a CPU smoke test of this script
+MASK_TOKEN_ID = 1023
+
+
+def doc_lengths(rng: random.Random, total: int, lo: int = 256, hi: int = 4096) -> list[int]:
+    """Document lengths in [lo, hi] that sum to exactly ``total``."""
+    out, rem = [], total
+    while rem > 0:
+        n = rng.randint(lo, hi)
+        if rem - n < lo:
+            n = rem if rem <= hi else rem // 2
+        out.append(n)
+        rem -= n
+    return out
+
+
+def make_row(task: str, tokens: int, seed: int, vocab: int):
+    """One packed row of exactly ``tokens`` tokens for ``task`` (random token ids)."""
+    from anymask.train.packing import Packed
+
+    rng = random.Random(seed)
+    lengths = doc_lengths(rng, tokens)
+    if task == "embedding" and len(lengths) % 2:  # query/positive pairs: an even number of documents
+        i = max(range(len(lengths)), key=lengths.__getitem__)
+        lengths[i:i + 1] = [lengths[i] // 2, lengths[i] - lengths[i] // 2]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab - 1, (1, tokens), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).unsqueeze(0)
+    if task in ("sft", "prefix_lm"):
+        prompt_lens = [int(n * rng.uniform(0.2, 0.8)) for n in lengths]
+    elif task == "embedding":
+        prompt_lens = [n if k % 2 == 0 else 0 for k, n in enumerate(lengths)]
+    else:
+        prompt_lens = [0] * len(lengths)
+    prompt = torch.cat([torch.arange(n) < p for n, p in zip(lengths, prompt_lens)]).unsqueeze(0)
+    return Packed(ids, pos, doc, prompt, tuple(lengths), seed)
+
+
+def run_one(task_name: str, attn: str, args) -> dict:
+    import transformers
+
+    import anymask.hf  # noqa: F401
+    from anymask.attention import which_backend
+    from anymask.train import model as M, tasks
+    from anymask.train.config import TrainConfig
+    from anymask.train.distributed import Dist
+    from anymask.train.loop import train_step
+
+    dev = torch.device(args.device)
+    shape = TINY if args.tiny else MODEL
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**shape)
+    cfg._attn_implementation = attn
+    with torch.device(dev):
+        base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    task = tasks.make(task_name, mask_token_id=MASK_TOKEN_ID)
+    peft_model = M.prepare(base, task, attn=attn, dtype="bf16", lora_r=16, lora_alpha=32,
+                           gradient_checkpointing=args.checkpointing)
+    module = M.TaskModel(peft_model, task, attn)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    tcfg = TrainConfig(model="", task=task_name, data="", max_grad_norm=1.0)
+    d = Dist(0, 1, dev, "none")
+    rows = [make_row(task_name, args.tokens, 1000 + i, shape["vocab_size"]).to(dev)
+            for i in range(args.warmup + args.steps)]
+    backend = attn
+    if attn == "anymask":
+        S, H, D = args.tokens, shape["num_attention_heads"], shape["hidden_size"] // shape["num_attention_heads"]
+        q = torch.empty(1, H, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.empty(1, shape["num_key_value_heads"], S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        backend = "anymask:" + which_backend(q, k, k, task.mask(rows[0]))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i, row in enumerate(rows):
+        t0 = time.perf_counter()
+        losses.append(train_step(module, [row], task, opt, sched, params, tcfg, d))
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
+    del module, peft_model, base, opt, rows
+    _free()
+    step_s = statistics.median(times)
+    return {"task": task_name, "attn": attn, "backend": backend, "tokens_per_step": args.tokens,
+            "tokens_per_s": round(args.tokens / step_s, 1), "step_ms": round(1000 * step_s, 1),
+            "peak_mem_gb": round(peak / 2**30, 2), "loss_first": round(losses[0], 4),
+            "loss_last": round(losses[-1], 4), "timed_steps": len(times)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation, autotuning)")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--attns", default=",".join(ATTNS))
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--budget-s", type=float, default=450.0, help="skip the remaining runs after this long")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (smoke-test the script, e.g. on the CPU)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --device cpu --tiny)", file=sys.stderr)
+        return 2
+    import transformers
+
+    start, results = time.perf_counter(), []
+    for task in args.tasks.split(","):
+        for attn in args.attns.split(","):
+            if time.perf_counter() - start > args.budget_s:
+                results.append({"task": task, "attn": attn, "error": "skipped: time budget"})
+                continue
+            t0 = time.perf_counter()
+            try:
+                r = run_one(task, attn, args)
+            except Exception as exc:  # one failing implementation must not hide the others
+                r = {"task": task, "attn": attn, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                _free()
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    _speedups(results)
+    env = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
+           "transformers": transformers.__version__, "python": platform.python_version(),
+           "model": TINY if args.tiny else MODEL, "lora_r": 16, "dtype": "bf16", "tokens_per_step": args.tokens,
+           "doc_lengths": [256, 4096], "checkpointing": args.checkpointing}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    keys = ["task", "attn", "backend", "tokens_per_s", "step_ms", "peak_mem_gb", "speedup_vs_best",
+            "mem_vs_best", "loss_first", "loss_last", "timed_steps", "wall_s", "error"]
+    with open(out / "train_bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+    _table(results)
+    print(json.dumps({"train_bench": [{k: r.get(k) for k in ("task", "attn", "tokens_per_s", "peak_mem_gb",
+                                                               "speedup_vs_best")} for r in results],
+                      "wall_s": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _speedups(results: list[dict]) -> None:
+    """anymask's tokens/s over the best transformers implementation, and its memory over that one's."""
+    for task in {r["task"] for r in results}:
+        ours = [r for r in results if r["task"] == task and r["attn"] == "anymask" and "tokens_per_s" in r]
+        peers = [r for r in results if r["task"] == task and r["attn"] != "anymask" and "tokens_per_s" in r]
+        if ours and peers:
+            best = max(peers, key=lambda r: r["tokens_per_s"])
+            ours[0]["speedup_vs_best"] = round(ours[0]["tokens_per_s"] / best["tokens_per_s"], 3)
+            if best["peak_mem_gb"]:
+                ours[0]["mem_vs_best"] = round(ours[0]["peak_mem_gb"] / best["peak_mem_gb"], 3)
+
+
+def _table(results: list[dict]) -> None:
+    print(f"{'task':<10} {'attn':<15} {'backend':<18} {'tok/s':>9} {'GB':>6} {'x best':>7}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['task']:<10} {r['attn']:<15} {r['error']}")
+            continue
+        print(f"{r['task']:<10} {r['attn']:<15} {r['backend']:<18} {r['tokens_per_s']:>9.0f} "
+              f"{r['peak_mem_gb']:>6.1f} {r.get('speedup_vs_best', ''):>7}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
