@@ -17,6 +17,7 @@ TFLOP/s count unmasked (query, key) pairs only: forward ``4 * D * H * pairs``, f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ import torch
 
 T0 = time.time()
 LOG = None
+SUMMARY = {"probes": {}, "correct": {}, "timing": []}  # printed as one JSON line at the end
 
 
 def log(*parts) -> None:
@@ -42,6 +44,7 @@ def guarded(what: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except Exception as exc:
         log(f"  [ERROR] {what}: {type(exc).__name__}: {exc}")
+        SUMMARY.setdefault("errors", []).append(f"{what}: {type(exc).__name__}: {str(exc)[:300]}")
         for line in traceback.format_exc().strip().splitlines()[-8:]:
             log("      " + line)
         try:
@@ -141,6 +144,7 @@ def _probe_one(name, sq, sk, band, G, _band_grid) -> None:
     gerr = max((a.float() - b).abs().max().item() for a, b in ((dq, rq), (dk, rk), (dv, rv)))
     empty = int((~grid.any(-1)).sum())
     verdict = "ok" if err < 0.05 and gerr < 0.2 else "MISMATCH"
+    SUMMARY["probes"][name] = verdict
     log(f"  [{verdict}] {name}: fwd max err {err:.3g}, bwd max err {gerr:.3g} (rows seeing nothing: {empty})")
 
 
@@ -276,6 +280,7 @@ def _check_one(name, mask, shape) -> None:
     zero_rows = bool((out[empty.unsqueeze(1).expand(B, Hq, Sq)] == 0).all()) if empty.any() else True
     zero_grad = bool((grads[0][empty.unsqueeze(1).expand(B, Hq, Sq)] == 0).all()) if empty.any() else True
     ok &= zero_rows and zero_grad
+    SUMMARY["correct"][f"{name} {shape}"] = "ok" if ok else "FAIL"
     log(f"  [{'ok' if ok else 'FAIL'}] {name} {shape}: " + ", ".join(parts)
         + (f", empty rows {int(empty.sum())} zero={zero_rows} zero-grad={zero_grad}" if empty.any() else ""))
 
@@ -379,6 +384,9 @@ def _time_one(name, backend, mask, q, k, v, flops) -> None:
     torch.cuda.reset_peak_memory_stats()
     fb = bench(lambda: torch.autograd.grad(fn(), (q, k, v), g))
     peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    SUMMARY["timing"].append({"mask": name, "backend": backend, "fwd_ms": round(fwd, 4), "fwd_bwd_ms": round(fb, 4),
+                              "fwd_tflops": round(flops / fwd / 1e9, 1),
+                              "fwd_bwd_tflops": round(3.5 * flops / fb / 1e9, 1), "peak_gib": round(peak, 2)})
     log(f"  {name:20s} {backend:12s} fwd {fwd:7.3f} ms {flops / fwd / 1e9:6.1f} TF/s | fwd+bwd {fb:7.3f} ms "
         f"{3.5 * flops / fb / 1e9:6.1f} TF/s | peak {peak:5.1f} GiB | first call {first:5.1f} s")
 
@@ -432,6 +440,7 @@ def main() -> None:
         guarded("timing flex", timing, args, ["flex"])
     guarded("graph report", graph_report)
     log(f"== done in {time.time() - T0:.0f} s")
+    log(json.dumps(SUMMARY))
 
 
 if __name__ == "__main__":
