@@ -8,7 +8,7 @@ Run on the GPU machine from the repository root (wheel installed to /tmp/site fi
 
 Every case runs in its own try/except (errors are printed with their text and the run goes on);
 everything printed also goes to ``$OUT/cudnn_check.log`` (or ``./cudnn_check.log``), flushed per
-line.  ``--budget`` seconds (default 540) stops starting new timing cases near the 10-minute limit.
+line.  ``--budget`` seconds (default 480) stops starting new timing cases near the 10-minute limit.
 
 TFLOP/s count unmasked (query, key) pairs only: forward ``4 * D * H * pairs``, forward+backward
 3.5 times that.
@@ -227,16 +227,19 @@ def mask_cases(B: int, S: int, seed: int = 0):
 def correctness(args) -> None:
     log("== part 2: correctness through anymask.attention(backend='cudnn'), bf16 fwd+bwd vs eager float64; "
         "bound = 2 x SDPA-bf16 error + 8e-3 x max|ref|")
-    shapes = [  # B, Hq, Hkv, Sq, Skv, D
-        (3, 4, 2, 256, 256, 64),
-        (3, 4, 4, 300, 300, 128),
-        (3, 4, 2, 64, 256, 64),  # decoding: queries are the last 64 positions
-        (2, 16, 16, 4096, 4096, 128),  # realistic
-        (2, 32, 8, 2048, 2048, 128),  # realistic GQA 32:8
+    few = ("causal", "documents_causal", "sliding_window", "prefix_lm_per_batch", "docs_padding_causal")
+    shapes = [  # (B, Hq, Hkv, Sq, Skv, D), masks (None = all)
+        ((3, 4, 2, 256, 256, 64), None),
+        ((2, 16, 16, 4096, 4096, 128), None),  # realistic
+        ((3, 4, 2, 64, 256, 64), None),  # decoding: queries are the last 64 positions
+        ((3, 4, 4, 300, 300, 128), few),  # odd length, head dim 128
+        ((2, 32, 8, 2048, 2048, 128), ("full", "documents", "documents_causal", "sliding_window", "prefix_lm")),
     ]
-    for shape in shapes:
+    for shape, names in shapes:
         B, Hq, Hkv, Sq, Skv, D = shape
         for name, mask in mask_cases(B, Skv).items():
+            if names is not None and name not in names:
+                continue
             if time.time() - T0 > args.correct_budget:
                 log(f"  [budget] correctness budget {args.correct_budget}s reached; skipping the rest")
                 return
@@ -413,8 +416,8 @@ def main() -> None:
     ap.add_argument("--parts", default="probe,correct,time,flex")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--budget", type=float, default=540.0)
-    ap.add_argument("--correct-budget", type=float, default=270.0,
+    ap.add_argument("--budget", type=float, default=480.0)
+    ap.add_argument("--correct-budget", type=float, default=250.0,
                     help="seconds since start after which correctness cases are skipped")
     ap.add_argument("--log", default="cudnn_check.log", help="log file name under $OUT (appended)")
     ap.add_argument("--full", action="store_true", help="every mask on the realistic correctness shapes")
