@@ -95,12 +95,14 @@ def _bench(args) -> int:
         return _plot_only(Path(args.plot_only))
     start = time.perf_counter()
     name, grids, config, device = _resolve(args)
-    backends = args.backends.split(",") if args.backends else config.get("backends")
-    names = variants.names([b.strip() for b in backends] if isinstance(backends, (list, str)) and backends
-                           else None)
+    backends = args.backends or config.get("backends")
+    if isinstance(backends, str):
+        backends = backends.split(",")
+    backends = [b.strip() for b in backends or () if b.strip()]
+    names = variants.names(backends or None)
     settings = SETTINGS[name]
     if args.budget is not None:
-        settings = Settings(settings.warmup, settings.rounds, args.budget, settings.max_iters, settings.min_iters)
+        settings = dataclasses.replace(settings, budget_s=args.budget)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     cases = expand(grids)
