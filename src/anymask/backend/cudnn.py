@@ -295,7 +295,9 @@ class _Attention(torch.autograd.Function):
 
         q, k, v, o, stats = ctx.saved_tensors
         try:
-            dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do.contiguous(), stats, ctx.meta)
+            do = do.contiguous()  # laid out like o; cuDNN also wants a 16-byte aligned base
+            dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do if do.data_ptr() % 16 == 0 else do.clone(), stats,
+                                    ctx.meta)
         except G.CudnnGraphError as exc:
             _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
             raise
