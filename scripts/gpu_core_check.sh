@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# On a CUDA machine: every backend vs eager float64 on the GPU (the cuda-parametrised cases and the
+# `gpu`-marked tests of the core backends), logged to $OUT/core_check.log.
+set -uo pipefail
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
+log="${OUT:-.}/core_check.log"
+python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' | tee "$log"
+python3 -m anymask info | tee -a "$log"
+timeout "${CORE_TIMEOUT:-300}" python3 -m pytest -q -rs -p no:cacheprovider \
+  tests/test_backends_agree.py tests/test_flex.py tests/test_varlen.py tests/test_flash_xformers.py \
+  -k "cuda or gpu" 2>&1 | tee -a "$log" | tail -40
