@@ -75,13 +75,14 @@ class TritonBackend(Backend):
             out.append(f"device {p.device} is not supported (CUDA only)")
         elif p.device_type == "cuda" and _interpreting():
             out.append("TRITON_INTERPRET=1 is set: the interpreter only runs CPU tensors")
-        out.extend(mask_bounds.reasons(p.structure))
+        out.extend(mask_bounds.cached(p.mask, ("reasons",), lambda: mask_bounds.reasons(p.structure)))
         return out
 
     def run(self, q, k, v, p):
         from ..kernels import mask_bounds
 
-        bounds = mask_bounds.build(p.structure, p.q_len, p.kv_len, q.device)
+        bounds = mask_bounds.cached(p.mask, ("bounds", p.q_len, p.kv_len, q.device),
+                                    lambda: mask_bounds.build(p.structure, p.q_len, p.kv_len, q.device))
         work = torch.float32 if (q.dtype == torch.bfloat16 and _interpreting()) else q.dtype
         q, k, v = (t.to(work) if t.stride(-1) == 1 else t.to(work).contiguous() for t in (q, k, v))
         out = _TritonAttention.apply(q, k, v, bounds, p.scale)  # [B, Hq, Sq, D]

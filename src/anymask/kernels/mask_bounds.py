@@ -19,10 +19,12 @@ programs start first (load balance for causal and other skewed masks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 
+from .. import masks as M
 from ..structure import Structure, row_intervals
 
 
@@ -36,6 +38,7 @@ class MaskBounds:
     row_span: torch.Tensor  # [Bm, 2] long, first and last valid query row (local index)
     q_len: int
     kv_len: int
+    views: dict = field(default_factory=dict, repr=False)  # (view, block_m, block_n) -> lowering
 
     @property
     def batch(self) -> int:
@@ -115,6 +118,22 @@ def _pack(first, full_first, full_end, end, scattered: bool):
 
 
 def row_tiles(b: MaskBounds, block_m: int, block_n: int):
+    """Row view, cached on ``b``; see :func:`_row_tiles`."""
+    key = ("row", block_m, block_n)
+    if key not in b.views:
+        b.views[key] = _row_tiles(b, block_m, block_n)
+    return b.views[key]
+
+
+def col_tiles(b: MaskBounds, block_m: int, block_n: int):
+    """Column view, cached on ``b``; see :func:`_col_tiles`."""
+    key = ("col", block_m, block_n)
+    if key not in b.views:
+        b.views[key] = _col_tiles(b, block_m, block_n)
+    return b.views[key]
+
+
+def _row_tiles(b: MaskBounds, block_m: int, block_n: int):
     """Row view for q tiles of ``block_m`` rows and kv tiles of ``block_n`` keys.
 
     Returns ``tiles int32 [Bm, nM, 4]`` = (first, full_first, full_end, end) kv-tile indices and
@@ -139,7 +158,7 @@ def row_tiles(b: MaskBounds, block_m: int, block_n: int):
     return _pack(first, full_first, full_end, end, b.kvalid is not None)
 
 
-def col_tiles(b: MaskBounds, block_m: int, block_n: int):
+def _col_tiles(b: MaskBounds, block_m: int, block_n: int):
     """Column view: per kv tile of ``block_n`` keys, the q tiles (of ``block_m`` rows) to visit.
 
     Returns ``tiles int32 [Bm, nN, 4]`` = (first, full_first, full_end, end) q-tile indices and
@@ -167,3 +186,22 @@ def col_tiles(b: MaskBounds, block_m: int, block_n: int):
     full_first = (full_a + block_m - 1) // block_m
     full_end = torch.where(stop < skv, (full_b + 1) // block_m, 0)
     return _pack(first, full_first, full_end, end, b.kvalid is not None)
+
+
+_CACHE: "weakref.WeakKeyDictionary[M.Mask, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached(mask: M.Mask, key: tuple, make):
+    """``make()`` memoised per mask object and ``key``: layers sharing one mask lower it once.
+
+    The key includes each mask tensor's storage and version counter, so in-place edits of a mask's
+    tensors are noticed.
+    """
+    stamp = tuple((t.data_ptr(), t._version) for t in M._tensors(mask))
+    entry = _CACHE.setdefault(mask, {})
+    full_key = (key, stamp)
+    if full_key not in entry:
+        if len(entry) > 32:
+            entry.clear()
+        entry[full_key] = make()
+    return entry[full_key]
