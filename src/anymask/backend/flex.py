@@ -3,7 +3,7 @@
 The BlockMask comes from :func:`anymask.tiles.tile_classes` through ``BlockMask.from_kv_blocks``
 (never ``create_block_mask`` over ``S x S``): EMPTY tiles are skipped, FULL tiles run without
 mask math, PARTIAL tiles call a ``mask_mod``.  Structured masks share one ``mask_mod`` that reads
-per-row key intervals ``lo[b, q] <= kv <= hi[b, q]`` (and ``valid[b, kv]`` under padding) from
+per-row key intervals ``lo[b, q] <= kv <= hi[b, q]`` and valid keys ``valid[b, kv]`` from
 captured O(B * S) tensors, so every structured mask runs the same compiled kernel; other masks
 wrap their own ``mask_mod``.  flex hands ``mask_mod`` query indices relative to the call
 (``0 .. q_len - 1``) and, in padded blocks, indices past the ends; both are mapped here
@@ -70,24 +70,19 @@ class Plan:
     kv_len: int  # padded key length the kernel sees
 
 
-def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor | None):
-    """mask_mod for structured masks: ``lo[b, q] <= kv <= hi[b, q]`` (and ``valid[b, kv]``).
+def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor):
+    """mask_mod for structured masks: ``lo[b, q] <= kv <= hi[b, q]`` and ``valid[b, kv]``.
 
-    lo, hi: long [B, Sq'] indexed by flex's relative query index; valid: bool [B, Skv'].
+    lo, hi: long [B, Sq'] indexed by flex's relative query index; valid: bool [B, Skv'] (all
+    True without padding: one kernel for every structured mask).
     """
-    last_q = lo.shape[1] - 1
-    if valid is None:
-        def interval_mod(b, h, q_idx, kv_idx):
-            qc = q_idx.clamp(0, last_q)
-            return (kv_idx >= lo[b, qc]) & (kv_idx <= hi[b, qc])
-        return interval_mod
-    last_kv = valid.shape[1] - 1
+    last_q, last_kv = lo.shape[1] - 1, valid.shape[1] - 1
 
-    def interval_valid_mod(b, h, q_idx, kv_idx):
+    def interval_mod(b, h, q_idx, kv_idx):
         qc = q_idx.clamp(0, last_q)
         kc = kv_idx.clamp(0, last_kv)
         return (kv_idx >= lo[b, qc]) & (kv_idx <= hi[b, qc]) & valid[b, kc]
-    return interval_valid_mod
+    return interval_mod
 
 
 def _general_mod(mask, q_len: int, kv_len: int, device):
@@ -181,7 +176,9 @@ class Flex(Backend):
             lo, hi, valid = tiles.row_bounds(p.structure, p.batch, p.q_len, p.kv_len, p.device)  # [B, Sq]
             lo = _pad_dim(lo, 1, sq, skv).contiguous()  # padded rows see nothing
             hi = _pad_dim(hi, 1, sq, -1).contiguous()
-            valid = None if valid is None else _pad_dim(valid, 1, skv, False).contiguous()  # [B, Skv']
+            if valid is None:
+                valid = torch.ones(p.batch, p.kv_len, dtype=torch.bool, device=p.device)
+            valid = _pad_dim(valid, 1, skv, False).contiguous()  # [B, Skv']
             mask_mod = _interval_mod(lo, hi, valid)
         else:
             mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
