@@ -35,4 +35,4 @@ def test_smollm2_greedy_generation_matches_sdpa():
     assert model.config._attn_implementation == "anymask"
     ours = greedy()
     assert torch.equal(ours, theirs), "\n" + "\n".join(tok.batch_decode(ours)) + "\n---\n" + "\n".join(tok.batch_decode(theirs))
-    assert "Paris" in tok.decode(ours[0])
+    assert len(set(ours[0].tolist())) > 3, "degenerate output: are the weights real?"
