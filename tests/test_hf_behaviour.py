@@ -141,3 +141,32 @@ def test_forced_backend_is_used():
     ids = torch.randint(0, VOCAB, (2, 7))
     sdpa = twin(model, "sdpa")
     torch.testing.assert_close(_hidden(model, input_ids=ids), _hidden(sdpa, input_ids=ids), atol=1e-5, rtol=1e-5)
+
+
+def test_any_mask_as_spec_matches_eager_with_that_mask():
+    """A user Mask (here a band of width 5, on absolute key positions) plus padding, vs eager."""
+    from .test_hf_common import as_eager_mask
+
+    model = anymask.hf.set_mask(tiny_model("llama"), masks.window(2, 2))
+    torch.manual_seed(6)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.long)
+    valid[1, :2] = 0
+    q, kv = torch.arange(9).view(9, 1), torch.arange(9).view(1, 9)
+    band = ((q - kv).abs() <= 2).expand(2, 9, 9) & valid.bool()[:, None, :] & valid.bool()[:, :, None]
+    eager = twin(model, "eager")
+    ref = _hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: band[:, None], torch.float32))
+    keep = valid.bool()
+    torch.testing.assert_close(_hidden(model, input_ids=ids, attention_mask=valid)[keep], ref[keep],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_4d_mask_is_taken_as_given():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, VOCAB, (1, 7))
+    allowed = torch.rand(1, 1, 7, 7) < 0.6
+    allowed |= torch.eye(7, dtype=torch.bool)
+    additive = torch.zeros(1, 1, 7, 7).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    eager = twin(model, "eager")
+    torch.testing.assert_close(_hidden(model, input_ids=ids, attention_mask=additive),
+                               _hidden(eager, input_ids=ids, attention_mask=additive), atol=1e-5, rtol=1e-5)
