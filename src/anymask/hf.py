@@ -26,7 +26,23 @@ Per call, these keyword arguments of ``model(...)`` reach the attention function
 
 ``generate`` rejects unknown keyword arguments, so for generation use :func:`using` (a context
 manager) instead of ``anymask_mask=``.  ``prefix_lm`` without a given prefix treats a call with no
-cache past (the prompt) as the prefix and continues causally: bidirectional prompt, causal answer.
+cache past (the prompt) as the prefix and continues causally: bidirectional prompt, causal answer::
+
+    prompt (prefill, q = kv = 4)      then one token per call
+        # # # #                           # # # # #
+        # # # #                           # # # # # #
+        # # # #
+        # # # #
+
+Which rule applies, first match wins: ``anymask_mask=`` on the call, ``set_mask``/``using``, an
+``is_causal`` keyword (a model's or the caller's), ``module.is_causal``.  An explicit 4-D
+``attention_mask`` given to the model is taken as given (transformers skips mask creation then).
+Sliding-window layers (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers) keep their window
+``w`` as ``|q - kv| < w`` on top of any rule (``kv <= q`` already bounds it on the right when
+causal).  Attention dropout and logit soft-capping are refused with a clear error.
+
+Supported: transformers >= 4.56 (tested with 4.56.2, 4.57.6, 5.0.0 and 5.24.0), Llama, Mistral,
+Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` the same way.
 """
 
 from __future__ import annotations
