@@ -351,3 +351,21 @@ def test_reasons(delegated):
     assert "contiguous" in reasons(q, k, v, M.documents(torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]])))
     with pytest.raises(anymask.BackendUnavailable, match="general"):
         anymask.attention(q, k, v, M.custom(lambda b, h, qi, kv: qi >= kv), backend="triton")
+
+
+@needs_triton
+def test_strided_inputs_from_bshd_layout(delegated):
+    """q, k, v as ``[B, S, H, D]`` transposed views (the Hugging Face layout) need no copy."""
+    if delegated:
+        return
+    B, S, H, D = 2, 29, 2, 16
+    q, k, v = (torch.randn(B, S, H, D, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(3))
+    mask = MASKS["documents_causal"](B, S)
+    out = anymask.attention(q, k, v, mask, backend="triton")
+    out.sum().backward()  # an expanded (stride 0) output gradient
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = anymask.attention(*leaves, mask, backend="eager")
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    for t, r in zip((q, k, v), leaves):
+        torch.testing.assert_close(t.grad, r.grad, atol=2e-5, rtol=2e-5)
