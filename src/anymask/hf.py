@@ -39,7 +39,8 @@ Which rule applies, first match wins: ``anymask_mask=`` on the call, ``set_mask`
 ``attention_mask`` given to the model is taken as given (transformers skips mask creation then).
 Sliding-window layers (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers) keep their window
 ``w`` as ``|q - kv| < w`` on top of any rule (``kv <= q`` already bounds it on the right when
-causal).  Attention dropout and logit soft-capping are refused with a clear error.
+causal).  Attention dropout and logit soft-capping are refused with a clear error (Gemma 2 runs
+with ``attn_logit_softcapping=None``).
 
 Supported: transformers >= 4.56 (tested with 4.56.2, 4.57.6, 5.0.0 and 5.24.0), Llama, Mistral,
 Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` the same way.
