@@ -27,10 +27,16 @@ def smollm2_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
+_SAVED: list[str] = []  # one saved model per test session, whichever module asks first
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny random Llama + SmolLM2 tokenizer (fp32)."""
     import torch
+
+    if _SAVED:
+        return _SAVED[0]
 
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF)
     cfg = transformers.LlamaConfig(**TINY, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
@@ -40,6 +46,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    _SAVED.append(str(path))
     return str(path)
 
 

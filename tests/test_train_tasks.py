@@ -40,10 +40,10 @@ def test_task_lowers_eval_loss(task, tiny_model_dir, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("task", TASKS)
 def test_anymask_matches_sdpa_with_explicit_mask(task, tiny_model_dir, tmp_path):  # noqa: F811
-    data = subset(task, tmp_path, 24)
+    data = subset(task, tmp_path, 16)
     losses = {}
     for attn in ("anymask", "sdpa"):
-        result = train(config(tiny_model_dir, task, data, tmp_path / attn, attn=attn, max_steps=2))
+        result = train(config(tiny_model_dir, task, data, tmp_path / attn, attn=attn, max_steps=2, tokens_per_batch=128))
         losses[attn] = result.losses
     assert losses["anymask"] == pytest.approx(losses["sdpa"], rel=1e-4, abs=1e-5)
 
