@@ -32,10 +32,11 @@ def make_inputs(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, 
     ``row_has_key`` (bool ``[B, H|1, Sq]``) zeroes the output gradient of rows that see no key, as
     a training loss over padded positions would.  ``first`` = ``(q, k, v)`` replaces set 0.
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)  # on the device: no host-side generation
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
     qs, ks, vs, dos = [], [], [], []
     for i in range(sets):

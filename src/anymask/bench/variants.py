@@ -117,9 +117,23 @@ def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem, *, forced: boo
     return Prepared(_runner(f, inputs, grad), name, 0.0, False)
 
 
+def same_for_every_head(mask: Mask, p: Problem, rows: int = 64) -> bool:
+    """Whether ``mask`` ignores the head, as its author would know: from the mask's terms, else a
+    probe of ``rows`` evenly spaced query rows (a user writing a raw call builds one head then)."""
+    if is_head_invariant(mask):
+        return True
+    m = mask.to(p.device)
+    b = torch.arange(p.batch, device=p.device).view(-1, 1, 1, 1)
+    h = torch.arange(p.q_heads, device=p.device).view(1, -1, 1, 1)
+    q = torch.linspace(0, p.q_len - 1, min(rows, p.q_len), device=p.device).round().long().view(1, 1, -1, 1)
+    kv = torch.arange(p.kv_len, device=p.device).view(1, 1, 1, -1)
+    grid = m.mask_mod(b, h, q + p.kv_len - p.q_len, kv).expand(p.batch, p.q_heads, q.shape[2], p.kv_len)
+    return bool((grid == grid[:, :1]).all())
+
+
 def _raw_sdpa(mask: Mask, inputs: InputSets, p: Problem) -> Prepared:
     t0 = time.perf_counter()
-    heads = 1 if is_head_invariant(mask) else p.q_heads
+    heads = 1 if same_for_every_head(mask, p) else p.q_heads
     dense = mask.to_dense(p.batch, heads, p.q_len, p.kv_len, device=p.device)  # [B, H|1, Sq, Skv]
     dense = dense | ~dense.any(dim=-1, keepdim=True)  # rows with no key would give NaN
     _sync(p.device)
@@ -157,7 +171,7 @@ def _raw_flex(mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
         return "the raw flex call assumes q_len == kv_len"
     t0 = time.perf_counter()
     m = mask.to(p.device)
-    heads = None if is_head_invariant(mask) else p.q_heads
+    heads = None if same_for_every_head(mask, p) else p.q_heads
 
     def mask_mod(b, h, q_idx, kv_idx):
         return m.mask_mod(b, h, q_idx, kv_idx)
