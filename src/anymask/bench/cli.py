@@ -23,6 +23,14 @@ SETTINGS = {
     "cpu": Settings(warmup=1, rounds=3, budget_s=0.25, max_iters=60, min_iters=3),
     "gpu": Settings(warmup=3, rounds=5, budget_s=0.25, max_iters=100, min_iters=10),
 }
+BENCH_HELP = """Every available backend forced, auto, and the raw calls users write today (SDPA with a
+dense mask, compiled FlexAttention), side by side on a grid of cases.  Per row: median and p20-p80
+time, TFLOP/s over visible pairs only, first-call (compile) time, peak CUDA memory, max error
+against a float64 reference.  Writes <out>/<tag>.csv, <tag>.json and one PNG per mask kind; prints
+the tables and, last, one JSON summary line.
+
+Cases: a default grid (--grid quick|cpu|gpu, --quick), then --config FILE (JSON/TOML with the
+option names below), then the options, each overriding the last."""
 _GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch", "tokens")
 
 
@@ -166,7 +174,7 @@ def _tune(args) -> int:
 def register(subparsers) -> None:
     """Add ``bench`` and ``tune`` to an argparse ``subparsers`` object."""
     bench = subparsers.add_parser("bench", help="every backend side by side on a grid of cases",
-                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_grid_options(bench)
     bench.add_argument("--backends", help="comma list of variants: backend names, auto, raw_sdpa_dense, "
                                           "raw_flex (default: all available)")
