@@ -142,6 +142,7 @@ def _tune(args) -> int:
     from tqdm import tqdm
 
     from .. import tuning
+    from ..problem import describe
     from .cases import bench_mask
     from .inputs import make_inputs
 
@@ -156,8 +157,6 @@ def _tune(args) -> int:
         q, k, v = (t.detach().requires_grad_(case.grad) for t in (sets.q[0], sets.k[0], sets.v[0]))
         with torch.set_grad_enabled(case.grad):
             winner = tuning.tune(q, k, v, mask, force=args.force)
-            from ..problem import describe
-
             sig = tuning.signature(describe(q, k, v, mask, None))
         entry = tuning.entries(device).get(sig, {})
         results.append((case.label(), winner, entry.get("ms", {}), entry.get("rejected", {})))
