@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import tiles
 from .base import Backend
