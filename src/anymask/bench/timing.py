@@ -52,7 +52,7 @@ class Settings:
     budget_s: float = 0.5  # steady-state seconds per variant (spread over the rounds)
     max_iters: int = 100  # timed calls per variant at most
     min_iters: int = 5
-    interleave: bool = False  # one call per variant per round, equal counts (paired A/B samples)
+    interleave: bool = False  # one call per variant per round, order alternating, equal counts (A/B pairs)
 
 
 def _sync(device: torch.device) -> None:
@@ -148,7 +148,8 @@ def measure(fns: dict[str, Callable[[int], Any]], n_sets: int, device, settings:
     samples: dict[str, list[float]] = {n: [] for n in live}
     counter = dict.fromkeys(live, 0)
     for r in range(rounds):
-        for name in [n for n in live if n not in timings and calls(n, r)]:
+        order = live[::-1] if settings.interleave and r % 2 else live  # no variant always goes first
+        for name in [n for n in order if n not in timings and calls(n, r)]:
             sets = [(counter[name] + j) % n_sets for j in range(calls(name, r))]
             counter[name] += len(sets)
             try:
