@@ -5,13 +5,16 @@ the equivalent explicit 4-D mask.
     python scripts/gpu_hf_check.py [--batch 4 --seq 2048 --layers 16]
 
 Prints a table (loss, relative loss difference, LoRA-gradient error, step time, peak memory,
-backend anymask chose) and one JSON line; exits 1 when a mode is not finite or not close.
+backend anymask chose) and one JSON line; exits 1 when a mode is not finite or not close.  The
+sdpa columns are transformers' sdpa given the explicit additive 4-D mask (also for plain causal,
+so its speed there is not sdpa's is_causal fast path).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -21,7 +24,8 @@ import anymask
 import anymask.hf
 from anymask import masks
 
-MODES = ("causal", "bidirectional", "packed_causal", "packed_bidirectional", "prefix_lm")
+MODES = ("causal", "bidirectional", "padded_bidirectional", "packed_causal", "packed_bidirectional",
+         "padded_prefix_lm")
 LOSS_RTOL = 2e-2  # bf16 end to end, 16 layers
 GRAD_RTOL = 0.1  # relative L2 error of all LoRA gradients together
 
@@ -42,6 +46,11 @@ def build_model(layers: int, device: str):
     return get_peft_model(model, lora)
 
 
+def base_of(mode: str) -> str:
+    """causal / bidirectional / prefix_lm of a mode name such as ``packed_causal``."""
+    return mode.split("_", 1)[1] if mode.startswith(("packed_", "padded_")) else mode
+
+
 def make_case(mode: str, B: int, S: int, device: str):
     """(anymask inputs, reference inputs, anymask spec) for one mode; the reference carries an
     explicit additive 4-D mask built here from the rules."""
@@ -51,7 +60,7 @@ def make_case(mode: str, B: int, S: int, device: str):
     kv = torch.arange(S).view(1, 1, S)
     valid = torch.ones(B, S, dtype=torch.long)
     ours, ref = {"input_ids": ids}, {"input_ids": ids}
-    base = mode.split("_")[-1] if mode.startswith("packed") else mode
+    base = base_of(mode)
     allowed = (kv <= q).expand(B, S, S) if base in ("causal", "prefix_lm") else torch.ones(B, S, S, dtype=torch.bool)
     if mode.startswith("packed"):
         lengths = [S // 8, S // 4, S // 2, S - S // 8 - S // 4 - S // 2]
@@ -60,15 +69,17 @@ def make_case(mode: str, B: int, S: int, device: str):
         allowed = allowed & (docs[:, :, None] == docs[:, None, :])
         ours["position_ids"] = ref["position_ids"] = pos
     else:
-        valid[1:, : S // 8] = 0  # left padding on every row but the first
-        ours["attention_mask"] = valid
+        if mode.startswith("padded"):
+            valid[1:, : S // 8] = 0  # left padding on every row but the first
+            ours["attention_mask"] = valid
         if base == "prefix_lm":
             prefix = torch.full((B,), S // 4)
             ours["prefix_lengths"] = prefix
             allowed = allowed | (kv < prefix.view(B, 1, 1))
         v = valid.bool()
         allowed = allowed & v[:, None, :] & v[:, :, None]
-    additive = torch.zeros(B, 1, S, S, dtype=torch.bfloat16).masked_fill(~allowed[:, None], torch.finfo(torch.bfloat16).min)
+    lowest = torch.finfo(torch.bfloat16).min
+    additive = torch.zeros(B, 1, S, S, dtype=torch.bfloat16).masked_fill(~allowed[:, None], lowest)
     ref["attention_mask"] = additive
     seen = valid.clone()
     seen[:, 1:] &= valid[:, :-1]
@@ -102,8 +113,7 @@ def backend_for(model, B, S, mode, inputs, device):
                     requires_grad=True)
     k = torch.empty(B, cfg.num_key_value_heads, S, cfg.head_dim, device=device, dtype=torch.bfloat16)
     base = {"causal": masks.causal(), "bidirectional": masks.full(),
-            "prefix_lm": masks.prefix_lm(inputs.get("prefix_lengths", torch.tensor([0])))}[
-        mode.split("_")[-1] if mode.startswith("packed") else mode]
+            "prefix_lm": masks.prefix_lm(inputs.get("prefix_lengths", torch.tensor([0])))}[base_of(mode)]
     mask = base
     if "position_ids" in inputs:
         pos = inputs["position_ids"]
@@ -140,7 +150,7 @@ def main() -> int:
         den = sum(g.norm() ** 2 for g in ref_grads.values()) ** 0.5
         grad_err = float(num / den) if den > 0 else float("nan")
         rel = abs(loss - ref_loss) / abs(ref_loss)
-        good = all(map(lambda x: x == x and abs(x) != float("inf"), (loss, ref_loss, grad_err)))
+        good = all(math.isfinite(x) for x in (loss, ref_loss, grad_err))
         good = good and rel < LOSS_RTOL and grad_err < GRAD_RTOL and grads.keys() == ref_grads.keys()
         ok &= good
         tokens = args.batch * args.seq
@@ -148,13 +158,15 @@ def main() -> int:
                          anymask_s=t, sdpa_s=ref_t, anymask_tok_s=tokens / t, sdpa_tok_s=tokens / ref_t,
                          anymask_peak_gib=mem, sdpa_peak_gib=ref_mem,
                          backend=backend_for(model, args.batch, args.seq, mode, ours_in, args.device), ok=good))
-    head = f"{'mode':22} {'loss':>8} {'sdpa':>8} {'rel':>8} {'grad err':>9} {'tok/s':>9} {'sdpa tok/s':>10} {'GiB':>6} {'sdpa GiB':>8}  backend  ok"
+    head = (f"{'mode':22} {'loss':>8} {'sdpa':>8} {'rel':>8} {'grad err':>9} {'tok/s':>9} {'sdpa tok/s':>10} "
+            f"{'GiB':>6} {'sdpa GiB':>8}  backend  ok")
     where = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {where}, "
           f"B={args.batch} S={args.seq} layers={args.layers}, bf16, LoRA r=16 (second of two steps timed)")
     print(head)
     for r in rows:
-        print(f"{r['mode']:22} {r['loss']:8.4f} {r['sdpa_loss']:8.4f} {r['rel_loss_diff']:8.1e} {r['grad_rel_err']:9.2e} "
+        print(f"{r['mode']:22} {r['loss']:8.4f} {r['sdpa_loss']:8.4f} {r['rel_loss_diff']:8.1e} "
+              f"{r['grad_rel_err']:9.2e} "
               f"{r['anymask_tok_s']:9.0f} {r['sdpa_tok_s']:10.0f} {r['anymask_peak_gib']:6.1f} {r['sdpa_peak_gib']:8.1f}  "
               f"{r['backend']:8} {'yes' if r['ok'] else 'NO'}")
     print(json.dumps({"ok": ok, "transformers": transformers.__version__, "torch": torch.__version__, "rows": rows}))

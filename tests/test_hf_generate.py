@@ -46,7 +46,8 @@ def _prefix_lm_reference(eager, ids, valid, P):
     for _ in range(NEW):
         B, S = seq.shape
         pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
-        dense = lambda w: reference_mask("prefix_lm", B, S, valid=am, prefix=torch.full((B,), P), window=w)  # noqa: E731
+        prefix = torch.full((B,), P)
+        dense = lambda w: reference_mask("prefix_lm", B, S, valid=am, prefix=prefix, window=w)  # noqa: E731
         with torch.no_grad():
             logits = eager(seq, attention_mask=as_eager_mask(eager, dense, torch.float32), position_ids=pos).logits
         nxt = logits[:, -1].argmax(-1, keepdim=True)

@@ -126,7 +126,8 @@ def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
     total = first_key + kv_len
     T = types.shape[-1]
     is_cont = types != 0
-    first_cont = torch.where(is_cont.any(-1), is_cont.int().argmax(-1), torch.full_like(is_cont[:, 0], T, dtype=torch.long))
+    none = torch.full_like(is_cont[:, 0], T, dtype=torch.long)
+    first_cont = torch.where(is_cont.any(-1), is_cont.int().argmax(-1), none)  # [B]
     return (first_cont.long() + (total - T) - first_key).clamp(0, kv_len)
 
 
