@@ -236,36 +236,54 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def sweep(dtype=torch.bfloat16, D=128) -> list[dict]:
-    """Try a few tile configs per kernel on causal and documents (bf16 hd 128)."""
-    say("== sweep: tile configs ==")
+SWEEP = {  # dtype -> kernel -> configs (block_m, block_n, warps, stages, merged); the first is the default
+    torch.bfloat16: {
+        "fwd": [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 3, True), (64, 64, 4, 3, True)],
+        "dkdv": [(64, 128, 8, 3, True), (64, 128, 8, 3, False), (64, 64, 4, 2, True), (64, 128, 8, 2, True)],
+        "dq": [(128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 2, True), (128, 128, 8, 2, True)],
+    },
+    torch.float32: {
+        "fwd": [(64, 32, 4, 2, True), (64, 64, 4, 1, True), (32, 64, 4, 2, True)],
+        "dkdv": [(32, 64, 4, 2, True), (32, 64, 4, 1, True), (16, 64, 4, 2, True)],
+        "dq": [(64, 32, 4, 2, True), (64, 32, 4, 1, True), (32, 32, 4, 2, True)],
+    },
+}
+
+
+def sweep(D=128) -> list[dict]:
+    """Time a few tile configs per kernel (one kernel changed at a time; bf16 and fp32, hd 128)."""
+    say("== sweep: tile configs (fwd rows time the forward; dkdv/dq rows time forward+backward) ==")
     rows = []
     B, S, H = 4, 4096, 16
-    options = {
-        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-        "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
-        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 2), (64, 64, 4, 2), (128, 128, 8, 2)],
-    }
-    for kind in ("causal", "documents_causal"):
-        mask = make_mask(kind, B, S)
-        q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
-        k = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
-        v = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
-        fn = lambda q, k, v: anymask.attention(q, k, v, mask, backend="triton")
-        for kernel, configs in options.items():
-            for bm, bn, warps, stages in configs:
-                C.reset()
-                C.override(kernel, D, dtype, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
-                try:
-                    ms = _time(fn, q, k, v, grad=kernel != "fwd")
-                except Exception as exc:
-                    ms = float("nan")
-                    say(f"  {kernel} {(bm, bn, warps, stages)} failed: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160]}")
-                rows.append(dict(kind=kind, kernel=kernel, config=[bm, bn, warps, stages], ms=ms))
-                say(f"{kind:17s} {kernel:5s} BM={bm:3d} BN={bn:3d} warps={warps} stages={stages}  {ms:8.3f} ms"
-                    f"{'  (fwd+bwd)' if kernel != 'fwd' else ''}")
-        C.reset()
+    for dtype, kernels in SWEEP.items():
+        kinds = ("causal", "documents_causal") if dtype == torch.bfloat16 else ("documents_causal",)
+        for kind in kinds:
+            mask = make_mask(kind, B, S)
+            q = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
+            k = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
+            v = torch.randn(B, H, S, D, device="cuda", dtype=dtype, requires_grad=True)
+
+            def fn(q, k, v):
+                return anymask.attention(q, k, v, mask, backend="triton")
+
+            for kernel, configs in kernels.items():
+                for bm, bn, warps, stages, merged in configs:
+                    C.reset()
+                    C.override(kernel, D, dtype, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                               merged=merged)
+                    try:
+                        ms = _time(fn, q, k, v, grad=kernel != "fwd")
+                    except Exception as exc:
+                        ms = float("nan")
+                        say(f"  {kernel} {(bm, bn, warps, stages, merged)} failed: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160]}")
+                    name = str(dtype).split(".")[-1]
+                    rows.append(dict(kind=kind, dtype=name, kernel=kernel,
+                                     config=[bm, bn, warps, stages, merged], ms=ms))
+                    say(f"{kind:17s} {name:9s} {kernel:5s} BM={bm:3d} BN={bn:3d} warps={warps} stages={stages} "
+                        f"merged={int(merged)}  {ms:8.3f} ms")
+            C.reset()
+            del q, k, v
     return rows
 
 

@@ -369,3 +369,13 @@ def test_strided_inputs_from_bshd_layout(delegated):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for t, r in zip((q, k, v), leaves):
         torch.testing.assert_close(t.grad, r.grad, atol=2e-5, rtol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["documents_causal", "band", "scattered_padding"])
+def test_unmerged_partial_loops(delegated, monkeypatch, name):
+    """``ANYMASK_TRITON_MERGED=0``: one loop per partial run, same results."""
+    if delegated:
+        return
+    monkeypatch.setenv("ANYMASK_TRITON_MERGED", "0")
+    _check(MASKS[name](2, 45), (2, 2, 1, 45, 45, 16), torch.float32)

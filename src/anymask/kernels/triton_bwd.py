@@ -81,7 +81,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
                  s_bnd, s_kvalid, s_tiles, s_order,
                  HKV, GROUPS, Sq, Skv, scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 KPAD: tl.constexpr, PRECISION: tl.constexpr):
+                 KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
     bhk = tl.program_id(0)
     b = bhk // HKV
     hk = bhk % HKV
@@ -106,6 +106,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
     hi_base = HI + b * s_bnd
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    n_lead = full_first - first
     for g in range(GROUPS):
         h = hk * GROUPS + g
         bh = b * (HKV * GROUPS) + h
@@ -113,7 +114,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         lse_base = LSE + bh.to(tl.int64) * Sq
         delta_base = DELTA + bh.to(tl.int64) * Sq
-        for m in range(first, full_first):
+        n_partial = n_lead
+        if MERGED:
+            n_partial = (end - first) - (full_end - full_first)
+        for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
+            m = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
             dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
                                 delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
                                 True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
@@ -121,10 +126,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
             dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
                                 delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
                                 False, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
-        for m in range(full_end, end):
-            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
-                                True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+        if not MERGED:
+            for m in range(full_end, end):
+                dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                    delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                    True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DV + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv[:, None])
@@ -137,7 +143,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
                s_bnd, s_kvalid, s_tiles, s_order,
                H, GROUPS, Sq, Skv, scale, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               KPAD: tl.constexpr, PRECISION: tl.constexpr):
+               KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -164,15 +170,21 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n in range(first, full_first):
+    n_lead = full_first - first
+    n_partial = n_lead
+    if MERGED:
+        n_partial = (end - first) - (full_end - full_first)
+    for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
+        n = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
         dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
                       True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     for n in range(full_first, full_end):
         dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
                       False, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
-    for n in range(full_end, end):
-        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
-                      True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+    if not MERGED:
+        for n in range(full_end, end):
+            dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                          True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
@@ -236,7 +248,8 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
         Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dkdv.precision, num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
+        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged,
+        num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
     dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
     tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
@@ -249,5 +262,6 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dq.precision, num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
+        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged,
+        num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
     return dq, dk, dv

@@ -54,7 +54,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
                 s_bnd, s_kvalid, s_tiles, s_order,
                 H, GROUPS, Sq, Skv, n_m, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                KPAD: tl.constexpr, PRECISION: tl.constexpr):
+                KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -81,22 +81,27 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(first, full_first):
+    n_lead = full_first - first
+    n_partial = n_lead
+    if MERGED:
+        n_partial = (end - first) - (full_end - full_first)
+    for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
+        n = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
         kv0 = n * BLOCK_N
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                   v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
                                   kvalid, Skv, qk_scale, True, KPAD, BLOCK_N, PRECISION)
-    for n in range(full_first, full_end):
+    for n in range(full_first, full_end):  # full tiles: no mask math, no bounds checks
         kv0 = n * BLOCK_N
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                   v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
                                   kvalid, Skv, qk_scale, False, KPAD, BLOCK_N, PRECISION)
-    for n in range(full_end, end):
-        kv0 = n * BLOCK_N
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
-                                  v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
-                                  kvalid, Skv, qk_scale, True, KPAD, BLOCK_N, PRECISION)
-
+    if not MERGED:
+        for n in range(full_end, end):
+            kv0 = n * BLOCK_N
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
+                                      v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
+                                      kvalid, Skv, qk_scale, True, KPAD, BLOCK_N, PRECISION)
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
@@ -129,5 +134,5 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, n_m, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, KPAD=bounds.kvalid is not None,
-        PRECISION=cfg.precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION=cfg.precision, MERGED=cfg.merged, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
