@@ -172,7 +172,10 @@ def test_bench_masks_follow_the_issue():
 def test_timing_statistics_and_failures():
     t = Timing(0.5, (1.0, 2.0, 3.0, 4.0, 5.0), None)
     assert t.median_ms == 3.0 and t.p20_ms == pytest.approx(1.8) and t.p80_ms == pytest.approx(4.2)
-    assert paired_ratio(Timing(0, (2.0, 4.0, 100.0), None), Timing(0, (1.0, 2.0, 2.0), None)) == 2.0
+    preempted = Timing(0, (10.0, 10.2, 14.0, 18.0, 14.1, 10.1, 18.2, 10.0, 14.0, 10.1), None)
+    quiet = Timing(0, (10.0, 10.1, 10.0, 10.2, 10.1, 10.0, 10.1, 10.2, 10.0, 10.1), None)
+    assert paired_ratio(preempted, quiet) == pytest.approx(1.0, abs=0.01)
+    assert paired_ratio(Timing(0, (20.0,) * 5, None), quiet) == pytest.approx(2.0, abs=0.02)
 
     def boom(i):
         raise RuntimeError("no kernel for this")

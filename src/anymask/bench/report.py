@@ -95,7 +95,7 @@ def full_table(rows: list[Row]) -> str:
             spread = f"{r.p20_ms:.3f}-{r.p80_ms:.3f}"
             note = r.reason
             if r.variant == "auto" and r.auto_vs_best is not None:
-                note = f"auto/best({r.best}) = {r.auto_vs_best:.3f}"
+                note = f"auto/best({r.best}) = {r.auto_vs_best:.3f} (p20, interleaved)"
             elif r.eligible is False:
                 note = f"NOT ELIGIBLE: {r.reason}"
             lines.append(f"  {r.variant:<15} {r.backend:<16} {r.median_ms:9.3f} {spread:>17} {_num(r.tflops, '8.3f'):>8} "
@@ -108,7 +108,8 @@ def full_table(rows: list[Row]) -> str:
 def summary_table(cases: list[dict]) -> str:
     head = (f"{'case':<44} {'best':<10} {'TFLOP/s':>8} {'auto':<10} {'auto/best':>9} "
             f"{'raw sdpa':>8} {'raw flex':>8} {'best/sdpa':>9}")
-    lines = ["summary (TFLOP/s over visible pairs; best = fastest forced backend that agrees with float64)", head]
+    lines = ["summary: TFLOP/s over visible pairs; best = fastest forced backend that agrees with float64; "
+             "auto/best = p20 time ratio over interleaved calls", head]
     for c in cases:
         ratio = c["best_vs_raw_sdpa"]
         lines.append(f"{c['case']:<44} {c['best'] or '-':<10} {_num(c['best_tflops'], '8.3f'):>8} "

@@ -4,8 +4,8 @@ variant timed side by side, then ``auto`` timed against the fastest correct forc
 Stage 1 times every forced backend and raw call round-robin.  The fastest forced backend whose
 error agrees with the reference is the case's *best*; with ``tune=True`` it is stored as the
 measured choice for the problem's signature (so ``auto`` picks it).  Stage 2 times ``auto`` and
-*best* again, alternating call by call, so their ratio (``auto_vs_best``) is a paired comparison,
-not two measurements minutes apart.
+*best* again, alternating call by call, so their ratio (``auto_vs_best``, at the p20 quantile: see
+:func:`~anymask.bench.timing.paired_ratio`) compares calls made side by side, not minutes apart.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Row:
     pairs: int = 0  # visible (b, h, q, kv) pairs
     density: float = 0.0
     gflop: float = 0.0
-    auto_vs_best: float | None = None  # auto row: median of paired auto/best time ratios
+    auto_vs_best: float | None = None  # auto row: p20 time of auto / of best, interleaved calls
     best: str = ""  # auto row: the best forced backend it was paired with
 
     def as_dict(self) -> dict:
@@ -109,8 +109,8 @@ def run_case(case: Case, mask, base: InputSets, ref: Reference, pairs: int, name
         timings, outputs = measure({n: pr.fn for n, pr in prepared.items()}, len(inputs), p.device, settings)
         errs = {n: errors(outputs[n], ref, raw=prepared[n].raw) for n, t in timings.items() if isinstance(t, Timing)}
         del outputs
-        forced = {n: e for n, e in errs.items() if not prepared[n].raw}
-        verdict = rejections(forced, ref, p.dtype)
+        contenders = {n: e for n, e in errs.items() if not prepared[n].raw}  # forced anymask backends
+        verdict = rejections(contenders, ref, p.dtype)
         for name, pr in prepared.items():
             t = timings[name]
             if not isinstance(t, Timing):
@@ -119,11 +119,11 @@ def run_case(case: Case, mask, base: InputSets, ref: Reference, pairs: int, name
             ok = None if pr.raw else verdict[name] is None
             rows.append(_row(case, kind, name, pr.backend, "ok", reason=verdict.get(name) or "", timing=t,
                              setup_s=pr.setup_s, err=errs[name], eligible=ok, **common))
-        eligible = [n for n in forced if verdict[n] is None]
+        eligible = [n for n in contenders if verdict[n] is None]
         best = min(eligible, key=lambda n: timings[n].median_ms) if eligible else None
         if tune and best is not None:
-            choice = Choice(best, {n: timings[n].median_ms for n in forced},
-                            {n: why for n, why in verdict.items() if why}, {n: e.out for n, e in forced.items()},
+            choice = Choice(best, {n: timings[n].median_ms for n in contenders},
+                            {n: why for n, why in verdict.items() if why}, {n: e.out for n, e in contenders.items()},
                             describe_problem(p))
             tuning.remember(p, dict(choice.entry(), source="anymask bench --tune"))
         if "auto" in names:
