@@ -77,7 +77,7 @@ def _plot(rows, out: Path, meta: dict) -> None:
 
 
 def _plot_only(path: Path) -> int:
-    """Plots (and the tables) from an earlier run's JSON: ``--plot-only DIR_OR_JSON``."""
+    """Plots, CSV and the summaries again from an earlier run's JSON rows: ``--plot-only DIR_OR_JSON``."""
     from . import report
     from .runner import Row
 
@@ -90,9 +90,13 @@ def _plot_only(path: Path) -> int:
         out = file.parent / file.stem if len(files) > 1 else file.parent
         out.mkdir(parents=True, exist_ok=True)
         _plot(rows, out, doc["meta"])
+        cases = report.case_summaries(rows)
+        keep = {k: v for k, v in doc["summary"].items() if k in ("device", "grid", "seconds")}
+        line = report.summary(rows, cases, doc["summary"].get("out", str(file.parent)), **keep)
         report.write_csv(rows, file.with_suffix(".csv"))
-        print(report.summary_table(report.case_summaries(rows)))
-        print(json.dumps(doc["summary"]))
+        report.write_json(rows, cases, doc["meta"], line, file)
+        print(report.summary_table(cases))
+        print(json.dumps(line))
     return 0
 
 
@@ -186,8 +190,8 @@ def register(subparsers) -> None:
     bench.add_argument("--deadline", type=float, metavar="S",
                        help="start no new problem after S seconds (the rest is reported as skipped)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
-    bench.add_argument("--plot-only", metavar="PATH", help="no run: plots and CSV from earlier JSON results "
-                                                         "(a file, or every *.json in a directory)")
+    bench.add_argument("--plot-only", metavar="PATH", help="no run: plots, CSV and summaries again from earlier "
+                                                         "JSON results (a file, or every *.json in a directory)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 

@@ -73,6 +73,8 @@ def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
         "not_started": sum(r.variant == "*" for r in rows),
         "auto_within_5pct": bool(within) and all(within),
         "auto_within_5pct_cases": f"{sum(within)}/{len(within)}",
+        "auto_picked_best_cases": f"{sum(c['auto'] == c['best'] for c in cases if c['best'])}/"
+                                  f"{sum(1 for c in cases if c['best'])}",
         "worst_auto_vs_best": round(max(ratios), 3) if ratios else None,
         "packed_best_vs_raw_sdpa_min": round(min(packed), 2) if packed else None,
         "out": out_dir,
