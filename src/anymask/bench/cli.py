@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,10 @@ def _resolve(args) -> tuple[str, object, dict, torch.device]:
     from_args = {k: getattr(args, k) for k in _GRID_OPTIONS}
     grids = tuple(override(override(g, **from_file), **from_args) for g in GRIDS[name])
     return name, grids, config, device
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _plot(rows, out: Path, meta: dict) -> None:
@@ -124,6 +129,7 @@ def _bench(args) -> int:
                 settings=dataclasses.asdict(settings),
                 input_sets=args.sets, tune=args.tune,
                 command="anymask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; results so far are written
     print(f"anymask bench: {len(cases)} cases x {len(names)} variants on {meta['device']} "
           f"(torch {meta['torch']}, grid {name}) -> {out}", file=sys.stderr)
     rows = runner.run(cases, device=device, names=names, settings=settings, tune=args.tune, sets=args.sets,

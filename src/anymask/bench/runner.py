@@ -151,7 +151,8 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
         sets: int = 3, progress: bool = True, deadline_s: float | None = None, forced: bool = False) -> list[Row]:
     """Run ``cases`` (passes of one problem share inputs and the reference); a tqdm bar on stderr.
 
-    After ``deadline_s`` seconds no new problem is started; its cases get one ``skipped`` row each.
+    After ``deadline_s`` seconds no new problem is started, and on ``KeyboardInterrupt`` (the CLI
+    turns SIGTERM into one) the run stops: cases not done get one row each with variant ``*``.
     ``forced``: the variants were named by the user (no size limits on eager).
     """
     from tqdm import tqdm
@@ -159,17 +160,16 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
     device = torch.device(device)
     start = time.perf_counter()
     rows: list[Row] = []
+    done: set[Case] = set()
     bar = tqdm(total=len(cases), desc="anymask bench", unit="case", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
+    why = f"time budget of {deadline_s} s spent"
     try:
         for _, group in groupby(cases, key=lambda c: c.problem_key):
             group = list(group)
             c = group[0]
             if deadline_s is not None and time.perf_counter() - start > deadline_s:
-                rows.extend(_row(x, "", "*", "-", "skipped", reason=f"time budget of {deadline_s:.0f} s spent")
-                            for x in group)
-                bar.update(len(group))
-                continue
+                break
             bar.set_postfix_str(c.label().rsplit(" ", 1)[0], refresh=True)
             mask = bench_mask(c.mask, c.batch, c.seq)
             has_key = rows_with_keys(mask, c.batch, c.heads, c.seq, c.seq, device)
@@ -181,12 +181,16 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
             for case in group:
                 t0 = time.perf_counter()
                 rows.extend(run_case(case, mask, base, ref, pairs, names, settings, tune=tune, forced=forced))
+                done.add(case)
                 bar.update(1)
                 if progress:
                     bar.write(f"  {case.label()}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             del base, ref
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        why = "interrupted"
     finally:
         bar.close()
+    rows.extend(_row(x, "", "*", "-", "skipped", reason=f"not started: {why}") for x in cases if x not in done)
     return rows
