@@ -10,7 +10,7 @@ from .test_hf_common import ATTN_PROJ, VOCAB, lora, tiny_model
 
 import anymask.hf
 
-STEPS = 15
+STEPS = 10
 MASK_ID = 0
 
 
