@@ -170,3 +170,19 @@ def test_explicit_4d_mask_is_taken_as_given():
     eager = twin(model, "eager")
     torch.testing.assert_close(_hidden(model, input_ids=ids, attention_mask=additive),
                                _hidden(eager, input_ids=ids, attention_mask=additive), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["causal", "bidirectional"])
+def test_transformers_flattening_collator_batch(spec):
+    """What ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` (TRL's padding-free path)
+    hands the model: one row, position_ids, cu_seq_lens_q/k, max_length_q/k, seq_idx, labels."""
+    from transformers import DataCollatorWithFlattening
+
+    model = anymask.hf.set_mask(tiny_model("qwen2"), spec)
+    docs, _, _, _ = _packed()
+    collate = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=True, return_seq_idx=True)
+    batch = collate([{"input_ids": d.tolist()} for d in docs])
+    with torch.no_grad():
+        packed = model(**batch, output_hidden_states=True).hidden_states[-1]
+    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

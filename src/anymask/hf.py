@@ -42,6 +42,10 @@ Sliding-window layers (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers) 
 causal).  Attention dropout and logit soft-capping are refused with a clear error (Gemma 2 runs
 with ``attn_logit_softcapping=None``).
 
+Not read: the overlays transformers composes into its own ``mask_function`` (image-token blocks of
+vision-language models, ``block_sequence_ids``): describe those with a Mask.  Chunked attention
+(Llama 4) is refused.
+
 Supported: transformers >= 4.56 (tested with 4.56.2, 4.57.6, 5.0.0 and 5.24.0), Llama, Mistral,
 Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` the same way.
 """
@@ -101,6 +105,9 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
     """
     if isinstance(attention_mask, LayerKeys):  # prepared in advance by generate (static cache)
         return attention_mask
+    if getattr(kwargs.get("config"), "attention_chunk_size", None) is not None:
+        raise NotImplementedError("anymask.hf does not support chunked attention (attention_chunk_size, "
+                                  "Llama 4); transformers would pass the chunk size as a window")
     if q_length is None:
         q_length = int(cache_position.shape[0])
         q_offset = cache_position[0] if q_offset is None else q_offset
