@@ -13,9 +13,9 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
     left padding [0 1 1 1 1]
 
         . . . . .    <- padded query: output 0                 # # # # # #
+        . # # . .
+        . # # . .
         . # # # .
-        . # # # .
-        . # # # #
         . # # # #
 """
 
