@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,15 @@ def test_two_gloo_ranks_match_one_process(mode, reference, tiny_model_dir, tmp_p
            "-m", "anymask.train", "--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir",
            str(out), "--max-steps", str(STEPS), "--tokens-per-batch", "128", "--dtype", "fp32", "--lr", "1e-2",
            "--lora-r", "8", "--lora-alpha", "16", "--parallel", mode, "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses == pytest.approx(single.losses, rel=1e-5, abs=1e-6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
@@ -53,7 +53,7 @@ class TrainConfig:
     progress: bool = True
     temperature: float = 0.05  # embedding: InfoNCE temperature (cosine similarities)
     mask_token: str | None = None  # diffusion: the token that replaces masked tokens
-    extra: dict = field(default_factory=dict)
+    mask_token_id: int | None = None  # diffusion: the same, as an id (wins over mask_token)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work, before anything is loaded."""

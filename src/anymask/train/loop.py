@@ -8,8 +8,11 @@ appends to ``output_dir/metrics.jsonl``, and writes checkpoints and the final ad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +48,27 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, examples: list | N
     config.validate()
     d = distributed.setup(config.parallel)
     try:
-        return _run(config, d, model, tokenizer, examples, eval_examples)
+        with _sigterm_as_interrupt():
+            return _run(config, d, model, tokenizer, examples, eval_examples)
     finally:
         distributed.shutdown(d)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (what torchrun and schedulers send) unwinds like Ctrl-C, so no write is left half-done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> TrainResult:
@@ -56,10 +77,10 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(out_dir)
     torch.manual_seed(cfg.seed)
-    if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.extra.get("mask_token_id") is None):
+    if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.mask_token_id is None):
         tokenizer = M.load_tokenizer(cfg.model, cfg.gguf_file)
     task = tasks.make(cfg.task, tokenizer=tokenizer, temperature=cfg.temperature, mask_token=cfg.mask_token,
-                      mask_token_id=cfg.extra.get("mask_token_id"))
+                      mask_token_id=cfg.mask_token_id)
     count = cfg.data_shards or d.world
     mine = local_shards(count, d)
     failure, stream, eval_rows = None, None, []
