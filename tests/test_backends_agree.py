@@ -128,3 +128,22 @@ def test_problem_records_grad_and_structure():
     assert p.requires_grad and p.structure.kind() == "documents+causal"
     with torch.no_grad():
         assert not describe(q, k, v, M.full(), None).requires_grad
+
+
+def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
+    from anymask import backend as B
+    from anymask.dispatch import candidates
+
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    mask = M.causal()
+    first = candidates(describe(q, k, v, mask, None))[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(B.get(first), "run", broken)
+    with pytest.warns(RuntimeWarning, match="kernel exploded"):
+        out = anymask.attention(q, k, v, mask)
+    torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        anymask.attention(q, k, v, mask, backend=first)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import backend as B
-from .dispatch import choose
+from .dispatch import candidates, choose
 from .masks import Mask
 from .problem import describe
 
@@ -24,7 +26,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     raises :class:`anymask.BackendUnavailable` listing why.
     """
     p = describe(q, k, v, mask, scale)
-    return choose(p, backend).run(q, k, v, p)
+    chosen = choose(p, backend)
+    if backend != "auto":
+        return chosen.run(q, k, v, p)
+    tried = []
+    while True:
+        try:
+            return chosen.run(q, k, v, p)
+        except (RuntimeError, NotImplementedError, ImportError) as exc:
+            tried.append(chosen.name)
+            rest = [n for n in candidates(p) if n not in tried]
+            if not rest:
+                raise
+            warnings.warn(f"anymask: backend {chosen.name!r} failed on this call ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to {rest[0]!r}. "
+                          f"Force a backend with backend=... to see the full error.", RuntimeWarning,
+                          stacklevel=2)
+            chosen = B.get(rest[0])
 
 
 def which_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,

@@ -3,15 +3,25 @@
 Static preference (used until ``anymask tune`` has measured this machine), first that can run:
 
     device  dtype        mask                                   order
-    cuda    bf16/fp16    full or causal (no documents/padding)  cudnn, sdpa, flash_attn, triton, flex
-    cuda    bf16/fp16    structured (documents/padding/window/  cudnn, triton, flex, varlen, flash_attn,
-                         prefix-LM)                             sdpa
-    cuda    fp32         anything                               triton, sdpa, flex
-    cpu     any          documents or padding                   varlen, sdpa, flex
-    cpu     any          anything else                          sdpa, flex
+    cuda    bf16/fp16    full or causal (no documents/padding)  sdpa, flash_attn, flex, triton, cudnn
+    cuda    bf16/fp16    structured (documents/padding/window/  flex, varlen, triton, flash_attn,
+                         prefix-LM)                             cudnn, sdpa
+    cuda    fp32         anything                               sdpa, triton, flex
+    cpu     any          full or causal                         sdpa, flex
+    cpu     any          documents or padding                   varlen, flex, sdpa
+    cpu     any          anything else (window, prefix-LM...)   flex, sdpa
     any     any          (last resort)                          eager
 
-Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.
+The order follows what was measured on an H200 (torch 2.11) and a 2-core CPU: SDPA (cuDNN /
+flash kernels) wins plain causal and full; FlexAttention beats SDPA-with-a-dense-mask 3-8x on
+structured masks in bf16; packed varlen beats the dense mask 1.5-2.6x; in fp32 SDPA's
+memory-efficient kernel is the best peer.  ``triton`` and ``cudnn`` come after the verified
+backends until ``anymask tune`` measures them on the machine at hand.  On CPU, FlexAttention
+runs only forward (training falls through to sdpa/varlen).
+
+Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.  When a
+backend chosen by ``auto`` fails at run time, :func:`anymask.attention` warns and moves on to the
+next candidate; a named backend fails loudly.
 """
 
 from __future__ import annotations
@@ -21,11 +31,12 @@ import torch
 from . import backend as B
 from .problem import Problem
 
-_CUDA_DENSE = ("cudnn", "sdpa", "flash_attn", "triton", "flex")
-_CUDA_STRUCTURED = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa")
-_CUDA_FP32 = ("triton", "sdpa", "flex")
-_CPU_PACKED = ("varlen", "sdpa", "flex")
-_CPU = ("sdpa", "flex")
+_CUDA_DENSE = ("sdpa", "flash_attn", "flex", "triton", "cudnn")
+_CUDA_STRUCTURED = ("flex", "varlen", "triton", "flash_attn", "cudnn", "sdpa")
+_CUDA_FP32 = ("sdpa", "triton", "flex")
+_CPU_PACKED = ("varlen", "flex", "sdpa")
+_CPU_PLAIN = ("sdpa", "flex")
+_CPU_STRUCTURED = ("flex", "sdpa")
 
 
 def static_preference(p: Problem) -> tuple[str, ...]:
@@ -37,7 +48,10 @@ def static_preference(p: Problem) -> tuple[str, ...]:
         else:
             order = _CUDA_FP32
     else:
-        order = _CPU_PACKED if (s.documents is not None or s.valid is not None) else _CPU
+        if s.documents is not None or s.valid is not None:
+            order = _CPU_PACKED
+        else:
+            order = _CPU_PLAIN if plain else _CPU_STRUCTURED
     return (*order, "eager")
 
 
