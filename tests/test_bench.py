@@ -183,3 +183,10 @@ def test_timing_statistics_and_failures():
     timings, outputs = measure({"ok": lambda i: i, "boom": boom}, 3, "cpu", FAST)
     assert "no kernel" in timings["boom"] and isinstance(timings["ok"], Timing)
     assert outputs["ok"] == 0  # the last timed call on input set 0
+
+
+def test_deadline_reports_cases_not_started():
+    cases = [Case("causal", 1, 16, 2, 2, 8, "fp32", "fwd"), Case("full", 1, 16, 2, 2, 8, "fp32", "fwd")]
+    rows = run(cases, device="cpu", names=["sdpa"], settings=FAST, progress=False, deadline_s=0.0)
+    assert [(r.mask, r.variant, r.status) for r in rows] == [("causal", "*", "skipped"), ("full", "*", "skipped")]
+    assert all("not started" in r.reason for r in rows)
