@@ -9,7 +9,8 @@ from . import masks
 from .attention import attention, backends, which_backend
 from .backend import BackendUnavailable
 from .masks import Mask
+from .tuning import tune
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "backends", "which_backend", "masks", "Mask", "BackendUnavailable", "__version__"]
+__all__ = ["attention", "backends", "which_backend", "masks", "Mask", "BackendUnavailable", "tune", "__version__"]

@@ -22,6 +22,9 @@ Masks compose with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation
         # # # # .                                  . . # # .
         # # # # #                                  . . # # #
 
+Masks are immutable: constructors copy their inputs (``dense`` excepted), and backends cache
+what they compile from a mask object (BlockMasks, tile lists, dense tensors).
+
 A query row that sees no key outputs exactly 0 (and receives zero gradient) on every backend.
 ``padding(valid)`` hides padded keys *and* padded queries.
 
@@ -404,7 +407,7 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[-1] == 0:
         raise ValueError(f"documents: ids must have shape [B, S] or [S], got {list(ids.shape)}")
-    return Documents(ids.long())
+    return Documents(ids.long().clone())
 
 
 def _ids_from_lengths(lengths) -> torch.Tensor:
@@ -436,7 +439,7 @@ def padding(valid: torch.Tensor) -> Mask:
         if valid.is_complex() or not ((valid == 0) | (valid == 1)).all():
             raise ValueError("padding: valid must be bool or hold only 0 and 1")
         valid = valid != 0
-    return Padding(valid)
+    return Padding(valid.clone())
 
 
 def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
@@ -454,7 +457,7 @@ def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
     lengths = lengths.reshape(-1).long()
     if lengths.numel() == 0 or int(lengths.min()) < 0:
         raise ValueError(f"prefix: lengths must be non-negative and not empty, got {lengths.tolist()}")
-    return Prefix(lengths)
+    return Prefix(lengths.clone())
 
 
 def prefix_lm(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
@@ -480,7 +483,11 @@ def custom(mask_mod: MaskMod) -> Mask:
 
 
 def dense(tensor: torch.Tensor) -> Mask:
-    """An explicit bool mask broadcastable to ``[B, H, Sq, Skv]`` (True = may attend)."""
+    """An explicit bool mask broadcastable to ``[B, H, Sq, Skv]`` (True = may attend).
+
+    Unlike the other constructors (which copy their small inputs), ``dense`` keeps a view of
+    ``tensor``: do not modify it in place afterwards; backends cache what they derive from a mask.
+    """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"dense: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype != torch.bool:

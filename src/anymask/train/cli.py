@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``anymask`` CLI's subparsers."""
     p = subparsers.add_parser("train", help="LoRA fine-tuning with the mask a task needs",
-                              description=__doc__.splitlines()[0])
+                              description="LoRA fine-tuning of a Hugging Face decoder with the mask its task needs "
+                              "(sft, prefix_lm, embedding, diffusion) on packed JSONL data.")
     add_arguments(p)
     p.set_defaults(func=run)
     return p
