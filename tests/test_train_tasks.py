@@ -7,7 +7,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-import torch
 
 from anymask.train import train
 from anymask.train.data import Doc, Example

@@ -1,9 +1,8 @@
 """The four training tasks: which mask each needs and how its loss is computed.
 
 Every task sees one packed row (:class:`~anymask.train.packing.Packed`) and returns the **sum** of
-its loss over the row's loss units together with nothing else; the loop divides by the number of
-units in the whole global batch (``count``), so accumulation and data parallelism weigh every unit
-the same::
+its loss over the row's loss units; the loop divides by the number of units in the whole global
+batch (``count``), so accumulation and data parallelism weigh every unit the same::
 
     task        mask (inside each document)            loss unit        loss
     sft         causal                                 completion token next-token cross-entropy
