@@ -3,6 +3,11 @@ checkpoints are never half-written."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,8 @@ from anymask.train.distributed import Dist
 
 from .test_train_helpers import config, tiny_model_dir, write_jsonl  # noqa: F401  (fixture)
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "data"
 
 
 def _data(tmp_path, task="sft", n=40):
@@ -67,3 +73,31 @@ def test_checkpoint_dirs_are_atomic(tmp_path):
     (tmp_path / ".tmp-checkpoint-000002").mkdir()  # what a killed process leaves behind
     clean_partial(tmp_path)
     assert latest(tmp_path) == final and not (tmp_path / ".tmp-checkpoint-000002").exists()
+
+
+def test_sigterm_mid_run_leaves_only_complete_checkpoints(tiny_model_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "anymask.train", "--model", tiny_model_dir, "--task", "sft", "--data",
+           _data(tmp_path, "sft", 200), "--output-dir", str(out), "--tokens-per-batch", "64", "--dtype", "fp32",
+           "--save-every", "1", "--max-steps", "400", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest(out) is None or latest(out).name < "checkpoint-000002":
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else "slow"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0  # interrupted, not finished
+    assert not list(out.glob(".tmp-*")) and not (out / "adapter").exists()
+    for ckpt in out.glob("checkpoint-*"):  # every checkpoint that exists is complete
+        assert (ckpt / "state.json").exists() and (ckpt / "optimizer.pt").exists()
+        assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
+    step = int(latest(out).name.split("-")[1])
+    resumed = train(config(tiny_model_dir, "sft", _data(tmp_path, "sft", 200), out, tokens_per_batch=64,
+                           max_steps=step + 1, resume="auto", lora_r=16, lora_alpha=32))  # the CLI defaults
+    assert [h["step"] for h in resumed.history] == [step + 1]
