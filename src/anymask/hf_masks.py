@@ -22,6 +22,7 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,11 @@ def check_spec(spec) -> None:
         raise ValueError(f"unknown mask spec {spec!r}; use one of {SPEC_NAMES} or an anymask Mask")
 
 
+_PER_CALL = ("position_ids", "cu_seq_lens_k", "prefix_lengths", "token_type_ids")
+_BUILT: OrderedDict = OrderedDict()  # recent masks by the identity of what they were built from
+_BUILT_SIZE = 4  # full + sliding layers of one forward, with room to spare
+
+
 def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int, *, window: int | None,
                training: bool, kwargs: dict) -> masks.Mask:
     """The mask of one attention call (see module docstring).
@@ -79,7 +85,28 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
     ``window``: sliding window in tokens (self included), or None.  ``kwargs``: the attention
     function's keyword arguments (``position_ids``, ``cu_seq_lens_k``, ``token_type_ids``,
     ``prefix_lengths``).
+
+    Every layer of one forward gets the same ``keys`` object and the same keyword tensors, so the
+    layers share one Mask object: backends that compile a mask (a dense tensor, a block mask)
+    then do it once per forward, not once per layer.
     """
+    if keys is None:
+        return _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
+    anchors = (keys, spec, *(kwargs.get(name) for name in _PER_CALL))
+    versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in anchors)
+    key = (tuple(map(id, anchors)), versions, q_len, kv_len, batch, window, training)
+    hit = _BUILT.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], anchors)):
+        _BUILT.move_to_end(key)
+        return hit[1]
+    mask = _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
+    _BUILT[key] = (anchors, mask)  # holding the anchors keeps their ids from being reused
+    while len(_BUILT) > _BUILT_SIZE:
+        _BUILT.popitem(last=False)
+    return mask
+
+
+def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.Mask:
     first_key = keys.kv_offset if keys is not None else 0  # absolute position of key 0
     no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs)
