@@ -27,14 +27,14 @@ def subset(task: str, tmp_path, n: int = 48) -> str:
 @pytest.mark.parametrize("task", TASKS)
 def test_task_lowers_eval_loss(task, tiny_model_dir, tmp_path):  # noqa: F811
     data = subset(task, tmp_path)
-    result = train(config(tiny_model_dir, task, data, tmp_path / "out", eval_data=data, max_steps=8,
-                          eval_every=4, lr=1e-2))
+    result = train(config(tiny_model_dir, task, data, tmp_path / "out", eval_data=data, max_steps=6,
+                          eval_every=3, lr=1e-2))
     before, after = result.evals[0]["eval_loss"], result.evals[-1]["eval_loss"]
     print(f"{task}: eval loss {before:.4f} -> {after:.4f}; train losses {[round(x, 3) for x in result.losses]}")
-    assert [e["step"] for e in result.evals] == [0, 4, 8]
+    assert [e["step"] for e in result.evals] == [0, 3, 6]
     assert after < before - (0.05 if task != "diffusion" else 0.0)
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 8 + 3
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 6 + 3
 
 
 @pytest.mark.parametrize("task", TASKS)
