@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"anymask train: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # model or data path that cannot be read (transformers raises OSError)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"anymask train: cannot load {config.model!r} or its files: {first}", file=sys.stderr)
+        return 2
     losses = result.losses
     if losses and os.environ.get("RANK", "0") == "0":
         print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
