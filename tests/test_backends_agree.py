@@ -147,3 +147,15 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
     torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
     with pytest.raises(RuntimeError, match="kernel exploded"):
         anymask.attention(q, k, v, mask, backend=first)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_head_dependent_custom_mask(backend):
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 12, 12, 8, "cpu", requires_grad=False))
+    mask = M.custom(lambda b, h, qi, kv: (kv <= qi) | (h == 1))  # head 0 causal, head 1 full
+    if anymask.backends(q, k, v, mask)[backend]["reasons"]:
+        pytest.skip(f"{backend} cannot run here")
+    out = anymask.attention(q, k, v, mask, backend=backend)
+    head0 = anymask.attention(q[:, :1], k[:, :1], v[:, :1], M.causal(), backend="eager")
+    head1 = anymask.attention(q[:, 1:], k[:, 1:], v[:, 1:], M.full(), backend="eager")
+    torch.testing.assert_close(out, torch.cat([head0, head1], dim=1), atol=1e-5, rtol=1e-5)

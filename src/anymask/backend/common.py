@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -21,25 +22,47 @@ def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
     return torch.where(row_has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-_DENSE_CACHE: "OrderedDict[tuple, tuple[object, torch.Tensor]]" = OrderedDict()
+_DENSE_CACHE: "OrderedDict[tuple, tuple[object, DenseMask]]" = OrderedDict()
 _DENSE_CACHE_SIZE = 4  # a model's layers share one mask per step: one entry per live mask is enough
 
 
-def dense_mask(p) -> torch.Tensor:
-    """The problem's mask as bool ``[B, H|1, Sq, Skv]`` (one head when the mask cannot vary by head).
+@dataclass(frozen=True)
+class DenseMask:
+    """A mask materialised for kernels that take a dense bool mask.
 
-    The last few masks are cached by identity (holding a reference, so an id is never reused while
-    cached): the layers of a model call attention with the same mask object, and a benchmark loop
-    calls it repeatedly; building ``S x S`` once per mask, not once per call, is what a user
-    hand-writing SDPA would do.
+    mask: ``[B, H|1, Sq, Skv]`` (True = may attend).  row_has_key: ``[B, H|1, Sq, 1]``, or None when
+    every row sees a key.  unmasked_empty_rows: ``mask`` with empty rows opened up (SDPA returns NaN
+    or garbage on fully masked rows; those rows are zeroed afterwards).
     """
-    heads = 1 if p.structure.is_structured else p.q_heads
-    key = (id(p.mask), p.batch, heads, p.q_len, p.kv_len, str(p.device))
+
+    mask: torch.Tensor
+    row_has_key: torch.Tensor | None
+    unmasked_empty_rows: torch.Tensor
+
+
+def dense_mask(p) -> DenseMask:
+    """The problem's mask, dense (one head when it does not vary by head), cached by mask identity.
+
+    The cache holds a reference to the mask, so an id is never reused while cached.  The layers of
+    a model call attention with the same mask object and a training loop calls it every step:
+    building ``S x S`` once per mask, not once per call, is what a user hand-writing SDPA would do.
+    Masks with opaque terms are evaluated for every head once, and kept per head only if they
+    really differ by head.
+    """
+    key = (id(p.mask), p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device))
     hit = _DENSE_CACHE.get(key)
     if hit is not None and hit[0] is p.mask:
         _DENSE_CACHE.move_to_end(key)
         return hit[1]
-    dense = p.mask.to_dense(p.batch, heads, p.q_len, p.kv_len, device=p.device)
+    heads = 1 if p.structure.is_structured else p.q_heads
+    mask = p.mask.to_dense(p.batch, heads, p.q_len, p.kv_len, device=p.device)  # [B, H|1, Sq, Skv]
+    if heads > 1 and bool((mask == mask[:, :1]).all()):
+        mask = mask[:, :1].contiguous()
+    row_has_key = mask.any(dim=-1, keepdim=True)  # [B, H|1, Sq, 1]
+    if bool(row_has_key.all()):
+        dense = DenseMask(mask, None, mask)
+    else:
+        dense = DenseMask(mask, row_has_key, mask | ~row_has_key)
     _DENSE_CACHE[key] = (p.mask, dense)
     while len(_DENSE_CACHE) > _DENSE_CACHE_SIZE:
         _DENSE_CACHE.popitem(last=False)

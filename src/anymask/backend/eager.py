@@ -14,7 +14,7 @@ class Eager(Backend):
 
     def run(self, q, k, v, p):
         work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        mask = dense_mask(p)  # [B, H|1, Sq, Skv]
+        mask = dense_mask(p).mask  # [B, H|1, Sq, Skv]
         k = expand_kv(k, p.q_heads).to(work)  # [B, Hq, Skv, D]
         v = expand_kv(v, p.q_heads).to(work)
         scores = (q.to(work) @ k.transpose(-1, -2)) * p.scale  # [B, Hq, Sq, Skv]

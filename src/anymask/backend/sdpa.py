@@ -43,8 +43,6 @@ class Sdpa(Backend):
             bias = causal_lower_right(p.q_len, p.kv_len)
             k, v = expand_kv(k, p.q_heads), expand_kv(v, p.q_heads)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p.scale)
-        mask = dense_mask(p)  # [B, H|1, Sq, Skv]
-        row_has_key = mask.any(dim=-1, keepdim=True)  # [B, H|1, Sq, 1]
-        mask = mask | ~row_has_key
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=p.scale, **gqa)
-        return zero_rows(out, row_has_key)
+        dense = dense_mask(p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense.unmasked_empty_rows, scale=p.scale, **gqa)
+        return out if dense.row_has_key is None else zero_rows(out, dense.row_has_key)
