@@ -8,7 +8,8 @@ Static preference (used until ``anymask tune`` has measured this machine), first
                          prefix-LM)                             cudnn, sdpa
     cuda    fp32         anything                               sdpa, triton, flex
     cpu     any          full or causal                         sdpa, flex
-    cpu     any          documents or padding                   varlen, flex, sdpa
+    cpu     any          documents or padding, kv_len >= 512    varlen, flex, sdpa
+    cpu     any          documents or padding, kv_len < 512     sdpa, varlen, flex
     cpu     any          anything else (window, prefix-LM...)   flex, sdpa
     any     any          (last resort)                          eager
 
@@ -35,6 +36,8 @@ _CUDA_DENSE = ("sdpa", "flash_attn", "flex", "triton", "cudnn")
 _CUDA_STRUCTURED = ("flex", "varlen", "triton", "flash_attn", "cudnn", "sdpa")
 _CUDA_FP32 = ("sdpa", "triton", "flex")
 _CPU_PACKED = ("varlen", "flex", "sdpa")
+_CPU_PACKED_SHORT = ("sdpa", "varlen", "flex")  # below ~512 tokens per-segment calls cost more than they save
+_CPU_SHORT = 512
 _CPU_PLAIN = ("sdpa", "flex")
 _CPU_STRUCTURED = ("flex", "sdpa")
 
@@ -49,7 +52,7 @@ def static_preference(p: Problem) -> tuple[str, ...]:
             order = _CUDA_FP32
     else:
         if s.documents is not None or s.valid is not None:
-            order = _CPU_PACKED
+            order = _CPU_PACKED if p.kv_len >= _CPU_SHORT else _CPU_PACKED_SHORT
         else:
             order = _CPU_PLAIN if plain else _CPU_STRUCTURED
     return (*order, "eager")
