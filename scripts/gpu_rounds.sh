@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The H200 checks in three device calls of under 10 minutes each (a session has 30 minutes):
+#
+#   bash scripts/gpu_rounds.sh 1   # backends vs eager on CUDA (issue 2) + HF LoRA step per mask (issue 3)
+#   bash scripts/gpu_rounds.sh 2   # anymask bench, default GPU grid, --tune (issues 4, 5)
+#   bash scripts/gpu_rounds.sh 3   # cuDNN graphs (issue 5) + fine-tuning throughput (issue 6)
+#
+# Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
+# (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
+# Logs and results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-/tmp/anymask-gpu}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+case "${1:-}" in
+  1)
+    CORE_TIMEOUT=270 bash scripts/gpu_core_check.sh
+    timeout 240 python3 scripts/gpu_hf_check.py 2>&1 | tee "$OUT/hf_check.log" | tail -20
+    ;;
+  2)
+    bash scripts/gpu_bench.sh
+    ;;
+  3)
+    timeout 300 python3 scripts/gpu_cudnn_check.py --budget 270 --correct-budget 150 2>&1 | tail -30
+    timeout 250 python3 scripts/gpu_train_bench.py --budget-s 220 --out "$OUT" 2>&1 | tail -20
+    ;;
+  *)
+    echo "usage: $0 1|2|3" >&2
+    exit 2
+    ;;
+esac
