@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .. import segments as seg
 from .._optional import probe
 from .base import Backend
+from .common import PerMaskCache
 
 
 @lru_cache(maxsize=None)
@@ -62,6 +63,9 @@ def kernel(p) -> str:
     return "sdpa"
 
 
+_LAYOUTS = PerMaskCache()  # the packed layout costs host syncs: once per mask, not once per layer
+
+
 class Varlen(Backend):
     name = "varlen"
     summary = "packed documents/padding (unpad, per-segment attention, repad); torch varlen or flash-attn on CUDA, batched SDPA elsewhere"
@@ -70,7 +74,7 @@ class Varlen(Backend):
         return seg.reasons(p.structure, p.batch, p.q_len, p.kv_len)
 
     def run(self, q, k, v, p):
-        lay = seg.layout(p.structure, p.batch, p.q_len, p.kv_len, device=p.device)
+        lay = _LAYOUTS.get(p, lambda: seg.layout(p.structure, p.batch, p.q_len, p.kv_len, device=p.device))
         if lay.num_segments == 0:  # every query padded
             return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
         which = kernel(p)
