@@ -108,9 +108,9 @@ def _classify(all_full: torch.Tensor, all_empty: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pad_rows(x: torch.Tensor, rows: int, dim: int, value: bool) -> torch.Tensor:
-    """Pad ``x`` along ``dim`` to ``rows`` entries with ``value``."""
-    missing = rows - x.shape[dim]
+def pad_dim(x: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` to ``size`` entries with ``value``."""
+    missing = size - x.shape[dim]
     if missing == 0:
         return x
     shape = list(x.shape)
@@ -131,8 +131,8 @@ def _structured_tiles(structure, batch, q_len, kv_len, bq, bk, device) -> torch.
         r1 = min(q_len, r0 + step)
         cnt = _count_in(lo[:, r0:r1], hi[:, r0:r1], prefix, start, end)  # [B, R, nK]
         rows = -(-(r1 - r0) // bq) * bq
-        full = _pad_rows(cnt == width, rows, 1, True).view(batch, -1, bq, n_k).all(dim=2)  # [B, nq, nK]
-        empty = _pad_rows(cnt == 0, rows, 1, True).view(batch, -1, bq, n_k).all(dim=2)
+        full = pad_dim(cnt == width, 1, rows, True).view(batch, -1, bq, n_k).all(dim=2)  # [B, nq, nK]
+        empty = pad_dim(cnt == 0, 1, rows, True).view(batch, -1, bq, n_k).all(dim=2)
         out.append(_classify(full, empty))
     return torch.cat(out, dim=1)[:, None]  # [B, 1, nQ, nK]
 
@@ -160,8 +160,8 @@ def _dense_tiles(mask, batch, heads, q_len, kv_len, bq, bk, device) -> torch.Ten
                                _rows_per_chunk(bq, batch * heads * n_k * bk), device):
         rows = -(-d.shape[2] // bq) * bq
         shape = (batch, heads, rows // bq, bq, n_k, bk)
-        full = _pad_rows(_pad_rows(d, rows, 2, True), n_k * bk, 3, True).reshape(shape).all(dim=5).all(dim=3)
-        empty = ~_pad_rows(_pad_rows(d, rows, 2, False), n_k * bk, 3, False).reshape(shape).any(dim=5).any(dim=3)
+        full = pad_dim(pad_dim(d, 2, rows, True), 3, n_k * bk, True).reshape(shape).all(dim=5).all(dim=3)
+        empty = ~pad_dim(pad_dim(d, 2, rows, False), 3, n_k * bk, False).reshape(shape).any(dim=5).any(dim=3)
         out.append(_classify(full, empty))
     return torch.cat(out, dim=2)  # [B, H, nQ, nK]
 

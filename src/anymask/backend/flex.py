@@ -95,15 +95,6 @@ def _general_mod(mask, q_len: int, kv_len: int, device):
     return general_mod
 
 
-def _pad_dim(t: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
-    missing = size - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t, torch.full(shape, value, dtype=t.dtype, device=t.device)], dim=dim)
-
-
 def _compact(sel: torch.Tensor):
     """Selected kv blocks of each row of tiles: counts int32 [B, H, nQ], indices int32 [B, H, nQ, nK]."""
     num = sel.sum(-1, dtype=torch.int32)
@@ -170,14 +161,14 @@ class Flex(Backend):
         if p.kv_len % bk:  # the last column of tiles holds keys past kv_len: never run it unmasked
             last = classes[..., -1]
             last[last == tiles.FULL] = tiles.PARTIAL
-        classes = _pad_dim(_pad_dim(classes, 2, -(-sq // bq), tiles.EMPTY), 3, -(-skv // bk), tiles.EMPTY)
+        classes = tiles.pad_dim(tiles.pad_dim(classes, 2, -(-sq // bq), tiles.EMPTY), 3, -(-skv // bk), tiles.EMPTY)
         if tiles.is_structured(p.structure):
             lo, hi, valid = tiles.row_bounds(p.structure, p.batch, p.q_len, p.kv_len, p.device)  # [B, Sq]
-            lo = _pad_dim(lo, 1, sq, skv).contiguous()  # padded rows see nothing
-            hi = _pad_dim(hi, 1, sq, -1).contiguous()
+            lo = tiles.pad_dim(lo, 1, sq, skv).contiguous()  # padded rows see nothing
+            hi = tiles.pad_dim(hi, 1, sq, -1).contiguous()
             if valid is None:
                 valid = torch.ones(p.batch, p.kv_len, dtype=torch.bool, device=p.device)
-            valid = _pad_dim(valid, 1, skv, False).contiguous()  # [B, Skv']
+            valid = tiles.pad_dim(valid, 1, skv, False).contiguous()  # [B, Skv']
             mask_mod = _interval_mod(lo, hi, valid)
         else:
             mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
@@ -188,9 +179,9 @@ class Flex(Backend):
         plan = self.plan(p)
         if not p.requires_grad:  # flex refuses requires_grad inputs on CPU even under no_grad
             q, k, v = q.detach(), k.detach(), v.detach()
-        q_ = _pad_dim(q, 2, plan.q_len, 0)  # [B, Hq, Sq', D]
-        k_ = _pad_dim(k, 2, plan.kv_len, 0)  # [B, Hkv, Skv', D]
-        v_ = _pad_dim(v, 2, plan.kv_len, 0)
+        q_ = tiles.pad_dim(q, 2, plan.q_len, 0)  # [B, Hq, Sq', D]
+        k_ = tiles.pad_dim(k, 2, plan.kv_len, 0)  # [B, Hkv, Skv', D]
+        v_ = tiles.pad_dim(v, 2, plan.kv_len, 0)
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             out = compiled_flex(p.device_type)(q_, k_, v_, block_mask=plan.block_mask, scale=p.scale,
                                                enable_gqa=True)  # [B, Hq, Sq', D]
