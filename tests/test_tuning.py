@@ -160,3 +160,20 @@ def test_autotune_env_measures_unseen_signature_once(monkeypatch, cache_dir):
     stamp = entries[sig]["measured_at"]
     anymask.attention(q, k, v, mask)
     assert tuning.entries("cpu")[sig]["measured_at"] == stamp  # not measured again
+
+
+def test_auto_remembers_its_choice_until_the_measured_choices_change(monkeypatch):
+    mask = M.documents(lengths=[8, 8, 16]) & M.causal()
+    p, (q, k, v) = problem(mask)
+    first = anymask.which_backend(q, k, v, mask)
+    assert first != "eager"
+    calls = []
+    real = tuning.lookup
+    monkeypatch.setattr(tuning, "lookup", lambda p: calls.append(1) or real(p))
+    for _ in range(3):  # the same mask object and shapes: decided once, then remembered
+        assert anymask.which_backend(q, k, v, mask) == first
+    assert len(calls) <= 1
+    tuning.remember(p, {"backend": "eager", "ms": {"eager": 1.0}})  # a measurement lands
+    assert anymask.which_backend(q, k, v, mask) == "eager"
+    other = M.documents(lengths=[8, 8, 16]) & M.causal()  # an equal mask, another object: decided afresh
+    assert anymask.which_backend(q, k, v, other) == "eager"

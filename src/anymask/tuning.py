@@ -181,7 +181,7 @@ def signature(p: Problem) -> str:
 # the file ---------------------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_STATE: dict = {"path": None, "machines": {}, "shapes": {}}
+_STATE: dict = {"path": None, "machines": {}, "shapes": {}, "generation": 0}
 _FAILED: set = set()
 _BUSY = threading.local()
 
@@ -214,7 +214,13 @@ def _read(path: Path) -> tuple[dict, bool]:
         return {}, True
 
 
+def generation() -> int:
+    """A counter that moves whenever the in-memory choices change (a read, a store, a reload)."""
+    return _STATE["generation"]
+
+
 def _set_state(path: Path, machines: dict) -> None:
+    _STATE["generation"] += 1
     shapes = {m: {sig.rsplit("|d", 1)[0] for sig in entries} for m, entries in machines.items()}
     _STATE.update(path=path, machines=machines, shapes=shapes)
 
@@ -231,7 +237,7 @@ def _machines() -> dict:
 def reload() -> None:
     """Forget the in-memory copy; the next lookup reads the file again."""
     with _LOCK:
-        _STATE.update(path=None, machines={}, shapes={})
+        _STATE.update(path=None, machines={}, shapes={}, generation=_STATE["generation"] + 1)
         _FAILED.clear()
 
 

@@ -87,12 +87,11 @@ def _plot_only(path: Path) -> int:
     from .runner import Row
 
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    for file in files:
-        doc = json.loads(file.read_text())
-        if "rows" not in doc or "meta" not in doc:
-            continue
+    docs = {file: json.loads(file.read_text()) for file in files}
+    docs = {file: doc for file, doc in docs.items() if "rows" in doc and "meta" in doc}  # bench results only
+    for file, doc in docs.items():
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
-        out = file.parent / file.stem if len(files) > 1 else file.parent
+        out = file.parent / file.stem if len(docs) > 1 else file.parent
         out.mkdir(parents=True, exist_ok=True)
         _plot(rows, out, doc["meta"])
         cases = report.case_summaries(rows)

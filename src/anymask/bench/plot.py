@@ -1,5 +1,9 @@
 """One PNG per mask kind: TFLOP/s (visible pairs only) of every variant across sequence lengths,
-one panel per (dtype, pass, heads, head dim).  matplotlib is imported lazily (``anymask[bench]``)."""
+one panel per (dtype, pass, heads, head dim).  matplotlib is imported lazily (``anymask[bench]``).
+
+``auto`` is timed in a second stage, call by call against the best forced backend, so its own
+times are not comparable with the first stage's; it is drawn at the best backend's TFLOP/s divided
+by the paired ratio ``auto_vs_best`` (the number the summary reports)."""
 
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
             dtype, mode, hq, hkv, d = cfg
             these = [r for r in mine if (r.dtype, r.mode, r.heads, r.kv_heads, r.head_dim) == cfg]
             for variant in dict.fromkeys(r.variant for r in these):
-                pts = sorted((r.seq, r.tflops) for r in these if r.variant == variant)
+                pts = sorted((r.seq, _throughput(r, these)) for r in these if r.variant == variant)
+                pts = [(x, y) for x, y in pts if y is not None]
                 ls = "--" if variant.startswith("raw_") else "-"
                 ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant,
                         color=colour[variant], linewidth=2.5 if variant == "auto" else 1.5)
@@ -47,3 +52,13 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _throughput(row: Row, same_config: list[Row]) -> float | None:
+    """TFLOP/s to draw: the row's own, or for ``auto`` the best's over the paired ratio."""
+    if row.variant != "auto":
+        return row.tflops
+    best = [r for r in same_config if r.variant == row.best and r.seq == row.seq and r.batch == row.batch]
+    if not best or not row.auto_vs_best:
+        return None
+    return best[0].tflops / row.auto_vs_best
