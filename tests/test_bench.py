@@ -155,7 +155,8 @@ def test_grid_options_and_config(tmp_path):
     js.write_text(json.dumps({"passes": ["fwd+bwd"], "head-dims": [16]}))
     assert override(GRIDS["quick"][0], **load_config(js)).cases()[0].head_dim == 16
     gpu = expand(GRIDS["gpu"])
-    assert len(gpu) == len(set(gpu)) == 8 * 2 * 2 + 8 + 8
+    n = len(M.CATALOGUE)  # every catalogue mask
+    assert len(gpu) == len(set(gpu)) == n * 2 * 2 + n + n
     assert {c.dtype for c in gpu} == {"bf16", "fp32"} and {(c.heads, c.kv_heads) for c in gpu} == {(16, 16), (32, 8)}
     assert all(c.batch * c.seq == 16384 for c in gpu)
 

@@ -192,6 +192,7 @@ def rebuild(s):
         "causal": M.causal(),
         "window": M.window(s.left, s.right),
         "prefix_lm": M.prefix_lm(s.prefix) if s.prefix is not None else None,
+        "prefix_groups": M.causal() | M.documents(s.groups) if s.groups is not None else None,
     }[s.base]
     m = base
     if s.documents is not None:
@@ -217,6 +218,24 @@ def test_structure_merges_bases():
     assert analyse(M.window(None, 0)).base == "causal"
     assert analyse(M.prefix_lm(3) & M.causal()).base == "causal"
     assert analyse(M.prefix_lm(3) & M.window(2)).general
+    groups = M.documents(torch.tensor([0, 0, 1, 2]))
+    assert analyse(M.causal() | groups).base == "prefix_groups"
+    assert analyse(groups | M.causal()).base == "prefix_groups"
+    assert analyse((M.causal() | groups) & M.causal()).base == "causal"
+    assert analyse((M.causal() | groups) & M.prefix_lm(2)).general
+
+
+def test_packed_prefix_lm_docstring_grid():
+    """The grid in anymask.structure's docstring, rows 0, 3, 5, 7."""
+    group = torch.tensor([7, 7, 7, -4, -5, 8, 8, -8])
+    m = M.documents(torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])) & (M.causal() | M.documents(group))
+    rows = m.picture(8).splitlines()
+    assert [rows[i] for i in (0, 3, 5, 7)] == ["# # # . . . . .", "# # # # . . . .",
+                                               ". . . . . # # .", ". . . . . # # #"]
+    s = analyse(m)
+    assert s.kind() == "documents+prefix_groups"
+    lo, hi = row_intervals(s, 1, 8, 8)
+    assert lo.tolist() == [[0, 0, 0, 0, 0, 5, 5, 5]] and hi.tolist() == [[2, 2, 2, 3, 4, 6, 6, 7]]
 
 
 SEQ = 9
@@ -263,12 +282,18 @@ def test_random_compositions(mask, q_len):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(1, 5), min_size=1, max_size=5), st.sampled_from(["full", "causal", "window", "prefix_lm"]),
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=5), st.sampled_from(["full", "causal", "window", "prefix_lm", "prefix_groups"]),
        st.integers(0, 6), st.data())
 def test_row_intervals_match_oracle(lengths, base, n, data):
     S = sum(lengths)
     q_len = data.draw(st.integers(1, S))
-    base_mask = {"full": M.full(), "causal": M.causal(), "window": M.window(n, 1), "prefix_lm": M.prefix_lm(min(n, S))}[base]
+    if base == "prefix_groups":  # contiguous runs of random lengths, ids in order
+        runs = data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=S))
+        groups = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(runs))
+        groups = torch.cat([groups, torch.arange(len(runs), len(runs) + S)])[:S]
+    base_mask = {"full": M.full, "causal": M.causal, "window": lambda: M.window(n, 1),
+                 "prefix_lm": lambda: M.prefix_lm(min(n, S)),
+                 "prefix_groups": lambda: M.causal() | M.documents(groups)}[base]()
     m = base_mask & M.documents(lengths=lengths)
     lo, hi = row_intervals(analyse(m), 1, q_len, S)
     kv = torch.arange(S)

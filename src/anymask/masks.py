@@ -505,10 +505,26 @@ CATALOGUE: dict[str, Callable[[int, int], Mask]] = {
     "documents": lambda batch, seq: documents(lengths=_doc_lengths(seq)),
     "documents_causal": lambda batch, seq: documents(lengths=_doc_lengths(seq)) & causal(),
     "prefix_lm": lambda batch, seq: prefix_lm(max(1, seq // 4)),
+    "packed_prefix_lm": lambda batch, seq: _packed_prefix_lm(seq),
     "sliding_window": lambda batch, seq: window(max(1, seq // 4)) & causal(),
     "custom": lambda batch, seq: custom(lambda b, h, q, kv: ((q - kv) % 3 == 0) & (kv <= q)),
 }
 """Named example masks for ``batch`` rows of ``seq`` tokens (demo, bench, tests)."""
+
+
+def _packed_prefix_lm(seq: int, prompt_share: float = 0.4) -> Mask:
+    """Packed prefix-LM: per document a bidirectional prompt (the first ``prompt_share`` of it),
+    causal after.  Prompt tokens of a document share a group id, every other token is its own group::
+
+        documents(lengths=[3, 2]) & (causal() | documents(group)),  group = [0 -2 -3 1 -5]
+    """
+    lengths = _doc_lengths(seq)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [S]
+    start = torch.tensor([0, *lengths[:-1]]).cumsum(0)[doc]  # [S] first position of each token's document
+    prompt = torch.tensor([max(1, round(n * prompt_share)) for n in lengths])[doc]  # [S]
+    pos = torch.arange(seq)
+    group = torch.where(pos - start < prompt, doc, -1 - pos)  # [S]
+    return documents(lengths=lengths) & (causal() | documents(group))
 
 
 def _doc_lengths(seq: int) -> list[int]:

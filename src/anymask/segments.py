@@ -128,9 +128,9 @@ def reasons(s: Structure, batch: int, q_len: int, kv_len: int) -> list[str]:
     if s.general:
         out.append("the mask has terms that are not documents/padding/causal/window "
                    f"({', '.join(map(repr, s.general))}); packed segments cannot express them")
-    if s.base == "prefix_lm":
+    if s.base in ("prefix_lm", "prefix_groups"):
         out.append("prefix-LM is not a per-segment causal/full/window mask (its bidirectional prefix "
-                   "crosses the causal part); use flex, sdpa or eager")
+                   "crosses the causal part); use flex, triton, sdpa or eager")
     if s.base == "window" and not out and has_holes(s, batch, kv_len):
         out.append("sliding window over a segment with holes (padding inside a document, or a "
                    "document id that recurs later in the row): packing would shrink the distances")

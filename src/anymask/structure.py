@@ -8,8 +8,20 @@ where ``base`` is one of
 
     full        every key
     causal      kv <= q
-    window      q - left <= kv <= q + right     (left/right None = unbounded)
-    prefix_lm   kv <= q  or  kv < prefix[b]
+    window          q - left <= kv <= q + right     (left/right None = unbounded)
+    prefix_lm       kv <= q  or  kv < prefix[b]
+    prefix_groups   kv <= q  or  group[kv] == group[q]   (``causal() | documents(group)``)
+
+``prefix_groups`` is packed prefix-LM: each document's prompt is one group, every other token its
+own, so a prompt sees its whole prompt and the rest is causal (documents narrow it to the row's
+document).  With contiguous groups its keys are one interval ``[0, max(q, group_end(q))]``::
+
+    group  7 7 7 -4 -5 8 8 -8        # doc 0: prompt of 3 + 2 answer tokens; doc 1: 2 + 1
+           kv 0 1 2 3 4 5 6 7        (& documents([0 0 0 0 0 1 1 1]))
+    q 0       # # # . . . . .
+    q 3       # # # # . . . .
+    q 5       . . . . . # # .
+    q 7       . . . . . # # #
 
 For every structured base, the keys a query row may see form one interval ``[lo(q), hi(q)]``;
 documents (when contiguous) narrow it further, and padding removes single keys and whole rows.
@@ -28,13 +40,14 @@ from . import masks as M
 
 @dataclass(frozen=True, eq=False)
 class Structure:
-    base: str = "full"  # "full" | "causal" | "window" | "prefix_lm"
+    base: str = "full"  # "full" | "causal" | "window" | "prefix_lm" | "prefix_groups"
     left: int | None = None  # window: kv >= q - left
     right: int | None = None  # window: kv <= q + right
     prefix: torch.Tensor | None = None  # [B|1] long, prefix_lm only
     documents: torch.Tensor | None = None  # [B|1, S] long
     valid: torch.Tensor | None = None  # [B|1, S] bool
     general: tuple[M.Mask, ...] = field(default=())
+    groups: torch.Tensor | None = None  # [B|1, S] long, prefix_groups only
 
     @property
     def is_structured(self) -> bool:
@@ -61,7 +74,7 @@ class Structure:
     def to(self, device) -> "Structure":
         move = (lambda t: None if t is None else t.to(device))
         return Structure(self.base, self.left, self.right, move(self.prefix), move(self.documents),
-                         move(self.valid), tuple(g.to(device) for g in self.general))
+                         move(self.valid), tuple(g.to(device) for g in self.general), move(self.groups))
 
 
 def analyse(mask: M.Mask) -> Structure:
@@ -84,8 +97,10 @@ def analyse(mask: M.Mask) -> Structure:
             valid = term.valid if valid is None else _and_valid(valid, term.valid)
         else:
             general.append(term)
-    kind, left, right, prefix = base
-    return Structure(kind, left, right, prefix, documents, valid, tuple(general))
+    kind, left, right, extra = base  # extra: prefix lengths (prefix_lm) or group ids (prefix_groups)
+    prefix = extra if kind == "prefix_lm" else None
+    groups = extra if kind == "prefix_groups" else None
+    return Structure(kind, left, right, prefix, documents, valid, tuple(general), groups)
 
 
 def _and_valid(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -108,7 +123,14 @@ def _as_base(term: M.Mask):
             a, b = b, a
         if isinstance(a, M.Causal) and isinstance(b, M.Prefix):
             return ("prefix_lm", None, 0, b.lengths)
+        if isinstance(a, M.Documents) and isinstance(b, M.Causal):
+            a, b = b, a
+        if isinstance(a, M.Causal) and isinstance(b, M.Documents):
+            return ("prefix_groups", None, 0, b.ids)
     return None
+
+
+_PREFIX_KINDS = ("prefix_lm", "prefix_groups")
 
 
 def _merge_base(a, b):
@@ -117,9 +139,9 @@ def _merge_base(a, b):
         return _normalise(b)
     if b[0] == "full":
         return _normalise(a)
-    if a[0] == "prefix_lm" or b[0] == "prefix_lm":
-        other = b if a[0] == "prefix_lm" else a
-        if other[0] == "causal":  # causal is a subset of prefix_lm
+    if a[0] in _PREFIX_KINDS or b[0] in _PREFIX_KINDS:
+        other = b if a[0] in _PREFIX_KINDS else a
+        if other[0] == "causal":  # causal is a subset of both prefix kinds
             return other
         return None
     left = _tightest(a[1], b[1])
@@ -150,7 +172,7 @@ def row_intervals(structure: Structure, batch: int, q_len: int, kv_len: int, dev
     """Per query row, the inclusive key interval ``[lo, hi]`` the base and documents allow.
 
     Returns ``lo, hi`` of shape ``[B, Sq]`` (long, absolute key positions; ``lo > hi`` = empty).
-    Padding is *not* applied here.  Requires contiguous documents
+    Padding is *not* applied here.  Requires contiguous documents and groups
     (:func:`documents_are_contiguous`).
     """
     device = device or torch.device("cpu")
@@ -168,6 +190,9 @@ def row_intervals(structure: Structure, batch: int, q_len: int, kv_len: int, dev
     elif s.base == "prefix_lm":
         p = s.prefix.to(device).expand(batch)[:, None]  # [B, 1]
         hi = torch.maximum(q, p - 1).clamp(max=kv_len - 1)
+    elif s.base == "prefix_groups":
+        _, group_end = document_bounds(s.groups.to(device).expand(batch, kv_len))  # [B, Skv]
+        hi = torch.maximum(q, group_end[:, kv_len - q_len:])
     if s.documents is not None:
         start, end = document_bounds(s.documents.to(device).expand(batch, kv_len))  # [B, S] each
         lo = torch.maximum(lo, start[:, kv_len - q_len:])

@@ -41,10 +41,11 @@ _CHUNK_ELEMENTS = 1 << 22  # elements per intermediate tensor in the chunked loo
 
 
 def is_structured(structure: Structure) -> bool:
-    """True when the structured (interval) path applies: no opaque terms, contiguous documents."""
+    """True when the structured (interval) path applies: no opaque terms, contiguous documents
+    and prefix groups."""
     if not structure.is_structured:
         return False
-    return structure.documents is None or documents_are_contiguous(structure.documents)
+    return all(ids is None or documents_are_contiguous(ids) for ids in (structure.documents, structure.groups))
 
 
 def is_head_invariant(mask: M.Mask) -> bool:

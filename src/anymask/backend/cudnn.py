@@ -250,6 +250,10 @@ def reasons(p: Problem) -> list[str]:
         out.append(f"mask has general terms ({', '.join(map(repr, s.general))}); cuDNN takes "
                    "documents/padding with full/causal/window, or prefix-LM")
         return out
+    if s.base == "prefix_groups":
+        out.append("packed prefix-LM (causal() | documents(groups)) has no cuDNN band or row-block plan; "
+                   "use triton or flex")
+        return out
     if s.base == "window" and (s.right is None or s.right > 0):
         out.append(f"window(left={s.left}, right={s.right}) looks ahead; the cuDNN backend takes causal "
                    "sliding windows (right=0) only")

@@ -120,7 +120,8 @@ def bench_mask(kind: str, batch: int, seq: int) -> M.Mask:
 
     documents: 256-2048-token documents, different per batch row; sliding_window: 1024 tokens back
     (``seq / 4`` for shorter sequences), causal; padding: rows 100% down to 35% filled; prefix_lm:
-    a quarter of the sequence.  Other kinds are the catalogue's own.
+    a quarter of the sequence.  Other kinds (packed_prefix_lm: five documents, 40% prompt each;
+    custom) are the catalogue's own.
     """
     if kind not in M.CATALOGUE:
         raise ValueError(f"unknown mask {kind!r}; choose from {', '.join(M.CATALOGUE)}")

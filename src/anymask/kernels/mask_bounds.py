@@ -54,6 +54,9 @@ def reasons(structure: Structure) -> list[str]:
     if structure.documents is not None and not _documents_contiguous(structure.documents):
         return ["documents are not contiguous (an id reappears after another document); "
                 "the triton kernel needs one key interval per query row"]
+    if structure.groups is not None and not _documents_contiguous(structure.groups):
+        return ["prefix groups are not contiguous (a group id reappears after another group); "
+                "the triton kernel needs one key interval per query row"]
     return []
 
 
@@ -66,7 +69,7 @@ def _documents_contiguous(ids: torch.Tensor) -> bool:
 
 
 def _batch_rows(s: Structure) -> int:
-    sizes = [t.shape[0] for t in (s.prefix, s.documents, s.valid) if t is not None]
+    sizes = [t.shape[0] for t in (s.prefix, s.groups, s.documents, s.valid) if t is not None]
     return max(sizes, default=1)
 
 
