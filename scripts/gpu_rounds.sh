@@ -4,6 +4,8 @@
 #   bash scripts/gpu_rounds.sh 1   # backends vs eager on CUDA (issue 2) + HF LoRA step per mask (issue 3)
 #   bash scripts/gpu_rounds.sh 2   # anymask bench, default GPU grid, --tune (issues 4, 5)
 #   bash scripts/gpu_rounds.sh 3   # cuDNN graphs (issue 5) + fine-tuning throughput (issue 6)
+#   bash scripts/gpu_rounds.sh 4   # what round 2/3 of 2026-11-29 left: GQA 32:8 and packed prefix-LM
+#                                  # cases with auto's remembered decision; prefix_lm/sft fine-tuning
 #
 # Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
 # (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
@@ -19,8 +21,8 @@ fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-}" in
   1)
-    CORE_TIMEOUT=270 bash scripts/gpu_core_check.sh
-    timeout 240 python3 scripts/gpu_hf_check.py 2>&1 | tee "$OUT/hf_check.log" | tail -20
+    CORE_TIMEOUT=400 bash scripts/gpu_core_check.sh  # 270 s reached 82% on 2026-11-29
+    timeout 150 python3 scripts/gpu_hf_check.py 2>&1 | tee "$OUT/hf_check.log" | tail -20
     ;;
   2)
     bash scripts/gpu_bench.sh
@@ -29,8 +31,13 @@ case "${1:-}" in
     timeout 300 python3 scripts/gpu_cudnn_check.py --budget 270 --correct-budget 150 2>&1 | tail -30
     timeout 250 python3 scripts/gpu_train_bench.py --budget-s 220 --out "$OUT" 2>&1 | tail -20
     ;;
+  4)
+    OUT="$OUT/bench" bash scripts/gpu_bench.sh --masks documents_causal,packed_prefix_lm,sliding_window,custom \
+      --heads 16,32:8 --seqlens 4096 --dtypes bf16 --passes fwd+bwd 2>&1 | tail -12
+    timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks prefix_lm,sft --out "$OUT" 2>&1 | tail -8
+    ;;
   *)
-    echo "usage: $0 1|2|3" >&2
+    echo "usage: $0 1|2|3|4" >&2
     exit 2
     ;;
 esac
