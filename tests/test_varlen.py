@@ -52,6 +52,13 @@ SHAPES = {  # B, Hq, Hkv, Sq, Skv, D
 }
 
 
+@pytest.fixture(params=["gather", "split"])
+def cpu_path(request, monkeypatch):
+    """Both CPU paths of the varlen backend: batched gathers, or one SDPA call per contiguous run."""
+    monkeypatch.setattr(V, "_SPLIT_MIN_MEAN", 10**9 if request.param == "gather" else 0)
+    return request.param
+
+
 def _run(q, k, v, mask, backend, dtype, grad_out):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out = anymask.attention(*leaves, mask, backend=backend)
@@ -62,7 +69,7 @@ def _run(q, k, v, mask, backend, dtype, grad_out):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_varlen_matches_eager_fwd_bwd(case, shape, dtype):
+def test_varlen_matches_eager_fwd_bwd(case, shape, dtype, cpu_path):
     B, Hq, Hkv, Sq, Skv, D = SHAPES[shape]
     mask = CASES[case](B)
     q = torch.randn(B, Hq, Sq, D, dtype=torch.float64)
@@ -79,7 +86,7 @@ def test_varlen_matches_eager_fwd_bwd(case, shape, dtype):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_varlen_float64_is_exact(case):
+def test_varlen_float64_is_exact(case, cpu_path):
     B, H, D = 2, 2, 8
     mask = CASES[case](B)
     q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -90,7 +97,7 @@ def test_varlen_float64_is_exact(case):
 
 @pytest.mark.parametrize("case", ["padding_right_causal", "padding_left_causal", "fully_padded_row", "holes_causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_padded_queries_output_zero_with_zero_grad(case, dtype):
+def test_padded_queries_output_zero_with_zero_grad(case, dtype, cpu_path):
     B, H, D = 2, 2, 8
     mask = CASES[case](B)
     empty = ~mask.to_dense(B, H, S, S).any(-1)  # [B, H, S]
@@ -101,6 +108,19 @@ def test_padded_queries_output_zero_with_zero_grad(case, dtype):
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
     assert (q.grad[empty] == 0).all()
+
+
+def test_split_path_runs_contiguous_segments_of_useful_length(monkeypatch):
+    calls = []
+    real = V.split_segments
+    monkeypatch.setattr(V, "split_segments", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (torch.randn(2, 2, 256, 8) for _ in range(3))
+    anymask.attention(q, k, v, M.documents(lengths=[100, 156]) & M.causal(), backend="varlen")
+    assert calls == [1]  # mean segment 128 tokens
+    anymask.attention(q, k, v, M.documents(lengths=[8] * 32), backend="varlen")
+    assert calls == [1]  # 8-token segments: the batched gathers
+    anymask.attention(q, k, v, M.documents(torch.tensor([0] * 100 + [1] * 56 + [0] * 100)), backend="varlen")
+    assert calls == [1]  # a document with a hole is not a run
 
 
 def test_every_query_padded():
