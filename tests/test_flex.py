@@ -83,6 +83,17 @@ def test_q_shorter_than_kv():
         check(masks.CATALOGUE[name](2, 37), Sq=1)
 
 
+def test_bidirectional_documents_use_the_document_start_mod():
+    ids = torch.tensor([[0] * 10 + [7] * 20 + [-3] * 7, [5] * 37, [-1] * 3 + [2] * 30 + [9] * 4])  # [3, 37]
+    mask = masks.documents(ids)
+    q, k, v = make(3, 4, 2, 37, 37, 16, torch.float32)
+    assert flex.plan(describe(q, k, v, mask, None)).block_mask.mask_mod.__name__ == "documents_mod"
+    check(mask, B=3)
+    check(mask, B=3, Sq=5)  # queries are the last 5 positions
+    assert flex.plan(describe(q, k, v, masks.documents(ids) & masks.causal(), None)).block_mask.mask_mod.__name__ \
+        == "interval_mod"
+
+
 def test_no_gqa_and_odd_head_dim():
     for name in ("documents_causal", "custom"):
         check(masks.CATALOGUE[name](2, 37), Hq=3, Hkv=3, D=24)

@@ -2,9 +2,10 @@
 
 The BlockMask comes from :func:`anymask.tiles.tile_classes` through ``BlockMask.from_kv_blocks``
 (never ``create_block_mask`` over ``S x S``): EMPTY tiles are skipped, FULL tiles run without
-mask math, PARTIAL tiles call a ``mask_mod``.  Structured masks share two ``mask_mod`` s that read
-per-row key intervals ``lo[b, q] <= kv <= hi[b, q]`` (and, with padding, valid keys
-``valid[b, kv]``) from captured O(B * S) int32 tensors, so every structured mask runs one of two
+mask math, PARTIAL tiles call a ``mask_mod``.  Structured masks share three ``mask_mod`` s that read
+captured O(B * S) int32 tensors: bidirectional packed documents compare document starts
+(``qdoc[b, q] == kdoc[b, kv]``), the rest per-row key intervals ``lo[b, q] <= kv <= hi[b, q]``
+(and, with padding, valid keys ``valid[b, kv]``), so every structured mask runs one of three
 compiled kernels; other masks wrap their own ``mask_mod``.  flex hands
 ``mask_mod`` query indices relative to the call (``0 .. q_len - 1``) and, in the last block,
 indices past the ends: the interval tensors are indexed by the relative query and padded to
@@ -39,6 +40,7 @@ from typing import Callable
 import torch
 
 from .. import tiles
+from ..structure import document_bounds
 from .base import Backend
 
 BLOCK = 128  # sparse block size (both directions), flex's default
@@ -88,6 +90,29 @@ def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor | None
     def interval_valid_mod(b, h, q_idx, kv_idx):
         return (kv_idx >= lo[b, q_idx]) & (kv_idx <= hi[b, q_idx]) & (valid[b, kv_idx] != 0)
     return interval_valid_mod
+
+
+def _is_plain_documents(s) -> bool:
+    """Contiguous documents on a full base, nothing else: the bidirectional packed case."""
+    return (s.base == "full" and s.documents is not None and s.valid is None and not s.general
+            and tiles.is_structured(s))
+
+
+def _documents_mod(s, batch: int, q_len: int, kv_len: int, q_rows: int, kv_cols: int, device):
+    """mask_mod for packed bidirectional documents: same document start on both sides.
+
+    One query-side and one key-side int32 load, the form of a hand-rolled ``ids[q] == ids[kv]``;
+    on an H200 (S 16384, GQA 32:8, head dim 64) it ran the forward in 1.8 ms against 2.6 ms for
+    the interval form.  Document starts (not the user's ids, which may be any integers) keep the
+    padding sentinels apart: padded rows hold -2, padded keys -1, real positions 0 .. S-1.
+    """
+    start, _ = document_bounds(s.documents.to(device).expand(batch, kv_len))  # [B, Skv]
+    q_doc = tiles.pad_dim(start[:, kv_len - q_len:].to(torch.int32), 1, q_rows, -2).contiguous()  # [B, Sq']
+    k_doc = tiles.pad_dim(start.to(torch.int32), 1, kv_cols, -1).contiguous()  # [B, Skv']
+
+    def documents_mod(b, h, q_idx, kv_idx):
+        return q_doc[b, q_idx] == k_doc[b, kv_idx]
+    return documents_mod
 
 
 def _general_mod(mask, q_len: int, kv_len: int, device):
@@ -168,9 +193,11 @@ class Flex(Backend):
             last = classes[..., -1]
             last[last == tiles.FULL] = tiles.PARTIAL
         classes = tiles.pad_dim(tiles.pad_dim(classes, 2, -(-sq // bq), tiles.EMPTY), 3, -(-skv // bk), tiles.EMPTY)
-        if tiles.is_structured(p.structure):
+        q_rows, kv_cols = classes.shape[2] * bq, classes.shape[3] * bk  # whole blocks
+        if _is_plain_documents(p.structure):
+            mask_mod = _documents_mod(p.structure, p.batch, p.q_len, p.kv_len, q_rows, kv_cols, p.device)
+        elif tiles.is_structured(p.structure):
             lo, hi, valid = tiles.row_bounds(p.structure, p.batch, p.q_len, p.kv_len, p.device)  # [B, Sq]
-            q_rows, kv_cols = classes.shape[2] * bq, classes.shape[3] * bk  # whole blocks
             lo = tiles.pad_dim(lo.to(torch.int32), 1, q_rows, skv).contiguous()  # padded rows see nothing
             hi = tiles.pad_dim(hi.to(torch.int32), 1, q_rows, -1).contiguous()  # [B, Sq']
             if valid is not None:
