@@ -94,6 +94,16 @@ def test_bidirectional_documents_use_the_document_start_mod():
         == "interval_mod"
 
 
+def test_custom_masks_in_whole_blocks_call_the_mask_mod_unmapped():
+    mask = masks.custom(lambda b, h, q, kv: ((q - kv) % 3 == 0) & (kv <= q)) & masks.padding((torch.arange(64) < 50).expand(2, 64))
+    q, k, v = make(2, 4, 2, 64, 64, 16, torch.float32)
+    assert flex.plan(describe(q, k, v, mask, None)).block_mask.mask_mod.__name__ == "bare_mod"
+    check(mask, Sq=64, Skv=64)
+    q, k, v = make(2, 4, 2, 8, 64, 16, torch.float32)
+    assert flex.plan(describe(q, k, v, mask, None)).block_mask.mask_mod.__name__ == "general_mod"
+    check(mask, Sq=8, Skv=64)
+
+
 def test_no_gqa_and_odd_head_dim():
     for name in ("documents_causal", "custom"):
         check(masks.CATALOGUE[name](2, 37), Hq=3, Hkv=3, D=24)

@@ -10,7 +10,7 @@ compiled kernels; other masks wrap their own ``mask_mod``.  flex hands
 ``mask_mod`` query indices relative to the call (``0 .. q_len - 1``) and, in the last block,
 indices past the ends: the interval tensors are indexed by the relative query and padded to
 whole blocks (padded rows see nothing, padded keys are invalid); custom masks get absolute,
-clamped positions.  The
+clamped positions (left unmapped when ``q_len == kv_len`` fills whole blocks).  The
 last column of tiles is never FULL when ``kv_len`` is not a multiple of the block, so keys past
 the end are always masked by ``mask_mod`` whatever the kernel does with them.  GQA goes through
 ``enable_gqa=True``.  Rows that see no key come out exactly 0 with zero gradient (tested on CPU
@@ -115,6 +115,17 @@ def _documents_mod(s, batch: int, q_len: int, kv_len: int, q_rows: int, kv_cols:
     return documents_mod
 
 
+def _bare_mod(mask):
+    """mask_mod that calls ``mask.mask_mod`` as it is, for calls with ``q_len == kv_len`` in whole
+    blocks: flex's indices are then the absolute positions and never run past the ends.  This is
+    the hand-rolled call; the mapping of :func:`_general_mod` (three scalar loads and two compares
+    per element) made a cheap custom mask 2x slower on an H200 (7.2 vs 3.7 ms fwd+bwd, B=4 S=4096).
+    """
+    def bare_mod(b, h, q_idx, kv_idx):
+        return mask.mask_mod(b, h, q_idx, kv_idx)
+    return bare_mod
+
+
 def _general_mod(mask, q_len: int, kv_len: int, device):
     """mask_mod wrapping ``mask.mask_mod`` with absolute, clamped positions."""
     info = torch.tensor([kv_len - q_len, q_len - 1, kv_len - 1], device=device)  # offset, last q, last kv
@@ -203,6 +214,8 @@ class Flex(Backend):
             if valid is not None:
                 valid = tiles.pad_dim(valid.to(torch.int32), 1, kv_cols, 0).contiguous()  # [B, Skv']
             mask_mod = _interval_mod(lo, hi, valid)
+        elif p.q_len == p.kv_len == q_rows == kv_cols:
+            mask_mod = _bare_mod(p.mask.to(p.device))  # whole blocks, no offset: nothing to map
         else:
             mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
         return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv)
