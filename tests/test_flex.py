@@ -195,6 +195,10 @@ def test_plan_cache_is_small_and_keyed_by_identity():
     for _ in range(40):
         backend.plan(describe(q, k, v, masks.full(), None))
     assert len(backend._plans) <= 32
+    for _ in range(10):  # a new dense mask per call (an HF model given a 4-D mask): few stay alive
+        backend.plan(describe(q, k, v, masks.dense(torch.rand(1, 1, 9, 9) > 0.5), None))
+    assert sum(plan.holds_mask for _, plan in backend._plans.values()) == 4
+    assert len(backend._plans) <= 32
 
 
 def test_cpu_reasons_are_accurate():

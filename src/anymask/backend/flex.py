@@ -15,7 +15,8 @@ last column of tiles is never FULL when ``kv_len`` is not a multiple of the bloc
 the end are always masked by ``mask_mod`` whatever the kernel does with them.  GQA goes through
 ``enable_gqa=True``.  Rows that see no key come out exactly 0 with zero gradient (tested on CPU
 and on an H200), so no fix-up is applied.  Masks are taken as immutable: the compiled form is
-cached by mask identity and shapes (LRU of 32).
+cached by mask identity and shapes (LRU of 32, of which at most 4 that call an opaque mask's
+``mask_mod`` and so keep it alive).
 
 Compilation: on CUDA ``dynamic=None`` (a second sequence length compiles one dynamic kernel that
 serves every later length).  On CPU, dynamic shapes hit an Inductor C++ codegen bug in torch 2.13
@@ -45,6 +46,7 @@ from .base import Backend
 
 BLOCK = 128  # sparse block size (both directions), flex's default
 _CACHE_SIZE = 32
+_HOLDING_SIZE = 4  # of which plans that keep their mask (and its tensors) alive
 _RECOMPILE_LIMIT = 64  # compiled variants of flex_attention (mask_mod kind x dtype x shapes) before eager
 
 _COMPILED: dict[str, Callable] = {}
@@ -71,6 +73,7 @@ class Plan:
     block_mask: object  # torch.nn.attention.flex_attention.BlockMask
     q_len: int  # padded query length the kernel sees
     kv_len: int  # padded key length the kernel sees
+    holds_mask: bool = False  # the mask_mod calls the mask itself (which may hold a large dense tensor)
 
 
 def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor | None):
@@ -192,6 +195,9 @@ class Flex(Backend):
         self._plans[key] = (p.mask, plan)  # the strong ref keeps id(p.mask) from being reused
         while len(self._plans) > _CACHE_SIZE:
             self._plans.popitem(last=False)
+        holding = [k for k, (_, pl) in self._plans.items() if pl.holds_mask]
+        for old in holding[:-_HOLDING_SIZE]:  # a model given a new dense 4-D mask every forward
+            del self._plans[old]
         return plan
 
     def _build(self, p) -> Plan:
@@ -218,7 +224,8 @@ class Flex(Backend):
             mask_mod = _bare_mod(p.mask.to(p.device))  # whole blocks, no offset: nothing to map
         else:
             mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
-        return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv)
+        holds = not (_is_plain_documents(p.structure) or tiles.is_structured(p.structure))
+        return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv, holds)
 
     # run -------------------------------------------------------------------------------------
     def run(self, q, k, v, p):
