@@ -4,8 +4,8 @@
 #   bash scripts/gpu_rounds.sh 1   # backends vs eager on CUDA (issue 2) + HF LoRA step per mask (issue 3)
 #   bash scripts/gpu_rounds.sh 2   # anymask bench, default GPU grid, --tune (issues 4, 5)
 #   bash scripts/gpu_rounds.sh 3   # cuDNN graphs (issue 5) + fine-tuning throughput (issue 6)
-#   bash scripts/gpu_rounds.sh 4   # what round 2/3 of 2026-11-29 left: GQA 32:8 and packed prefix-LM
-#                                  # cases with auto's remembered decision; prefix_lm/sft fine-tuning
+#   bash scripts/gpu_rounds.sh 4   # what 2026-11-29 left unmeasured: the training shape's bench cases
+#                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
 #
 # Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
 # (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
@@ -32,9 +32,11 @@ case "${1:-}" in
     timeout 250 python3 scripts/gpu_train_bench.py --budget-s 220 --out "$OUT" 2>&1 | tail -20
     ;;
   4)
-    OUT="$OUT/bench" bash scripts/gpu_bench.sh --masks documents_causal,packed_prefix_lm,sliding_window,custom \
-      --heads 16,32:8 --seqlens 4096 --dtypes bf16 --passes fwd+bwd 2>&1 | tail -12
-    timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks prefix_lm,sft --out "$OUT" 2>&1 | tail -8
+    # the 1B training shape (S 16384, GQA 32:8, head dim 64): flex's new document / bare mask_mods,
+    # packed prefix-LM, cudnn's cached plan, auto's remembered decision
+    OUT="$OUT/bench" bash scripts/gpu_bench.sh --masks documents,documents_causal,packed_prefix_lm,custom \
+      --heads 32:8 --head-dims 64 --seqlens 16384 --dtypes bf16 --passes fwd,fwd+bwd 2>&1 | tail -12
+    timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks prefix_lm,embedding --out "$OUT" 2>&1 | tail -8
     ;;
   *)
     echo "usage: $0 1|2|3|4" >&2
