@@ -25,7 +25,7 @@ python3 -m anymask info 2>&1 | tee -a "$OUT/bench.log"
 
 # No new problem starts after 400 s; at 540 s `timeout` stops the run (SIGTERM) and what is done is
 # written: either way the files come back inside the 10-minute limit.
-timeout -s TERM 540 python3 -m anymask.bench bench --grid gpu --tune --no-plot --out "$OUT" --tag gpu --deadline 400 "$@" \
+timeout -s TERM "${BENCH_TIMEOUT:-540}" python3 -m anymask.bench bench --grid gpu --tune --no-plot --out "$OUT" --tag gpu --deadline 400 "$@" \
   >"$OUT/table.txt" 2> >(tee -a "$OUT/bench.log" >&2)
 rc=$?
 cp "$ANYMASK_CACHE_DIR/choices.json" "$OUT/choices.json" 2>/dev/null
