@@ -236,6 +236,8 @@ def test_packed_prefix_lm_docstring_grid():
     assert s.kind() == "documents+prefix_groups"
     lo, hi = row_intervals(s, 1, 8, 8)
     assert lo.tolist() == [[0, 0, 0, 0, 0, 5, 5, 5]] and hi.tolist() == [[2, 2, 2, 3, 4, 6, 6, 7]]
+    small = M.documents(lengths=[3, 2]) & (M.causal() | M.documents([0, 0, -3, 1, -5]))  # anymask.masks docstring
+    assert small.picture(5).splitlines() == ["# # . . .", "# # . . .", "# # # . .", ". . . # .", ". . . # #"]
 
 
 SEQ = 9

@@ -22,6 +22,17 @@ Masks compose with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation
         # # # # .                                  . . # # .
         # # # # #                                  . . # # #
 
+Packed prefix-LM (each document's prompt bidirectional, the rest causal) composes the same way:
+a document's prompt tokens share a group id, every other token is its own group::
+
+    documents(lengths=[3, 2]) & (causal() | documents([0, 0, -3, 1, -5]))
+
+        # # . . .           doc 0: prompt of 2, then 1 answer token
+        # # . . .           doc 1: prompt of 1, then 1 answer token
+        # # # . .
+        . . . # .
+        . . . # #
+
 Masks are immutable: constructors copy their inputs (``dense`` excepted), and backends cache
 what they compile from a mask object (BlockMasks, tile lists, dense tensors).
 
