@@ -186,3 +186,20 @@ def test_transformers_flattening_collator_batch(spec):
         packed = model(**batch, output_hidden_states=True).hidden_states[-1]
     alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_of_the_model_gives_the_same_result():
+    """Users compile their models: anymask's attention must stay exact under torch.compile
+    (it may graph-break where it reads host values; it must never change the result)."""
+    model = tiny_model("llama")
+    anymask.hf.set_mask(model, "bidirectional")
+    torch.manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    valid = torch.ones(2, 16, dtype=torch.long)
+    valid[1, :4] = 0
+    expected = _hidden(model, input_ids=ids, attention_mask=valid)
+    torch._dynamo.reset()
+    got = _hidden(torch.compile(model), input_ids=ids, attention_mask=valid)
+    torch._dynamo.reset()
+    rows = valid.bool()
+    torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)
