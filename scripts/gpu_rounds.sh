@@ -6,6 +6,7 @@
 #   bash scripts/gpu_rounds.sh 3   # cuDNN graphs (issue 5) + fine-tuning throughput (issue 6)
 #   bash scripts/gpu_rounds.sh 4   # what 2026-11-29 left unmeasured: the training shape's bench cases
 #                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
+#   bash scripts/gpu_rounds.sh 5   # the default grid's GQA 32:8 cases (cut by round 2's deadline)
 #
 # Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
 # (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
@@ -38,8 +39,12 @@ case "${1:-}" in
       --heads 32:8 --head-dims 64 --seqlens 16384 --dtypes bf16 --passes fwd,fwd+bwd --deadline 220 2>&1 | tail -12
     timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks prefix_lm,embedding --out "$OUT" 2>&1 | tail -8
     ;;
+  5)
+    # the default grid's GQA 32:8 cases, which round 2's deadline cut on 2026-11-29
+    OUT="$OUT/gqa" bash scripts/gpu_bench.sh --heads 32:8 --seqlens 4096 --dtypes bf16 --passes fwd+bwd 2>&1 | tail -14
+    ;;
   *)
-    echo "usage: $0 1|2|3|4" >&2
+    echo "usage: $0 1|2|3|4|5" >&2
     exit 2
     ;;
 esac
