@@ -20,7 +20,8 @@ memory-efficient kernel is the best peer.  ``triton`` and ``cudnn`` come after t
 backends until ``anymask tune`` measures them on the machine at hand.  On CPU, FlexAttention
 runs only forward (training falls through to sdpa/varlen).
 
-Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.  When a
+Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.  ``auto``
+remembers its decision per mask object and call shape until the measured choices change.  When a
 backend chosen by ``auto`` fails at run time, :func:`anymask.attention` warns and moves on to the
 next candidate; a named backend fails loudly.
 """
@@ -105,8 +106,9 @@ def choose(p: Problem, requested: str = "auto") -> B.Backend:
 
 
 # auto's decision per (mask object, shapes, dtype, device, grad, tuning state), holding the mask
-# weakly (a dense mask can be large): every layer of a model calls with the same mask, and a decision costs ~0.1 ms of host time on a GPU machine
-# (H200 host: 0.39 ms against 0.24 ms for a forced flex call), which short calls cannot hide.
+# weakly (a dense mask can be large).  Every layer of a model calls with the same mask, and a
+# decision costs ~0.1 ms of host time on a GPU machine (H200 host: 0.39 ms against 0.24 ms for a
+# forced flex call), which short calls cannot hide.
 _AUTO: OrderedDict = OrderedDict()
 _AUTO_SIZE = 64
 
