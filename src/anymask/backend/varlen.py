@@ -150,10 +150,11 @@ def split_segments(q, k, v, p, lay):
         q_sizes, q_seg = _chunks([(qs, lq) for qs, lq, _, _ in spans[b]], Sq)
         k_sizes, k_seg = _chunks([(ks, lk) for _, _, ks, lk in spans[b]], Skv)
         qc, kc, vc = q_row.split(q_sizes, dim=1), k_row.split(k_sizes, dim=1), v_row.split(k_sizes, dim=1)
-        pieces = [q.new_zeros(Hq, n, D) for n in q_sizes]
+        pieces: list[torch.Tensor | None] = [None] * len(q_sizes)
         for i, (_, lq, _, lk) in enumerate(spans[b]):
             qi, ki = q_seg[i], k_seg[i]
             pieces[qi] = _attend(qc[qi][None], kc[ki][None], vc[ki][None], p, lq, lk)[0]  # [Hq, lq, D]
+        pieces = [x if x is not None else q.new_zeros(Hq, n, D) for x, n in zip(pieces, q_sizes)]  # gaps: 0
         rows.append(torch.cat(pieces, dim=1))  # [Hq, Sq, D]
     return torch.stack(rows)
 
