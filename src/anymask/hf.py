@@ -130,8 +130,10 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, anymask_attention_forward)
-    AttentionMaskInterface.register(NAME, anymask_mask_interface)
+    # Opaque to torch.compile (one graph break per call, see anymask.attention): the mask is
+    # assembled from host values, and tracing it splits each layer into many small graphs.
+    AttentionInterface.register(NAME, torch.compiler.disable(anymask_attention_forward, recursive=True))
+    AttentionMaskInterface.register(NAME, torch.compiler.disable(anymask_mask_interface, recursive=True))
 
 
 def set_mask(model: torch.nn.Module, spec, backend: str = "auto") -> torch.nn.Module:
