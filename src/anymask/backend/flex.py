@@ -96,9 +96,8 @@ def _interval_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor | None
 
 
 def _is_plain_documents(s) -> bool:
-    """Contiguous documents on a full base, nothing else: the bidirectional packed case."""
-    return (s.base == "full" and s.documents is not None and s.valid is None and not s.general
-            and tiles.is_structured(s))
+    """Documents on a full base, nothing else: the bidirectional packed case (when structured)."""
+    return s.base == "full" and s.documents is not None and s.valid is None and not s.general
 
 
 def _documents_mod(s, batch: int, q_len: int, kv_len: int, q_rows: int, kv_cols: int, device):
@@ -211,9 +210,10 @@ class Flex(Backend):
             last[last == tiles.FULL] = tiles.PARTIAL
         classes = tiles.pad_dim(tiles.pad_dim(classes, 2, -(-sq // bq), tiles.EMPTY), 3, -(-skv // bk), tiles.EMPTY)
         q_rows, kv_cols = classes.shape[2] * bq, classes.shape[3] * bk  # whole blocks
-        if _is_plain_documents(p.structure):
+        structured = tiles.is_structured(p.structure)  # contiguity: a host sync, checked once
+        if structured and _is_plain_documents(p.structure):
             mask_mod = _documents_mod(p.structure, p.batch, p.q_len, p.kv_len, q_rows, kv_cols, p.device)
-        elif tiles.is_structured(p.structure):
+        elif structured:
             lo, hi, valid = tiles.row_bounds(p.structure, p.batch, p.q_len, p.kv_len, p.device)  # [B, Sq]
             lo = tiles.pad_dim(lo.to(torch.int32), 1, q_rows, skv).contiguous()  # padded rows see nothing
             hi = tiles.pad_dim(hi.to(torch.int32), 1, q_rows, -1).contiguous()  # [B, Sq']
@@ -224,8 +224,7 @@ class Flex(Backend):
             mask_mod = _bare_mod(p.mask.to(p.device))  # whole blocks, no offset: nothing to map
         else:
             mask_mod = _general_mod(p.mask.to(p.device), p.q_len, p.kv_len, p.device)
-        holds = not (_is_plain_documents(p.structure) or tiles.is_structured(p.structure))
-        return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv, holds)
+        return Plan(block_mask_from_tiles(classes, (bq, bk), (sq, skv), mask_mod), sq, skv, not structured)
 
     # run -------------------------------------------------------------------------------------
     def run(self, q, k, v, p):
