@@ -1,27 +1,14 @@
 """Which mask_mod formulation keeps compiled flex fast at head dim 64 (GQA 32:8, S 16384, packed docs)?"""
-import random
 import torch
+from gpu_probe_common import cuda_ms as ms, packed_lengths
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 torch._dynamo.config.recompile_limit = 64
 dev = torch.device("cuda")
 cflex = torch.compile(flex_attention, dynamic=False)
 
-
-def ms(fn, n=10):
-    fn(); fn(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record(); torch.cuda.synchronize()
-    return round(s.elapsed_time(e) / n, 3)
-
-
 S = 16384
-rng = random.Random(0); lengths, rem = [], S
-while rem > 0:
-    n = min(rem, rng.randint(256, 4096)); lengths.append(n); rem -= n
+lengths = packed_lengths(S)
 ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
 starts = torch.tensor([0] + lengths[:-1], device=dev).cumsum(0)
 ends = starts + torch.tensor(lengths, device=dev) - 1

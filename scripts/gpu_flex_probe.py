@@ -1,6 +1,6 @@
 """Isolate a slow anymask flex forward (GQA / head dim 64) against a hand-rolled create_block_mask."""
-import os, random, sys, time
 import torch
+from gpu_probe_common import cuda_ms as ms, packed_lengths
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 import anymask
 from anymask import masks
@@ -11,25 +11,13 @@ dev = torch.device("cuda")
 cflex = torch.compile(flex_attention, dynamic=False)
 
 
-def ms(fn, n=10):
-    fn(); fn(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record(); torch.cuda.synchronize()
-    return round(s.elapsed_time(e) / n, 3)
-
-
 def stats(bm):
     t = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, bm.q_num_blocks, bm.full_q_num_blocks]
     return [(tuple(x.shape), str(x.dtype).replace("torch.", ""), int(x.sum()) if x.dim() < 4 else x.is_contiguous()) if x is not None else None for x in t] + [bm.BLOCK_SIZE, bm.seq_lengths]
 
 
 S = 16384
-rng = random.Random(0); lengths, rem = [], S
-while rem > 0:
-    n = min(rem, rng.randint(256, 4096)); lengths.append(n); rem -= n
+lengths = packed_lengths(S)
 ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
 m = masks.documents(ids.unsqueeze(0))
 raw_bm = create_block_mask(lambda b, h, qi, ki: ids[qi] == ids[ki], 1, None, S, S, device=dev)

@@ -6,11 +6,12 @@ GPU time per call (events), host time per call, and the sync/copy calls the prof
 Part B: one training step of gpu_train_bench (diffusion task), anymask vs flex_attention, under
 torch.profiler: top ops by CUDA and by CPU time, dynamo recompiles.  Logs to $OUT.
 """
-import json, os, random, sys, time
+import json, os, sys, time
 from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_probe_common import packed_lengths  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 DEV = os.environ.get("PROBE_DEVICE", "cuda")
 TINY = DEV == "cpu"
@@ -45,10 +46,7 @@ def part_a():
     from anymask import masks
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     S, H, KV, D = 16384, 32, 8, 64
-    rng = random.Random(0)
-    lengths, rem = [], S
-    while rem > 0:
-        n = min(rem, rng.randint(256, 4096)); lengths.append(n); rem -= n
+    lengths = packed_lengths(S)
     ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(dev)
     q = torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, KV, S, D, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -1,0 +1,26 @@
+"""What the GPU probe scripts share: the packed-document lengths they all use and a CUDA timer."""
+
+import random
+
+import torch
+
+
+def packed_lengths(total: int, seed: int = 0, lo: int = 256, hi: int = 4096) -> list[int]:
+    """Document lengths drawn from [lo, hi] (the last one cut) that sum to ``total``."""
+    rng, out, rem = random.Random(seed), [], total
+    while rem > 0:
+        n = min(rem, rng.randint(lo, hi))
+        out.append(n)
+        rem -= n
+    return out
+
+
+def cuda_ms(fn, n: int = 10) -> float:
+    """Mean ms per call of ``fn`` over ``n`` back-to-back calls (CUDA events), after two warm-ups."""
+    fn(); fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record(); torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / n, 3)
