@@ -6,6 +6,10 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}src"
 log="${OUT:-.}/core_check.log"
 python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' | tee "$log"
 python3 -m anymask info | tee -a "$log"
-timeout "${CORE_TIMEOUT:-300}" python3 -m pytest -q -rs -p no:cacheprovider \
+# Per-test limit (pytest-timeout, on the device image) so one slow test is named instead of the whole
+# run being cut: on 2026-11-29 two runs stopped at 82-83% with no failure and no name.
+per_test=()
+python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT:-60}")
+timeout "${CORE_TIMEOUT:-300}" python3 -m pytest -q -rs -p no:cacheprovider --durations 15 "${per_test[@]}" \
   tests/test_backends_agree.py tests/test_flex.py tests/test_varlen.py tests/test_flash_xformers.py \
   -k "cuda or gpu" 2>&1 | tee -a "$log" | tail -40

@@ -8,6 +8,9 @@
 #                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
 #   bash scripts/gpu_rounds.sh 5   # the default grid's GQA 32:8 cases (cut by round 2's deadline)
 #
+# On an nvidia-h200-x2 machine: scripts/gpu_round4_x2.sh (round 4 over both GPUs) and
+# scripts/gpu_two_gpu.sh (DDP / FSDP2 against one GPU).
+#
 # Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
 # (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
 # Logs and results go to $OUT.

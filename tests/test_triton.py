@@ -369,6 +369,14 @@ def test_strided_inputs_from_bshd_layout(delegated):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     for t, r in zip((q, k, v), leaves):
         torch.testing.assert_close(t.grad, r.grad, atol=2e-5, rtol=2e-5)
+    # output and gradients keep the [B, S, H, D] layout underneath: no copies after the call
+    for t in (out, q.grad, k.grad, v.grad):
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+    dense = torch.randn(B, H, S, D, device=DEVICE)
+    out = anymask.attention(dense, dense, dense, mask, backend="triton")
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, anymask.attention(dense, dense, dense, mask, backend="eager"), atol=2e-5,
+                               rtol=2e-5)
 
 
 @needs_triton

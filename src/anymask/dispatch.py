@@ -2,23 +2,29 @@
 
 Static preference (used until ``anymask tune`` has measured this machine), first that can run:
 
-    device  dtype        mask                                   order
-    cuda    bf16/fp16    full or causal (no documents/padding)  sdpa, flash_attn, flex, triton, cudnn
-    cuda    bf16/fp16    structured (documents/padding/window/  flex, varlen, triton, flash_attn,
-                         prefix-LM)                             cudnn, sdpa
-    cuda    fp32         anything                               sdpa, triton, flex
-    cpu     any          full or causal                         sdpa, flex
-    cpu     any          documents or padding, kv_len >= 512    varlen, flex, sdpa
-    cpu     any          documents or padding, kv_len < 512     sdpa, varlen, flex
-    cpu     any          anything else (window, prefix-LM...)   flex, sdpa
-    any     any          (last resort)                          eager
+    device  dtype      mask                                        order
+    cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex
+    cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa
+    cuda    bf16/fp16  other structured (documents/padding/        triton, flex, cudnn, varlen, flash_attn,
+                       window/prefix-LM)                           sdpa
+    cuda    bf16/fp16  opaque terms (custom)                       flex, sdpa
+    cuda    fp32       full or causal                              sdpa, varlen, triton, flex
+    cuda    fp32       documents or padding                        varlen, triton, sdpa, flex
+    cuda    fp32       prefix-LM                                   sdpa, triton, flex
+    cuda    fp32       other structured / opaque                   triton, sdpa, flex
+    cpu     any        full or causal                              sdpa, flex
+    cpu     any        documents or padding, kv_len >= 512         varlen, flex, sdpa
+    cpu     any        documents or padding, kv_len < 512          sdpa, varlen, flex
+    cpu     any        anything else (window, prefix-LM...)        flex, sdpa
+    any     any        (last resort)                               eager
 
-The order follows what was measured on an H200 (torch 2.11) and a 2-core CPU: SDPA (cuDNN /
-flash kernels) wins plain causal and full; FlexAttention beats SDPA-with-a-dense-mask 3-8x on
-structured masks in bf16; packed varlen beats the dense mask 1.5-2.6x; in fp32 SDPA's
-memory-efficient kernel is the best peer.  ``triton`` and ``cudnn`` come after the verified
-backends until ``anymask tune`` measures them on the machine at hand.  On CPU, FlexAttention
-runs only forward (training falls through to sdpa/varlen).
+The order is what won on an H200 (torch 2.11, Triton 3.6; ``benchmarks/results/nvidia-h200``,
+62 cases, every backend checked against float64) and on a 2-core CPU: SDPA's cuDNN / flash kernels
+win plain causal and full; our Triton kernel beats FlexAttention by 1.0-1.6x on structured masks in
+bf16 (up to 1.6x on causal packed documents at head dim 64), cuDNN wins causal sliding windows;
+in fp32 unpadded ``varlen`` wins documents and padding and Triton the other structured masks.
+Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
+reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
 Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.  ``auto``
 remembers its decision per mask object and call shape until the measured choices change.  When a
@@ -37,9 +43,14 @@ import torch
 from . import backend as B
 from .problem import Problem
 
-_CUDA_DENSE = ("sdpa", "flash_attn", "flex", "triton", "cudnn")
-_CUDA_STRUCTURED = ("flex", "varlen", "triton", "flash_attn", "cudnn", "sdpa")
-_CUDA_FP32 = ("sdpa", "triton", "flex")
+_CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex")
+_CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")
+_CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")
+_CUDA_OPAQUE = ("flex", "triton", "cudnn", "varlen", "flash_attn", "sdpa")
+_CUDA_FP32_DENSE = ("sdpa", "varlen", "triton", "flex")
+_CUDA_FP32_PACKED = ("varlen", "triton", "sdpa", "flex")
+_CUDA_FP32_PREFIX = ("sdpa", "triton", "flex")
+_CUDA_FP32_OTHER = ("triton", "sdpa", "flex")
 _CPU_PACKED = ("varlen", "flex", "sdpa")
 _CPU_PACKED_SHORT = ("sdpa", "varlen", "flex")  # below ~512 tokens per-segment calls cost more than they save
 _CPU_SHORT = 512
@@ -49,14 +60,28 @@ _CPU_STRUCTURED = ("flex", "sdpa")
 
 def static_preference(p: Problem) -> tuple[str, ...]:
     s = p.structure
-    plain = s.is_structured and s.documents is None and s.valid is None and s.base in ("full", "causal")
+    packed = s.documents is not None or s.valid is not None
+    plain = s.is_structured and not packed and s.base in ("full", "causal")
     if p.device_type == "cuda":
         if p.dtype in (torch.float16, torch.bfloat16):
-            order = _CUDA_DENSE if plain else _CUDA_STRUCTURED
+            if plain:
+                order = _CUDA_DENSE
+            elif not s.is_structured:
+                order = _CUDA_OPAQUE
+            elif s.base == "window" and not packed:
+                order = _CUDA_WINDOW
+            else:
+                order = _CUDA_STRUCTURED
+        elif plain:
+            order = _CUDA_FP32_DENSE
+        elif packed:
+            order = _CUDA_FP32_PACKED
+        elif s.is_structured and s.base == "prefix_lm":
+            order = _CUDA_FP32_PREFIX
         else:
-            order = _CUDA_FP32
+            order = _CUDA_FP32_OTHER
     else:
-        if s.documents is not None or s.valid is not None:
+        if packed:
             order = _CPU_PACKED if p.kv_len >= _CPU_SHORT else _CPU_PACKED_SHORT
         else:
             order = _CPU_PLAIN if plain else _CPU_STRUCTURED

@@ -81,14 +81,27 @@ def _plot(rows, out: Path, meta: dict) -> None:
         print(f"anymask bench: no plots ({exc}); later: anymask bench --plot-only {out}", file=sys.stderr)
 
 
+def _read_results(file: Path) -> dict:
+    """A bench result's JSON document, or ``{}`` when ``file`` is unreadable or something else."""
+    try:
+        doc = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) and "rows" in doc and "meta" in doc else {}
+
+
 def _plot_only(path: Path) -> int:
     """Plots, CSV and the summaries again from an earlier run's JSON rows: ``--plot-only DIR_OR_JSON``."""
     from . import report
     from .runner import Row
 
+    if not path.exists():
+        raise SystemExit(f"anymask bench --plot-only: no such file or directory: {path}")
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-    docs = {file: json.loads(file.read_text()) for file in files}
-    docs = {file: doc for file, doc in docs.items() if "rows" in doc and "meta" in doc}  # bench results only
+    docs = {file: _read_results(file) for file in files}
+    docs = {file: doc for file, doc in docs.items() if doc}  # bench results only
+    if not docs:
+        raise SystemExit(f"anymask bench --plot-only: no bench results (JSON with rows and meta) in {path}")
     for file, doc in docs.items():
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
         out = file.parent / file.stem if len(docs) > 1 else file.parent
@@ -107,15 +120,8 @@ def _plot_only(path: Path) -> int:
 def _merge(files: list[str], out: Path, tag: str) -> int:
     """One result from the parts of a grid run separately (e.g. one part per GPU): rows and cases
     concatenated, meta of the first part with every part's grid options, date and commit."""
-    def read(f: str) -> dict:
-        try:
-            doc = json.loads(Path(f).read_text())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    docs = [read(f) for f in files]
-    bad = [f for f, d in zip(files, docs) if not ("rows" in d and "meta" in d)]
+    docs = [_read_results(Path(f)) for f in files]
+    bad = [f for f, d in zip(files, docs) if not d]
     if bad:
         raise SystemExit(f"anymask bench --merge: not bench results: {', '.join(bad)}")
     devices = {d["meta"]["device"] for d in docs}
@@ -123,7 +129,7 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
         raise SystemExit(f"anymask bench --merge: parts from different devices: {', '.join(sorted(devices))}")
     meta = dict(docs[0]["meta"])
     meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
-    meta["parts"] = [{"file": f, "date": d["meta"].get("date"), "git_commit": d["meta"].get("git_commit"),
+    meta["parts"] = [{"file": Path(f).name, "date": d["meta"].get("date"), "git_commit": d["meta"].get("git_commit"),
                       "command": d["meta"].get("command"), "seconds": d["summary"].get("seconds")}
                      for f, d in zip(files, docs)]
     summary = dict(docs[0]["summary"], seconds=round(sum(d["summary"].get("seconds", 0) for d in docs), 1),

@@ -218,6 +218,12 @@ def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
     return dq
 
 
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor in ``t``'s memory layout when its last dim is dense, else contiguous."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
              cfg_dkdv: Config, cfg_dq: Config):
     """Gradients ``dq [B, Hq, Sq, D]``, ``dk, dv [B, Hkv, Skv, D]`` in the inputs' dtypes.
@@ -226,7 +232,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     """
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
-    do = do.contiguous()
+    do = do if do.stride(-1) == 1 else do.contiguous()  # the kernels take strides; only D must be dense
     delta = torch.empty_like(lse)  # [B, Hq, Sq] fp32
     _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
         o, do, delta, Sq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
@@ -236,8 +242,8 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     kpad = bounds.kvalid is not None
     common = (bounds.lo, bounds.hi, kvalid)
 
-    dk = torch.empty(B, Hkv, Skv, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty_like(dk)
+    dk = _like(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
+    dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
     tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
     n_n = tiles.shape[1]
     _dkdv_kernel[(B * Hkv, n_n)](
@@ -251,7 +257,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged,
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
-    dq = torch.empty(B, H, Sq, D, dtype=q.dtype, device=q.device)
+    dq = _like(q)
     tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
     n_m = tiles.shape[1]
     _dq_kernel[(B * H, n_m)](

@@ -122,7 +122,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     tiles, order = mask_bounds.row_tiles(bounds, cfg.block_m, cfg.block_n)  # [Bm, nM, 4], [Bm, nM]
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)  # [B, Hq, Sq, D]
+    o = torch.empty_like(q)  # [B, Hq, Sq, D] in q's layout: a [B, S, H, D] view stays one (no copy downstream)
+    if o.stride(-1) != 1:
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     kvalid = bounds.kvalid if bounds.kvalid is not None else bounds.lo
     per_b = bounds.batch > 1

@@ -1,0 +1,51 @@
+"""The static preference (what ``auto`` runs before ``anymask tune`` has measured a machine)
+follows the table in ``anymask.dispatch``'s docstring, for every row of it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from anymask import dispatch
+from anymask import masks as M
+from anymask.problem import describe
+
+S = 64
+DOCS = M.documents(lengths=[[20, 44]])
+PAD = M.padding(torch.tensor([[True] * 50 + [False] * 14]))
+CUSTOM = M.custom(lambda b, h, q, k: (q + k) % 3 != 0)
+
+ROWS = [  # (device, dtype, mask, the order the docstring gives)
+    ("cuda", torch.bfloat16, M.full(), ("sdpa", "flash_attn", "cudnn", "triton", "flex")),
+    ("cuda", torch.float16, M.causal(), ("sdpa", "flash_attn", "cudnn", "triton", "flex")),
+    ("cuda", torch.bfloat16, M.window(16, 0), ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")),
+    ("cuda", torch.bfloat16, DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, M.causal() & DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, M.window(16, 0) & PAD, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, M.prefix_lm(16), ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, CUSTOM, ("flex", "triton", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.float32, M.causal(), ("sdpa", "varlen", "triton", "flex")),
+    ("cuda", torch.float32, M.causal() & DOCS, ("varlen", "triton", "sdpa", "flex")),
+    ("cuda", torch.float32, PAD, ("varlen", "triton", "sdpa", "flex")),
+    ("cuda", torch.float32, M.prefix_lm(16), ("sdpa", "triton", "flex")),
+    ("cuda", torch.float32, M.window(16, 0), ("triton", "sdpa", "flex")),
+    ("cuda", torch.float32, CUSTOM, ("triton", "sdpa", "flex")),
+    ("cpu", torch.float32, M.causal(), ("sdpa", "flex")),
+    ("cpu", torch.float32, M.window(16, 0), ("flex", "sdpa")),
+]
+
+
+@pytest.mark.parametrize("device, dtype, mask, order", ROWS, ids=lambda x: getattr(x, "name", None) or str(x))
+def test_static_preference_follows_the_documented_table(device, dtype, mask, order):
+    q = torch.zeros(1, 2, S, 16, dtype=dtype)
+    p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device(device))
+    assert dispatch.static_preference(p) == (*order, "eager")
+    for name in order:
+        assert name in dispatch.__doc__
+
+
+@pytest.mark.parametrize("kv_len, order", [(1024, ("varlen", "flex", "sdpa")), (256, ("sdpa", "varlen", "flex"))])
+def test_cpu_packed_preference_depends_on_length(kv_len, order):
+    q = torch.zeros(1, 1, kv_len, 8)
+    p = describe(q, q, q, M.documents(lengths=[[kv_len // 2, kv_len - kv_len // 2]]), None)
+    assert dispatch.static_preference(p) == (*order, "eager")
