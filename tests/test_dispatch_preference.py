@@ -23,7 +23,7 @@ ROWS = [  # (device, dtype, mask, the order the docstring gives)
     ("cuda", torch.bfloat16, M.causal() & DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
     ("cuda", torch.bfloat16, M.window(16, 0) & PAD, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
     ("cuda", torch.bfloat16, M.prefix_lm(16), ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
-    ("cuda", torch.bfloat16, CUSTOM, ("flex", "triton", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, CUSTOM, ("flex", "sdpa")),
     ("cuda", torch.float32, M.causal(), ("sdpa", "varlen", "triton", "flex")),
     ("cuda", torch.float32, M.causal() & DOCS, ("varlen", "triton", "sdpa", "flex")),
     ("cuda", torch.float32, PAD, ("varlen", "triton", "sdpa", "flex")),

@@ -46,7 +46,7 @@ from .problem import Problem
 _CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex")
 _CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")
 _CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")
-_CUDA_OPAQUE = ("flex", "triton", "cudnn", "varlen", "flash_attn", "sdpa")
+_CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
 _CUDA_FP32_DENSE = ("sdpa", "varlen", "triton", "flex")
 _CUDA_FP32_PACKED = ("varlen", "triton", "sdpa", "flex")
 _CUDA_FP32_PREFIX = ("sdpa", "triton", "flex")

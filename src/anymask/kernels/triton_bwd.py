@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import mask_bounds
 from .config import Config
-from .triton_fwd import LOG2E
+from .triton_fwd import LOG2E, empty_in_layout
 
 
 @triton.jit
@@ -218,12 +218,6 @@ def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
     return dq
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor in ``t``'s memory layout when its last dim is dense, else contiguous."""
-    out = torch.empty_like(t)
-    return out if out.stride(-1) == 1 else torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
 def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
              cfg_dkdv: Config, cfg_dq: Config):
     """Gradients ``dq [B, Hq, Sq, D]``, ``dk, dv [B, Hkv, Skv, D]`` in the inputs' dtypes.
@@ -242,7 +236,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     kpad = bounds.kvalid is not None
     common = (bounds.lo, bounds.hi, kvalid)
 
-    dk = _like(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
+    dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
     tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
     n_n = tiles.shape[1]
@@ -257,7 +251,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged,
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
-    dq = _like(q)
+    dq = empty_in_layout(q)
     tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
     n_m = tiles.shape[1]
     _dq_kernel[(B * H, n_m)](

@@ -113,6 +113,14 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
 LOG2E = 1.4426950408889634
 
 
+def empty_in_layout(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like ``t`` in ``t``'s memory layout (last dim dense), else contiguous.  Outputs
+    and gradients of ``[B, S, H, D]`` views (the Hugging Face layout) stay such views, so the caller's
+    transpose back copies nothing."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_bounds.MaskBounds,
             scale: float, cfg: Config):
     """Attention output ``[B, Hq, Sq, D]`` (q's dtype) and base-2 LSE ``[B, Hq, Sq]`` (fp32).
@@ -122,9 +130,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     tiles, order = mask_bounds.row_tiles(bounds, cfg.block_m, cfg.block_n)  # [Bm, nM, 4], [Bm, nM]
-    o = torch.empty_like(q)  # [B, Hq, Sq, D] in q's layout: a [B, S, H, D] view stays one (no copy downstream)
-    if o.stride(-1) != 1:
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = empty_in_layout(q)  # [B, Hq, Sq, D]
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
     kvalid = bounds.kvalid if bounds.kvalid is not None else bounds.lo
     per_b = bounds.batch > 1
