@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import mask_bounds
 from .config import Config
-from .triton_fwd import LOG2E, empty_in_layout
+from .triton_fwd import LOG2E, empty_in_layout, partial_count, partial_tile
 
 
 @triton.jit
@@ -106,7 +106,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
     hi_base = HI + b * s_bnd
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    n_lead = full_first - first
     for g in range(GROUPS):
         h = hk * GROUPS + g
         bh = b * (HKV * GROUPS) + h
@@ -114,11 +113,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         lse_base = LSE + bh.to(tl.int64) * Sq
         delta_base = DELTA + bh.to(tl.int64) * Sq
-        n_partial = n_lead
-        if MERGED:
-            n_partial = (end - first) - (full_end - full_first)
-        for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
-            m = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
+        for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
+            m = partial_tile(i, first, full_first, full_end)
             dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
                                 delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
                                 True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
@@ -170,12 +166,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    n_lead = full_first - first
-    n_partial = n_lead
-    if MERGED:
-        n_partial = (end - first) - (full_end - full_first)
-    for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
-        n = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
+    for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
+        n = partial_tile(i, first, full_first, full_end)
         dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
                       True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     for n in range(full_first, full_end):

@@ -22,6 +22,21 @@ if interpreting():
 
 
 @triton.jit
+def partial_count(first, full_first, full_end, end, MERGED: tl.constexpr):
+    """Partial tiles of the first loop: the ones before the full run, and (MERGED) those after it."""
+    n = full_first - first
+    if MERGED:
+        n = (end - first) - (full_end - full_first)
+    return n
+
+
+@triton.jit
+def partial_tile(i, first, full_first, full_end):
+    """The ``i``-th partial tile: ``first, ..., full_first - 1``, then on from ``full_end``."""
+    return first + i + (i >= full_first - first).to(tl.int32) * (full_end - full_first)
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, qk_scale,
               MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """One kv tile of online softmax; ``k_ptrs``/``v_ptrs`` point at the tile's first key."""
@@ -81,12 +96,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_lead = full_first - first
-    n_partial = n_lead
-    if MERGED:
-        n_partial = (end - first) - (full_end - full_first)
-    for i in range(0, n_partial):  # partial tiles: before the full run, then (if MERGED) after it
-        n = first + i + (i >= n_lead).to(tl.int32) * (full_end - full_first)
+    for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
+        n = partial_tile(i, first, full_first, full_end)
         kv0 = n * BLOCK_N
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                   v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
