@@ -8,8 +8,10 @@
 #                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
 #   bash scripts/gpu_rounds.sh 5   # the default grid's GQA 32:8 cases (cut by round 2's deadline)
 #
-# On an nvidia-h200-x2 machine: scripts/gpu_round4_x2.sh (round 4 over both GPUs) and
-# scripts/gpu_two_gpu.sh (DDP / FSDP2 against one GPU).
+# On an nvidia-h200-x2 machine:
+#   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
+#                                  # tasks) on GPU 1
+#   bash scripts/gpu_two_gpu.sh    # DDP / FSDP2 against one GPU (issue 7)
 #
 # Round 3 (and round 2, for the cudnn rows) wants nvidia-cudnn-frontend carried as a wheel in .whl/
 # (see the device notes); without it the cudnn backend reports its reason and the rest still runs.
@@ -17,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/anymask-gpu}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the x2 machine's rule
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
@@ -42,12 +45,22 @@ case "${1:-}" in
       --heads 32:8 --head-dims 64 --seqlens 16384 --dtypes bf16 --passes fwd,fwd+bwd --deadline 220 2>&1 | tail -12
     timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks prefix_lm,embedding --out "$OUT" 2>&1 | tail -8
     ;;
+  4x2)
+    (CUDA_VISIBLE_DEVICES=0 OUT="$OUT/bench" BENCH_TIMEOUT=330 bash scripts/gpu_bench.sh \
+       --masks documents,documents_causal,packed_prefix_lm,custom --heads 32:8 --head-dims 64 --seqlens 16384 \
+       --dtypes bf16 --passes fwd,fwd+bwd --deadline 250 >"$OUT/bench_stdout.log" 2>&1) &
+    (CUDA_VISIBLE_DEVICES=1 timeout 420 python3 scripts/gpu_train_bench.py --budget-s 380 \
+       --tasks prefix_lm,embedding,sft,diffusion --out "$OUT" >"$OUT/train_stdout.log" 2>&1) &
+    wait
+    tail -14 "$OUT/bench_stdout.log"
+    tail -12 "$OUT/train_stdout.log"
+    ;;
   5)
     # the default grid's GQA 32:8 cases, which round 2's deadline cut on 2026-11-29
     OUT="$OUT/gqa" bash scripts/gpu_bench.sh --heads 32:8 --seqlens 4096 --dtypes bf16 --passes fwd+bwd 2>&1 | tail -14
     ;;
   *)
-    echo "usage: $0 1|2|3|4|5" >&2
+    echo "usage: $0 1|2|3|4|4x2|5" >&2
     exit 2
     ;;
 esac
