@@ -35,12 +35,11 @@ next candidate; a named backend fails loudly.
 from __future__ import annotations
 
 import os
-import weakref
-from collections import OrderedDict
 
 import torch
 
 from . import backend as B
+from ._identity_cache import IdentityLRU
 from .problem import Problem
 
 _CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex")
@@ -118,15 +117,7 @@ def choose(p: Problem, requested: str = "auto") -> B.Backend:
                 f"(mask {p.structure.kind()}, {p.dtype}, {p.device}, grad={p.requires_grad}):\n  - "
                 + "\n  - ".join(reasons))
         return backend
-    key = _auto_key(p)
-    hit = _AUTO.get(key)
-    if hit is not None and hit[0]() is p.mask:
-        _AUTO.move_to_end(key)
-        return B.get(hit[1])
-    name = _measured_choice(p) or next(_runnable(p))
-    _AUTO[key] = (weakref.ref(p.mask), name)  # a dead mask's id may be reused: the weakref tells
-    while len(_AUTO) > _AUTO_SIZE:
-        _AUTO.popitem(last=False)
+    name = _AUTO.get((p.mask,), _auto_key(p), lambda: _measured_choice(p) or next(_runnable(p)))
     return B.get(name)
 
 
@@ -134,8 +125,7 @@ def choose(p: Problem, requested: str = "auto") -> B.Backend:
 # weakly (a dense mask can be large).  Every layer of a model calls with the same mask, and a
 # decision costs ~0.1 ms of host time on a GPU machine (H200 host: 0.39 ms against 0.24 ms for a
 # forced flex call), which short calls cannot hide.
-_AUTO: OrderedDict = OrderedDict()
-_AUTO_SIZE = 64
+_AUTO = IdentityLRU(64, weak=True)
 
 
 def _auto_key(p: Problem) -> tuple:
@@ -144,7 +134,7 @@ def _auto_key(p: Problem) -> tuple:
         state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), os.environ.get(tuning.ENV_AUTOTUNE))
     except ImportError:
         state = None
-    return (id(p.mask), p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
+    return (p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
             p.requires_grad, state)
 
 

@@ -22,12 +22,12 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from . import masks
+from ._identity_cache import IdentityLRU
 
 SPEC_NAMES = ("causal", "bidirectional", "prefix_lm")
 
@@ -73,8 +73,7 @@ def check_spec(spec) -> None:
 
 
 _PER_CALL = ("position_ids", "cu_seq_lens_k", "prefix_lengths", "token_type_ids")
-_BUILT: OrderedDict = OrderedDict()  # recent masks by the identity of what they were built from
-_BUILT_SIZE = 4  # full + sliding layers of one forward, with room to spare
+_BUILT = IdentityLRU(4)  # recent masks by what they were built from: full + sliding layers, and room
 
 
 def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int, *, window: int | None,
@@ -94,16 +93,8 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
         return _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
     anchors = (keys, spec, *(kwargs.get(name) for name in _PER_CALL))
     versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in anchors)
-    key = (tuple(map(id, anchors)), versions, q_len, kv_len, batch, window, training)
-    hit = _BUILT.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], anchors)):
-        _BUILT.move_to_end(key)
-        return hit[1]
-    mask = _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
-    _BUILT[key] = (anchors, mask)  # holding the anchors keeps their ids from being reused
-    while len(_BUILT) > _BUILT_SIZE:
-        _BUILT.popitem(last=False)
-    return mask
+    return _BUILT.get(anchors, (versions, q_len, kv_len, batch, window, training),
+                      lambda: _build(spec, keys, q_len, kv_len, batch, window, training, kwargs))
 
 
 def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.Mask:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from .._identity_cache import IdentityLRU
 
 
 def expand_kv(t: torch.Tensor, q_heads: int) -> torch.Tensor:
@@ -23,28 +24,17 @@ def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
 
 
 class PerMaskCache:
-    """A small LRU of what a backend derives from a mask object, keyed by its identity and sizes.
+    """What a backend derives from a mask object, per mask identity and call sizes (a small LRU).
 
-    Entries hold a reference to the mask, so an id is never reused while cached.  Masks are
-    immutable; the layers of a model share one mask object per forward, and a training loop or a
-    benchmark calls attention with the same one repeatedly: derive once, not once per call.
+    Masks are immutable; the layers of a model share one mask object per forward, and a training
+    loop or a benchmark calls attention with the same one repeatedly: derive once, not once per call.
     """
 
     def __init__(self, size: int = 4):
-        self.size = size
-        self._entries: "OrderedDict[tuple, tuple[object, object]]" = OrderedDict()
+        self._lru = IdentityLRU(size)
 
     def get(self, p, build):
-        key = (id(p.mask), p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device))
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is p.mask:
-            self._entries.move_to_end(key)
-            return hit[1]
-        value = build()
-        self._entries[key] = (p.mask, value)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        return value
+        return self._lru.get((p.mask,), (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device)), build)
 
 
 _DENSE_CACHE = PerMaskCache()

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .. import tiles
+from .._identity_cache import IdentityLRU
 from ..structure import document_bounds
 from .base import Backend
 
@@ -163,7 +163,9 @@ class Flex(Backend):
 
     def __init__(self, block: int = BLOCK):
         self.block = block
-        self._plans: OrderedDict[tuple, tuple[object, Plan]] = OrderedDict()
+        # plans that keep their mask (and its tensors) alive are capped apart: a model given a new
+        # dense 4-D mask every forward
+        self._plans = IdentityLRU(_CACHE_SIZE, at_most=(lambda plan: plan.holds_mask, _HOLDING_SIZE))
 
     # reasons ---------------------------------------------------------------------------------
     def _machine_reasons(self) -> list[str]:
@@ -185,19 +187,8 @@ class Flex(Backend):
     # compiled form ---------------------------------------------------------------------------
     def plan(self, p) -> Plan:
         """The cached compiled form of ``p``'s mask (LRU of 32, keyed by mask identity and shapes)."""
-        key = (id(p.mask), p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device), self.block)
-        hit = self._plans.get(key)
-        if hit is not None and hit[0] is p.mask:
-            self._plans.move_to_end(key)
-            return hit[1]
-        plan = self._build(p)
-        self._plans[key] = (p.mask, plan)  # the strong ref keeps id(p.mask) from being reused
-        while len(self._plans) > _CACHE_SIZE:
-            self._plans.popitem(last=False)
-        holding = [k for k, (_, pl) in self._plans.items() if pl.holds_mask]
-        for old in holding[:-_HOLDING_SIZE]:  # a model given a new dense 4-D mask every forward
-            del self._plans[old]
-        return plan
+        key = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device), self.block)
+        return self._plans.get((p.mask,), key, lambda: self._build(p))
 
     def _build(self, p) -> Plan:
         cpu = p.device_type == "cpu"

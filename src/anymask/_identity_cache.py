@@ -1,0 +1,59 @@
+"""``IdentityLRU``: a small LRU of values derived from objects, keyed by those objects' identity.
+
+Masks, the Hugging Face layer keys and the keyword tensors of a forward are reused object by
+object (every layer of a model gets the same ones), so what is derived from them — a dense mask,
+a packed layout, a compiled plan, auto's decision — is looked up by ``id()`` plus plain values
+(shapes, device).  An ``id`` can be reused once its object dies, so each entry keeps its anchor
+objects: strongly (the default: the id stays taken while cached), or weakly (``weak=True``: the
+entry stops matching when they die; for anchors too large to keep alive).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable
+
+
+class IdentityLRU:
+    """At most ``size`` entries, least recently used evicted first.  ``at_most=(predicate, n)``
+    also keeps at most ``n`` entries whose value satisfies ``predicate`` (the oldest go first)."""
+
+    def __init__(self, size: int, *, weak: bool = False,
+                 at_most: tuple[Callable[[object], bool], int] | None = None):
+        self.size = size
+        self.weak = weak
+        self.at_most = at_most
+        self._entries: "OrderedDict[tuple, tuple[tuple, object]]" = OrderedDict()
+
+    def get(self, anchors: tuple, key: tuple, build: Callable[[], object]):
+        """The value cached for (these very ``anchors``, ``key``), else ``build()`` stored and returned."""
+        full = (tuple(map(id, anchors)), key)
+        hit = self._entries.get(full)
+        if hit is not None and all(self._alive(held) is a for held, a in zip(hit[0], anchors)):
+            self._entries.move_to_end(full)
+            return hit[1]
+        value = build()
+        held = tuple(weakref.ref(a) for a in anchors) if self.weak else anchors
+        self._entries[full] = (held, value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        if self.at_most is not None:
+            predicate, n = self.at_most
+            matching = [k for k, (_, v) in self._entries.items() if predicate(v)]
+            for old in matching[:-n] if n else matching:
+                del self._entries[old]
+        return value
+
+    def _alive(self, held):
+        return held() if self.weak else held
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def values(self):
+        """``(anchors, value)`` per entry, oldest first (anchors as held: weak references if weak)."""
+        return self._entries.values()
+
+    def __len__(self) -> int:
+        return len(self._entries)
