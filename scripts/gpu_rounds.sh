@@ -7,6 +7,7 @@
 #   bash scripts/gpu_rounds.sh 4   # what 2026-11-29 left unmeasured: the training shape's bench cases
 #                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
 #   bash scripts/gpu_rounds.sh 5   # the default grid's GQA 32:8 cases (cut by round 2's deadline)
+#   bash scripts/gpu_rounds.sh 6   # fp32 dot precisions x tile configs; the Triton and cuDNN tests on CUDA
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -59,8 +60,15 @@ case "${1:-}" in
     # the default grid's GQA 32:8 cases, which round 2's deadline cut on 2026-11-29
     OUT="$OUT/gqa" bash scripts/gpu_bench.sh --heads 32:8 --seqlens 4096 --dtypes bf16 --passes fwd+bwd 2>&1 | tail -14
     ;;
+  6)
+    timeout 270 python3 scripts/gpu_triton_check.py --fp32-sweep --no-correctness --no-timing 2>&1 | tail -45
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 270 python3 -m pytest -q -rs -p no:cacheprovider --durations 10 "${per_test[@]}" \
+      tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -25
+    ;;
   *)
-    echo "usage: $0 1|2|3|4|4x2|5" >&2
+    echo "usage: $0 1|2|3|4|4x2|5|6" >&2
     exit 2
     ;;
 esac

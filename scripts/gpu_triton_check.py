@@ -4,6 +4,8 @@
     PYTHONPATH=src python scripts/gpu_triton_check.py --quick    # fewer masks, bf16 timing only
     PYTHONPATH=src python scripts/gpu_triton_check.py --sweep    # also try a few tile configs
     PYTHONPATH=src python scripts/gpu_triton_check.py --no-correctness --dtypes fp32   # one part
+    PYTHONPATH=src python scripts/gpu_triton_check.py --fp32-sweep --no-correctness --no-timing
+                                                   # fp32 dot precisions x tile configs, with errors
 
 1. Correctness: forward and backward against float64 eager on smaller shapes (odd lengths, GQA,
    head dims 64 and 128), bf16 and fp32; our max error divided by SDPA's own error at that dtype
@@ -289,10 +291,78 @@ def sweep(D=128) -> list[dict]:
     return rows
 
 
+FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first is the default
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+}
+
+
+def fp32_sweep(D=128, kind="documents") -> list[dict]:
+    """fp32 dot precisions (tf32x3, bf16x6: fp32-level; tf32, bf16x3: bounds) x tile configs.
+
+    Error rows: our max error / SDPA-fp32's against float64 on a small shape (PASS <= 2); timing rows
+    as in :func:`sweep` (fwd configs time the forward, dkdv/dq configs forward+backward).
+    """
+    say(f"== fp32 sweep: {kind}, hd {D} ==")
+    rows = []
+    B, Hq, Hkv, S = 2, 8, 2, 1000
+    mask = make_mask(kind, B, S)
+    t = [torch.randn(B, h, S, D, device="cuda", dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq)]
+    ref = _fwd_bwd(*t[:3], mask, "eager", torch.float64, t[3])
+    peer = _err(_fwd_bwd(*t[:3], mask, "sdpa", torch.float32, t[3]), ref)
+    precisions = ["tf32x3", "bf16x6", "tf32", "bf16x3", "ieee"]
+    for prec in precisions:
+        C.reset()
+        for kernel in ("fwd", "dkdv", "dq"):
+            C.override(kernel, D, torch.float32, precision=prec)
+        try:
+            ours = _err(_fwd_bwd(*t[:3], mask, "triton", torch.float32, t[3]), ref)
+        except Exception as exc:
+            say(f"  {prec} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            continue
+        ratio = max(o / max(p, 1e-12) for o, p in zip(ours, peer))
+        rows.append(dict(precision=prec, errors=ours, sdpa=peer, ratio=ratio))
+        say(f"error {prec:7s} out/dq/dk/dv {' '.join(f'{e:.1e}' for e in ours)}  sdpa "
+            f"{' '.join(f'{e:.1e}' for e in peer)}  ratio {ratio:6.2f} {'PASS' if ratio <= 2 else 'FAIL'}")
+    del t, ref
+    B, H, S = 4, 16, 4096
+    mask = make_mask(kind, B, S)
+    flops = 4 * D * visible_pairs(mask, B, S) * H
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.float32, requires_grad=True) for _ in range(3))
+
+    def fn(q, k, v):
+        return anymask.attention(q, k, v, mask, backend="triton")
+
+    for prec in precisions:
+        swept = prec in ("tf32x3", "bf16x6")  # the others: defaults only, fwd and fwd+bwd once
+        for kernel, configs in FP32_SWEEP.items():
+            if not swept and kernel == "dq":
+                continue
+            for cfg in configs if swept else configs[:1]:
+                C.reset()
+                bm, bn, warps, stages = cfg
+                for kn in ("fwd", "dkdv", "dq"):
+                    tiles = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages) if kn == kernel else {}
+                    C.override(kn, D, torch.float32, precision=prec, **tiles)
+                try:
+                    ms = _time(fn, q, k, v, grad=kernel != "fwd")
+                except Exception as exc:
+                    ms = float("nan")
+                    say(f"  {prec} {kernel} {cfg} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                tf = (1.0 if kernel == "fwd" else 3.5) * flops / (ms * 1e-3) / 1e12
+                rows.append(dict(precision=prec, kernel=kernel, config=list(cfg), ms=ms, tflops=tf))
+                say(f"time  {prec:7s} {kernel:5s} BM={bm:3d} BN={bn:3d} warps={warps} stages={stages}"
+                    f"  {ms:8.3f} ms {tf:6.1f} TFLOP/s ({'fwd' if kernel == 'fwd' else 'fwd+bwd'})")
+    C.reset()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer masks; bf16 timing only")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs")
+    parser.add_argument("--fp32-sweep", action="store_true", help="fp32 dot precisions x tile configs")
     parser.add_argument("--no-correctness", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--ieee", action="store_true", help="also check fp32 with ieee dots")
@@ -316,6 +386,8 @@ def main() -> int:
             result["correctness"] = correctness(kinds, [torch.bfloat16, torch.float32], args.ieee)
         if args.sweep:
             result["sweep"] = sweep()
+        if args.fp32_sweep:
+            result["fp32_sweep"] = fp32_sweep()
         if not args.no_timing:
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             dtypes = [torch.bfloat16] if args.quick else [names[d] for d in args.dtypes.split(",")]

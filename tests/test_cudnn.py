@@ -173,19 +173,24 @@ def _fake_math(spec, q, k, v, meta):
     return torch.stack(outs)
 
 
+def _like(t, spec, values):
+    """``values`` in the layout the real graphs write: ``t``'s with ``keep_layout``, else contiguous."""
+    return (torch.empty_like(t) if spec.keep_layout else torch.empty(t.shape, dtype=t.dtype)).copy_(values)
+
+
 def _fake_forward(spec, q, k, v, meta, training):
     with torch.no_grad():
-        o = _fake_math(spec, q, k, v, meta).to(q.dtype)
+        o = _like(q, spec, _fake_math(spec, q, k, v, meta))
     return o, (torch.zeros(spec.batch, spec.q_heads, spec.q_len, 1) if training else None)
 
 
 def _fake_backward(spec, q, k, v, o, do, stats, meta):
-    assert do.is_contiguous()
+    assert do.stride() == o.stride()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with torch.enable_grad():
         out = _fake_math(spec, *leaves, meta)
         grads = torch.autograd.grad(out, leaves, do.double())
-    return tuple(g.to(q.dtype).contiguous() for g in grads)
+    return tuple(_like(t, spec, g) for t, g in zip((q, k, v), grads))
 
 
 @pytest.mark.parametrize("shape", ["square", "decode"])
@@ -207,6 +212,39 @@ def test_plumbing_matches_eager(name, shape, monkeypatch):
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for name_, a, r in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(a, r, msg=f"d{name_}")
+
+
+def _bshd(batch, heads, seq, d, **kw):
+    """``[B, H, S, D]`` views of a ``[B, S, H, D]`` tensor (the Hugging Face layout)."""
+    return torch.randn(batch, seq, heads, d, **kw).transpose(1, 2).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "prefix_lm", "documents"])
+def test_outputs_and_grads_keep_the_bshd_layout(name, monkeypatch):
+    """Dense single-block plans write o, dq, dk, dv in the inputs' layout (no copy when the caller
+    transposes back); row blocks (prefix-LM) and ragged plans still match eager."""
+    monkeypatch.setattr(G, "forward", _fake_forward)
+    monkeypatch.setattr(G, "backward", _fake_backward)
+    mask = PLANNED[name]()
+    q, k, v = _bshd(B, 4, S, 16, dtype=torch.float64), _bshd(B, 2, S, 16, dtype=torch.float64), \
+        _bshd(B, 2, S, 16, dtype=torch.float64)
+    out = C.Cudnn().run(q, k, v, describe(q, k, v, mask, None))
+    g = torch.randn(B, S, 4, 16, dtype=torch.float64).transpose(1, 2)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, r)
+    if name in ("causal", "sliding_window"):
+        assert out.stride() == q.stride()
+        assert [t.stride() for t in grads] == [t.stride() for t in (q, k, v)]
+
+
+def test_dense_permutation():
+    x = torch.randn(2, 5, 3, 4)
+    assert C._dense_permutation(x) and C._dense_permutation(x.transpose(1, 2))
+    assert not C._dense_permutation(x[:, :4]) and not C._dense_permutation(x.transpose(1, 2)[:, :, 1:])
+    assert C._dense_permutation(torch.randn(1, 3, 1, 4).transpose(1, 2))
 
 
 def test_graph_failure_becomes_a_reason(hopper, monkeypatch):
@@ -251,6 +289,29 @@ def test_gpu_matches_eager(name, shape):
     peer_grads = torch.autograd.grad(peer, low, g.bfloat16())
     out = anymask.attention(*low, mask, backend="cudnn")
     grads = torch.autograd.grad(out, low, g.bfloat16())
+    assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="cudnn output")
+    for n, a, r, pg in zip("qkv", grads, ref_grads, peer_grads):
+        assert_close_to_reference(a, r, sdpa_error(pg, r), what=f"cudnn d{n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and nvidia-cudnn-frontend")
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "full"])
+def test_gpu_bshd_layout_kept_and_exact(name):
+    mask = PLANNED[name]()
+    kw = dict(device="cuda", dtype=torch.float64)
+    q, k, v = _bshd(B, 4, S, 64, **kw), _bshd(B, 2, S, 64, **kw), _bshd(B, 2, S, 64, **kw)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert [t.stride() for t in low] == [t.stride() for t in (q, k, v)]
+    g = torch.randn(B, S, 4, 64, **kw).transpose(1, 2)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    peer = anymask.attention(*low, mask, backend="sdpa")
+    peer_grads = torch.autograd.grad(peer, low, g.bfloat16())
+    out = anymask.attention(*low, mask, backend="cudnn")
+    grads = torch.autograd.grad(out, low, g.bfloat16())
+    assert out.stride() == low[0].stride()
+    assert [t.stride() for t in grads] == [t.stride() for t in low]
     assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="cudnn output")
     for n, a, r, pg in zip("qkv", grads, ref_grads, peer_grads):
         assert_close_to_reference(a, r, sdpa_error(pg, r), what=f"cudnn d{n}")

@@ -300,9 +300,9 @@ class _Attention(torch.autograd.Function):
 
         q, k, v, o, stats = ctx.saved_tensors
         try:
-            do = do.contiguous()  # laid out like o; cuDNN also wants a 16-byte aligned base
-            dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do if do.data_ptr() % 16 == 0 else do.clone(), stats,
-                                    ctx.meta)
+            if do.stride() != o.stride() or do.data_ptr() % 16:  # laid out like o, 16-byte aligned base
+                do = torch.empty_like(o).copy_(do)
+            dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do, stats, ctx.meta)
         except G.CudnnGraphError as exc:
             _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
             raise
@@ -316,6 +316,17 @@ def _dense_ready(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _dense_permutation(t: torch.Tensor) -> bool:
+    """True when ``t`` covers its storage span exactly in some dim order (e.g. a ``[B, S, H, D]``
+    tensor viewed as ``[B, H, S, D]``), so ``empty_like(t)`` has its strides; row slices do not."""
+    expect = 1
+    for dim in sorted(range(t.dim()), key=t.stride):
+        if t.size(dim) != 1 and t.stride(dim) != expect:
+            return False
+        expect *= t.size(dim)
+    return True
+
+
 def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
     from ..kernels import cudnn_graphs as G
 
@@ -325,7 +336,8 @@ def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
     spec = G.Spec(p.dtype, p.batch, p.q_heads, p.kv_heads, blk.row1 - blk.row0, blk.kv1, p.head_dim, p.scale,
                   lengths=lengths, bottom_right=blk.band.bottom_right, left_bound=blk.band.left_bound,
                   right_bound=blk.band.right_bound, q_stride=tuple(qb.stride()), k_stride=tuple(kb.stride()),
-                  v_stride=tuple(vb.stride()), device=q.device.index or 0)
+                  v_stride=tuple(vb.stride()), keep_layout=all(map(_dense_permutation, (qb, kb, vb))),
+                  device=q.device.index or 0)
     meta = G.Meta()
     if lengths:
         meta = G.Meta(blk.seq_q.to(q.device, torch.int32).view(-1, 1, 1, 1),

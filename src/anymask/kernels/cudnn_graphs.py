@@ -4,7 +4,9 @@ A :class:`Spec` fixes everything a cuDNN graph bakes in; tensors that vary per c
 ragged offsets, data) are bound at execution.  Two layouts:
 
     dense   q ``[B, Hq, Sq, D]`` with its own strides (last dim dense); optional per-batch lengths
-            (padding mask: query rows ``>= seq_q[b]`` and keys ``>= seq_kv[b]`` are ignored)
+            (padding mask: query rows ``>= seq_q[b]`` and keys ``>= seq_kv[b]`` are ignored); with
+            ``keep_layout`` (inputs that are dense permutations, e.g. ``[B, S, H, D]`` transposed)
+            o, dO and the gradients share their inputs' strides, else they are contiguous
     ragged  packed q ``[T, Hq, D]`` (THD); batch entry ``n`` of the graph starts at the element
             offset ``off_q[n]`` and has ``seq_q[n]`` rows; the graph's dims ``[N, H, S_max, D]``
             are buckets, so new packings reuse the graph
@@ -57,6 +59,7 @@ class Spec:
     q_stride: tuple[int, ...] = ()  # dense only: element strides of q, k, v
     k_stride: tuple[int, ...] = ()
     v_stride: tuple[int, ...] = ()
+    keep_layout: bool = False  # dense only: o, dO, dq like q; dk like k; dv like v
     total_q: int = 0  # ragged backward: token capacity buckets (max_total_seq_len_*)
     total_kv: int = 0
     device: int = 0
@@ -141,6 +144,8 @@ def _strides(spec: Spec):
     if spec.ragged:
         sq, sk = _token_major(B, Hq, Sq, D), _token_major(B, Hk, Sk, D)
         return sq, sk, sk, sq, sq, sk, sk
+    if spec.keep_layout:
+        return spec.q_stride, spec.k_stride, spec.v_stride, spec.q_stride, spec.q_stride, spec.k_stride, spec.v_stride
     so, sk = _contiguous_stride((B, Hq, Sq, D)), _contiguous_stride((B, Hk, Sk, D))
     return spec.q_stride, spec.k_stride, spec.v_stride, so, so, sk, sk
 
@@ -297,12 +302,16 @@ def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.dev
 
 
 def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Meta, training: bool):
-    """Run the forward graph.  Dense: q ``[B, Hq, Sq, D]`` -> o ``[B, Hq, Sq, D]`` (contiguous);
-    ragged: q ``[T, Hq, D]`` -> o ``[T, Hq, D]``.  Returns ``(o, stats or None)``."""
+    """Run the forward graph.  Dense: q ``[B, Hq, Sq, D]`` -> o ``[B, Hq, Sq, D]`` (q's layout with
+    ``keep_layout``, else contiguous); ragged: q ``[T, Hq, D]`` -> o ``[T, Hq, D]``.  Returns
+    ``(o, stats or None)``."""
     fkey = spec.forward_key()
     built = _get((fkey, "fwd", training), lambda: _with_fallback(_build_forward, fkey, training))
-    o = torch.empty(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
-                    dtype=q.dtype, device=q.device)
+    if spec.keep_layout:
+        o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
+    else:
+        o = torch.empty(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
+                        dtype=q.dtype, device=q.device)
     pack = {_Q: q, _K: k, _V: v, _O: o, **_meta_pack(spec, meta)}
     stats = None
     if training:
@@ -314,11 +323,12 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
 
 def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta):
     """Run the backward graph; ``do`` laid out like ``o``.  Returns ``(dq, dk, dv)`` shaped like
-    q, k, v (dense gradients contiguous)."""
+    q, k, v (laid out like them with ``keep_layout``, else contiguous)."""
     built = _get((spec, "bwd"), lambda: _with_fallback(_build_backward, spec))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if spec.keep_layout:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    else:
+        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     pack = {_Q: q, _K: k, _V: v, _O: o, _DO: do, _STATS: stats, _DQ: dq, _DK: dk, _DV: dv,
             **_meta_pack(spec, meta)}
     _execute(built, spec, pack, "backward", q.device)
