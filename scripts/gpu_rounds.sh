@@ -8,6 +8,8 @@
 #                                  # (GQA 32:8, hd 64, S 16k) and prefix_lm/embedding fine-tuning
 #   bash scripts/gpu_rounds.sh 5   # the default grid's GQA 32:8 cases (cut by round 2's deadline)
 #   bash scripts/gpu_rounds.sh 6   # fp32 dot precisions x tile configs; the Triton and cuDNN tests on CUDA
+#   bash scripts/gpu_rounds.sh 7   # bf16x6 backward tiles; the Triton and cuDNN tests; fine-tuning memory
+#                                  # with the Triton default (sft, diffusion vs transformers' flex_attention)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -67,8 +69,18 @@ case "${1:-}" in
     timeout 270 python3 -m pytest -q -rs -p no:cacheprovider --durations 10 "${per_test[@]}" \
       tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -25
     ;;
+  7)
+    timeout 200 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6 --no-correctness \
+      --no-timing 2>&1 | tail -22
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 180 python3 -m pytest -q -rs -p no:cacheprovider --durations 5 "${per_test[@]}" \
+      tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -12
+    timeout 190 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks sft,diffusion \
+      --attns anymask,flex_attention --out "$OUT" 2>&1 | tail -6
+    ;;
   *)
-    echo "usage: $0 1|2|3|4|4x2|5|6" >&2
+    echo "usage: $0 1|2|3|4|4x2|5|6|7" >&2
     exit 2
     ;;
 esac

@@ -9,7 +9,7 @@
 
 1. Correctness: forward and backward against float64 eager on smaller shapes (odd lengths, GQA,
    head dims 64 and 128), bf16 and fp32; our max error divided by SDPA's own error at that dtype
-   (PASS when <= 2, as in the tests).  fp32 uses tf32x3 dots (``--ieee`` also checks ieee).
+   (PASS when <= 2, as in the tests).  fp32 uses bf16x6 dots (``--ieee`` also checks ieee).
 2. Timing (``triton.testing.do_bench``, median): issue 5's cases, B*S = 16k tokens (B=4, S=4096),
    16 heads, head dim 128 -- our kernel through ``anymask.attention(backend="triton")`` against
    SDPA (native for causal/full, else a prebuilt dense mask) and compiled FlexAttention with a
@@ -103,7 +103,7 @@ def correctness(kinds, dtypes, ieee: bool) -> list[dict]:
             ref = _fwd_bwd(q, k, v, mask, "eager", torch.float64, g)
             for dtype in dtypes:
                 peer = _err(_fwd_bwd(q, k, v, mask, "sdpa", dtype, g), ref)
-                precisions = (["tf32x3", "ieee"] if ieee else ["tf32x3"]) if dtype == torch.float32 else ["-"]
+                precisions = (["bf16x6", "ieee"] if ieee else ["bf16x6"]) if dtype == torch.float32 else ["-"]
                 for prec in precisions:
                     if prec != "-":
                         os.environ["ANYMASK_TRITON_FP32"] = prec
@@ -292,13 +292,16 @@ def sweep(D=128) -> list[dict]:
 
 
 FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first is the default
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2)],
-    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+    "fwd": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 1)],
+    "dkdv": [(32, 64, 4, 2), (32, 64, 4, 1), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 4, 2), (32, 128, 8, 1),
+             (64, 64, 4, 2), (64, 128, 8, 1)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 1), (128, 32, 8, 1), (128, 64, 8, 1), (32, 64, 4, 2),
+           (64, 64, 8, 2)],
 }
+SWEPT_PRECISIONS = ("tf32x3", "bf16x6")
 
 
-def fp32_sweep(D=128, kind="documents") -> list[dict]:
+def fp32_sweep(precisions, D=128, kind="documents") -> list[dict]:
     """fp32 dot precisions (tf32x3, bf16x6: fp32-level; tf32, bf16x3: bounds) x tile configs.
 
     Error rows: our max error / SDPA-fp32's against float64 on a small shape (PASS <= 2); timing rows
@@ -311,7 +314,6 @@ def fp32_sweep(D=128, kind="documents") -> list[dict]:
     t = [torch.randn(B, h, S, D, device="cuda", dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq)]
     ref = _fwd_bwd(*t[:3], mask, "eager", torch.float64, t[3])
     peer = _err(_fwd_bwd(*t[:3], mask, "sdpa", torch.float32, t[3]), ref)
-    precisions = ["tf32x3", "bf16x6", "tf32", "bf16x3", "ieee"]
     for prec in precisions:
         C.reset()
         for kernel in ("fwd", "dkdv", "dq"):
@@ -335,7 +337,7 @@ def fp32_sweep(D=128, kind="documents") -> list[dict]:
         return anymask.attention(q, k, v, mask, backend="triton")
 
     for prec in precisions:
-        swept = prec in ("tf32x3", "bf16x6")  # the others: defaults only, fwd and fwd+bwd once
+        swept = prec in SWEPT_PRECISIONS  # the others: defaults only, fwd and fwd+bwd once
         for kernel, configs in FP32_SWEEP.items():
             if not swept and kernel == "dq":
                 continue
@@ -363,6 +365,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer masks; bf16 timing only")
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs")
     parser.add_argument("--fp32-sweep", action="store_true", help="fp32 dot precisions x tile configs")
+    parser.add_argument("--fp32-precisions", default="tf32x3,bf16x6,tf32,bf16x3,ieee",
+                        help="the --fp32-sweep's precisions (tf32x3 and bf16x6 get every tile config)")
     parser.add_argument("--no-correctness", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--ieee", action="store_true", help="also check fp32 with ieee dots")
@@ -387,7 +391,7 @@ def main() -> int:
         if args.sweep:
             result["sweep"] = sweep()
         if args.fp32_sweep:
-            result["fp32_sweep"] = fp32_sweep()
+            result["fp32_sweep"] = fp32_sweep(args.fp32_precisions.split(","))
         if not args.no_timing:
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             dtypes = [torch.bfloat16] if args.quick else [names[d] for d in args.dtypes.split(",")]

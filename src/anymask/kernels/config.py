@@ -1,7 +1,9 @@
 """Tile sizes and launch settings per kernel, head dim and dtype (Hopper-tuned; small in the interpreter).
 
 The block sizes are fixed per entry (the mask lowering depends on them); ``ANYMASK_TRITON_FP32``
-picks the fp32 dot precision (``tf32x3`` by default on the GPU, ``ieee`` for exact fp32 products);
+picks the fp32 dot precision (``bf16x6`` by default on the GPU: each fp32 operand split into three
+bf16 parts, six bf16 products, fp32-level error at ~2x the speed of ``tf32x3``; ``ieee`` for exact
+fp32 products);
 partial tiles on both sides of the full run are visited in one loop (``ANYMASK_TRITON_MERGED=0``:
 one loop per side, as first measured).
 """
@@ -34,18 +36,18 @@ def interpreting() -> bool:
 def fp32_precision() -> str:
     if interpreting():
         return "ieee"
-    return os.environ.get("ANYMASK_TRITON_FP32", "tf32x3")
+    return os.environ.get("ANYMASK_TRITON_FP32", "bf16x6")
 
 
 # (kernel, head dim bucket, dtype bucket) -> (block_m, block_n, warps, stages).  bf16 hd 128 entries
 # are the fastest of a small sweep on an H200 (causal and packed causal documents, 16k tokens);
-# fp32 tf32x3 dots need much shared memory: these keep two pipeline stages under Hopper's 227 KB
-# (131-197 KB at head dim 128, checked by compiling for sm_90 with 16-byte-aligned arguments).
+# fp32 hd 128 entries the fastest with bf16x6 dots in `scripts/gpu_triton_check.py --fp32-sweep`
+# (packed documents; larger tiles run out of Hopper's 227 KB of shared memory).
 _GPU = {
     ("fwd", 64, "half"): (128, 64, 8, 3),
     ("fwd", 128, "half"): (128, 64, 8, 3),
     ("fwd", 64, "fp32"): (64, 64, 4, 2),
-    ("fwd", 128, "fp32"): (64, 32, 4, 2),
+    ("fwd", 128, "fp32"): (128, 64, 8, 2),
     ("dkdv", 64, "half"): (64, 128, 8, 3),
     ("dkdv", 128, "half"): (64, 128, 8, 3),
     ("dkdv", 64, "fp32"): (32, 64, 4, 2),
