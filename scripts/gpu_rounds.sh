@@ -10,6 +10,7 @@
 #   bash scripts/gpu_rounds.sh 6   # fp32 dot precisions x tile configs; the Triton and cuDNN tests on CUDA
 #   bash scripts/gpu_rounds.sh 7   # bf16x6 backward tiles; the Triton and cuDNN tests; fine-tuning memory
 #                                  # with the Triton default (sft, diffusion vs transformers' flex_attention)
+#   bash scripts/gpu_rounds.sh 8   # the default grid's fp32 cases again (bf16x6 Triton tiles) + HF LoRA check
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -79,8 +80,13 @@ case "${1:-}" in
     timeout 190 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks sft,diffusion \
       --attns anymask,flex_attention --out "$OUT" 2>&1 | tail -6
     ;;
+  8)
+    OUT="$OUT/fp32" BENCH_TIMEOUT=240 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
+      --passes fwd+bwd --deadline 190 2>&1 | tail -14
+    timeout 150 python3 scripts/gpu_hf_check.py 2>&1 | tee "$OUT/hf_check.log" | tail -16
+    ;;
   *)
-    echo "usage: $0 1|2|3|4|4x2|5|6|7" >&2
+    echo "usage: $0 1|2|3|4|4x2|5|6|7|8" >&2
     exit 2
     ;;
 esac

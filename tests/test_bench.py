@@ -86,6 +86,18 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     assert [p["file"] for p in whole["meta"]["parts"]] == [p.name for p in parts]
     assert sorted(map(json.dumps, whole["rows"])) == sorted(map(json.dumps, doc["rows"]))
     assert (merged / "all.csv").exists() and all((merged / f"{m}.png").exists() for m in quick.masks)
+    # a re-run of the first part's cases replaces their rows in the merged result; its parts are kept
+    rerun = dict(json.loads(parts[0].read_text()))
+    rerun["rows"] = [dict(r, median_ms=(r["median_ms"] or 0) + 1.0) for r in rerun["rows"]]
+    parts.append(tmp_path / "rerun.json")
+    parts[-1].write_text(json.dumps(rerun))
+    assert bench_main(["bench", "--merge", str(merged / "all.json"), str(parts[-1]), "--out", str(merged),
+                       "--tag", "again"]) == 0
+    again = json.loads((merged / "again.json").read_text())
+    assert len(again["rows"]) == len(doc["rows"])
+    assert sorted(map(json.dumps, again["rows"])) == sorted(
+        map(json.dumps, rerun["rows"] + [r for r in doc["rows"] if r["mask"] not in first]))
+    assert [p["file"] for p in again["meta"]["parts"]] == [p.name for p in parts]
     with pytest.raises(SystemExit, match="no such file"):
         bench_main(["bench", "--plot-only", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="no bench results"):

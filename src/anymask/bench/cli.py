@@ -117,9 +117,14 @@ def _plot_only(path: Path) -> int:
     return 0
 
 
+_CASE_FIELDS = ("mask", "batch", "seq", "heads", "kv_heads", "head_dim", "dtype", "pass")
+
+
 def _merge(files: list[str], out: Path, tag: str) -> int:
-    """One result from the parts of a grid run separately (e.g. one part per GPU): rows and cases
-    concatenated, meta of the first part with every part's grid options, date and commit."""
+    """One result from the parts of a grid run separately (e.g. one part per GPU): rows
+    concatenated, meta of the first part with every part's grid options, date and commit.  A case
+    measured in several parts keeps the rows of the last one, so a re-run of some cases (after a
+    change) replaces them in an earlier merged result: ``--merge old.json rerun.json``."""
     docs = [_read_results(Path(f)) for f in files]
     bad = [f for f, d in zip(files, docs) if not d]
     if bad:
@@ -129,15 +134,18 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
         raise SystemExit(f"anymask bench --merge: parts from different devices: {', '.join(sorted(devices))}")
     meta = dict(docs[0]["meta"])
     meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
-    meta["parts"] = [{"file": Path(f).name, "date": d["meta"].get("date"), "git_commit": d["meta"].get("git_commit"),
-                      "command": d["meta"].get("command"), "seconds": d["summary"].get("seconds")}
-                     for f, d in zip(files, docs)]
+    meta["parts"] = [part for f, d in zip(files, docs)
+                     for part in d["meta"].get("parts") or [{"file": Path(f).name, "date": d["meta"].get("date"),
+                                                             "git_commit": d["meta"].get("git_commit"),
+                                                             "command": d["meta"].get("command"),
+                                                             "seconds": d["summary"].get("seconds")}]]
+    owner = {tuple(r[k] for k in _CASE_FIELDS): i for i, d in enumerate(docs) for r in d["rows"]}
+    rows = [r for i, d in enumerate(docs) for r in d["rows"] if owner[tuple(r[k] for k in _CASE_FIELDS)] == i]
     summary = dict(docs[0]["summary"], seconds=round(sum(d["summary"].get("seconds", 0) for d in docs), 1),
                    out=str(out))
     out.mkdir(parents=True, exist_ok=True)
     merged = out / f"{tag}.json"
-    merged.write_text(json.dumps({"meta": meta, "summary": summary, "cases": [],
-                                  "rows": [r for d in docs for r in d["rows"]]}))
+    merged.write_text(json.dumps({"meta": meta, "summary": summary, "cases": [], "rows": rows}))
     return _plot_only(merged)
 
 
@@ -237,7 +245,8 @@ def register(subparsers) -> None:
     bench.add_argument("--plot-only", metavar="PATH", help="no run: plots, CSV and summaries again from earlier "
                                                          "JSON results (a file, or every *.json in a directory)")
     bench.add_argument("--merge", nargs="+", metavar="JSON", help="no run: one result (<out>/<tag>.json, CSV, "
-                       "plots, summaries) from several JSON results of the same device, e.g. a grid split over GPUs")
+                       "plots, summaries) from several JSON results of the same device, e.g. a grid split over GPUs; a case "
+                       "in several parts keeps the last part's rows")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
