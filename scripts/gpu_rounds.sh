@@ -11,6 +11,7 @@
 #   bash scripts/gpu_rounds.sh 7   # bf16x6 backward tiles; the Triton and cuDNN tests; fine-tuning memory
 #                                  # with the Triton default (sft, diffusion vs transformers' flex_attention)
 #   bash scripts/gpu_rounds.sh 8   # the default grid's fp32 cases again (bf16x6 Triton tiles) + HF LoRA check
+#   bash scripts/gpu_rounds.sh 9   # round 8's two fp32 cases its deadline cut + the fp32 tiles' neighbours
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -85,8 +86,14 @@ case "${1:-}" in
       --passes fwd+bwd --deadline 190 2>&1 | tail -14
     timeout 150 python3 scripts/gpu_hf_check.py 2>&1 | tee "$OUT/hf_check.log" | tail -16
     ;;
+  9)
+    OUT="$OUT/fp32b" BENCH_TIMEOUT=200 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
+      --passes fwd+bwd --masks sliding_window,custom --deadline 150 2>&1 | tail -6
+    timeout 170 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6 --no-correctness \
+      --no-timing 2>&1 | tail -22
+    ;;
   *)
-    echo "usage: $0 1|2|3|4|4x2|5|6|7|8" >&2
+    echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
     exit 2
     ;;
 esac
