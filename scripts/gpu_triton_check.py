@@ -297,18 +297,17 @@ def sweep(D=128) -> list[dict]:
     return rows
 
 
-FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first is the default.  Round 7
-    # (benchmarks/results/nvidia-h200/fp32-sweep/backward_tiles.log) picked the defaults; these are their
-    # neighbours.
-    "fwd": [(128, 64, 8, 1), (128, 128, 8, 1), (64, 128, 4, 1), (128, 64, 4, 1)],
-    "dkdv": [(32, 128, 8, 1), (32, 128, 4, 1), (16, 128, 8, 1), (64, 64, 8, 1), (32, 64, 8, 1)],
-    "dq": [(128, 32, 8, 1), (128, 32, 4, 1), (128, 16, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1)],
+FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first is the default.  Rounds 6-9
+    # (benchmarks/results/nvidia-h200/fp32-sweep/) picked the defaults with bf16x6 dots; ``presplit`` needs
+    # less shared memory (no fp32 staging of loaded tiles), so larger tiles and more stages may fit.
+    "fwd": [(128, 64, 8, 1), (128, 64, 8, 2)],
+    "dkdv": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2)],
+    "dq": [(128, 32, 8, 1), (128, 32, 8, 2), (128, 64, 8, 1), (64, 64, 4, 2)],
 }
-SWEPT_PRECISIONS = ("tf32x3", "bf16x6")
 
 
-def fp32_sweep(precisions, D=128, kind="documents") -> list[dict]:
-    """fp32 dot precisions (tf32x3, bf16x6: fp32-level; tf32, bf16x3: bounds) x tile configs.
+def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") -> list[dict]:
+    """fp32 dot precisions (tf32x3, bf16x6, presplit: fp32-level; tf32, bf16x3: bounds) x tile configs.
 
     Error rows: our max error / SDPA-fp32's against float64 on a small shape (PASS <= 2); timing rows
     as in :func:`sweep` (fwd configs time the forward, dkdv/dq configs forward+backward).
@@ -343,11 +342,11 @@ def fp32_sweep(precisions, D=128, kind="documents") -> list[dict]:
         return anymask.attention(q, k, v, mask, backend="triton")
 
     for prec in precisions:
-        swept = prec in SWEPT_PRECISIONS  # the others: defaults only, fwd and fwd+bwd once
+        every = prec in swept  # the others: defaults only, fwd and fwd+bwd once
         for kernel, configs in FP32_SWEEP.items():
-            if not swept and kernel == "dq":
+            if not every and kernel == "dq":
                 continue
-            for cfg in configs if swept else configs[:1]:
+            for cfg in configs if every else configs[:1]:
                 C.reset()
                 bm, bn, warps, stages = cfg
                 for kn in ("fwd", "dkdv", "dq"):
@@ -372,7 +371,9 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a few tile configs")
     parser.add_argument("--fp32-sweep", action="store_true", help="fp32 dot precisions x tile configs")
     parser.add_argument("--fp32-precisions", default="tf32x3,bf16x6,tf32,bf16x3,ieee",
-                        help="the --fp32-sweep's precisions (tf32x3 and bf16x6 get every tile config)")
+                        help="the --fp32-sweep's precisions")
+    parser.add_argument("--fp32-swept", default="tf32x3,bf16x6",
+                        help="those of them timed with every tile config (the others: defaults only)")
     parser.add_argument("--no-correctness", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--ieee", action="store_true", help="also check fp32 with ieee dots")
@@ -397,7 +398,7 @@ def main() -> int:
         if args.sweep:
             result["sweep"] = sweep()
         if args.fp32_sweep:
-            result["fp32_sweep"] = fp32_sweep(args.fp32_precisions.split(","))
+            result["fp32_sweep"] = fp32_sweep(args.fp32_precisions.split(","), args.fp32_swept.split(","))
         if not args.no_timing:
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             dtypes = [torch.bfloat16] if args.quick else [names[d] for d in args.dtypes.split(",")]

@@ -387,3 +387,45 @@ def test_unmerged_partial_loops(delegated, monkeypatch, name):
         return
     monkeypatch.setenv("ANYMASK_TRITON_MERGED", "0")
     _check(MASKS[name](2, 45), (2, 2, 1, 45, 45, 16), torch.float32)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["documents_causal", "scattered_padding", "prefix_lm", "left_padding_causal"])
+def test_presplit_fp32(delegated, monkeypatch, name):
+    """``ANYMASK_TRITON_FP32=presplit``: fp32 operands as three bf16 parts made before the kernels,
+    six part products per dot; errors stay at SDPA-fp32's level (GQA, partial tiles, empty rows)."""
+    if delegated:
+        return
+    monkeypatch.setenv("ANYMASK_TRITON_FP32", "presplit")
+    _check(MASKS[name](2, 45), (2, 4, 2, 45, 45, 32), torch.float32)
+
+
+@needs_triton
+def test_split_parts_are_exact_bf16_pieces(delegated):
+    """``hi + mid + lo`` gives x back to fp32 rounding, each part a bf16 value, in the torch split
+    (before the kernels) and in the kernels' register split alike."""
+    if delegated:
+        return
+    import triton
+    import triton.language as tl
+
+    from anymask.kernels import operands
+
+    globals()["split3"] = operands.split3  # a jit kernel finds the jit functions it calls among its module's globals
+
+    @triton.jit
+    def split_kernel(X, OUT, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        x1, x2, x3 = split3(tl.load(X + offs), tl.float32)  # noqa: F821 (set above)
+        tl.store(OUT + offs, x1)
+        tl.store(OUT + N + offs, x2)
+        tl.store(OUT + 2 * N + offs, x3)
+
+    x = torch.randn(256, device=DEVICE) * torch.logspace(-6, 6, 256, device=DEVICE)
+    in_kernel = torch.empty(3, 256, device=DEVICE)
+    split_kernel[(1,)](x, in_kernel, N=256)
+    for parts in (operands.split_parts(x).float(), in_kernel):
+        assert torch.equal(parts, parts.bfloat16().float())
+        assert ((parts.sum(0) - x).abs() <= x.abs() * 2.0 ** -23).all()
+        assert (parts[1].abs() <= parts[0].abs() * 2.0 ** -7).all()  # one bf16 ulp (the interpreter truncates)
+        assert (parts[2].abs() <= parts[1].abs() * 2.0 ** -7).all()
