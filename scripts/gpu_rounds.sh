@@ -12,7 +12,6 @@
 #                                  # with the Triton default (sft, diffusion vs transformers' flex_attention)
 #   bash scripts/gpu_rounds.sh 8   # the default grid's fp32 cases again (bf16x6 Triton tiles) + HF LoRA check
 #   bash scripts/gpu_rounds.sh 9   # round 8's two fp32 cases its deadline cut + the fp32 tiles' neighbours
-#   bash scripts/gpu_rounds.sh 10  # presplit fp32 operands: tiles, tests on CUDA, bench against bf16x6's rows
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -93,19 +92,8 @@ case "${1:-}" in
     timeout 170 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6 --no-correctness \
       --no-timing 2>&1 | tail -22
     ;;
-  10)
-    timeout 130 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6,presplit \
-      --fp32-swept presplit --no-correctness --no-timing 2>&1 | grep -E "^(error|time|  )" | tail -24
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 80 python3 -m pytest -q -p no:cacheprovider "${per_test[@]}" tests/test_triton.py \
-      -k "presplit or split_parts or every_mask" 2>&1 | tee "$OUT/triton_presplit_tests.log" | tail -4
-    ANYMASK_TRITON_FP32=presplit OUT="$OUT/presplit" BENCH_TIMEOUT=150 bash scripts/gpu_bench.sh --heads 16 \
-      --dtypes fp32,bf16 --seqlens 4096 --passes fwd+bwd --masks documents,padding,prefix_lm --deadline 120 \
-      2>&1 | tail -9
-    ;;
   *)
-    echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9|10" >&2
+    echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
     exit 2
     ;;
 esac

@@ -298,16 +298,16 @@ def sweep(D=128) -> list[dict]:
 
 
 FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first is the default.  Rounds 6-9
-    # (benchmarks/results/nvidia-h200/fp32-sweep/) picked the defaults with bf16x6 dots; ``presplit`` needs
-    # less shared memory (no fp32 staging of loaded tiles), so larger tiles and more stages may fit.
-    "fwd": [(128, 64, 8, 1), (128, 64, 8, 2)],
-    "dkdv": [(32, 128, 8, 1), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2)],
-    "dq": [(128, 32, 8, 1), (128, 32, 8, 2), (128, 64, 8, 1), (64, 64, 4, 2)],
+    # (benchmarks/results/nvidia-h200/fp32-sweep/) picked the defaults with bf16x6 dots; these are their
+    # neighbours.
+    "fwd": [(128, 64, 8, 1), (128, 128, 8, 1), (64, 128, 4, 1), (128, 64, 4, 1)],
+    "dkdv": [(32, 128, 8, 1), (32, 128, 4, 1), (16, 128, 8, 1), (64, 64, 8, 1), (32, 64, 8, 1)],
+    "dq": [(128, 32, 8, 1), (128, 32, 4, 1), (128, 16, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1)],
 }
 
 
 def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") -> list[dict]:
-    """fp32 dot precisions (tf32x3, bf16x6, presplit: fp32-level; tf32, bf16x3: bounds) x tile configs.
+    """fp32 dot precisions (tf32x3, bf16x6: fp32-level; tf32, bf16x3: bounds) x tile configs.
 
     Error rows: our max error / SDPA-fp32's against float64 on a small shape (PASS <= 2); timing rows
     as in :func:`sweep` (fwd configs time the forward, dkdv/dq configs forward+backward).

@@ -2,8 +2,7 @@
 
 The block sizes are fixed per entry (the mask lowering depends on them); ``ANYMASK_TRITON_FP32``
 picks the fp32 dot precision (``bf16x6`` by default on the GPU: each fp32 operand split into three
-bf16 parts, six bf16 products, fp32-level error at ~2x the speed of ``tf32x3``; ``presplit``: the
-same products with the operands split once before the kernels, :mod:`.operands`; ``ieee`` for exact
+bf16 parts, six bf16 products, fp32-level error at ~2x the speed of ``tf32x3``; ``ieee`` for exact
 fp32 products);
 partial tiles on both sides of the full run are visited in one loop (``ANYMASK_TRITON_MERGED=0``:
 one loop per side, as first measured).
@@ -35,12 +34,9 @@ def interpreting() -> bool:
 
 
 def fp32_precision() -> str:
-    """``ANYMASK_TRITON_FP32`` (default ``bf16x6``); the interpreter runs ``presplit`` as asked
-    (its parts stay fp32 there) and every other choice as ``ieee`` (it emulates no tensor cores)."""
-    chosen = os.environ.get("ANYMASK_TRITON_FP32", "bf16x6")
     if interpreting():
-        return chosen if chosen == "presplit" else "ieee"
-    return chosen
+        return "ieee"
+    return os.environ.get("ANYMASK_TRITON_FP32", "bf16x6")
 
 
 # (kernel, head dim bucket, dtype bucket) -> (block_m, block_n, warps, stages).  bf16 hd 128 entries

@@ -8,8 +8,7 @@ Three launches:
     dQ      over the row view                     one program per (batch * q head, q tile)
 
 Probabilities are recomputed from the forward's base-2 LSE; partial tiles mask with the row
-intervals, so rows that see no key (``lse = +inf``) get exactly zero gradient.  With the
-``presplit`` fp32 precision q, k, v, dO arrive as bf16 parts (:mod:`.operands`).
+intervals, so rows that see no key (``lse = +inf``) get exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ import triton.language as tl
 
 from . import mask_bounds
 from .config import Config
-from .operands import load, mma, operand
-from .triton_fwd import LOG2E, dot_precision, empty_in_layout, operand_view, partial_count, partial_tile, presplit
+from .triton_fwd import LOG2E, empty_in_layout, partial_count, partial_tile
 
 
 @triton.jit
@@ -41,50 +39,49 @@ def _delta_kernel(O, DO, DELTA, Sq, H, sob, soh, som, sdb, sdh, sdm,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k1, k2, k3, v1, v2, v3, offs_n, k_ok, m, q_base, do_base, lse_base, delta_base, lo_base,
-               hi_base, sqm, sdm, s_qp, s_dp, Sq, qk_scale,
-               MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base, delta_base, lo_base, hi_base,
+               sqm, sdm, Sq, qk_scale,
+               MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Add one q tile's contribution to a kv tile's dK (unscaled) and dV accumulators."""
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_base + offs_m[:, None] * sqm + offs_d[None, :]
     do_ptrs = do_base + offs_m[:, None] * sdm + offs_d[None, :]
-    in_q = offs_m < Sq
-    q1, q2, q3 = load(q_ptrs, s_qp, in_q[:, None], MASKED, SPLIT)  # [BM, D] each
-    do1, do2, do3 = load(do_ptrs, s_dp, in_q[:, None], MASKED, SPLIT)
     if MASKED:
+        in_q = offs_m < Sq
+        q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)  # [BM, D]
+        do = tl.load(do_ptrs, mask=in_q[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=in_q, other=0.0)  # [BM]
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
         lo = tl.load(lo_base + offs_m, mask=in_q, other=1)
         hi = tl.load(hi_base + offs_m, mask=in_q, other=0)
     else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
-    zeros = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    s_t = mma(k1, k2, k3, tl.trans(q1), tl.trans(q2), tl.trans(q3), zeros, SPLIT, PRECISION) * qk_scale  # [BN, BM]
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
     p_t = tl.exp2(s_t - lse[None, :])
     if MASKED:
         ok = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
         if KPAD:
             ok = ok & k_ok[:, None]
         p_t = tl.where(ok, p_t, 0.0)
-    p1, p2, p3 = operand(p_t, do1.dtype, SPLIT)
-    dv = mma(p1, p2, p3, do1, do2, do3, dv, SPLIT, PRECISION)  # [BN, D]
-    dp_t = mma(v1, v2, v3, tl.trans(do1), tl.trans(do2), tl.trans(do3), zeros, SPLIT, PRECISION)  # [BN, BM]
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # [BN, D]
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
     ds_t = p_t * (dp_t - delta[None, :])
-    s1, s2, s3 = operand(ds_t, q1.dtype, SPLIT)
-    dk = mma(s1, s2, s3, q1, q2, q3, dk, SPLIT, PRECISION)  # [BN, D]
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # [BN, D]
     return dk, dv
 
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn,
-                 s_qp, s_kp, s_vp, s_dp, s_bnd, s_kvalid, s_tiles, s_order,
+                 s_bnd, s_kvalid, s_tiles, s_order,
                  HKV, GROUPS, Sq, Skv, scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, SPLIT: tl.constexpr):
+                 KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
     bhk = tl.program_id(0)
     b = bhk // HKV
     hk = bhk % HKV
@@ -98,10 +95,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_kv = offs_n < Skv
-    k1, k2, k3 = load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :],
-                      s_kp, in_kv[:, None], True, SPLIT)  # [BN, D] each
-    v1, v2, v3 = load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :],
-                      s_vp, in_kv[:, None], True, SPLIT)
+    k = tl.load(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :],
+                mask=in_kv[:, None], other=0.0)  # [BN, D]
+    v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :],
+                mask=in_kv[:, None], other=0.0)
     k_ok = in_kv
     if KPAD:
         k_ok = tl.load(KVALID + b * s_kvalid + offs_n, mask=in_kv, other=0) != 0  # [BN]
@@ -118,18 +115,18 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
         delta_base = DELTA + bh.to(tl.int64) * Sq
         for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
             m = partial_tile(i, first, full_first, full_end)
-            dk, dv = _dkdv_step(dk, dv, k1, k2, k3, v1, v2, v3, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                delta_base, lo_base, hi_base, sqm, sdm, s_qp, s_dp, Sq, qk_scale,
-                                True, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
         for m in range(full_first, full_end):
-            dk, dv = _dkdv_step(dk, dv, k1, k2, k3, v1, v2, v3, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                delta_base, lo_base, hi_base, sqm, sdm, s_qp, s_dp, Sq, qk_scale,
-                                False, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                False, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
         if not MERGED:
             for m in range(full_end, end):
-                dk, dv = _dkdv_step(dk, dv, k1, k2, k3, v1, v2, v3, offs_n, k_ok, m, q_base, do_base,
-                                    lse_base, delta_base, lo_base, hi_base, sqm, sdm, s_qp, s_dp, Sq, qk_scale,
-                                    True, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+                dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                    delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
+                                    True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DV + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv[:, None])
@@ -139,10 +136,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
-               s_qp, s_kp, s_vp, s_dp, s_bnd, s_kvalid, s_tiles, s_order,
+               s_bnd, s_kvalid, s_tiles, s_order,
                H, GROUPS, Sq, Skv, scale, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, SPLIT: tl.constexpr):
+               KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -157,10 +154,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Sq
-    q1, q2, q3 = load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                      s_qp, in_q[:, None], True, SPLIT)  # [BM, D] each
-    do1, do2, do3 = load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdm
-                         + offs_d[None, :], s_dp, in_q[:, None], True, SPLIT)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=in_q[:, None], other=0.0)  # [BM, D]
+    do = tl.load(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh + offs_m[:, None] * sdm + offs_d[None, :],
+                 mask=in_q[:, None], other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=in_q, other=0.0)  # [BM]
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=in_q, other=0.0)
     lo = tl.load(LO + b * s_bnd + offs_m, mask=in_q, other=1)
@@ -171,43 +168,45 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
         n = partial_tile(i, first, full_first, full_end)
-        dq = _dq_step(dq, q1, q2, q3, do1, do2, do3, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
-                      s_kp, s_vp, Skv, qk_scale, True, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                      True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     for n in range(full_first, full_end):
-        dq = _dq_step(dq, q1, q2, q3, do1, do2, do3, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
-                      s_kp, s_vp, Skv, qk_scale, False, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                      False, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     if not MERGED:
         for n in range(full_end, end):
-            dq = _dq_step(dq, q1, q2, q3, do1, do2, do3, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
-                          s_kp, s_vp, Skv, qk_scale, True, KPAD, BLOCK_M, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
+            dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+                          True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
     dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 @triton.jit
-def _dq_step(dq, q1, q2, q3, do1, do2, do3, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, s_kp, s_vp,
-             Skv, qk_scale, MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+             MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             PRECISION: tl.constexpr):
     """Add one kv tile's contribution to a q tile's dQ (unscaled)."""
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
-    in_kv = offs_n < Skv
-    k1, k2, k3 = load(k_ptrs, s_kp, in_kv[:, None], MASKED, SPLIT)  # [BN, D] each
-    v1, v2, v3 = load(v_ptrs, s_vp, in_kv[:, None], MASKED, SPLIT)
-    zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    s = mma(q1, q2, q3, tl.trans(k1), tl.trans(k2), tl.trans(k3), zeros, SPLIT, PRECISION) * qk_scale  # [BM, BN]
+    if MASKED:
+        in_kv = offs_n < Skv
+        k = tl.load(k_ptrs, mask=in_kv[:, None], other=0.0)  # [BN, D]
+        v = tl.load(v_ptrs, mask=in_kv[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
     p = tl.exp2(s - lse[:, None])
     if MASKED:
         ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
         if KPAD:
             ok = ok & (tl.load(kvalid + offs_n, mask=in_kv, other=0) != 0)[None, :]
         p = tl.where(ok, p, 0.0)
-    dp = mma(do1, do2, do3, tl.trans(v1), tl.trans(v2), tl.trans(v3), zeros, SPLIT, PRECISION)  # [BM, BN]
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
     ds = p * (dp - delta[:, None])
-    s1, s2, s3 = operand(ds, k1.dtype, SPLIT)
-    dq = mma(s1, s2, s3, k1, k2, k3, dq, SPLIT, PRECISION)  # [BM, D]
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM, D]
     return dq
 
 
@@ -229,36 +228,32 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     kpad = bounds.kvalid is not None
     common = (bounds.lo, bounds.hi, kvalid)
 
-    split = presplit(cfg_dkdv)
-    if presplit(cfg_dq) != split:
-        raise ValueError("the dK/dV and dQ configs must agree on the presplit precision (they share operands)")
-    (qs, s_qp), (ks, s_kp), (vs, s_vp), (dos, s_dp) = (operand_view(t, split) for t in (q, k, v, do))
-    operands = (qs, ks, vs, dos)
-    strides = (qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
-               vs.stride(0), vs.stride(1), vs.stride(2), dos.stride(0), dos.stride(1), dos.stride(2))
-
     dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
     tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
     n_n = tiles.shape[1]
     _dkdv_kernel[(B * Hkv, n_n)](
-        *operands, lse, delta, dk, dv, *common, tiles, order, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), s_qp, s_kp, s_vp, s_dp,
+        q, k, v, do, lse, delta, dk, dv, *common, tiles, order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
         Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=dot_precision(cfg_dkdv), MERGED=cfg_dkdv.merged,
-        SPLIT=split, num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
+        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged,
+        num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
     dq = empty_in_layout(q)
     tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
     n_m = tiles.shape[1]
     _dq_kernel[(B * H, n_m)](
-        *operands, lse, delta, dq, *common, tiles, order, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2), s_qp, s_kp, s_vp, s_dp,
+        q, k, v, do, lse, delta, dq, *common, tiles, order,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=dot_precision(cfg_dq), MERGED=cfg_dq.merged,
-        SPLIT=split, num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
+        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged,
+        num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
     return dq, dk, dv
