@@ -149,6 +149,26 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
         anymask.attention(q, k, v, mask, backend=first)
 
 
+def test_auto_falls_back_after_a_triton_compile_or_resource_error(monkeypatch):
+    """Triton's errors (out of shared memory, a dot precision an old Triton lacks) are not
+    ``RuntimeError``s; ``auto`` still moves on to the next backend."""
+    errors = pytest.importorskip("triton.runtime.errors")
+    from anymask import backend as B
+    from anymask.dispatch import candidates
+
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    mask = M.causal()
+    first = candidates(describe(q, k, v, mask, None))[0]
+
+    def out_of_shared_memory(*args, **kwargs):
+        raise errors.OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(B.get(first), "run", out_of_shared_memory)
+    with pytest.warns(RuntimeWarning, match="out of resource: shared memory"):
+        out = anymask.attention(q, k, v, mask)
+    torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
 def test_head_dependent_custom_mask(backend):
     q, k, v = (t.float() for t in make_inputs(1, 2, 2, 12, 12, 8, "cpu", requires_grad=False))

@@ -98,6 +98,15 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     assert sorted(map(json.dumps, again["rows"])) == sorted(
         map(json.dumps, rerun["rows"] + [r for r in doc["rows"] if r["mask"] not in first]))
     assert [p["file"] for p in again["meta"]["parts"]] == [p.name for p in parts]
+    # a re-run cut short: its placeholder rows (cases never started) replace nothing
+    cut = dict(rerun, rows=[dict(r, variant="*", backend="*", status="skipped", reason="not started")
+                            for r in rerun["rows"] if r["variant"] == "auto"])
+    parts.append(tmp_path / "cut.json")
+    parts[-1].write_text(json.dumps(cut))
+    assert bench_main(["bench", "--merge", str(merged / "again.json"), str(parts[-1]), "--out", str(merged),
+                       "--tag", "cut"]) == 0
+    assert sorted(map(json.dumps, json.loads((merged / "cut.json").read_text())["rows"])) == \
+        sorted(map(json.dumps, again["rows"]))
     with pytest.raises(SystemExit, match="no such file"):
         bench_main(["bench", "--plot-only", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="no bench results"):

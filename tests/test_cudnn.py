@@ -240,6 +240,50 @@ def test_outputs_and_grads_keep_the_bshd_layout(name, monkeypatch):
         assert [t.stride() for t in grads] == [t.stride() for t in (q, k, v)]
 
 
+def _stride_checking_graphs(monkeypatch):
+    """Real ``G.forward`` / ``G.backward`` (their allocations) with graphs that only check that every
+    dense tensor bound to a graph has the strides the graph was declared with; returns the log."""
+    seen = []
+
+    def execute(built, spec, pack, what, device):
+        if not spec.ragged:
+            declared = dict(zip((G._Q, G._K, G._V, G._O, G._DQ, G._DK, G._DV), G.declared_strides(spec)))
+            declared[G._DO] = declared[G._O]
+            for uid, t in pack.items():
+                if uid in declared:
+                    want = declared[uid]
+                    assert all(st == w or n == 1 for n, st, w in zip(t.shape, t.stride(), want)), (what, uid)
+                    seen.append((what, spec.keep_layout))
+        for uid in (G._O, G._DQ, G._DK, G._DV):
+            if uid in pack:
+                pack[uid].zero_()
+
+    monkeypatch.setattr(G, "_get", lambda key, build: G._Built(None, 0))
+    monkeypatch.setattr(G, "_execute", execute)
+    return seen
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["plain", "hooks_return_contiguous"])
+@pytest.mark.parametrize("name", ["causal", "prefix_lm", "padding"])
+def test_real_allocations_match_the_declared_strides(name, offload, monkeypatch):
+    """o, dO, dq, dk, dv as ``G.forward``/``G.backward`` allocate them, and q, k, v, o as backward gets
+    them back (also from saved-tensor hooks that return contiguous copies), have the graph's strides."""
+    seen = _stride_checking_graphs(monkeypatch)
+    mask = PLANNED[name]()
+    q, k, v = _bshd(B, 4, S, 16, dtype=torch.bfloat16), _bshd(B, 2, S, 16, dtype=torch.bfloat16), \
+        _bshd(B, 2, S, 16, dtype=torch.bfloat16)
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t) if offload else None
+    if hooks:
+        with hooks:
+            out = C.Cudnn().run(q, k, v, describe(q, k, v, mask, None))
+    else:
+        out = C.Cudnn().run(q, k, v, describe(q, k, v, mask, None))
+    torch.autograd.grad(out, (q, k, v), torch.randn(B, S, 4, 16, dtype=torch.bfloat16).transpose(1, 2))
+    if name != "padding":  # ragged: token-major descriptors, not compared here
+        assert {what for what, _ in seen} == {"forward", "backward"}
+        assert all(keep for _, keep in seen) or name != "causal"  # causal: one block, in the inputs' layout
+
+
 def test_dense_permutation():
     x = torch.randn(2, 5, 3, 4)
     assert C._dense_permutation(x) and C._dense_permutation(x.transpose(1, 2))

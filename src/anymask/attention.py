@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -39,7 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     while True:
         try:
             return chosen.run(q, k, v, p)
-        except (RuntimeError, NotImplementedError, ImportError) as exc:
+        except _fallback_errors() as exc:
             tried.append(chosen.name)
             rest = [n for n in candidates(p) if n not in tried]
             if not rest:
@@ -49,6 +50,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
                           f"Force a backend with backend=... to see the full error.", RuntimeWarning,
                           stacklevel=2)
             chosen = B.get(rest[0])
+
+
+def _fallback_errors() -> tuple[type[BaseException], ...]:
+    """Failures after which ``auto`` tries the next backend: run-time errors, and (when Triton is
+    loaded) Triton's compile and out-of-resources errors, which are not ``RuntimeError``s."""
+    base = getattr(sys.modules.get("triton.errors"), "TritonError", None)
+    errors = (RuntimeError, NotImplementedError, ImportError)
+    return (*errors, base) if isinstance(base, type) else errors
 
 
 def which_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,

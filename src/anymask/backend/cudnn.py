@@ -299,6 +299,9 @@ class _Attention(torch.autograd.Function):
         from ..kernels import cudnn_graphs as G
 
         q, k, v, o, stats = ctx.saved_tensors
+        if not ctx.spec.ragged:  # saved-tensor hooks (e.g. offloading) may hand back other strides
+            declared = G.declared_strides(ctx.spec)
+            q, k, v, o = (_with_strides(t, st) for t, st in zip((q, k, v, o), declared))
         try:
             if do.stride() != o.stride() or do.data_ptr() % 16:  # laid out like o, 16-byte aligned base
                 do = torch.empty_like(o).copy_(do)
@@ -311,14 +314,24 @@ class _Attention(torch.autograd.Function):
 
 def _dense_ready(t: torch.Tensor) -> torch.Tensor:
     """A view cuDNN can read: dense last dim, no broadcast strides, 16-byte aligned base."""
-    if t.stride(-1) != 1 or 0 in t.stride() or t.data_ptr() % 16:
+    if t.stride(-1) != 1 or 0 in t.stride():
         return t.contiguous()
+    if t.data_ptr() % 16:
+        return t.clone(memory_format=torch.contiguous_format)  # a contiguous view: .contiguous() is itself
     return t
+
+
+def _with_strides(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """``t`` laid out with ``stride`` (what a graph was built for), copied only when it is not."""
+    if all(st == want or n == 1 for n, st, want in zip(t.shape, t.stride(), stride)) and t.data_ptr() % 16 == 0:
+        return t
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:
     """True when ``t`` covers its storage span exactly in some dim order (e.g. a ``[B, S, H, D]``
-    tensor viewed as ``[B, H, S, D]``), so ``empty_like(t)`` has its strides; row slices do not."""
+    tensor viewed as ``[B, H, S, D]``), so ``empty_like(t)`` has its strides (views with gaps,
+    such as most row slices, do not)."""
     expect = 1
     for dim in sorted(range(t.dim()), key=t.stride):
         if t.size(dim) != 1 and t.stride(dim) != expect:

@@ -124,7 +124,9 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
     """One result from the parts of a grid run separately (e.g. one part per GPU): rows
     concatenated, meta of the first part with every part's grid options, date and commit.  A case
     measured in several parts keeps the rows of the last one, so a re-run of some cases (after a
-    change) replaces them in an earlier merged result: ``--merge old.json rerun.json``."""
+    change) replaces them in an earlier merged result: ``--merge old.json rerun.json`` (all of a
+    case's rows: a re-run with fewer ``--backends`` drops the others).  Cases a part never started
+    replace nothing."""
     docs = [_read_results(Path(f)) for f in files]
     bad = [f for f, d in zip(files, docs) if not d]
     if bad:
@@ -139,8 +141,14 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
                                                              "git_commit": d["meta"].get("git_commit"),
                                                              "command": d["meta"].get("command"),
                                                              "seconds": d["summary"].get("seconds")}]]
-    owner = {tuple(r[k] for k in _CASE_FIELDS): i for i, d in enumerate(docs) for r in d["rows"]}
-    rows = [r for i, d in enumerate(docs) for r in d["rows"] if owner[tuple(r[k] for k in _CASE_FIELDS)] == i]
+    def case(row) -> tuple:
+        return tuple(row[k] for k in _CASE_FIELDS)
+
+    # a case belongs to the last part that measured it; a part cut short (deadline, timeout) holds one
+    # placeholder row (variant "*") per case it never started, which replaces nothing
+    owner = {case(r): i for i, d in enumerate(docs) for r in d["rows"] if r["variant"] != "*"}
+    owner.update({case(r): i for i, d in enumerate(docs) for r in d["rows"] if case(r) not in owner})
+    rows = [r for i, d in enumerate(docs) for r in d["rows"] if owner[case(r)] == i]
     summary = dict(docs[0]["summary"], seconds=round(sum(d["summary"].get("seconds", 0) for d in docs), 1),
                    out=str(out))
     out.mkdir(parents=True, exist_ok=True)

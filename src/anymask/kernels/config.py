@@ -1,9 +1,9 @@
 """Tile sizes and launch settings per kernel, head dim and dtype (Hopper-tuned; small in the interpreter).
 
 The block sizes are fixed per entry (the mask lowering depends on them); ``ANYMASK_TRITON_FP32``
-picks the fp32 dot precision (``bf16x6`` by default on the GPU: each fp32 operand split into three
-bf16 parts, six bf16 products, fp32-level error at ~2x the speed of ``tf32x3``; ``ieee`` for exact
-fp32 products);
+picks the fp32 dot precision (``bf16x6`` by default on the GPU where Triton has it, 3.5+: each fp32
+operand split into three bf16 parts, six bf16 products, fp32-level error at ~2x the speed of
+``tf32x3``, the default on older Triton; ``ieee`` for exact fp32 products);
 partial tiles on both sides of the full run are visited in one loop (``ANYMASK_TRITON_MERGED=0``:
 one loop per side, as first measured).
 """
@@ -33,10 +33,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _default_fp32() -> str:
+    """``bf16x6`` where this Triton has it (3.5+), else ``tf32x3``."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return "tf32x3"
+    return "bf16x6" if "bf16x6" in getattr(CUDAOptions, "allowed_dot_input_precisions", ()) else "tf32x3"
+
+
 def fp32_precision() -> str:
     if interpreting():
         return "ieee"
-    return os.environ.get("ANYMASK_TRITON_FP32", "bf16x6")
+    return os.environ.get("ANYMASK_TRITON_FP32") or _default_fp32()
 
 
 # (kernel, head dim bucket, dtype bucket) -> (block_m, block_n, warps, stages).  bf16 hd 128 entries

@@ -138,8 +138,8 @@ def _token_major(n: int, h: int, s: int, d: int) -> tuple[int, ...]:
     return (s * h * d, d, h * d, 1)
 
 
-def _strides(spec: Spec):
-    """Declared strides of (q, k, v, o/dO, dq, dk, dv)."""
+def declared_strides(spec: Spec):
+    """Strides the graphs are built with for (q, k, v, o/dO, dq, dk, dv)."""
     B, Hq, Hk, Sq, Sk, D = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim
     if spec.ragged:
         sq, sk = _token_major(B, Hq, Sq, D), _token_major(B, Hk, Sk, D)
@@ -164,7 +164,7 @@ def _io_type(c, dtype: torch.dtype):
 def _inputs(c, g, spec: Spec, io):
     """Declare q, k, v (+ lengths, ragged offsets); returns (q, k, v, extra sdpa kwargs, offsets)."""
     B, Hq, Hk, Sq, Sk, D = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim
-    sq, sk, sv = _strides(spec)[:3]
+    sq, sk, sv = declared_strides(spec)[:3]
     q = g.tensor(name="q", dim=[B, Hq, Sq, D], stride=list(sq), data_type=io, uid=_Q)
     k = g.tensor(name="k", dim=[B, Hk, Sk, D], stride=list(sk), data_type=io, uid=_K)
     v = g.tensor(name="v", dim=[B, Hk, Sk, D], stride=list(sv), data_type=io, uid=_V)
@@ -224,7 +224,7 @@ def _build_forward(spec: Spec, training: bool) -> _Built:
     q, k, v, kwargs, (off_q, _) = _inputs(c, g, spec, io)
     o, stats = g.sdpa(name="sdpa", q=q, k=k, v=v, generate_stats=training, **kwargs)
     B, Hq, Sq, D = spec.batch, spec.q_heads, spec.q_len, spec.head_dim
-    _output(o, _O, (B, Hq, Sq, D), _strides(spec)[3], io, off_q)
+    _output(o, _O, (B, Hq, Sq, D), declared_strides(spec)[3], io, off_q)
     if training:
         _output(stats, _STATS, (B, Hq, Sq, 1), (Hq * Sq, Sq, 1, 1), f32)
     return _finish(c, g, spec, "forward")
@@ -237,7 +237,7 @@ def _build_backward(spec: Spec) -> _Built:
     g = c.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle(spec.device))
     q, k, v, kwargs, (off_q, off_kv) = _inputs(c, g, spec, io)
     B, Hq, Hk, Sq, Sk, D = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim
-    _, _, _, so, sdq, sdk, sdv = _strides(spec)
+    _, _, _, so, sdq, sdk, sdv = declared_strides(spec)
     o = g.tensor(name="o", dim=[B, Hq, Sq, D], stride=list(so), data_type=io, uid=_O)
     do = g.tensor(name="dO", dim=[B, Hq, Sq, D], stride=list(so), data_type=io, uid=_DO)
     stats = g.tensor(name="stats", dim=[B, Hq, Sq, 1], stride=[Hq * Sq, Sq, 1, 1], data_type=f32, uid=_STATS)
