@@ -1,7 +1,7 @@
 """Tile sizes and launch settings per kernel, head dim and dtype (Hopper-tuned; small in the interpreter).
 
 The block sizes are fixed per entry (the mask lowering depends on them); ``ANYMASK_TRITON_FP32``
-picks the fp32 dot precision (``bf16x6`` by default on the GPU where Triton has it, 3.5+: each fp32
+picks the fp32 dot precision (``bf16x6`` by default on the GPU where Triton has it: each fp32
 operand split into three bf16 parts, six bf16 products, fp32-level error at ~2x the speed of
 ``tf32x3``, the default on older Triton; ``ieee`` for exact fp32 products);
 partial tiles on both sides of the full run are visited in one loop (``ANYMASK_TRITON_MERGED=0``:
@@ -34,7 +34,7 @@ def interpreting() -> bool:
 
 
 def _default_fp32() -> str:
-    """``bf16x6`` where this Triton has it (3.5+), else ``tf32x3``."""
+    """``bf16x6`` where this Triton has it (recent releases; 3.6 does), else ``tf32x3``."""
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
