@@ -326,7 +326,12 @@ def test_gpu_matches_eager(name, shape):
     reasons = anymask.backends(*low, mask)["cudnn"]["reasons"]
     if reasons:
         pytest.skip("; ".join(reasons))
-    g = torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64)
+    _check_cudnn_on_gpu(q, k, v, low, mask, torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64))
+
+
+def _check_cudnn_on_gpu(q, k, v, low, mask, g):
+    """cuDNN on the bf16 copies ``low`` against float64 eager on ``q, k, v``, within SDPA-bf16's own
+    error; returns cuDNN's output and gradients."""
     ref = anymask.attention(q, k, v, mask, backend="eager")
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     peer = anymask.attention(*low, mask, backend="sdpa")
@@ -336,6 +341,7 @@ def test_gpu_matches_eager(name, shape):
     assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="cudnn output")
     for n, a, r, pg in zip("qkv", grads, ref_grads, peer_grads):
         assert_close_to_reference(a, r, sdpa_error(pg, r), what=f"cudnn d{n}")
+    return out, grads
 
 
 @pytest.mark.gpu
@@ -347,15 +353,6 @@ def test_gpu_bshd_layout_kept_and_exact(name):
     q, k, v = _bshd(B, 4, S, 64, **kw), _bshd(B, 2, S, 64, **kw), _bshd(B, 2, S, 64, **kw)
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
     assert [t.stride() for t in low] == [t.stride() for t in (q, k, v)]
-    g = torch.randn(B, S, 4, 64, **kw).transpose(1, 2)
-    ref = anymask.attention(q, k, v, mask, backend="eager")
-    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    peer = anymask.attention(*low, mask, backend="sdpa")
-    peer_grads = torch.autograd.grad(peer, low, g.bfloat16())
-    out = anymask.attention(*low, mask, backend="cudnn")
-    grads = torch.autograd.grad(out, low, g.bfloat16())
+    out, grads = _check_cudnn_on_gpu(q, k, v, low, mask, torch.randn(B, S, 4, 64, **kw).transpose(1, 2))
     assert out.stride() == low[0].stride()
     assert [t.stride() for t in grads] == [t.stride() for t in low]
-    assert_close_to_reference(out, ref, sdpa_error(peer, ref), what="cudnn output")
-    for n, a, r, pg in zip("qkv", grads, ref_grads, peer_grads):
-        assert_close_to_reference(a, r, sdpa_error(pg, r), what=f"cudnn d{n}")

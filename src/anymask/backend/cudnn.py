@@ -303,8 +303,7 @@ class _Attention(torch.autograd.Function):
             declared = G.declared_strides(ctx.spec)
             q, k, v, o = (_with_strides(t, st) for t, st in zip((q, k, v, o), declared))
         try:
-            if do.stride() != o.stride() or do.data_ptr() % 16:  # laid out like o, 16-byte aligned base
-                do = torch.empty_like(o).copy_(do)
+            do = _with_strides(do, o.stride())  # laid out like o, 16-byte aligned base
             dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do, stats, ctx.meta)
         except G.CudnnGraphError as exc:
             _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
