@@ -12,6 +12,8 @@
 #                                  # with the Triton default (sft, diffusion vs transformers' flex_attention)
 #   bash scripts/gpu_rounds.sh 8   # the default grid's fp32 cases again (bf16x6 Triton tiles) + HF LoRA check
 #   bash scripts/gpu_rounds.sh 9   # round 8's two fp32 cases its deadline cut + the fp32 tiles' neighbours
+#   bash scripts/gpu_rounds.sh 10  # Liger's fused kernels (--kernels): their tests on CUDA, then fine-tuning
+#                                  # throughput of all four tasks with and without them, profiled per arm
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -79,7 +81,7 @@ case "${1:-}" in
     timeout 180 python3 -m pytest -q -rs -p no:cacheprovider --durations 5 "${per_test[@]}" \
       tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -12
     timeout 190 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks sft,diffusion \
-      --attns anymask,flex_attention --out "$OUT" 2>&1 | tail -6
+      --arms anymask:auto,flex_attention:none --out "$OUT" 2>&1 | tail -6
     ;;
   8)
     OUT="$OUT/fp32" BENCH_TIMEOUT=240 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
@@ -91,6 +93,12 @@ case "${1:-}" in
       --passes fwd+bwd --masks sliding_window,custom --deadline 150 2>&1 | tail -6
     timeout 170 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6 --no-correctness \
       --no-timing 2>&1 | tail -22
+    ;;
+  10)
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_train_fused.py 2>&1 \
+      | tee "$OUT/fused_tests.log" | tail -8
+    timeout 400 python3 scripts/gpu_train_bench.py --budget-s 360 --profile --steps 5 \
+      --arms anymask:liger,anymask:none,flex_attention:none,flex_attention:liger --out "$OUT" 2>&1 | tail -24
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2

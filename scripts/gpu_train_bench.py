@@ -10,8 +10,14 @@ intermediate 8192, vocab 128256), bf16, LoRA r=16 on every linear layer, one pac
     flex_attention  transformers' flex_attention with a BlockMask of the same mask
 
 through the same training step as ``anymask train`` (:func:`anymask.train.loop.train_step`), and
-reports tokens/s (median over the timed steps) and peak memory.  Writes ``train_bench.csv`` and
-``train_bench.json`` to ``$OUT`` (or ``--out``) and prints one JSON line at the end.
+reports tokens/s (median over the timed steps) and peak memory.  An arm is ``ATTN[:KERNELS]``, the
+second part ``anymask train --kernels`` (auto: Liger's fused RMSNorm/SwiGLU/linear cross-entropy
+where installed; none: transformers' modules).  The default arms are anymask as ``anymask train``
+runs it (``anymask:auto``) against transformers as it comes (``sdpa:none``, ``flex_attention:none``);
+``speedup_vs_best`` is over the best of those, ``speedup_same_kernels`` over the best peer run with
+the same kernels.  ``--profile`` adds a CUDA-time breakdown of one timed step per arm
+(``profile.txt``).  Writes ``train_bench.csv`` and ``train_bench.json`` to ``$OUT`` (or ``--out``)
+and prints one JSON line at the end.
 
     PYTHONPATH=src python3 scripts/gpu_train_bench.py            # on the H200, < 8 minutes
 """
@@ -19,6 +25,7 @@ reports tokens/s (median over the timed steps) and peak memory.  Writes ``train_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import json
@@ -32,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-ATTNS = ("anymask", "sdpa", "flex_attention")
+ARMS = ("anymask:auto", "sdpa:none", "flex_attention:none")
 TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
 MODEL = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
              intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
@@ -77,16 +84,18 @@ def make_row(task: str, tokens: int, seed: int, vocab: int):
     return Packed(ids, pos, doc, prompt, tuple(lengths), seed)
 
 
-def run_one(task_name: str, attn: str, args) -> dict:
+def run_one(task_name: str, arm: str, args) -> dict:
     import transformers
 
     import anymask.hf  # noqa: F401
     from anymask.attention import which_backend
-    from anymask.train import model as M, tasks
+    from anymask.train import fused, model as M, tasks
     from anymask.train.config import TrainConfig
     from anymask.train.distributed import Dist
     from anymask.train.loop import train_step
 
+    attn, _, kernels = arm.partition(":")
+    kernels = kernels or "auto"
     dev = torch.device(args.device)
     shape = TINY if args.tiny else MODEL
     torch.manual_seed(0)
@@ -95,9 +104,11 @@ def run_one(task_name: str, attn: str, args) -> dict:
     with torch.device(dev):
         base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     task = tasks.make(task_name, mask_token_id=MASK_TOKEN_ID)
+    liger = fused.resolve(kernels, base, dev)
     peft_model = M.prepare(base, task, attn=attn, dtype="bf16", lora_r=16, lora_alpha=32,
-                           gradient_checkpointing=args.checkpointing)
-    module = M.TaskModel(peft_model, task, attn)
+                           gradient_checkpointing=args.checkpointing, liger=liger)
+    module = M.TaskModel(peft_model, task, attn, fused_head=liger and fused.plain_head(peft_model))
+    kernels_used = "liger" if liger else "none"
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -118,16 +129,22 @@ def run_one(task_name: str, attn: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for i, row in enumerate(rows):
+        profiling = args.profile and i == args.warmup and dev.type == "cuda"
+        prof = _profiler() if profiling else contextlib.nullcontext()
         t0 = time.perf_counter()
-        losses.append(train_step(module, [row], task, opt, sched, params, tcfg, d))
-        sync()
-        if i >= args.warmup:
+        with prof:
+            losses.append(train_step(module, [row], task, opt, sched, params, tcfg, d))
+            sync()
+        if i >= args.warmup and not profiling:
             times.append(time.perf_counter() - t0)
+        if profiling:
+            _write_profile(prof, f"{task_name} {arm} ({backend}, kernels {kernels_used})", Path(args.out))
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else 0
     del module, peft_model, base, opt, rows
     _free()
     step_s = statistics.median(times)
-    return {"task": task_name, "attn": attn, "backend": backend, "tokens_per_step": args.tokens,
+    return {"task": task_name, "attn": attn, "arm": arm, "kernels": kernels_used, "backend": backend,
+            "tokens_per_step": args.tokens,
             "tokens_per_s": round(args.tokens / step_s, 1), "step_ms": round(1000 * step_s, 1),
             "peak_mem_gb": round(peak / 2**30, 2), "loss_first": round(losses[0], 4),
             "loss_last": round(losses[-1], 4), "timed_steps": len(times)}
@@ -136,10 +153,11 @@ def run_one(task_name: str, attn: str, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run (a profiled step is not timed)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compilation, autotuning)")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--attns", default=",".join(ATTNS))
+    p.add_argument("--arms", default=",".join(ARMS), help="ATTN[:KERNELS], comma-separated (see above)")
+    p.add_argument("--profile", action="store_true", help="CUDA-time breakdown of one timed step per arm")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--budget-s", type=float, default=450.0, help="skip the remaining runs after this long")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -153,15 +171,15 @@ def main(argv=None) -> int:
 
     start, results = time.perf_counter(), []
     for task in args.tasks.split(","):
-        for attn in args.attns.split(","):
+        for arm in args.arms.split(","):
             if time.perf_counter() - start > args.budget_s:
-                results.append({"task": task, "attn": attn, "error": "skipped: time budget"})
+                results.append({"task": task, "arm": arm, "error": "skipped: time budget"})
                 continue
             t0 = time.perf_counter()
             try:
-                r = run_one(task, attn, args)
+                r = run_one(task, arm, args)
             except Exception as exc:  # one failing implementation must not hide the others
-                r = {"task": task, "attn": attn, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                r = {"task": task, "arm": arm, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 _free()
             r["wall_s"] = round(time.perf_counter() - t0, 1)
             results.append(r)
@@ -174,15 +192,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    keys = ["task", "attn", "backend", "tokens_per_s", "step_ms", "peak_mem_gb", "speedup_vs_best",
-            "mem_vs_best", "loss_first", "loss_last", "timed_steps", "wall_s", "error"]
+    keys = ["task", "arm", "attn", "kernels", "backend", "tokens_per_s", "step_ms", "peak_mem_gb", "speedup_vs_best",
+            "mem_vs_best", "speedup_same_kernels", "loss_first", "loss_last", "timed_steps", "wall_s", "error"]
     with open(out / "train_bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
     _table(results)
-    print(json.dumps({"train_bench": [{k: r.get(k) for k in ("task", "attn", "tokens_per_s", "peak_mem_gb",
-                                                               "speedup_vs_best")} for r in results],
+    print(json.dumps({"train_bench": [{k: r.get(k) for k in ("task", "arm", "tokens_per_s", "peak_mem_gb",
+                                                               "speedup_vs_best", "speedup_same_kernels")}
+                                      for r in results],
                       "wall_s": round(time.perf_counter() - start, 1)}))
     return 0
 
@@ -194,25 +213,69 @@ def _free() -> None:
 
 
 def _speedups(results: list[dict]) -> None:
-    """anymask's tokens/s over the best transformers implementation, and its memory over that one's."""
-    for task in {r["task"] for r in results}:
-        ours = [r for r in results if r["task"] == task and r["attn"] == "anymask" and "tokens_per_s" in r]
-        peers = [r for r in results if r["task"] == task and r["attn"] != "anymask" and "tokens_per_s" in r]
-        if ours and peers:
-            best = max(peers, key=lambda r: r["tokens_per_s"])
-            ours[0]["speedup_vs_best"] = round(ours[0]["tokens_per_s"] / best["tokens_per_s"], 3)
+    """Each anymask arm's tokens/s over the best transformers arm as it comes (kernels ``none``) and
+    its memory over that arm's; and over the best transformers arm with the same kernels."""
+    done = [r for r in results if "tokens_per_s" in r]
+    for r in done:
+        if r["attn"] != "anymask":
+            continue
+        peers = [p for p in done if p["task"] == r["task"] and p["attn"] != "anymask"]
+        plain = [p for p in peers if p["kernels"] == "none"]
+        same = [p for p in peers if p["kernels"] == r["kernels"]]
+        if plain:
+            best = max(plain, key=lambda p: p["tokens_per_s"])
+            r["speedup_vs_best"] = round(r["tokens_per_s"] / best["tokens_per_s"], 3)
             if best["peak_mem_gb"]:
-                ours[0]["mem_vs_best"] = round(ours[0]["peak_mem_gb"] / best["peak_mem_gb"], 3)
+                r["mem_vs_best"] = round(r["peak_mem_gb"] / best["peak_mem_gb"], 3)
+        if same:
+            r["speedup_same_kernels"] = round(r["tokens_per_s"] / max(p["tokens_per_s"] for p in same), 3)
+
+
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+CATEGORIES = (  # (category, substrings of CUDA kernel names), first match wins
+    ("attention", ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel", "flex", "flash", "fmha",
+                   "attention", "triton_tem")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("liger", ("_rms_norm", "_swiglu", "liger", "cross_entropy_kernel", "element_mul")),
+    ("norm/act/elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "softmax", "cat", "copy",
+                              "index", "fill", "triton_")),
+)
+
+
+def _write_profile(prof, title: str, out: Path) -> None:
+    """Append ``title``'s per-category and top-kernel CUDA times (ms per step) to ``out/profile.txt``."""
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time_total / 1000.0
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        low = name.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+    total = sum(kernels.values())
+    lines = [f"== {title}: {total:.1f} ms of CUDA kernels in one step"]
+    lines += [f"   {c:<22} {ms:8.1f} ms {100 * ms / total:5.1f}%" for c, ms in sorted(cats.items(), key=lambda x: -x[1])]
+    lines += [f"   {ms:8.2f} ms  {name[:110]}" for name, ms in sorted(kernels.items(), key=lambda x: -x[1])[:25]]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "profile.txt", "a") as f:
+        f.write("\n".join(lines) + "\n\n")
+    print("\n".join(lines[:8]), flush=True)
 
 
 def _table(results: list[dict]) -> None:
-    print(f"{'task':<10} {'attn':<15} {'backend':<18} {'tok/s':>9} {'GB':>6} {'x best':>7}")
+    print(f"{'task':<10} {'arm':<21} {'backend':<18} {'tok/s':>9} {'GB':>6} {'x best':>7} {'x same':>7}")
     for r in results:
         if "error" in r:
-            print(f"{r['task']:<10} {r['attn']:<15} {r['error']}")
+            print(f"{r['task']:<10} {r['arm']:<21} {r['error']}")
             continue
-        print(f"{r['task']:<10} {r['attn']:<15} {r['backend']:<18} {r['tokens_per_s']:>9.0f} "
-              f"{r['peak_mem_gb']:>6.1f} {r.get('speedup_vs_best', ''):>7}")
+        print(f"{r['task']:<10} {r['arm']:<21} {r['backend']:<18} {r['tokens_per_s']:>9.0f} "
+              f"{r['peak_mem_gb']:>6.1f} {r.get('speedup_vs_best', ''):>7} {r.get('speedup_same_kernels', ''):>7}")
 
 
 if __name__ == "__main__":

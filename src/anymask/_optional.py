@@ -15,6 +15,8 @@ INSTALL_HINTS = {
     "triton": "pip install triton (ships with CUDA builds of torch)",
     "matplotlib": "pip install 'anymask[bench]'",
     "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
+    "liger_kernel": "pip install 'anymask[liger]'",
+    "liger_kernel.transformers": "pip install 'anymask[liger]'",
 }
 
 

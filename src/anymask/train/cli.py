@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import DTYPES, PARALLEL, TASKS, TrainConfig
+from .config import DTYPES, KERNELS, PARALLEL, TASKS, TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="anymask", help="attention implementation (anymask, or a transformers "
                    "one with an explicit mask: sdpa, flex_attention, eager)")
     p.add_argument("--backend", default="auto", help="anymask backend (default: dispatch picks)")
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help="Liger's fused RMSNorm, SwiGLU and "
+                   "linear cross-entropy: auto (where they apply: CUDA + liger-kernel), liger (or an error), none")
     p.add_argument("--tokens-per-batch", type=int, default=2048, help="packed tokens per micro-batch")
     p.add_argument("--truncate", action="store_true", help="cut examples longer than --tokens-per-batch")
     p.add_argument("--grad-accum", type=int, default=1)
@@ -53,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         model=args.model, task=args.task, data=args.data, output_dir=args.output_dir, eval_data=args.eval_data,
         eval_fraction=args.eval_fraction, gguf_file=args.gguf_file, dtype=args.dtype, attn=args.attn,
-        backend=args.backend, tokens_per_batch=args.tokens_per_batch, truncate=args.truncate,
+        backend=args.backend, kernels=args.kernels, tokens_per_batch=args.tokens_per_batch, truncate=args.truncate,
         grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_grad_norm=args.max_grad_norm or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -64,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._optional import MissingDependency
     from .data import DataError
     from .loop import train
 
@@ -73,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         result = train(config)
     except DataError as exc:
         print(f"anymask train: bad data: {exc}", file=sys.stderr)
+        return 2
+    except MissingDependency as exc:
+        print(f"anymask train: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
         if not isinstance(exc, DataError) and "must be" not in str(exc) and "unknown" not in str(exc):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
+KERNELS = ("auto", "liger", "none")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class TrainConfig:
     dtype: str = "bf16"
     attn: str = "anymask"  # or a transformers implementation (sdpa, flex_attention, eager)
     backend: str = "auto"  # anymask backend
+    kernels: str = "auto"  # Liger's fused RMSNorm/SwiGLU/linear cross-entropy: auto, liger, none (train/fused.py)
     tokens_per_batch: int = 2048
     truncate: bool = False
     grad_accum: int = 1
@@ -61,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"unknown parallel mode {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNELS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         for name in ("tokens_per_batch", "grad_accum", "lora_r"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, distributed, model as M, tasks
+from . import checkpoint, data, distributed, fused, model as M, tasks
 from .config import TrainConfig
 from .packing import Packed, pack, shard
 from .stream import Stream, local_shards, split
@@ -34,6 +34,7 @@ class TrainResult:
     adapter_dir: str | None = None
     peak_memory_bytes: int | None = None
     model: object = None  # the trained peft model (unwrapped)
+    kernels: str = ""  # which fused kernels ran, or why none did
 
     @property
     def losses(self) -> list[float]:
@@ -94,11 +95,13 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
+    liger = fused.resolve(cfg.kernels, base, d.device)
     peft_model = M.prepare(base.to(d.device), task, attn=cfg.attn, backend=cfg.backend, dtype=cfg.dtype,
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
-                           seed=cfg.seed)
-    module = M.TaskModel(peft_model, task, cfg.attn)
+                           seed=cfg.seed, liger=liger)
+    fused_head = liger and d.mode != "fsdp2" and fused.plain_head(peft_model)
+    module = M.TaskModel(peft_model, task, cfg.attn, fused_head=fused_head)
     wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,8 +118,10 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if resume:
         start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
 
-    result = TrainResult()
+    result = TrainResult(kernels=fused.describe(cfg.kernels, liger, fused_head, base, d.device))
     bar = _progress(cfg, d, total, start)
+    if bar is not None:
+        bar.write(f"kernels: {result.kernels}")
     epoch, index = _position(stream, start)
     if start == 0:
         _eval(wrapped, eval_rows, task, d, 0, result, out_dir, None)  # the loss before training

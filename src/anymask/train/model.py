@@ -16,16 +16,18 @@ class TaskModel(torch.nn.Module):
     With ``attn="anymask"`` the mask comes from ``anymask.hf`` (``set_mask`` + per-call kwargs +
     ``position_ids`` resets); any other transformers implementation gets the task's mask as an
     explicit 4-D mask (a dense bool tensor, or a BlockMask for ``flex_attention``).
+    ``fused_head``: the LM head + cross-entropy through Liger's fused kernel.
     """
 
-    def __init__(self, peft_model: torch.nn.Module, task: Task, attn: str = "anymask"):
+    def __init__(self, peft_model: torch.nn.Module, task: Task, attn: str = "anymask", fused_head: bool = False):
         super().__init__()
         self.peft = peft_model
         self.task = task
         self.attn = attn
+        self.fused_head = fused_head
 
     def forward(self, batch) -> torch.Tensor:
-        return self.task.loss_sum(self.peft, batch, self.attn_kwargs(batch))
+        return self.task.loss_sum(self.peft, batch, self.attn_kwargs(batch), fused_head=self.fused_head)
 
     def attn_kwargs(self, batch) -> dict:
         if self.attn == "anymask":
@@ -56,10 +58,15 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
 
 def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", dtype: str = "bf16",
             lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0, lora_targets="all-linear",
-            gradient_checkpointing: bool = False, seed: int = 0):
-    """Set the mask policy, add LoRA adapters (initialised from ``seed``); returns the peft model."""
+            gradient_checkpointing: bool = False, seed: int = 0, liger: bool = False):
+    """Set the mask policy, swap in Liger's RMSNorm/SwiGLU when ``liger`` (see
+    :mod:`anymask.train.fused`), add LoRA adapters (initialised from ``seed``); returns the peft model."""
     peft = require("peft")
     model = model.to(DTYPES[dtype])
+    if liger:
+        from .fused import apply_liger
+
+        apply_liger(model)
     model.config.use_cache = False
     if attn == "anymask":
         import anymask.hf

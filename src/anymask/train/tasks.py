@@ -46,17 +46,29 @@ class Task:
         """Loss units in ``batch`` (known before the forward)."""
         raise NotImplementedError
 
-    def loss_sum(self, model, batch: Packed, attn_kwargs: dict) -> torch.Tensor:
-        """Sum of the loss over the units of ``batch`` (a float32 scalar)."""
+    def loss_sum(self, model, batch: Packed, attn_kwargs: dict, fused_head: bool = False) -> torch.Tensor:
+        """Sum of the loss over the units of ``batch`` (a float32 scalar); ``fused_head``: the LM
+        head and its cross-entropy through Liger's fused kernel (see :mod:`anymask.train.fused`)."""
         raise NotImplementedError
 
 
-def _forward_logits(model, batch: Packed, keep: torch.Tensor, attn_kwargs: dict,
-                    input_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits ``[n, V]`` (float32) at the row positions ``keep`` only: no ``S x V`` logits."""
-    out = model(input_ids=batch.input_ids if input_ids is None else input_ids,
-                position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False, **attn_kwargs)
-    return out.logits[0].float()  # [n, V]
+def token_ce_sum(model, batch: Packed, keep: torch.Tensor, target: torch.Tensor, attn_kwargs: dict, *,
+                 input_ids: torch.Tensor | None = None, token_weight: torch.Tensor | None = None,
+                 fused_head: bool = False) -> torch.Tensor:
+    """``sum_i w_i * CE(logits at row position keep[i], target[i])`` (float32 scalar), computing
+    the head only at ``keep`` (``[n]``): ``logits_to_keep`` gives ``[n, V]`` logits, or with
+    ``fused_head`` Liger's fused linear cross-entropy takes the hidden states and never makes them."""
+    ids = batch.input_ids if input_ids is None else input_ids
+    if fused_head:
+        from .fused import linear_cross_entropy_sum
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=ids, position_ids=batch.position_ids, use_cache=False,
+                                    **attn_kwargs).last_hidden_state[0]  # [S, H]
+        return linear_cross_entropy_sum(hidden[keep], base.get_output_embeddings().weight, target, token_weight)
+    out = model(input_ids=ids, position_ids=batch.position_ids, logits_to_keep=keep, use_cache=False, **attn_kwargs)
+    ce = F.cross_entropy(out.logits[0].float(), target, reduction="none")  # [n]
+    return (ce if token_weight is None else ce * token_weight).sum()
 
 
 class SFT(Task):
@@ -74,10 +86,9 @@ class SFT(Task):
     def count(self, batch):
         return int(self.positions(batch).numel())
 
-    def loss_sum(self, model, batch, attn_kwargs):
+    def loss_sum(self, model, batch, attn_kwargs, fused_head=False):
         keep = self.positions(batch)
-        logits = _forward_logits(model, batch, keep, attn_kwargs)  # [n, V]
-        return F.cross_entropy(logits, batch.input_ids[0, keep + 1], reduction="sum")
+        return token_ce_sum(model, batch, keep, batch.input_ids[0, keep + 1], attn_kwargs, fused_head=fused_head)
 
 
 class PrefixLM(SFT):
@@ -132,7 +143,7 @@ class Embedding(Task):
         lengths = torch.tensor(batch.doc_lengths, device=hidden.device, dtype=hidden.dtype)
         return sums / lengths[:, None]
 
-    def loss_sum(self, model, batch, attn_kwargs):
+    def loss_sum(self, model, batch, attn_kwargs, fused_head=False):  # no LM head: fused_head has no effect
         emb = F.normalize(self.embed(model, batch, attn_kwargs), dim=-1)  # [2P, H]
         queries, positives = emb[0::2], emb[1::2]  # [P, H] each
         logits = queries @ positives.T / self.temperature  # [P, P]
@@ -163,13 +174,12 @@ class Diffusion(Task):
         device = batch.input_ids.device
         return masked.to(device), p.to(device)
 
-    def loss_sum(self, model, batch, attn_kwargs):
+    def loss_sum(self, model, batch, attn_kwargs, fused_head=False):
         masked, p = self.noise(batch)
         keep = masked.nonzero().squeeze(1)  # [n]
         noisy = torch.where(masked, torch.full_like(batch.input_ids[0], self.mask_token_id), batch.input_ids[0])
-        logits = _forward_logits(model, batch, keep, attn_kwargs, input_ids=noisy.unsqueeze(0))  # [n, V]
-        ce = F.cross_entropy(logits, batch.input_ids[0, keep], reduction="none")  # [n]
-        return (ce / p[keep]).sum()
+        return token_ce_sum(model, batch, keep, batch.input_ids[0, keep], attn_kwargs, input_ids=noisy.unsqueeze(0),
+                            token_weight=1.0 / p[keep], fused_head=fused_head)
 
 
 def make(name: str, *, tokenizer=None, temperature: float = 0.05, mask_token: str | None = None,

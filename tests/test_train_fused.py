@@ -1,0 +1,136 @@
+"""``--kernels``: Liger's fused RMSNorm / SwiGLU / linear cross-entropy in ``anymask train``.
+
+On the CPU: the choice (auto falls back with its reason, ``liger`` fails clearly), and the module
+swap keeps every parameter tensor and name.  On a GPU: each task's loss and LoRA gradients with
+Liger equal the unfused ones (fp32 tightly; bf16 within the unfused bf16 run's own error).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anymask._optional import MissingDependency
+from anymask.train import fused, model as M, tasks, train
+from anymask.train.packing import Packed
+
+from .test_train_helpers import TINY, config, tiny_model_dir, transformers, write_jsonl  # noqa: F401
+
+TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
+needs_liger = pytest.mark.skipif(isinstance(fused.probe("liger_kernel.transformers"), str),
+                                 reason="liger-kernel is not installed")
+
+
+def tiny_llama(vocab: int = 512, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(**dict(TINY, **overrides), vocab_size=vocab)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_resolve_choices():
+    model = tiny_llama()
+    cpu = torch.device("cpu")
+    assert fused.resolve("none", model, cpu) is False
+    assert fused.resolve("auto", model, cpu) is False
+    with pytest.raises(MissingDependency, match="CUDA"):
+        fused.resolve("liger", model, cpu)
+    with pytest.raises(ValueError, match="unknown kernels"):
+        fused.resolve("fast", model, cpu)
+    assert "CUDA" in fused.describe("auto", False, False, model, cpu)
+
+
+def test_unknown_kernels_rejected_before_loading():
+    from anymask.train import TrainConfig
+
+    with pytest.raises(ValueError, match="unknown kernels"):
+        TrainConfig(model="x", task="sft", data="x", kernels="fast").validate()
+
+
+def test_auto_on_cpu_trains_unfused_and_says_why(tiny_model_dir, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi.", "completion": f"hi {i}"} for i in range(8)])
+    result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, tokens_per_batch=64))
+    assert result.kernels.startswith("none") and "CUDA" in result.kernels
+
+
+def test_cli_liger_on_cpu_is_a_clear_error(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    from anymask.train.cli import main
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi.", "completion": f"hi {i}"} for i in range(8)])
+    rc = main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "o"),
+               "--dtype", "fp32", "--kernels", "liger", "--max-steps", "1", "--no-progress"])
+    assert rc == 2
+    assert "--kernels liger" in capsys.readouterr().err
+
+
+@needs_liger
+def test_swap_keeps_parameter_tensors_and_names():
+    from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
+
+    model = tiny_llama()
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    counts = fused.apply_liger(model)
+    layers = TINY["num_hidden_layers"]
+    assert counts == {"rms_norm": 2 * layers + 1, "swiglu": layers}
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    assert isinstance(model.model.norm, LigerRMSNorm)
+    assert all(isinstance(layer.mlp, LigerSwiGLUMLP) for layer in model.model.layers)
+    assert model.model.layers[0].input_layernorm.variance_epsilon == model.config.rms_norm_eps
+
+
+@needs_liger
+def test_adapter_names_unchanged_by_the_swap():
+    names = {}
+    for liger in (False, True):
+        task = tasks.make("sft")
+        peft_model = M.prepare(tiny_llama(), task, dtype="fp32", lora_r=4, liger=liger)
+        names[liger] = sorted(k for k, _ in peft_model.named_parameters() if "lora_" in k)
+    assert names[True] == names[False] and names[True]
+
+
+def _row(vocab: int, device, seed: int = 0) -> Packed:
+    lengths = (40, 60, 28)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab - 1, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).unsqueeze(0)
+    prompt = torch.cat([torch.arange(n) < n // 3 if k != 1 else torch.arange(n) < n for k, n in
+                        enumerate(lengths)]).unsqueeze(0)
+    return Packed(ids, pos, doc, prompt, lengths, seed).to(device)
+
+
+def _loss_and_grads(task_name: str, dtype: str, liger: bool, device) -> tuple[float, list[torch.Tensor]]:
+    vocab = 512
+    task = tasks.make(task_name, mask_token_id=vocab - 1)
+    base = tiny_llama(vocab, hidden_size=128, intermediate_size=256).to(device)
+    peft_model = M.prepare(base, task, dtype=dtype, lora_r=8, seed=1, liger=liger)
+    gen = torch.Generator(device).manual_seed(2)
+    for name, p in sorted(peft_model.named_parameters()):  # B starts at 0: make the adapters non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=gen)
+    module = M.TaskModel(peft_model, task, "anymask", fused_head=liger)
+    row = _row(vocab, device)
+    loss = module(row)
+    loss.backward()
+    grads = [p.grad.double() for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
+    return float(loss), grads
+
+
+def _err(a, b) -> float:
+    return max((x - y).abs().max().item() / (y.abs().max().item() + 1e-12) for x, y in zip(a, b))
+
+
+@pytest.mark.gpu
+@needs_liger
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels need CUDA")
+@pytest.mark.parametrize("task", TASKS)
+def test_liger_matches_unfused_on_gpu(task):
+    cuda = torch.device("cuda")
+    loss32, g32 = _loss_and_grads(task, "fp32", False, cuda)
+    loss32_liger, g32_liger = _loss_and_grads(task, "fp32", True, cuda)
+    assert loss32_liger == pytest.approx(loss32, rel=1e-5)
+    assert _err(g32_liger, g32) < 1e-4
+    loss16, g16 = _loss_and_grads(task, "bf16", False, cuda)
+    loss16_liger, g16_liger = _loss_and_grads(task, "bf16", True, cuda)
+    torch_err = abs(loss16 - loss32) / abs(loss32)
+    assert abs(loss16_liger - loss32) / abs(loss32) <= 2 * torch_err + 1e-3
+    assert _err(g16_liger, g32) <= 2 * _err(g16, g32) + 1e-3
