@@ -14,6 +14,8 @@
 #   bash scripts/gpu_rounds.sh 9   # round 8's two fp32 cases its deadline cut + the fp32 tiles' neighbours
 #   bash scripts/gpu_rounds.sh 10  # Liger's fused kernels (--kernels): their tests on CUDA, then fine-tuning
 #                                  # throughput of all four tasks with and without them, profiled per arm
+#   bash scripts/gpu_rounds.sh 11  # round 10 again with the fused LoRA: anymask train as it runs (auto)
+#                                  # vs Liger only vs none, and flex_attention with none and with auto
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -99,6 +101,12 @@ case "${1:-}" in
       | tee "$OUT/fused_tests.log" | tail -8
     timeout 400 python3 scripts/gpu_train_bench.py --budget-s 360 --profile --steps 5 \
       --arms anymask:liger,anymask:none,flex_attention:none,flex_attention:liger --out "$OUT" 2>&1 | tail -24
+    ;;
+  11)
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_train_fused.py tests/test_train_fused_lora.py \
+      2>&1 | tee "$OUT/fused_tests.log" | tail -8
+    timeout 420 python3 scripts/gpu_train_bench.py --budget-s 380 --profile --steps 5 \
+      --arms anymask:auto,anymask:liger,anymask:none,flex_attention:none,flex_attention:auto --out "$OUT" 2>&1 | tail -26
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2

@@ -12,7 +12,7 @@ intermediate 8192, vocab 128256), bf16, LoRA r=16 on every linear layer, one pac
 through the same training step as ``anymask train`` (:func:`anymask.train.loop.train_step`), and
 reports tokens/s (median over the timed steps) and peak memory.  An arm is ``ATTN[:KERNELS]``, the
 second part ``anymask train --kernels`` (auto: Liger's fused RMSNorm/SwiGLU/linear cross-entropy
-where installed; none: transformers' modules).  The default arms are anymask as ``anymask train``
+where installed + the fused LoRA; none: transformers' modules and peft's LoRA).  The default arms are anymask as ``anymask train``
 runs it (``anymask:auto``) against transformers as it comes (``sdpa:none``, ``flex_attention:none``);
 ``speedup_vs_best`` is over the best of those, ``speedup_same_kernels`` over the best peer run with
 the same kernels.  ``--profile`` adds a CUDA-time breakdown of one timed step per arm
@@ -104,11 +104,11 @@ def run_one(task_name: str, arm: str, args) -> dict:
     with torch.device(dev):
         base = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     task = tasks.make(task_name, mask_token_id=MASK_TOKEN_ID)
-    liger = fused.resolve(kernels, base, dev)
+    liger, lora = fused.resolve(kernels, base, dev)
     peft_model = M.prepare(base, task, attn=attn, dtype="bf16", lora_r=16, lora_alpha=32,
-                           gradient_checkpointing=args.checkpointing, liger=liger)
+                           gradient_checkpointing=args.checkpointing, liger=liger, fused_lora=lora)
     module = M.TaskModel(peft_model, task, attn, fused_head=liger and fused.plain_head(peft_model))
-    kernels_used = "liger" if liger else "none"
+    kernels_used = "+".join(k for k, on in (("liger", liger), ("lora", lora)) if on) or "none"
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -1,8 +1,9 @@
 """``--kernels``: Liger's fused RMSNorm / SwiGLU / linear cross-entropy in ``anymask train``.
 
-On the CPU: the choice (auto falls back with its reason, ``liger`` fails clearly), and the module
-swap keeps every parameter tensor and name.  On a GPU: each task's loss and LoRA gradients with
-Liger equal the unfused ones (fp32 tightly; bf16 within the unfused bf16 run's own error).
+On the CPU: the choice (auto leaves Liger out with its reason, asking for it fails clearly), and
+the module swap keeps every parameter tensor and name.  On a GPU: each task's loss and LoRA
+gradients with Liger + the fused LoRA equal the unfused ones (fp32 tightly; bf16 within the
+unfused bf16 run's own error against fp32).
 """
 
 from __future__ import annotations
@@ -30,13 +31,16 @@ def tiny_llama(vocab: int = 512, **overrides) -> torch.nn.Module:
 def test_resolve_choices():
     model = tiny_llama()
     cpu = torch.device("cpu")
-    assert fused.resolve("none", model, cpu) is False
-    assert fused.resolve("auto", model, cpu) is False
-    with pytest.raises(MissingDependency, match="CUDA"):
-        fused.resolve("liger", model, cpu)
+    assert fused.resolve("none", model, cpu) == (False, False)
+    assert fused.resolve("auto", model, cpu) == (False, True)
+    assert fused.resolve("lora", model, cpu) == (False, True)
+    for kernels in ("liger", "liger+lora"):
+        with pytest.raises(MissingDependency, match="CUDA"):
+            fused.resolve(kernels, model, cpu)
     with pytest.raises(ValueError, match="unknown kernels"):
         fused.resolve("fast", model, cpu)
-    assert "CUDA" in fused.describe("auto", False, False, model, cpu)
+    assert "CUDA" in fused.describe("auto", False, True, False, model, cpu)
+    assert fused.describe("none", False, False, False, model, cpu).startswith("none")
 
 
 def test_unknown_kernels_rejected_before_loading():
@@ -49,7 +53,7 @@ def test_unknown_kernels_rejected_before_loading():
 def test_auto_on_cpu_trains_unfused_and_says_why(tiny_model_dir, tmp_path):  # noqa: F811
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Say hi.", "completion": f"hi {i}"} for i in range(8)])
     result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, tokens_per_batch=64))
-    assert result.kernels.startswith("none") and "CUDA" in result.kernels
+    assert result.kernels.startswith("fused LoRA") and "no Liger" in result.kernels and "CUDA" in result.kernels
 
 
 def test_cli_liger_on_cpu_is_a_clear_error(tiny_model_dir, tmp_path, capsys):  # noqa: F811
@@ -88,7 +92,7 @@ def test_adapter_names_unchanged_by_the_swap():
 
 
 def _row(vocab: int, device, seed: int = 0) -> Packed:
-    lengths = (40, 60, 28)
+    lengths = (40, 60, 28, 36)  # an even number of documents: embedding pairs them
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab - 1, (1, sum(lengths)), generator=g)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
@@ -98,11 +102,12 @@ def _row(vocab: int, device, seed: int = 0) -> Packed:
     return Packed(ids, pos, doc, prompt, lengths, seed).to(device)
 
 
-def _loss_and_grads(task_name: str, dtype: str, liger: bool, device) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_grads(task_name: str, dtype: str, liger: bool, device, lora: bool = False):
+    """(loss, LoRA gradients in float64) of one row."""
     vocab = 512
     task = tasks.make(task_name, mask_token_id=vocab - 1)
     base = tiny_llama(vocab, hidden_size=128, intermediate_size=256).to(device)
-    peft_model = M.prepare(base, task, dtype=dtype, lora_r=8, seed=1, liger=liger)
+    peft_model = M.prepare(base, task, dtype=dtype, lora_r=8, seed=1, liger=liger, fused_lora=lora)
     gen = torch.Generator(device).manual_seed(2)
     for name, p in sorted(peft_model.named_parameters()):  # B starts at 0: make the adapters non-trivial
         if "lora_B" in name:
@@ -112,7 +117,7 @@ def _loss_and_grads(task_name: str, dtype: str, liger: bool, device) -> tuple[fl
     loss = module(row)
     loss.backward()
     grads = [p.grad.double() for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
-    return float(loss), grads
+    return loss.item(), grads
 
 
 def _err(a, b) -> float:
@@ -126,11 +131,11 @@ def _err(a, b) -> float:
 def test_liger_matches_unfused_on_gpu(task):
     cuda = torch.device("cuda")
     loss32, g32 = _loss_and_grads(task, "fp32", False, cuda)
-    loss32_liger, g32_liger = _loss_and_grads(task, "fp32", True, cuda)
+    loss32_liger, g32_liger = _loss_and_grads(task, "fp32", True, cuda, lora=True)
     assert loss32_liger == pytest.approx(loss32, rel=1e-5)
     assert _err(g32_liger, g32) < 1e-4
     loss16, g16 = _loss_and_grads(task, "bf16", False, cuda)
-    loss16_liger, g16_liger = _loss_and_grads(task, "bf16", True, cuda)
+    loss16_liger, g16_liger = _loss_and_grads(task, "bf16", True, cuda, lora=True)
     torch_err = abs(loss16 - loss32) / abs(loss32)
     assert abs(loss16_liger - loss32) / abs(loss32) <= 2 * torch_err + 1e-3
     assert _err(g16_liger, g32) <= 2 * _err(g16, g32) + 1e-3

@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="anymask", help="attention implementation (anymask, or a transformers "
                    "one with an explicit mask: sdpa, flex_attention, eager)")
     p.add_argument("--backend", default="auto", help="anymask backend (default: dispatch picks)")
-    p.add_argument("--kernels", choices=KERNELS, default="auto", help="Liger's fused RMSNorm, SwiGLU and "
-                   "linear cross-entropy: auto (where they apply: CUDA + liger-kernel), liger (or an error), none")
+    p.add_argument("--kernels", choices=KERNELS, default="auto", help="fused kernels: Liger's RMSNorm, SwiGLU "
+                   "and linear cross-entropy (CUDA, liger-kernel) and/or a fused LoRA forward/backward; auto: "
+                   "both where they apply; none: transformers' modules and peft's LoRA")
     p.add_argument("--tokens-per-batch", type=int, default=2048, help="packed tokens per micro-batch")
     p.add_argument("--truncate", action="store_true", help="cut examples longer than --tokens-per-batch")
     p.add_argument("--grad-accum", type=int, default=1)

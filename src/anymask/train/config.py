@@ -7,7 +7,7 @@ from dataclasses import dataclass
 TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
-KERNELS = ("auto", "liger", "none")
+KERNELS = ("auto", "liger+lora", "liger", "lora", "none")
 
 
 @dataclass
@@ -31,7 +31,7 @@ class TrainConfig:
     dtype: str = "bf16"
     attn: str = "anymask"  # or a transformers implementation (sdpa, flex_attention, eager)
     backend: str = "auto"  # anymask backend
-    kernels: str = "auto"  # Liger's fused RMSNorm/SwiGLU/linear cross-entropy: auto, liger, none (train/fused.py)
+    kernels: str = "auto"  # fused kernels: Liger's and/or our LoRA (see train/fused.py): auto, liger+lora, liger, lora, none
     tokens_per_batch: int = 2048
     truncate: bool = False
     grad_accum: int = 1

@@ -95,11 +95,11 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
-    liger = fused.resolve(cfg.kernels, base, d.device)
+    liger, lora = fused.resolve(cfg.kernels, base, d.device)
     peft_model = M.prepare(base.to(d.device), task, attn=cfg.attn, backend=cfg.backend, dtype=cfg.dtype,
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
-                           seed=cfg.seed, liger=liger)
+                           seed=cfg.seed, liger=liger, fused_lora=lora)
     fused_head = liger and d.mode != "fsdp2" and fused.plain_head(peft_model)
     module = M.TaskModel(peft_model, task, cfg.attn, fused_head=fused_head)
     wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
@@ -118,7 +118,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if resume:
         start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
 
-    result = TrainResult(kernels=fused.describe(cfg.kernels, liger, fused_head, base, d.device))
+    result = TrainResult(kernels=fused.describe(cfg.kernels, liger, lora, fused_head, base, d.device))
     bar = _progress(cfg, d, total, start)
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")

@@ -58,9 +58,10 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
 
 def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", dtype: str = "bf16",
             lora_r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0, lora_targets="all-linear",
-            gradient_checkpointing: bool = False, seed: int = 0, liger: bool = False):
+            gradient_checkpointing: bool = False, seed: int = 0, liger: bool = False, fused_lora: bool = False):
     """Set the mask policy, swap in Liger's RMSNorm/SwiGLU when ``liger`` (see
-    :mod:`anymask.train.fused`), add LoRA adapters (initialised from ``seed``); returns the peft model."""
+    :mod:`anymask.train.fused`), add LoRA adapters (initialised from ``seed``; with the fused
+    forward of :mod:`anymask.train.fused_lora` when ``fused_lora``); returns the peft model."""
     peft = require("peft")
     model = model.to(DTYPES[dtype])
     if liger:
@@ -86,6 +87,10 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
     for p in peft_model.parameters():  # adapters train in the model's dtype
         if p.requires_grad and p.dtype != DTYPES[dtype]:
             p.data = p.data.to(DTYPES[dtype])
+    if fused_lora:
+        from . import fused_lora as FL
+
+        FL.apply(peft_model)
     return peft_model
 
 

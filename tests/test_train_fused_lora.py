@@ -1,0 +1,77 @@
+"""The fused LoRA forward/backward (``anymask.train.fused_lora``) against peft's own, on the CPU:
+the same loss and gradients on a tiny Llama (float64 to rounding; bf16 within peft's own bf16
+error against float64), and peft's forward wherever the fused one would not be exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anymask.train import fused_lora, model as M, tasks
+
+from .test_train_fused import _err, _row, tiny_llama
+
+TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
+
+
+def _run(task_name: str, dtype: torch.dtype, fused: bool, **lora):
+    vocab = 512
+    task = tasks.make(task_name, mask_token_id=vocab - 1)
+    peft_model = M.prepare(tiny_llama(vocab, hidden_size=128, intermediate_size=256), task, attn="sdpa",
+                           dtype="fp32", lora_r=8, seed=1, **lora)
+    peft_model.to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    for name, p in sorted(peft_model.named_parameters()):  # B starts at 0: make the adapters non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=gen)
+    taken = fused_lora.apply(peft_model) if fused else 0
+    module = M.TaskModel(peft_model, task, "sdpa")
+    loss = module(_row(vocab, "cpu"))
+    loss.backward()
+    grads = [p.grad.double() for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
+    return loss.item(), grads, taken
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_fused_lora_matches_peft_float64(task):
+    loss, grads, _ = _run(task, torch.float64, False)
+    loss_f, grads_f, taken = _run(task, torch.float64, True)
+    assert taken == 7 * 2  # q k v o gate up down, 2 layers
+    assert loss_f == pytest.approx(loss, rel=1e-12)
+    assert _err(grads_f, grads) < 1e-10
+
+
+def test_fused_lora_bf16_within_peft_error():
+    loss64, g64, _ = _run("sft", torch.float64, False)
+    loss16, g16, _ = _run("sft", torch.bfloat16, False)
+    loss16_f, g16_f, _ = _run("sft", torch.bfloat16, True)
+    assert abs(loss16_f - loss64) <= 2 * abs(loss16 - loss64) + 1e-3 * abs(loss64)
+    assert _err(g16_f, g64) <= 2 * _err(g16, g64) + 1e-3
+
+
+def _layer(**lora):
+    peft_model = M.prepare(tiny_llama(), tasks.make("sft"), attn="sdpa", dtype="fp32", lora_r=4, **lora)
+    return peft_model, peft_model.get_base_model().model.layers[0].self_attn.q_proj
+
+
+def test_plain_layer_is_taken_over():
+    _, layer = _layer()
+    x = torch.randn(3, layer.in_features)
+    assert fused_lora._plain_adapter(layer, x) == "default"
+    assert fused_lora._plain_adapter(layer, x.double()) is None  # input not in the adapter's dtype
+
+
+@pytest.mark.parametrize("case", ["dropout", "merged", "disabled", "autocast"])
+def test_other_cases_run_peft_forward(case):
+    peft_model, layer = _layer(lora_dropout=0.1 if case == "dropout" else 0.0)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(3, layer.in_features)
+    fused_lora.apply(peft_model)
+    if case == "merged":
+        layer.merge()
+    if case == "disabled":
+        peft_model.disable_adapter_layers()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert fused_lora._plain_adapter(layer, x) is None
+        peft_model.eval()  # dropout off: both forwards are deterministic
+        assert torch.equal(layer(x), type(layer).forward(layer, x))
