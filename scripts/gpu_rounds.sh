@@ -16,6 +16,8 @@
 #                                  # throughput of all four tasks with and without them, profiled per arm
 #   bash scripts/gpu_rounds.sh 11  # round 10 again with the fused LoRA: anymask train as it runs (auto)
 #                                  # vs Liger only vs none, and flex_attention with none and with auto
+#   bash scripts/gpu_rounds.sh 12  # the same with the one-pass weighted fused cross-entropy (diffusion),
+#                                  # then Liger's chunk budget x4 on sft and diffusion
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -107,6 +109,14 @@ case "${1:-}" in
       2>&1 | tee "$OUT/fused_tests.log" | tail -8
     timeout 420 python3 scripts/gpu_train_bench.py --budget-s 380 --profile --steps 5 \
       --arms anymask:auto,anymask:liger,anymask:none,flex_attention:none,flex_attention:auto --out "$OUT" 2>&1 | tail -26
+    ;;
+  12)
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_train_fused.py tests/test_train_fused_lora.py \
+      2>&1 | tee "$OUT/fused_tests.log" | tail -8
+    timeout 300 python3 scripts/gpu_train_bench.py --budget-s 270 --profile --steps 5 \
+      --arms anymask:auto,anymask:none,flex_attention:none,flex_attention:auto --out "$OUT" 2>&1 | tail -20
+    ANYMASK_CE_CHUNK_MEM=4 timeout 120 python3 scripts/gpu_train_bench.py --budget-s 100 --steps 5 \
+      --tasks sft,diffusion --arms anymask:auto,flex_attention:auto --out "$OUT/chunk4" 2>&1 | tail -6
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2

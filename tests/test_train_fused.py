@@ -82,6 +82,17 @@ def test_swap_keeps_parameter_tensors_and_names():
 
 
 @needs_liger
+def test_plain_head_only_when_frozen_linear():
+    peft_model = M.prepare(tiny_llama(), tasks.make("sft"), dtype="fp32", lora_r=4)
+    assert fused.plain_head(peft_model)
+    peft_model.get_base_model().lm_head.weight.requires_grad_(True)
+    assert not fused.plain_head(peft_model)
+    with pytest.raises(ValueError, match="frozen"):
+        fused.linear_cross_entropy_sum(torch.randn(2, 64), peft_model.get_base_model().lm_head.weight,
+                                       torch.tensor([1, 2]))
+
+
+@needs_liger
 def test_adapter_names_unchanged_by_the_swap():
     names = {}
     for liger in (False, True):
@@ -114,7 +125,10 @@ def _loss_and_grads(task_name: str, dtype: str, liger: bool, device, lora: bool 
             torch.nn.init.normal_(p, std=0.05, generator=gen)
     module = M.TaskModel(peft_model, task, "anymask", fused_head=liger)
     row = _row(vocab, device)
+    with torch.no_grad():
+        eval_loss = module(row).item()
     loss = module(row)
+    assert loss.item() == pytest.approx(eval_loss, rel=1e-6)  # the eval path computes the same loss
     loss.backward()
     grads = [p.grad.double() for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
     return loss.item(), grads

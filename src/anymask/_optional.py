@@ -17,6 +17,7 @@ INSTALL_HINTS = {
     "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
     "liger_kernel": "pip install 'anymask[liger]'",
     "liger_kernel.transformers": "pip install 'anymask[liger]'",
+    "liger_kernel.ops.fused_linear_cross_entropy": "pip install 'anymask[liger]'",
 }
 
 

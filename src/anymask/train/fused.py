@@ -12,7 +12,7 @@ What ``liger`` changes (in place, before LoRA is added; parameter names and adap
 
     every RMSNorm          -> liger_kernel LigerRMSNorm (same weight tensor, same eps, llama casting)
     every SwiGLU MLP       -> liger_kernel LigerSwiGLUMLP (same gate/up/down projections)
-    head + cross-entropy   -> LigerFusedLinearCrossEntropyLoss: no [n, vocab] logits in memory
+    head + cross-entropy   -> Liger's fused linear cross-entropy: no [n, vocab] logits in memory
                               (not under FSDP2, whose sharded head weight lives only inside its forward)
 
 RoPE is left to transformers: Liger patches it module-wide, which would change every other model
@@ -20,6 +20,8 @@ of the process too.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -57,10 +59,11 @@ def resolve(kernels: str, model, device: torch.device) -> tuple[bool, bool]:
 
 
 def plain_head(model) -> bool:
-    """True when the LM head is a plain ``nn.Linear`` (not LoRA-wrapped), so its weight can go to
-    the fused loss as is."""
+    """True when the LM head is a plain, frozen ``nn.Linear`` (not LoRA-wrapped, not trained), so
+    its weight can go to the fused loss as is."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(base.get_output_embeddings()) is torch.nn.Linear
+    head = base.get_output_embeddings()
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
 def describe(kernels: str, liger: bool, lora: bool, fused_head: bool, model, device: torch.device) -> str:
@@ -113,18 +116,39 @@ def _is_swiglu(module, config) -> bool:
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                              token_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_i w_i * CE(hidden_i @ weight.T, target_i)`` without the ``[n, vocab]`` logits.
+    """``sum_i w_i * CE(hidden_i @ weight.T, target_i)`` (float32) without the ``[n, vocab]`` logits.
 
-    hidden ``[n, H]``, weight ``[V, H]``, target ``[n]``, token_weight ``[n]`` or ``None`` (all 1).
-    Unweighted, Liger's fused loss computes the gradient during the forward (reduction ``sum``);
-    weighted, it returns per-token losses (reduction ``none``) and recomputes the chunked logits in
-    the backward, one more head GEMM.  (Calling it per weight group instead was measured 1.3x slower
-    on a whole step: Liger sizes its chunks by the call's token count, so small calls make skinny GEMMs.)
+    hidden ``[n, H]``, weight ``[V, H]`` (frozen: no gradient), target ``[n]``, token_weight ``[n]``
+    or ``None`` (all 1).  Liger's chunked forward computes the input gradient as it goes, with the
+    token weights folded into each chunk's logits gradient, so the backward is one multiply.  (Its
+    ``reduction="none"`` module recomputes the logits in the backward instead, one more head GEMM;
+    calling the summed module once per weight was slower still: it sizes its chunks by the call's
+    token count, and small calls make skinny GEMMs.)
     """
-    liger = probe("liger_kernel.transformers")
-    if isinstance(liger, str):
-        raise MissingDependency(liger)
-    if token_weight is None:
-        return liger.LigerFusedLinearCrossEntropyLoss(reduction="sum")(weight, hidden, target).float()
-    ce = liger.LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, target)  # [n]
-    return (ce.float() * token_weight).sum()
+    if weight.requires_grad:
+        raise ValueError("the fused LM head computes no gradient for the head weight; it must be frozen")
+    ops = probe("liger_kernel.ops.fused_linear_cross_entropy")
+    if isinstance(ops, str):
+        raise MissingDependency(ops)
+    return _LinearCrossEntropy.apply(hidden, weight, target, token_weight, CHUNK_MEM)
+
+
+CHUNK_MEM = int(os.environ.get("ANYMASK_CE_CHUNK_MEM", "1"))  # Liger's transient-logits budget, x [n, H]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, token_weight, chunk_mem: int):
+        from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+        w = None if token_weight is None else token_weight.float()
+        loss_1d, _, _, _, grad_hidden, _, _ = fused_linear_cross_entropy_forward(
+            _input=hidden, weight=weight, target=target, reduction="none", token_grad_output=w,
+            compute_gradients=hidden.requires_grad, weight_requires_grad=False, chunk_mem_const=chunk_mem)
+        ctx.save_for_backward(grad_hidden if hidden.requires_grad else None)
+        return loss_1d.sum() if w is None else (loss_1d * w).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        return None if grad_hidden is None else grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None, None
