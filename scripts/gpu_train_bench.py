@@ -163,7 +163,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke-test the script, e.g. on the CPU)")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the plot of a saved train_bench.json (to --out)")
+    p.add_argument("--commit", help="record this commit in the results (default: git, else $ANYMASK_COMMIT)")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        if args.commit:
+            saved["env"]["commit"] = args.commit
+            Path(args.replot).write_text(json.dumps(saved, indent=1))
+        plot(saved, Path(args.out) / "train_bench.png")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU (or --device cpu --tiny)", file=sys.stderr)
         return 2
@@ -188,7 +197,7 @@ def main(argv=None) -> int:
     env = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
            "transformers": transformers.__version__, "python": platform.python_version(),
            "model": TINY if args.tiny else MODEL, "lora_r": 16, "dtype": "bf16", "tokens_per_step": args.tokens,
-           "doc_lengths": [256, 4096], "checkpointing": args.checkpointing}
+           "doc_lengths": [256, 4096], "checkpointing": args.checkpointing, "commit": args.commit or _commit()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_bench.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
@@ -199,11 +208,61 @@ def main(argv=None) -> int:
         w.writeheader()
         w.writerows(results)
     _table(results)
+    try:
+        plot({"env": env, "results": results}, out / "train_bench.png")
+    except Exception as exc:  # matplotlib missing or broken: the numbers are written already
+        print(f"no plot: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(json.dumps({"train_bench": [{k: r.get(k) for k in ("task", "arm", "tokens_per_s", "peak_mem_gb",
                                                                "speedup_vs_best", "speedup_same_kernels")}
                                       for r in results],
                       "wall_s": round(time.perf_counter() - start, 1)}))
     return 0
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("ANYMASK_COMMIT", "unknown")
+
+
+def plot(saved: dict, path: Path) -> None:
+    """Bars of tokens/s per task and arm, peak memory written on each bar; a PNG at ``path``."""
+    from anymask._optional import require
+
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in saved["results"] if "tokens_per_s" in r]
+    tasks = list(dict.fromkeys(r["task"] for r in done))
+    arms = list(dict.fromkeys(r["arm"] for r in done))
+    width = 0.8 / max(len(arms), 1)
+    fig, ax = plt.subplots(figsize=(2.4 * len(tasks) + 2, 4.6))
+    for j, arm in enumerate(arms):
+        for i, task in enumerate(tasks):
+            row = next((r for r in done if r["task"] == task and r["arm"] == arm), None)
+            if row is None:
+                continue
+            x = i + (j - (len(arms) - 1) / 2) * width
+            bar = ax.bar(x, row["tokens_per_s"] / 1000, width, color=f"C{j}", label=arm if i == 0 else None)
+            ax.annotate(f"{row['peak_mem_gb']:.0f} GB", (x, bar[0].get_height()), ha="center", va="bottom",
+                        fontsize=7, rotation=90, xytext=(0, 2), textcoords="offset points")
+    env = saved["env"]
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("thousand tokens/s (higher is better)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    ax.set_title(f"LoRA fine-tuning step, {env['tokens_per_step']} packed tokens, {env['dtype']}, {env['gpu']}\n"
+                 f"torch {env['torch']}, transformers {env['transformers']}, commit {env.get('commit', 'unknown')}; "
+                 "labels: peak memory", fontsize=9)
+    ax.legend(fontsize=8, loc="upper center", ncol=len(arms), title="arm = attention:kernels", title_fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _free() -> None:
