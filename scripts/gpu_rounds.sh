@@ -18,6 +18,8 @@
 #                                  # vs Liger only vs none, and flex_attention with none and with auto
 #   bash scripts/gpu_rounds.sh 12  # the same with the one-pass weighted fused cross-entropy (diffusion),
 #                                  # then Liger's chunk budget x4 on sft and diffusion
+#   bash scripts/gpu_rounds.sh 13  # the real CLI on one GPU with the default kernels (diffusion, sft; carry
+#                                  # .gpu_assets for the tokenizer), and round 12's main comparison again
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -117,6 +119,13 @@ case "${1:-}" in
       --arms anymask:auto,anymask:none,flex_attention:none,flex_attention:auto --out "$OUT" 2>&1 | tail -20
     ANYMASK_CE_CHUNK_MEM=4 timeout 120 python3 scripts/gpu_train_bench.py --budget-s 100 --steps 5 \
       --tasks sft,diffusion --arms anymask:auto,flex_attention:auto --out "$OUT/chunk4" 2>&1 | tail -6
+    ;;
+  13)
+    timeout 260 python3 scripts/gpu_two_gpu.py --tokenizer .gpu_assets/smollm2-tokenizer --modes single \
+      --tasks diffusion,sft --steps 8 --out "$OUT/cli" 2>&1 | tail -6
+    grep -h "kernels:\|trained" "$OUT"/cli/*.log | tail -6
+    timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --steps 5 --arms anymask:auto,flex_attention:none \
+      --out "$OUT/repeat" 2>&1 | tail -11
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2

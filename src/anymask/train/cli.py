@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if losses and os.environ.get("RANK", "0") == "0":
         print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
               + (f", eval loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else "")
-              + f"; adapter in {result.adapter_dir}")
+              + f"; adapter in {result.adapter_dir}; kernels: {result.kernels}")
     return 0
 
 
