@@ -20,6 +20,7 @@
 #                                  # then Liger's chunk budget x4 on sft and diffusion
 #   bash scripts/gpu_rounds.sh 13  # the real CLI on one GPU with the default kernels (diffusion, sft; carry
 #                                  # .gpu_assets for the tokenizer), and round 12's main comparison again
+#   bash scripts/gpu_rounds.sh 14  # does cuDNN's ragged attention compute the padding of each entry?
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -126,6 +127,9 @@ case "${1:-}" in
     grep -h "kernels:\|trained" "$OUT"/cli/*.log | tail -6
     timeout 200 python3 scripts/gpu_train_bench.py --budget-s 170 --steps 5 --arms anymask:auto,flex_attention:none \
       --out "$OUT/repeat" 2>&1 | tail -11
+    ;;
+  14)
+    timeout 400 python3 scripts/gpu_cudnn_ragged_probe.py --out "$OUT" 2>&1 | tail -12
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
