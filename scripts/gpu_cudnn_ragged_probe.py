@@ -8,6 +8,11 @@ rather than the real pairs, it computes the padding, and grouping documents by l
 graphs (``bucketed``: one call per power-of-two length class, timed back to back) pays.
 
     PYTHONPATH=src python3 scripts/gpu_cudnn_ragged_probe.py --out $OUT
+    PYTHONPATH=src python3 scripts/gpu_cudnn_ragged_probe.py --plans --out $OUT
+
+``--plans`` instead times every execution plan cuDNN offers (heuristics A, B and fallback, all
+built) for the same work, 8 documents of 2048 tokens per 16k: as a dense graph ``[8, H, 2048, D]``,
+the same with per-entry lengths (padding mask), and ragged (THD) as anymask runs it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,71 @@ def run(rows: list[list[int]], backend: str, heads: int, dim: int, grad: bool) -
     return timed(call)
 
 
+def _graph_all_plans(G):
+    """A ``_finish`` that ranks the plans of heuristics A, B and fallback and builds all of them."""
+    def finish(c, g, spec, what):
+        g.validate()
+        g.build_operation_graph()
+        modes = [getattr(c.heur_mode, m) for m in ("A", "B", "FALLBACK") if hasattr(c.heur_mode, m)]
+        g.create_execution_plans(modes)
+        g.check_support()
+        g.build_plans(c.build_plan_policy.ALL)
+        return G._Built(g, int(g.get_workspace_size()))
+    return finish
+
+
+def plan_sweep(heads: int, dim: int) -> list[dict]:
+    """p20 ms of every plan of the forward and backward graphs, three ways of running the same work."""
+    from anymask.kernels import cudnn_graphs as G
+
+    n, s = 8, 2048
+    pairs = n * s * s
+    flop = {"fwd": 4 * pairs * heads * dim, "bwd": 10 * pairs * heads * dim}
+    captured: list[tuple] = []
+    real_finish, real_execute = G._finish, G._execute
+
+    def capture(built, spec, pack, what, device):
+        captured.append((built, spec, dict(pack), what))
+        return real_execute(built, spec, pack, what, device)
+
+    G._finish, G._execute = _graph_all_plans(G), capture
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = [torch.randn(n, heads, s, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+        for way in ("dense", "dense+lengths"):
+            spec = G.Spec(torch.bfloat16, n, heads, heads, s, s, dim, dim ** -0.5, lengths=way != "dense",
+                          q_stride=x[0].stride(), k_stride=x[1].stride(), v_stride=x[2].stride())
+            lengths = torch.full((n, 1, 1, 1), s, dtype=torch.int32, device="cuda")
+            meta = G.Meta(lengths, lengths) if spec.lengths else G.Meta()
+            o, stats = G.forward(spec, x[0], x[1], x[2], meta, True)
+            G.backward(spec, x[0], x[1], x[2], o, x[3], stats, meta)
+            captured[-2:] = [(b, sp, pk, f"{way} {what}") for b, sp, pk, what in captured[-2:]]
+        q, k, v = (t.detach().transpose(1, 2).reshape(1, n * s, heads, dim).transpose(1, 2).requires_grad_()
+                   for t in x[:3])
+        o = anymask.attention(q, k, v, M.documents(lengths=[[s] * n]), backend="cudnn")
+        torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+        captured[-2:] = [(b, sp, pk, f"ragged {what}") for b, sp, pk, what in captured[-2:]]
+    finally:
+        G._finish, G._execute = real_finish, real_execute
+        G.clear_cache()
+    out = []
+    for built, spec, pack, what in captured:
+        graph = built.graph
+        for i in range(graph.get_execution_plan_count()):
+            line = {"graph": what, "plan": i}
+            try:
+                line["name"] = str(graph.get_plan_name_at_index(i))
+                ws = torch.empty(max(int(graph.get_workspace_size_plan_at_index(i)), 1), dtype=torch.uint8,
+                                 device="cuda")
+                ms = timed(lambda: graph.execute_plan_at_index(pack, ws, index=i, handle=G.handle(spec.device)))
+                line.update(ms=round(ms, 3), tflops=round(flop["fwd" if what.endswith("forward") else "bwd"] / ms / 1e9, 1))
+            except Exception as exc:  # a plan that does not build or run: say so, go on
+                line["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            out.append(line)
+            print(json.dumps(line), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=4)
@@ -73,10 +143,18 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--plans", action="store_true", help="time every cuDNN plan (see above)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.plans:
+        rows = plan_sweep(args.heads, args.dim)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cudnn_plans.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
+                                                          "torch": torch.__version__, "plans": rows}, indent=1))
+        return 0
     results = []
     for name, rows in mixes(args.seq, args.batch).items():
         pairs = sum(n * n for row in rows for n in row)

@@ -21,6 +21,7 @@
 #   bash scripts/gpu_rounds.sh 13  # the real CLI on one GPU with the default kernels (diffusion, sft; carry
 #                                  # .gpu_assets for the tokenizer), and round 12's main comparison again
 #   bash scripts/gpu_rounds.sh 14  # does cuDNN's ragged attention compute the padding of each entry?
+#   bash scripts/gpu_rounds.sh 15  # every cuDNN plan for 8 x 2048 tokens: dense, dense + lengths, ragged
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -130,6 +131,9 @@ case "${1:-}" in
     ;;
   14)
     timeout 400 python3 scripts/gpu_cudnn_ragged_probe.py --out "$OUT" 2>&1 | tail -12
+    ;;
+  15)
+    timeout 400 python3 scripts/gpu_cudnn_ragged_probe.py --plans --out "$OUT" 2>&1 | tail -40
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
