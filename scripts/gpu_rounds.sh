@@ -22,6 +22,8 @@
 #                                  # .gpu_assets for the tokenizer), and round 12's main comparison again
 #   bash scripts/gpu_rounds.sh 14  # does cuDNN's ragged attention compute the padding of each entry?
 #   bash scripts/gpu_rounds.sh 15  # every cuDNN plan for 8 x 2048 tokens: dense, dense + lengths, ragged
+#   bash scripts/gpu_rounds.sh 16  # cuDNN ragged without per-call syncs or gathers: its GPU tests, the
+#                                  # probe again, and the bf16 S 4096 padding/documents cases of the grid
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -134,6 +136,15 @@ case "${1:-}" in
     ;;
   15)
     timeout 400 python3 scripts/gpu_cudnn_ragged_probe.py --plans --out "$OUT" 2>&1 | tail -40
+    ;;
+  16)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py 2>&1 \
+      | tee "$OUT/cudnn_tests.log" | tail -4
+    timeout 120 python3 scripts/gpu_cudnn_ragged_probe.py --out "$OUT" 2>&1 | tail -8
+    OUT="$OUT/bench" BENCH_TIMEOUT=220 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 4096 \
+      --masks padding,documents,documents_causal --deadline 170 2>&1 | tail -12
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2

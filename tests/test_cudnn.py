@@ -235,9 +235,23 @@ def test_outputs_and_grads_keep_the_bshd_layout(name, monkeypatch):
     torch.testing.assert_close(out, ref)
     for a, r in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, r)
-    if name in ("causal", "sliding_window"):
+    if name in ("causal", "sliding_window", "documents"):  # documents: packed by a transpose, no gather
         assert out.stride() == q.stride()
         assert [t.stride() for t in grads] == [t.stride() for t in (q, k, v)]
+
+
+def test_ragged_tensors_made_once_and_gather_only_with_holes():
+    """Lengths, offsets and indices go to the device once per plan (host copies synchronise the
+    stream); rows are gathered only when padding leaves holes, else packing is a transpose."""
+    q = torch.randn(B, 4, S, 16, dtype=torch.float64)
+    k = torch.randn(B, 2, S, 16, dtype=torch.float64)
+    for name, whole in (("documents", True), ("padding", False)):
+        p = describe(q, k, k, PLANNED[name](), None)
+        pl = C.plan(p)
+        first = C._ragged_tensors(pl, p, q.device)
+        assert C._ragged_tensors(pl, p, q.device) is first
+        assert (first.q_whole, first.k_whole) == (whole, whole)
+        assert first.meta.seq_q.flatten().tolist() == pl.seq_lengths()[0]
 
 
 def _stride_checking_graphs(monkeypatch):

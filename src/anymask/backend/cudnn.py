@@ -28,7 +28,7 @@ max segment length, token capacity, prefix blocks) so new packings reuse cached 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -101,6 +101,7 @@ class RaggedPlan:
     kv_len: int
     total_q: int  # token capacity buckets (real tokens + dummies)
     total_kv: int
+    on_device: dict = field(default_factory=dict)  # device -> _RaggedTensors, made on first use
 
     @property
     def dummies(self) -> int:
@@ -114,6 +115,66 @@ class RaggedPlan:
         """Token offsets ``[N + 1]`` of each entry in the packed q and k (dummy d sits at ``T + d``)."""
         lq, lk = self.seq_lengths()
         return _cumsum(lq), _cumsum(lk)
+
+
+@dataclass(frozen=True)
+class _RaggedTensors:
+    """A ragged plan's per-call tensors on one device, made once: host-to-device copies of
+    pageable memory synchronise the stream, which cost more than the graphs on an H200."""
+
+    q_index: torch.Tensor  # [Tq + dummies] flat query rows (dummy d is a copy of token 0)
+    k_index: torch.Tensor  # [Tk + dummies]
+    meta: object  # cudnn_graphs.Meta: lengths and ragged offsets
+    q_whole: bool  # the queries are every row of q in order: packing is a transpose, no gather
+    k_whole: bool
+
+
+def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device) -> _RaggedTensors:
+    hit = pl.on_device.get(device)
+    if hit is not None:
+        return hit
+    from ..kernels import cudnn_graphs as G
+
+    lay = pl.layout
+    pad_q = lay.q_index[:1].expand(pl.dummies) if lay.q_index.numel() else lay.q_index.new_zeros(pl.dummies)
+    pad_k = lay.k_index[:1].expand(pl.dummies) if lay.k_index.numel() else lay.k_index.new_zeros(pl.dummies)
+    lq, lk = pl.seq_lengths()
+    sq, sk = pl.starts()
+    D = p.head_dim
+
+    def column(values, dtype):
+        return torch.tensor(values, dtype=dtype).view(-1, 1, 1, 1).to(device)
+
+    meta = G.Meta(column(lq, torch.int32), column(lk, torch.int32),
+                  column([x * p.q_heads * D for x in sq], torch.int64),
+                  column([x * p.kv_heads * D for x in sk], torch.int64))
+
+    def whole(index: torch.Tensor, rows: int) -> bool:
+        return index.numel() == rows and torch.equal(index.cpu(), torch.arange(rows))
+
+    out = _RaggedTensors(torch.cat([lay.q_index, pad_q]).to(device), torch.cat([lay.k_index, pad_k]).to(device),
+                         meta, whole(lay.q_index, p.batch * p.q_len), whole(lay.k_index, p.batch * p.kv_len))
+    pl.on_device[device] = out
+    return out
+
+
+class _PackRows(torch.autograd.Function):
+    """``[B, H, S, D] -> [B * S + dummies, H, D]`` (THD), every row in order, dummies copying
+    token 0: one copy (none on the way back: the gradient of the real rows is a view)."""
+
+    @staticmethod
+    def forward(ctx, x, dummies: int):
+        B, H, S, D = x.shape
+        out = x.new_empty(B * S + dummies, H, D)
+        out[:B * S].view(B, S, H, D).copy_(x.transpose(1, 2))
+        out[B * S:].copy_(x[0, :, 0].unsqueeze(0).expand(dummies, H, D))
+        ctx.shape = (B, H, S, D)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, H, S, D = ctx.shape
+        return grad[:B * S].reshape(B, S, H, D).transpose(1, 2), None  # dummies' gradient is 0
 
 
 def _cumsum(lengths: list[int]) -> list[int]:
@@ -374,26 +435,21 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
     from ..kernels import cudnn_graphs as G
 
     lay, dev = pl.layout, q.device
-    pad_q = lay.q_index[:1].expand(pl.dummies) if lay.q_index.numel() else lay.q_index.new_zeros(pl.dummies)
-    pad_k = lay.k_index[:1].expand(pl.dummies) if lay.k_index.numel() else lay.k_index.new_zeros(pl.dummies)
-    q_index = torch.cat([lay.q_index, pad_q]).to(dev)  # [Tq + dummies]: dummy d is a copy of token 0
-    k_index = torch.cat([lay.k_index, pad_k]).to(dev)
-    qp = SEG.unpad(q, q_index)  # [Tq', Hq, D]
-    kp, vp = SEG.unpad(k, k_index), SEG.unpad(v, k_index)  # [Tk', Hkv, D]
-    lq, lk = pl.seq_lengths()
-    sq, sk = pl.starts()
-    D = p.head_dim
-    meta = G.Meta(torch.tensor(lq, dtype=torch.int32).view(-1, 1, 1, 1).to(dev),
-                  torch.tensor(lk, dtype=torch.int32).view(-1, 1, 1, 1).to(dev),
-                  (torch.tensor(sq, dtype=torch.int64) * (p.q_heads * D)).view(-1, 1, 1, 1).to(dev),
-                  (torch.tensor(sk, dtype=torch.int64) * (p.kv_heads * D)).view(-1, 1, 1, 1).to(dev))
-    spec = G.Spec(p.dtype, pl.segments, p.q_heads, p.kv_heads, pl.q_len, pl.kv_len, D, p.scale,
+    t = _ragged_tensors(pl, p, dev)
+    qp = _PackRows.apply(q, pl.dummies) if t.q_whole else SEG.unpad(q, t.q_index)  # [Tq', Hq, D]
+    if t.k_whole:
+        kp, vp = _PackRows.apply(k, pl.dummies), _PackRows.apply(v, pl.dummies)  # [Tk', Hkv, D]
+    else:
+        kp, vp = SEG.unpad(k, t.k_index), SEG.unpad(v, t.k_index)
+    spec = G.Spec(p.dtype, pl.segments, p.q_heads, p.kv_heads, pl.q_len, pl.kv_len, p.head_dim, p.scale,
                   ragged=True, lengths=True, bottom_right=pl.band.bottom_right, left_bound=pl.band.left_bound,
                   right_bound=pl.band.right_bound, total_q=pl.total_q, total_kv=pl.total_kv,
                   device=dev.index or 0)
-    op = _Attention.apply(qp, kp, vp, spec, meta, p.requires_grad, _signature(p))  # [Tq', Hq, D]
+    op = _Attention.apply(qp, kp, vp, spec, t.meta, p.requires_grad, _signature(p))  # [Tq', Hq, D]
     real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
-    return SEG.repad(real, lay.q_index.to(dev), p.batch, p.q_len)  # [B, Hq, Sq, D], padded rows 0
+    if t.q_whole:  # [B, Hq, Sq, D] as a view of the packed rows (laid out like [B, Sq, Hq, D])
+        return real.view(p.batch, p.q_len, p.q_heads, p.head_dim).transpose(1, 2)
+    return SEG.repad(real, t.q_index[:lay.q_index.numel()], p.batch, p.q_len)  # padded rows 0
 
 
 # The plan (segment layout, row blocks) costs host syncs: once per mask object and sizes, not once
