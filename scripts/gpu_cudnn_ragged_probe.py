@@ -84,12 +84,13 @@ def _graph_all_plans(G):
     return finish
 
 
-def plan_sweep(heads: int, dim: int) -> list[dict]:
-    """p20 ms of every plan of the forward and backward graphs, three ways of running the same work."""
+def plan_sweep(heads: int, dim: int, causal: bool = False) -> list[dict]:
+    """p20 ms of every plan of the forward and backward graphs, three ways of running the same work
+    (``causal``: causal inside each entry, as cuDNN's band with right bound 0)."""
     from anymask.kernels import cudnn_graphs as G
 
     n, s = 8, 2048
-    pairs = n * s * s
+    pairs = n * s * (s + 1) // 2 if causal else n * s * s
     flop = {"fwd": 4 * pairs * heads * dim, "bwd": 10 * pairs * heads * dim}
     captured: list[tuple] = []
     real_finish, real_execute = G._finish, G._execute
@@ -104,7 +105,8 @@ def plan_sweep(heads: int, dim: int) -> list[dict]:
         x = [torch.randn(n, heads, s, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
         for way in ("dense", "dense+lengths"):
             spec = G.Spec(torch.bfloat16, n, heads, heads, s, s, dim, dim ** -0.5, lengths=way != "dense",
-                          q_stride=x[0].stride(), k_stride=x[1].stride(), v_stride=x[2].stride())
+                          q_stride=x[0].stride(), k_stride=x[1].stride(), v_stride=x[2].stride(),
+                          right_bound=0 if causal else None)
             lengths = torch.full((n, 1, 1, 1), s, dtype=torch.int32, device="cuda")
             meta = G.Meta(lengths, lengths) if spec.lengths else G.Meta()
             o, stats = G.forward(spec, x[0], x[1], x[2], meta, True)
@@ -112,7 +114,8 @@ def plan_sweep(heads: int, dim: int) -> list[dict]:
             captured[-2:] = [(b, sp, pk, f"{way} {what}") for b, sp, pk, what in captured[-2:]]
         q, k, v = (t.detach().transpose(1, 2).reshape(1, n * s, heads, dim).transpose(1, 2).requires_grad_()
                    for t in x[:3])
-        o = anymask.attention(q, k, v, M.documents(lengths=[[s] * n]), backend="cudnn")
+        docs = M.documents(lengths=[[s] * n])
+        o = anymask.attention(q, k, v, docs & M.causal() if causal else docs, backend="cudnn")
         torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
         captured[-2:] = [(b, sp, pk, f"ragged {what}") for b, sp, pk, what in captured[-2:]]
     finally:
@@ -144,15 +147,16 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--plans", action="store_true", help="time every cuDNN plan (see above)")
+    p.add_argument("--causal", action="store_true", help="with --plans: causal inside each entry")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.plans:
-        rows = plan_sweep(args.heads, args.dim)
+        rows = plan_sweep(args.heads, args.dim, args.causal)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "cudnn_plans.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
+        (out / ("cudnn_plans_causal.json" if args.causal else "cudnn_plans.json")).write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
                                                           "torch": torch.__version__, "plans": rows}, indent=1))
         return 0
     results = []

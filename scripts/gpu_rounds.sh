@@ -24,6 +24,7 @@
 #   bash scripts/gpu_rounds.sh 15  # every cuDNN plan for 8 x 2048 tokens: dense, dense + lengths, ragged
 #   bash scripts/gpu_rounds.sh 16  # cuDNN ragged without per-call syncs or gathers: its GPU tests, the
 #                                  # probe again, and the bf16 S 4096 padding/documents cases of the grid
+#   bash scripts/gpu_rounds.sh 17  # round 15 for causal entries (cuDNN's band engine)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -145,6 +146,9 @@ case "${1:-}" in
     timeout 120 python3 scripts/gpu_cudnn_ragged_probe.py --out "$OUT" 2>&1 | tail -8
     OUT="$OUT/bench" BENCH_TIMEOUT=220 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --deadline 170 2>&1 | tail -12
+    ;;
+  17)
+    timeout 200 python3 scripts/gpu_cudnn_ragged_probe.py --plans --causal --out "$OUT" 2>&1 | tail -30
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
