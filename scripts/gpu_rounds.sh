@@ -25,6 +25,7 @@
 #   bash scripts/gpu_rounds.sh 16  # cuDNN ragged without per-call syncs or gathers: its GPU tests, the
 #                                  # probe again, and the bf16 S 4096 padding/documents cases of the grid
 #   bash scripts/gpu_rounds.sh 17  # round 15 for causal entries (cuDNN's band engine)
+#   bash scripts/gpu_rounds.sh 18  # can cuDNN's ragged graphs read [B, H, S, D] in place, with empty entries?
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -149,6 +150,9 @@ case "${1:-}" in
     ;;
   17)
     timeout 200 python3 scripts/gpu_cudnn_ragged_probe.py --plans --causal --out "$OUT" 2>&1 | tail -30
+    ;;
+  18)
+    timeout 150 python3 scripts/gpu_cudnn_layout_probe.py --out "$OUT" 2>&1 | tail -8
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
