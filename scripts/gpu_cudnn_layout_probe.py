@@ -6,7 +6,7 @@
 2. batch entries of length 0 (bucket padding without dummy tokens).
 
 Each variant runs the forward and backward graphs and is compared with float32 attention per
-document; it prints one JSON line per variant and writes ``cudnn_layout_probe.json``.
+document; it prints one JSON line per variant and appends to ``cudnn_layout_probe.jsonl``.
 
     PYTHONPATH=src python3 scripts/gpu_cudnn_layout_probe.py --out $OUT
 """
@@ -90,18 +90,22 @@ def run_variant(G, name: str, empty_entries: int, bhsd: bool) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--variant", type=int, help="run only this one (0-3): a crash in cuDNN ends the process")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from anymask.kernels import cudnn_graphs as G
 
-    rows = [run_variant(G, "thd (today)", 0, False), run_variant(G, "thd + 2 empty entries", 2, False),
-            run_variant(G, "bhsd in place", 0, True), run_variant(G, "bhsd + 2 empty entries", 2, True)]
+    variants = [("thd (today)", 0, False), ("thd + 2 empty entries", 2, False), ("bhsd in place", 0, True),
+                ("bhsd + 2 empty entries", 2, True)]
+    chosen = variants if args.variant is None else [variants[args.variant]]
+    rows = [run_variant(G, *v) for v in chosen]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cudnn_layout_probe.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows},
-                                                            indent=1))
+    with open(out / "cudnn_layout_probe.jsonl", "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return 0
 
 

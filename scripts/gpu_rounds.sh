@@ -152,7 +152,10 @@ case "${1:-}" in
     timeout 200 python3 scripts/gpu_cudnn_ragged_probe.py --plans --causal --out "$OUT" 2>&1 | tail -30
     ;;
   18)
-    timeout 150 python3 scripts/gpu_cudnn_layout_probe.py --out "$OUT" 2>&1 | tail -8
+    for i in 0 1 2 3; do
+      timeout 60 python3 scripts/gpu_cudnn_layout_probe.py --variant "$i" --out "$OUT" > "$OUT/variant$i.log" 2>&1
+      echo "variant $i: rc $?"; grep -h '^{' "$OUT/variant$i.log"; grep -h "Error" "$OUT/variant$i.log" | tail -2
+    done
     ;;
   *)
     echo "usage: $0 1|2|3|4|4x2|5|6|7|8|9" >&2
