@@ -252,6 +252,14 @@ def test_ragged_tensors_made_once_and_gather_only_with_holes():
         assert C._ragged_tensors(pl, p, q.device) is first
         assert (first.q_whole, first.k_whole) == (whole, whole)
         assert first.meta.seq_q.flatten().tolist() == pl.seq_lengths()[0]
+        # the same mask and sizes with other head counts / head dim share the plan, not the offsets
+        q2, k2 = torch.randn(B, 8, S, 32, dtype=torch.float64), torch.randn(B, 4, S, 32, dtype=torch.float64)
+        p2 = describe(q2, k2, k2, p.mask, None)
+        other = C._ragged_tensors(pl, p2, q.device)
+        sq, sk = pl.starts()
+        assert other.meta.off_q.flatten().tolist() == [x * 8 * 32 for x in sq]
+        assert other.meta.off_kv.flatten().tolist() == [x * 4 * 32 for x in sk]
+        assert first.meta.off_kv.flatten().tolist() == [x * 2 * 16 for x in sk]
 
 
 def _stride_checking_graphs(monkeypatch):

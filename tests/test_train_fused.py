@@ -92,6 +92,34 @@ def test_plain_head_only_when_frozen_linear():
                                        torch.tensor([1, 2]))
 
 
+def test_fused_head_with_no_loss_position_is_zero_and_differentiable():
+    hidden = torch.randn(0, 64, requires_grad=True)
+    weight = torch.randn(100, 64)
+    loss = fused.linear_cross_entropy_sum(hidden, weight, torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0.0 and loss.dtype == torch.float32
+    loss.backward()
+    assert hidden.grad.shape == (0, 64)
+
+
+def _torch_linear_ce(hidden, weight, target, token_weight=None):
+    """What Liger's fused linear cross-entropy computes, in PyTorch (a stand-in on the CPU)."""
+    ce = torch.nn.functional.cross_entropy(hidden.float() @ weight.float().T, target, reduction="none")
+    return (ce if token_weight is None else ce * token_weight).sum()
+
+
+@pytest.mark.parametrize("task_name", ["sft", "prefix_lm", "diffusion"])
+def test_fused_head_wiring_matches_logits_path(task_name, monkeypatch):
+    """The fused head's plumbing (decoder hidden states at the loss positions, the tied head
+    weight, diffusion's token weights) gives the logits path's loss and LoRA gradients."""
+    monkeypatch.setattr(fused, "linear_cross_entropy_sum", _torch_linear_ce)
+    results = []
+    for fused_head in (False, True):
+        results.append(_loss_and_grads(task_name, "fp32", False, torch.device("cpu"), fused_head=fused_head))
+    (loss, grads), (loss_f, grads_f) = results
+    assert loss_f == pytest.approx(loss, rel=1e-5)
+    assert _err(grads_f, grads) < 1e-4
+
+
 @needs_liger
 def test_adapter_names_unchanged_by_the_swap():
     names = {}
@@ -113,8 +141,8 @@ def _row(vocab: int, device, seed: int = 0) -> Packed:
     return Packed(ids, pos, doc, prompt, lengths, seed).to(device)
 
 
-def _loss_and_grads(task_name: str, dtype: str, liger: bool, device, lora: bool = False):
-    """(loss, LoRA gradients in float64) of one row."""
+def _loss_and_grads(task_name: str, dtype: str, liger: bool, device, lora: bool = False, fused_head=None):
+    """(loss, LoRA gradients in float64) of one row; the fused head follows ``liger`` unless given."""
     vocab = 512
     task = tasks.make(task_name, mask_token_id=vocab - 1)
     base = tiny_llama(vocab, hidden_size=128, intermediate_size=256).to(device)
@@ -123,7 +151,7 @@ def _loss_and_grads(task_name: str, dtype: str, liger: bool, device, lora: bool 
     for name, p in sorted(peft_model.named_parameters()):  # B starts at 0: make the adapters non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05, generator=gen)
-    module = M.TaskModel(peft_model, task, "anymask", fused_head=liger)
+    module = M.TaskModel(peft_model, task, "anymask", fused_head=liger if fused_head is None else fused_head)
     row = _row(vocab, device)
     with torch.no_grad():
         eval_loss = module(row).item()

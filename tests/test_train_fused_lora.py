@@ -14,11 +14,15 @@ from .test_train_fused import _err, _row, tiny_llama
 TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
 
 
-def _run(task_name: str, dtype: torch.dtype, fused: bool, **lora):
+def _run(task_name: str, dtype: torch.dtype, fused: bool, bias: bool = False, **lora):
     vocab = 512
     task = tasks.make(task_name, mask_token_id=vocab - 1)
-    peft_model = M.prepare(tiny_llama(vocab, hidden_size=128, intermediate_size=256), task, attn="sdpa",
-                           dtype="fp32", lora_r=8, seed=1, **lora)
+    model = tiny_llama(vocab, hidden_size=128, intermediate_size=256, attention_bias=bias, mlp_bias=bias)
+    if bias:  # biases start at 0: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(3))
+    peft_model = M.prepare(model, task, attn="sdpa", dtype="fp32", lora_r=8, seed=1, **lora)
     peft_model.to(dtype)
     gen = torch.Generator().manual_seed(2)
     for name, p in sorted(peft_model.named_parameters()):  # B starts at 0: make the adapters non-trivial
@@ -32,10 +36,10 @@ def _run(task_name: str, dtype: torch.dtype, fused: bool, **lora):
     return loss.item(), grads, taken
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_fused_lora_matches_peft_float64(task):
-    loss, grads, _ = _run(task, torch.float64, False)
-    loss_f, grads_f, taken = _run(task, torch.float64, True)
+@pytest.mark.parametrize("task,bias", [(t, False) for t in TASKS] + [("sft", True)])
+def test_fused_lora_matches_peft_float64(task, bias):
+    loss, grads, _ = _run(task, torch.float64, False, bias)
+    loss_f, grads_f, taken = _run(task, torch.float64, True, bias)
     assert taken == 7 * 2  # q k v o gate up down, 2 layers
     assert loss_f == pytest.approx(loss, rel=1e-12)
     assert _err(grads_f, grads) < 1e-10
@@ -54,15 +58,21 @@ def _layer(**lora):
     return peft_model, peft_model.get_base_model().model.layers[0].self_attn.q_proj
 
 
-def test_plain_layer_is_taken_over():
-    _, layer = _layer()
+def test_plain_layer_is_taken_over(monkeypatch):
+    peft_model, layer = _layer()
     x = torch.randn(3, layer.in_features)
     assert fused_lora._plain_adapter(layer, x) == "default"
     assert fused_lora._plain_adapter(layer, x.double()) is None  # input not in the adapter's dtype
+    fused_lora.apply(peft_model)
+    calls = []
+    real = fused_lora._LoraLinear.apply
+    monkeypatch.setattr(fused_lora._LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    layer(x)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("case", ["dropout", "merged", "disabled", "autocast"])
-def test_other_cases_run_peft_forward(case):
+def test_other_cases_run_peft_forward(case, monkeypatch):
     peft_model, layer = _layer(lora_dropout=0.1 if case == "dropout" else 0.0)
     torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     x = torch.randn(3, layer.in_features)
@@ -71,7 +81,11 @@ def test_other_cases_run_peft_forward(case):
         layer.merge()
     if case == "disabled":
         peft_model.disable_adapter_layers()
+
+    def not_here(*args):
+        raise AssertionError("the fused path ran where peft's forward must")
+
+    monkeypatch.setattr(fused_lora._LoraLinear, "apply", not_here)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         assert fused_lora._plain_adapter(layer, x) is None
-        peft_model.eval()  # dropout off: both forwards are deterministic
-        assert torch.equal(layer(x), type(layer).forward(layer, x))
+        layer(x)  # peft's forward, not the fused one

@@ -101,7 +101,7 @@ class RaggedPlan:
     kv_len: int
     total_q: int  # token capacity buckets (real tokens + dummies)
     total_kv: int
-    on_device: dict = field(default_factory=dict)  # device -> _RaggedTensors, made on first use
+    on_device: dict = field(default_factory=dict)  # (device, heads, head dim) -> _RaggedTensors, on first use
 
     @property
     def dummies(self) -> int:
@@ -130,7 +130,10 @@ class _RaggedTensors:
 
 
 def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device) -> _RaggedTensors:
-    hit = pl.on_device.get(device)
+    """The plan's tensors for ``p`` on ``device``; element offsets depend on the head counts and
+    head dim, which the plan (a layout of tokens) does not, so they are part of the key."""
+    key = (device, p.q_heads, p.kv_heads, p.head_dim)
+    hit = pl.on_device.get(key)
     if hit is not None:
         return hit
     from ..kernels import cudnn_graphs as G
@@ -154,7 +157,7 @@ def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device) -> _Ragged
 
     out = _RaggedTensors(torch.cat([lay.q_index, pad_q]).to(device), torch.cat([lay.k_index, pad_k]).to(device),
                          meta, whole(lay.q_index, p.batch * p.q_len), whole(lay.k_index, p.batch * p.kv_len))
-    pl.on_device[device] = out
+    pl.on_device[key] = out
     return out
 
 
@@ -447,7 +450,8 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
                   device=dev.index or 0)
     op = _Attention.apply(qp, kp, vp, spec, t.meta, p.requires_grad, _signature(p))  # [Tq', Hq, D]
     real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
-    if t.q_whole:  # [B, Hq, Sq, D] as a view of the packed rows (laid out like [B, Sq, Hq, D])
+    if t.q_whole:  # [B, Hq, Sq, D] as a view of the packed rows (laid out like [B, Sq, Hq, D]); the
+        # backward keeps them, so changing the result in place fails loudly in backward, as for SDPA
         return real.view(p.batch, p.q_len, p.q_heads, p.head_dim).transpose(1, 2)
     return SEG.repad(real, t.q_index[:lay.q_index.numel()], p.batch, p.q_len)  # padded rows 0
 

@@ -127,6 +127,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, target:
     """
     if weight.requires_grad:
         raise ValueError("the fused LM head computes no gradient for the head weight; it must be frozen")
+    if hidden.shape[0] == 0:  # no loss position in this row (Liger divides by the token count)
+        return hidden.sum(dtype=torch.float32) * 0.0  # still in the graph: DDP sees every parameter
     ops = probe("liger_kernel.ops.fused_linear_cross_entropy")
     if isinstance(ops, str):
         raise MissingDependency(ops)
@@ -151,4 +153,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
-        return None if grad_hidden is None else grad_hidden * grad_out.to(grad_hidden.dtype), None, None, None, None
+        # the float32 scale (e.g. 1 / loss units) multiplies without being rounded to bf16 first
+        return None if grad_hidden is None else grad_hidden * grad_out, None, None, None, None
