@@ -231,11 +231,9 @@ def _commit() -> str:
 
 def plot(saved: dict, path: Path) -> None:
     """Bars of tokens/s per task and arm, peak memory written on each bar; a PNG at ``path``."""
-    from anymask._optional import require
+    from anymask._optional import pyplot
 
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [r for r in saved["results"] if "tokens_per_s" in r]
     tasks = list(dict.fromkeys(r["task"] for r in done))

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from anymask._optional import require
+from anymask._optional import pyplot
 
 
 def main(runs: Path, out: Path) -> None:
-    plt = require("matplotlib.pyplot")
+    plt = pyplot()
     tasks = sorted(p.parent.name for p in runs.glob("*/metrics.jsonl"))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):

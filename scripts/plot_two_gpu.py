@@ -8,15 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from anymask._optional import require
+from anymask._optional import pyplot
 
 STYLE = {"single": dict(lw=4, alpha=0.35), "ddp": dict(ls="--", marker="o", ms=3), "fsdp2": dict(ls=":", marker="x")}
 
 
 def main(path: Path, out: Path) -> None:
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     doc = json.loads(path.read_text())
     rows = [r for r in doc["rows"] if "losses" in r]

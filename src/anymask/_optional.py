@@ -14,6 +14,7 @@ INSTALL_HINTS = {
     "xformers": "pip install xformers (a build matching your torch)",
     "triton": "pip install triton (ships with CUDA builds of torch)",
     "matplotlib": "pip install 'anymask[bench]'",
+    "matplotlib.pyplot": "pip install 'anymask[bench]'",
     "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
     "liger_kernel": "pip install 'anymask[liger]'",
     "liger_kernel.transformers": "pip install 'anymask[liger]'",
@@ -41,3 +42,9 @@ def require(name: str) -> ModuleType:
     if isinstance(found, str):
         raise MissingDependency(found)
     return found
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the headless Agg backend (files only), or :class:`MissingDependency`."""
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")

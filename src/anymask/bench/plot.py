@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .._optional import require
+from .._optional import pyplot
 from .runner import Row
 
 
 def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
-    matplotlib = require("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     order = list(dict.fromkeys(r.variant for r in rows if r.variant != "auto"))
