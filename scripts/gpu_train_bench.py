@@ -107,7 +107,7 @@ def run_one(task_name: str, arm: str, args) -> dict:
     liger, lora = fused.resolve(kernels, base, dev)
     peft_model = M.prepare(base, task, attn=attn, dtype="bf16", lora_r=16, lora_alpha=32,
                            gradient_checkpointing=args.checkpointing, liger=liger, fused_lora=lora)
-    module = M.TaskModel(peft_model, task, attn, fused_head=liger and fused.plain_head(peft_model))
+    module = M.TaskModel(peft_model, task, attn, fused_head=fused.fused_head(peft_model, liger))
     kernels_used = "+".join(k for k, on in (("liger", liger), ("lora", lora)) if on) or "none"
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -85,6 +85,8 @@ def test_swap_keeps_parameter_tensors_and_names():
 def test_plain_head_only_when_frozen_linear():
     peft_model = M.prepare(tiny_llama(), tasks.make("sft"), dtype="fp32", lora_r=4)
     assert fused.plain_head(peft_model)
+    assert fused.fused_head(peft_model, True) and not fused.fused_head(peft_model, False)
+    assert not fused.fused_head(peft_model, True, "fsdp2")
     peft_model.get_base_model().lm_head.weight.requires_grad_(True)
     assert not fused.plain_head(peft_model)
     with pytest.raises(ValueError, match="frozen"):

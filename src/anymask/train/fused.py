@@ -66,6 +66,12 @@ def plain_head(model) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
 
 
+def fused_head(model, liger: bool, parallel: str = "none") -> bool:
+    """Whether the LM head + cross-entropy go through Liger's fused kernel: with Liger, a plain
+    frozen head, and not under FSDP2 (its sharded head weight exists only inside its forward)."""
+    return liger and parallel != "fsdp2" and plain_head(model)
+
+
 def describe(kernels: str, liger: bool, lora: bool, fused_head: bool, model, device: torch.device) -> str:
     """One line for the log: which fused kernels run, and why Liger's do not when ``auto`` left them out."""
     used = []

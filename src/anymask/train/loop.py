@@ -100,7 +100,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
                            seed=cfg.seed, liger=liger, fused_lora=lora)
-    fused_head = liger and d.mode != "fsdp2" and fused.plain_head(peft_model)
+    fused_head = fused.fused_head(peft_model, liger, d.mode)
     module = M.TaskModel(peft_model, task, cfg.attn, fused_head=fused_head)
     wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
     params = [p for p in module.parameters() if p.requires_grad]
