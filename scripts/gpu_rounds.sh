@@ -26,6 +26,8 @@
 #                                  # probe again, and the bf16 S 4096 padding/documents cases of the grid
 #   bash scripts/gpu_rounds.sh 17  # round 15 for causal entries (cuDNN's band engine)
 #   bash scripts/gpu_rounds.sh 18  # can cuDNN's ragged graphs read [B, H, S, D] in place, with empty entries?
+#   bash scripts/gpu_rounds.sh 19  # cuDNN ragged read in place (one-head entries / THD views): its GPU tests,
+#                                  # then the bf16 S 4096 documents/padding cases, 16 heads and GQA 32:8
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -150,6 +152,14 @@ case "${1:-}" in
     ;;
   17)
     timeout 200 python3 scripts/gpu_cudnn_ragged_probe.py --plans --causal --out "$OUT" 2>&1 | tail -30
+    ;;
+  19)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 220 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
+      | tee "$OUT/cudnn_tests.log" | tail -6
+    OUT="$OUT/bench" BENCH_TIMEOUT=300 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096 \
+      --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 240 2>&1 | tail -16
     ;;
   18)
     for i in 0 1 2 3; do

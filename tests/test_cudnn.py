@@ -155,7 +155,7 @@ def _fake_math(spec, q, k, v, meta):
         starts_k = (meta.off_kv.flatten() // (k.shape[1] * d)).tolist()
         lq, lk = meta.seq_q.flatten().tolist(), meta.seq_kv.flatten().tolist()
         assert len(lq) == spec.batch and max(lq) <= spec.q_len and max(lk) <= spec.kv_len
-        assert starts_q[-1] <= spec.total_q and starts_k[-1] <= spec.total_kv and starts_q[-1] == q.shape[0]
+        assert starts_q[-1] <= spec.total_q and starts_k[-1] <= spec.total_kv and starts_q[-1] <= q.shape[0]
         out = torch.zeros_like(q)
         for n in range(spec.batch):
             rows = slice(starts_q[n], starts_q[n] + lq[n])
@@ -238,6 +238,115 @@ def test_outputs_and_grads_keep_the_bshd_layout(name, monkeypatch):
     if name in ("causal", "sliding_window", "documents"):  # documents: packed by a transpose, no gather
         assert out.stride() == q.stride()
         assert [t.stride() for t in grads] == [t.stride() for t in (q, k, v)]
+
+
+def _entry_rows(off, lengths, unit):
+    """Token rows of each ragged entry: offsets are in elements, ``unit`` elements per token."""
+    return [torch.arange(int(o) // unit, int(o) // unit + int(n)) for o, n in zip(off.flatten()[:-1], lengths.flatten())]
+
+
+def _ragged_graphs_writing_entries_only(monkeypatch):
+    """Real ``G.forward`` / ``G.backward`` (their allocations) with ragged graphs that, like cuDNN,
+    write the rows of their entries and nothing else; ``torch.empty`` returns NaN garbage, so an
+    output that should have started zeroed shows.  Returns the list of modes' specs seen."""
+    seen = []
+    real_empty = torch.empty
+
+    def garbage(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def execute(built, spec, pack, what, device):
+        assert spec.ragged
+        seen.append(spec)
+        q, k, v = (pack[u].detach().double().requires_grad_() for u in (G._Q, G._K, G._V))  # [T, H, D]
+        d = q.shape[-1]
+        rows_q = _entry_rows(pack[G._OFF_Q], pack[G._SEQ_Q], q.shape[1] * d)
+        rows_k = _entry_rows(pack[G._OFF_KV], pack[G._SEQ_KV], k.shape[1] * d)
+        assert len(rows_q) == spec.batch
+        with torch.enable_grad():
+            outs = [_band_attention(q[rq].transpose(0, 1), k[rk].transpose(0, 1), v[rk].transpose(0, 1), spec,
+                                    len(rq), len(rk), spec.scale).transpose(0, 1) if len(rq) else None
+                    for rq, rk in zip(rows_q, rows_k)]
+        if what == "forward":
+            for rq, o in zip(rows_q, outs):
+                if o is not None:
+                    pack[G._O][rq] = o.detach().to(pack[G._O].dtype)
+            return
+        for rq, rk, o in zip(rows_q, rows_k, outs):
+            if o is None:
+                continue
+            gq, gk, gv = torch.autograd.grad(o, (q, k, v), pack[G._DO][rq].double())
+            pack[G._DQ][rq] = gq[rq].to(pack[G._DQ].dtype)
+            pack[G._DK][rk] = gk[rk].to(pack[G._DK].dtype)
+            pack[G._DV][rk] = gv[rk].to(pack[G._DV].dtype)
+
+    monkeypatch.setattr(torch, "empty", garbage)
+    monkeypatch.setattr(G, "_get", lambda key, build: G._Built(None, 0))
+    monkeypatch.setattr(G, "_execute", execute)
+    monkeypatch.setattr(C, "_empty_entries_ok", lambda: True)
+    return seen
+
+
+RAGGED = [n for n in PLANNED if isinstance(C.plan(_problem(PLANNED[n]())), C.RaggedPlan)]
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "bhsd_gqa"])
+@pytest.mark.parametrize("shape", ["square", "decode"])
+@pytest.mark.parametrize("name", RAGGED)
+def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
+    """Documents/padding read in place (``heads``: contiguous [B, H, S, D]; ``tokens``: the [B, S, H, D]
+    layout) or packed (GQA over contiguous tensors, segments with holes), against eager, with graphs
+    that leave every row outside their entries untouched (padding must come out 0, not garbage)."""
+    seen = _ragged_graphs_writing_entries_only(monkeypatch)
+    q_len, kv_len = SHAPES[shape]
+    mask = PLANNED[name]()
+    hkv = 2 if layout == "bhsd_gqa" else 4
+    kw = dict(dtype=torch.float64)
+    if layout == "bshd":
+        q, k, v = _bshd(B, 4, q_len, 16, **kw), _bshd(B, hkv, kv_len, 16, **kw), _bshd(B, hkv, kv_len, 16, **kw)
+    else:
+        q = torch.randn(B, 4, q_len, 16, requires_grad=True, **kw)
+        k, v = (torch.randn(B, hkv, kv_len, 16, requires_grad=True, **kw) for _ in range(2))
+    p = describe(q, k, v, mask, None)
+    mode = C.layout_mode(q, k, v, p, C.plan(p).layout)
+    contiguous = C.plan(p).layout.contiguous
+    assert mode == ({"bhsd": "heads", "bshd": "tokens"}.get(layout, "pack") if contiguous else "pack")
+    out = C.Cudnn().run(q, k, v, p)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, r, msg=f"d{n}")
+    assert seen and all(s.q_heads == (1 if mode == "heads" else 4) for s in seen)
+    if mode != "pack":
+        assert out.stride() == q.stride()  # written in place of the inputs' layout
+
+
+def test_in_place_entries_and_buckets():
+    """``heads``: entries (row, head, segment) in memory order, offsets into [B * H * S, 1, D];
+    ``tokens``: one per segment into [B * S, H, D]; length-0 entries fill the power-of-two bucket."""
+    mask = M.documents(lengths=[[100, 150, 50], [7, 293], [300]]) & M.padding(_valid([260, 171, 300]))
+    q = torch.randn(B, 4, S, 16)
+    p = describe(q, q, q, mask, None)
+    pl = C.plan(p)
+    heads = C._in_place(pl, p, q.device, "heads")
+    # segments: row 0 [0,100) [100,250) [250,260); row 1 [0,7) [7,171); row 2 [0,300)
+    starts = [(0, 0), (0, 100), (0, 250), (1, 0), (1, 7), (2, 0)]
+    lengths = [100, 150, 10, 7, 164, 300]
+    want = [((b * 4 + h) * S + s0) * 16 for b in range(3) for h in range(4)
+            for (bb, s0) in starts if bb == b]
+    want_len = [n for b in range(3) for h in range(4) for (bb, _), n in zip(starts, lengths) if bb == b]
+    assert heads.entries == 32 and heads.heads == (1, 1) and heads.total == (B * 4 * S, B * 4 * S)
+    off = heads.meta.off_q.flatten().tolist()
+    assert off[:24] == want and off[24:] == [want[-1] + 300 * 16] * 9
+    assert heads.meta.seq_q.flatten().tolist() == want_len + [0] * 8
+    assert heads.meta.zero_q and heads.meta.zero_kv  # padding: rows in no entry start zeroed
+    tokens = C._in_place(pl, p, q.device, "tokens")
+    assert tokens.entries == 8 and tokens.heads == (4, 4) and tokens.total == (B * S, B * S)
+    assert tokens.meta.off_kv.flatten().tolist()[:6] == [(b * S + s0) * 4 * 16 for b, s0 in starts]
+    docs = C._in_place(C.plan(describe(q, q, q, M.documents(lengths=[[100, 200]] * 3), None)), p, q.device, "tokens")
+    assert not docs.meta.zero_q and not docs.meta.zero_kv  # every position in a segment: outputs not zeroed
 
 
 def test_ragged_tensors_made_once_and_gather_only_with_holes():
@@ -336,19 +445,33 @@ def _gpu_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and nvidia-cudnn-frontend")
+@pytest.mark.parametrize("layout", ["bhsd_gqa", "bhsd", "bshd"])
 @pytest.mark.parametrize("shape", ["square", "decode"])
 @pytest.mark.parametrize("name", list(PLANNED))
-def test_gpu_matches_eager(name, shape):
+def test_gpu_matches_eager(name, shape, layout):
+    """Every planned mask on real graphs; documents/padding in each ragged mode (``bhsd_gqa``: packed,
+    ``bhsd``: one-head entries in place, ``bshd``: THD in place)."""
+    if layout != "bhsd_gqa" and name not in RAGGED:
+        pytest.skip("the layouts differ for ragged plans only")
     q_len, kv_len = SHAPES[shape]
     mask = PLANNED[name]()
-    q = torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, 2, kv_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, 2, kv_len, 64, device="cuda", dtype=torch.float64, requires_grad=True)
+    hkv = 2 if layout == "bhsd_gqa" else 4
+    kw = dict(device="cuda", dtype=torch.float64)
+    if layout == "bshd":
+        q, k, v = _bshd(B, 4, q_len, 64, **kw), _bshd(B, hkv, kv_len, 64, **kw), _bshd(B, hkv, kv_len, 64, **kw)
+    else:
+        q = torch.randn(B, 4, q_len, 64, requires_grad=True, **kw)
+        k, v = (torch.randn(B, hkv, kv_len, 64, requires_grad=True, **kw) for _ in range(2))
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    p = describe(*low, mask, None)
     reasons = anymask.backends(*low, mask)["cudnn"]["reasons"]
     if reasons:
         pytest.skip("; ".join(reasons))
-    _check_cudnn_on_gpu(q, k, v, low, mask, torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64))
+    if name in RAGGED:
+        want = {"bhsd": "heads", "bshd": "tokens"}.get(layout, "pack") if C.plan(p).layout.contiguous else "pack"
+        assert C.layout_mode(*low, p, C.plan(p).layout) == want
+    g = torch.randn(B, 4, q_len, 64, **kw)
+    _check_cudnn_on_gpu(q, k, v, low, mask, g)
 
 
 def _check_cudnn_on_gpu(q, k, v, low, mask, g):

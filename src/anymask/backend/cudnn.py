@@ -4,9 +4,9 @@ How masks become cuDNN graphs (see :mod:`anymask.kernels.cudnn_graphs` for the g
 
     full / causal / window       one dense graph; causal and windows bottom-right aligned when
                                  q_len < kv_len (top-left when square)
-    documents and/or padding     unpadded into the ragged (THD) layout, one batch entry per
-                                 segment (:mod:`anymask.segments`), per-segment lengths, the base
-                                 mask inside each segment; padded queries output 0 on repad
+    documents and/or padding     ragged graphs, one batch entry per segment (:mod:`anymask.segments`)
+                                 with its lengths, the base mask inside each segment; read in place
+                                 where the layout allows (below), else packed into a THD copy
     prefix-LM                    two disjoint row blocks, no merge of softmax states:
 
         rows <  P   full attention over keys < P     (padding mask with per-batch lengths
@@ -19,6 +19,23 @@ How masks become cuDNN graphs (see :mod:`anymask.kernels.cudnn_graphs` for the g
         # # # # . .               P share graphs; rows of B below a batch row's P are dropped)
         # # # # # .
         # # # # # #
+
+Ragged layouts, chosen per call from the inputs' strides (segments must be runs of positions):
+
+    tokens   q, k, v laid out [B, S, H, D] (Hugging Face's layout, viewed as [B, H, S, D]): that is
+             already THD; one entry per segment, offsets into the inputs themselves
+    heads    q, k, v contiguous [B, H, S, D], as many kv heads as query heads: a one-head graph
+             whose entries are (row, head, segment), each a run of S-major rows of one head
+
+                 memory of q  [b0 h0: seg0 seg1 | b0 h1: seg0 seg1 | b1 h0: seg2 ...]
+                 entries       e0   e1          e2   e3             e4  ...
+
+    pack     anything else: rows copied into a packed THD tensor (gathered where padding leaves
+             holes), one-token dummy entries filling the bucket
+
+In place, positions in no segment (padding) are never written by cuDNN: o, dq (and dk, dv for
+padded keys) are allocated zeroed then.  Buckets are filled with length-0 entries, which need a
+cuDNN backend that takes them (measured exact on 9.19; older ones pack).
 
 Every row given to cuDNN sees at least one key (a query always sees itself), so cuDNN's non-zero
 output for fully masked rows never reaches the user: rows that see nothing are exactly the padded
@@ -41,6 +58,7 @@ from .common import PerMaskCache
 
 _MIN_BACKEND = 90600  # GQA with ragged offsets, int64 offsets, bottom-right causal + windows
 _ROW_BLOCK = 128  # prefix-LM block edges are multiples of this (graph reuse across prefixes)
+_EMPTY_ENTRIES_MIN = 91900  # length-0 ragged entries measured exact (cudnn-probe/layout.jsonl, cuDNN 9.19)
 
 
 # bucketing ---------------------------------------------------------------------------------------
@@ -119,23 +137,91 @@ class RaggedPlan:
 
 @dataclass(frozen=True)
 class _RaggedTensors:
-    """A ragged plan's per-call tensors on one device, made once: host-to-device copies of
-    pageable memory synchronise the stream, which cost more than the graphs on an H200."""
+    """A ragged plan's per-call tensors for one input layout on one device, made once: host-to-device
+    copies of pageable memory synchronise the stream, which cost more than the graphs on an H200."""
 
-    q_index: torch.Tensor  # [Tq + dummies] flat query rows (dummy d is a copy of token 0)
-    k_index: torch.Tensor  # [Tk + dummies]
-    meta: object  # cudnn_graphs.Meta: lengths and ragged offsets
-    q_whole: bool  # the queries are every row of q in order: packing is a transpose, no gather
-    k_whole: bool
+    mode: str  # "tokens" | "heads" | "pack" (module docstring)
+    entries: int  # the graph's batch (entry bucket)
+    heads: tuple[int, int]  # the graph's (query, kv) heads: 1, 1 for "heads"
+    total: tuple[int, int]  # token capacity of the (query, kv) tensors the graph reads
+    meta: object  # cudnn_graphs.Meta: lengths, ragged offsets, which outputs start zeroed
+    q_index: torch.Tensor | None = None  # pack: [Tq + dummies] flat query rows (dummy d copies token 0)
+    k_index: torch.Tensor | None = None  # pack: [Tk + dummies]
+    q_whole: bool = False  # pack: the queries are every row of q in order (a transpose, no gather)
+    k_whole: bool = False
 
 
-def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device) -> _RaggedTensors:
-    """The plan's tensors for ``p`` on ``device``; element offsets depend on the head counts and
-    head dim, which the plan (a layout of tokens) does not, so they are part of the key."""
-    key = (device, p.q_heads, p.kv_heads, p.head_dim)
+def _empty_entries_ok() -> bool:
+    """Whether this cuDNN takes length-0 ragged entries (bucket filling without dummy tokens)."""
+    found = probe("cudnn")
+    return not isinstance(found, str) and found.backend_version() >= _EMPTY_ENTRIES_MIN
+
+
+def layout_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, lay: SEG.Layout) -> str:
+    """How a ragged plan reads ``q, k, v`` (each ``[B, H, S, D]``): ``tokens``, ``heads`` or ``pack``."""
+    if not lay.contiguous or any(t.data_ptr() % 16 for t in (q, k, v)) or not _empty_entries_ok():
+        return "pack"
+    if all(t.transpose(1, 2).is_contiguous() for t in (q, k, v)):
+        return "tokens"
+    if p.q_heads == p.kv_heads and all(t.is_contiguous() for t in (q, k, v)):
+        return "heads"
+    return "pack"
+
+
+def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device, mode: str = "pack") -> _RaggedTensors:
+    """The plan's tensors for ``p`` read in ``mode`` on ``device``; element offsets depend on the head
+    counts and head dim, which the plan (a layout of tokens) does not, so they are part of the key."""
+    key = (device, mode, p.q_heads, p.kv_heads, p.head_dim)
     hit = pl.on_device.get(key)
-    if hit is not None:
-        return hit
+    if hit is None:
+        hit = pl.on_device[key] = (_packed if mode == "pack" else _in_place)(pl, p, device, mode)
+    return hit
+
+
+def _column(values, dtype, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).view(-1, 1, 1, 1).to(device)  # [N, 1, 1, 1]
+
+
+def _in_place(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _RaggedTensors:
+    """Entries over the inputs themselves: ``tokens`` one per segment over ``[B * S, H, D]``;
+    ``heads`` one per (row, head, segment) over ``[B * H * S, 1, D]``; length-0 entries fill the bucket."""
+    from ..kernels import cudnn_graphs as G
+
+    lay, D, Sq, Skv = pl.layout, p.head_dim, p.q_len, p.kv_len
+    cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
+    first_q = lay.q_index.cpu()[cq[:-1]].tolist() if lay.num_segments else []  # flat row b * Sq + s0
+    first_k = lay.k_index.cpu()[ck[:-1]].tolist() if lay.num_segments else []
+    if mode == "tokens":
+        heads, unit_q, unit_k = (p.q_heads, p.kv_heads), p.q_heads * D, p.kv_heads * D
+        order = [(n, 0) for n in range(lay.num_segments)]
+        off_q = [first_q[n] * unit_q for n, _ in order]
+        off_k = [first_k[n] * unit_k for n, _ in order]
+        total = (p.batch * Sq, p.batch * Skv)
+    else:
+        H, heads, unit_q = p.q_heads, (1, 1), D
+        unit_k = D
+        rows: dict[int, list[int]] = {}
+        for n, f in enumerate(first_q):
+            rows.setdefault(f // Sq, []).append(n)
+        order = [(n, h) for b in sorted(rows) for h in range(H) for n in rows[b]]  # memory order
+        off_q = [((first_q[n] // Sq * H + h) * Sq + first_q[n] % Sq) * D for n, h in order]
+        off_k = [((first_k[n] // Skv * H + h) * Skv + first_k[n] % Skv) * D for n, h in order]
+        total = (p.batch * H * Sq, p.batch * H * Skv)
+    lq = [lay.q_lengths[n] for n, _ in order]
+    lk = [lay.k_lengths[n] for n, _ in order]
+    entries = pow2_bucket(len(order))
+    end_q = off_q[-1] + lq[-1] * unit_q if order else 0
+    end_k = off_k[-1] + lk[-1] * unit_k if order else 0
+    empty = entries - len(order)  # length 0, starting where the last entry ends
+    meta = G.Meta(_column(lq + [0] * empty, torch.int32, device), _column(lk + [0] * empty, torch.int32, device),
+                  _column(off_q + [end_q] * (empty + 1), torch.int64, device),
+                  _column(off_k + [end_k] * (empty + 1), torch.int64, device),
+                  zero_q=lay.q_index.numel() < p.batch * Sq, zero_kv=lay.k_index.numel() < p.batch * Skv)
+    return _RaggedTensors(mode, entries, heads, total, meta)
+
+
+def _packed(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _RaggedTensors:
+    """Rows copied into ``[T + dummies, H, D]``, one entry per segment, one-token dummies."""
     from ..kernels import cudnn_graphs as G
 
     lay = pl.layout
@@ -144,21 +230,16 @@ def _ragged_tensors(pl: RaggedPlan, p: Problem, device: torch.device) -> _Ragged
     lq, lk = pl.seq_lengths()
     sq, sk = pl.starts()
     D = p.head_dim
-
-    def column(values, dtype):
-        return torch.tensor(values, dtype=dtype).view(-1, 1, 1, 1).to(device)
-
-    meta = G.Meta(column(lq, torch.int32), column(lk, torch.int32),
-                  column([x * p.q_heads * D for x in sq], torch.int64),
-                  column([x * p.kv_heads * D for x in sk], torch.int64))
+    meta = G.Meta(_column(lq, torch.int32, device), _column(lk, torch.int32, device),
+                  _column([x * p.q_heads * D for x in sq], torch.int64, device),
+                  _column([x * p.kv_heads * D for x in sk], torch.int64, device))
 
     def whole(index: torch.Tensor, rows: int) -> bool:
         return index.numel() == rows and torch.equal(index.cpu(), torch.arange(rows))
 
-    out = _RaggedTensors(torch.cat([lay.q_index, pad_q]).to(device), torch.cat([lay.k_index, pad_k]).to(device),
-                         meta, whole(lay.q_index, p.batch * p.q_len), whole(lay.k_index, p.batch * p.kv_len))
-    pl.on_device[key] = out
-    return out
+    return _RaggedTensors("pack", pl.segments, (p.q_heads, p.kv_heads), (pl.total_q, pl.total_kv), meta,
+                          torch.cat([lay.q_index, pad_q]).to(device), torch.cat([lay.k_index, pad_k]).to(device),
+                          whole(lay.q_index, p.batch * p.q_len), whole(lay.k_index, p.batch * p.kv_len))
 
 
 class _PackRows(torch.autograd.Function):
@@ -437,23 +518,33 @@ def _run_dense(q, k, v, p: Problem, pl: DensePlan) -> torch.Tensor:
 def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
     from ..kernels import cudnn_graphs as G
 
-    lay, dev = pl.layout, q.device
-    t = _ragged_tensors(pl, p, dev)
-    qp = _PackRows.apply(q, pl.dummies) if t.q_whole else SEG.unpad(q, t.q_index)  # [Tq', Hq, D]
-    if t.k_whole:
-        kp, vp = _PackRows.apply(k, pl.dummies), _PackRows.apply(v, pl.dummies)  # [Tk', Hkv, D]
+    lay, dev, B, D = pl.layout, q.device, p.batch, p.head_dim
+    mode = layout_mode(q, k, v, p, lay)
+    t = _ragged_tensors(pl, p, dev, mode)
+    if mode == "heads":
+        qp, kp, vp = (x.view(-1, 1, D) for x in (q, k, v))  # [B * H * S, 1, D], no copy
+    elif mode == "tokens":
+        qp, kp, vp = (x.transpose(1, 2).reshape(-1, x.shape[1], D) for x in (q, k, v))  # [B * S, H, D] views
     else:
-        kp, vp = SEG.unpad(k, t.k_index), SEG.unpad(v, t.k_index)
-    spec = G.Spec(p.dtype, pl.segments, p.q_heads, p.kv_heads, pl.q_len, pl.kv_len, p.head_dim, p.scale,
+        qp = _PackRows.apply(q, pl.dummies) if t.q_whole else SEG.unpad(q, t.q_index)  # [Tq', Hq, D]
+        if t.k_whole:
+            kp, vp = _PackRows.apply(k, pl.dummies), _PackRows.apply(v, pl.dummies)  # [Tk', Hkv, D]
+        else:
+            kp, vp = SEG.unpad(k, t.k_index), SEG.unpad(v, t.k_index)
+    spec = G.Spec(p.dtype, t.entries, *t.heads, pl.q_len, pl.kv_len, D, p.scale,
                   ragged=True, lengths=True, bottom_right=pl.band.bottom_right, left_bound=pl.band.left_bound,
-                  right_bound=pl.band.right_bound, total_q=pl.total_q, total_kv=pl.total_kv,
+                  right_bound=pl.band.right_bound, total_q=t.total[0], total_kv=t.total[1],
                   device=dev.index or 0)
-    op = _Attention.apply(qp, kp, vp, spec, t.meta, p.requires_grad, _signature(p))  # [Tq', Hq, D]
+    op = _Attention.apply(qp, kp, vp, spec, t.meta, p.requires_grad, _signature(p))  # like qp
+    if mode == "heads":
+        return op.view(B, p.q_heads, p.q_len, D)
+    if mode == "tokens":
+        return op.view(B, p.q_len, p.q_heads, D).transpose(1, 2)
     real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
     if t.q_whole:  # [B, Hq, Sq, D] as a view of the packed rows (laid out like [B, Sq, Hq, D]); the
         # backward keeps them, so changing the result in place fails loudly in backward, as for SDPA
-        return real.view(p.batch, p.q_len, p.q_heads, p.head_dim).transpose(1, 2)
-    return SEG.repad(real, t.q_index[:lay.q_index.numel()], p.batch, p.q_len)  # padded rows 0
+        return real.view(B, p.q_len, p.q_heads, D).transpose(1, 2)
+    return SEG.repad(real, t.q_index[:lay.q_index.numel()], B, p.q_len)  # padded rows 0
 
 
 # The plan (segment layout, row blocks) costs host syncs: once per mask object and sizes, not once

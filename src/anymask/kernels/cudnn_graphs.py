@@ -71,12 +71,16 @@ class Spec:
 
 @dataclass(frozen=True, eq=False)
 class Meta:
-    """Per-call tensors: lengths ``[N, 1, 1, 1]`` int32, ragged offsets ``[N + 1, 1, 1, 1]`` int64."""
+    """Per-call tensors: lengths ``[N, 1, 1, 1]`` int32, ragged offsets ``[N + 1, 1, 1, 1]`` int64;
+    ``zero_q`` / ``zero_kv``: some rows of the ragged q / k tensors are in no entry (padding read in
+    place), so o, dq / dk, dv are allocated zeroed (cuDNN writes entries only)."""
 
     seq_q: torch.Tensor | None = None
     seq_kv: torch.Tensor | None = None
     off_q: torch.Tensor | None = None  # element offsets into q, o, dO, dQ
     off_kv: torch.Tensor | None = None  # element offsets into k, v, dK, dV
+    zero_q: bool = False
+    zero_kv: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -310,8 +314,9 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     if spec.keep_layout:
         o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
     else:
-        o = torch.empty(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
-                        dtype=q.dtype, device=q.device)
+        alloc = torch.zeros if meta.zero_q else torch.empty
+        o = alloc(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
+                  dtype=q.dtype, device=q.device)
     pack = {_Q: q, _K: k, _V: v, _O: o, **_meta_pack(spec, meta)}
     stats = None
     if training:
@@ -328,7 +333,8 @@ def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta):
     if spec.keep_layout:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     else:
-        dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+        dq, dk, dv = ((torch.zeros if zero else torch.empty)(t.shape, dtype=t.dtype, device=t.device)
+                      for t, zero in ((q, meta.zero_q), (k, meta.zero_kv), (v, meta.zero_kv)))
     pack = {_Q: q, _K: k, _V: v, _O: o, _DO: do, _STATS: stats, _DQ: dq, _DK: dk, _DV: dv,
             **_meta_pack(spec, meta)}
     _execute(built, spec, pack, "backward", q.device)
