@@ -291,27 +291,39 @@ def _ragged_graphs_writing_entries_only(monkeypatch):
 RAGGED = [n for n in PLANNED if isinstance(C.plan(_problem(PLANNED[n]())), C.RaggedPlan)]
 
 
-@pytest.mark.parametrize("layout", ["bhsd", "bshd", "bhsd_gqa"])
+LAYOUT_MODES = {"bhsd": "heads", "bhsd_gqa": "heads", "bshd_gqa": "tokens", "sliced_gqa": "pack"}
+
+
+def _layout_inputs(layout, q_len, kv_len, d, **kw):
+    """q [B, 4, Sq, d], k, v [B, 4 or 2, Skv, d] as leaves: contiguous (``bhsd``), views of
+    [B, S, H, D] (``bshd``), or slices of longer tensors (``sliced``: neither)."""
+    hkv = 2 if layout.endswith("gqa") else 4
+
+    def make(h, n):
+        if layout.startswith("bshd"):
+            return _bshd(B, h, n, d, **kw)
+        if layout.startswith("sliced"):
+            return torch.randn(B, h, n + 8, d, **kw)[:, :, 8:].detach().requires_grad_()
+        return torch.randn(B, h, n, d, requires_grad=True, **kw)
+
+    return make(4, q_len), make(hkv, kv_len), make(hkv, kv_len)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_MODES))
 @pytest.mark.parametrize("shape", ["square", "decode"])
 @pytest.mark.parametrize("name", RAGGED)
 def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
-    """Documents/padding read in place (``heads``: contiguous [B, H, S, D]; ``tokens``: the [B, S, H, D]
-    layout) or packed (GQA over contiguous tensors, segments with holes), against eager, with graphs
-    that leave every row outside their entries untouched (padding must come out 0, not garbage)."""
+    """Documents/padding read in place (``heads``: contiguous [B, H, S, D], one graph per query head of
+    a kv group; ``tokens``: the [B, S, H, D] layout) or packed (other strides, segments with holes),
+    against eager, with graphs that leave every row outside their entries untouched (padding must
+    come out 0, not garbage)."""
     seen = _ragged_graphs_writing_entries_only(monkeypatch)
     q_len, kv_len = SHAPES[shape]
     mask = PLANNED[name]()
-    hkv = 2 if layout == "bhsd_gqa" else 4
-    kw = dict(dtype=torch.float64)
-    if layout == "bshd":
-        q, k, v = _bshd(B, 4, q_len, 16, **kw), _bshd(B, hkv, kv_len, 16, **kw), _bshd(B, hkv, kv_len, 16, **kw)
-    else:
-        q = torch.randn(B, 4, q_len, 16, requires_grad=True, **kw)
-        k, v = (torch.randn(B, hkv, kv_len, 16, requires_grad=True, **kw) for _ in range(2))
+    q, k, v = _layout_inputs(layout, q_len, kv_len, 16, dtype=torch.float64)
     p = describe(q, k, v, mask, None)
     mode = C.layout_mode(q, k, v, p, C.plan(p).layout)
-    contiguous = C.plan(p).layout.contiguous
-    assert mode == ({"bhsd": "heads", "bshd": "tokens"}.get(layout, "pack") if contiguous else "pack")
+    assert mode == (LAYOUT_MODES[layout] if C.plan(p).layout.contiguous else "pack")
     out = C.Cudnn().run(q, k, v, p)
     ref = anymask.attention(q, k, v, mask, backend="eager")
     torch.testing.assert_close(out, ref)
@@ -319,6 +331,8 @@ def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
     for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, r, msg=f"d{n}")
     assert seen and all(s.q_heads == (1 if mode == "heads" else 4) for s in seen)
+    calls = 2 if mode == "heads" and layout == "bhsd_gqa" else 1  # graph calls per pass (fwd, bwd)
+    assert len(seen) == 2 * calls
     if mode != "pack":
         assert out.stride() == q.stride()  # written in place of the inputs' layout
 
@@ -331,6 +345,7 @@ def test_in_place_entries_and_buckets():
     p = describe(q, q, q, mask, None)
     pl = C.plan(p)
     heads = C._in_place(pl, p, q.device, "heads")
+    assert len(heads.metas) == 1
     # segments: row 0 [0,100) [100,250) [250,260); row 1 [0,7) [7,171); row 2 [0,300)
     starts = [(0, 0), (0, 100), (0, 250), (1, 0), (1, 7), (2, 0)]
     lengths = [100, 150, 10, 7, 164, 300]
@@ -338,15 +353,23 @@ def test_in_place_entries_and_buckets():
             for (bb, s0) in starts if bb == b]
     want_len = [n for b in range(3) for h in range(4) for (bb, _), n in zip(starts, lengths) if bb == b]
     assert heads.entries == 32 and heads.heads == (1, 1) and heads.total == (B * 4 * S, B * 4 * S)
-    off = heads.meta.off_q.flatten().tolist()
+    off = heads.metas[0].off_q.flatten().tolist()
     assert off[:24] == want and off[24:] == [want[-1] + 300 * 16] * 9
-    assert heads.meta.seq_q.flatten().tolist() == want_len + [0] * 8
-    assert heads.meta.zero_q and heads.meta.zero_kv  # padding: rows in no entry start zeroed
+    assert heads.metas[0].seq_q.flatten().tolist() == want_len + [0] * 8
+    assert heads.metas[0].zero_q and heads.metas[0].zero_kv  # padding: rows in no entry start zeroed
     tokens = C._in_place(pl, p, q.device, "tokens")
     assert tokens.entries == 8 and tokens.heads == (4, 4) and tokens.total == (B * S, B * S)
-    assert tokens.meta.off_kv.flatten().tolist()[:6] == [(b * S + s0) * 4 * 16 for b, s0 in starts]
+    assert tokens.metas[0].off_kv.flatten().tolist()[:6] == [(b * S + s0) * 4 * 16 for b, s0 in starts]
     docs = C._in_place(C.plan(describe(q, q, q, M.documents(lengths=[[100, 200]] * 3), None)), p, q.device, "tokens")
-    assert not docs.meta.zero_q and not docs.meta.zero_kv  # every position in a segment: outputs not zeroed
+    assert not docs.metas[0].zero_q and not docs.metas[0].zero_kv  # every position in a segment: outputs not zeroed
+    k = torch.randn(B, 2, S, 16)  # GQA: two calls, the j-th query head of each kv group; kv offsets shared
+    p = describe(q, k, k, mask, None)
+    gqa = C._in_place(C.plan(p), p, q.device, "heads")
+    assert len(gqa.metas) == 2 and gqa.entries == 16 and gqa.total == (B * 4 * S, B * 2 * S)
+    for j, meta in enumerate(gqa.metas):
+        assert meta.off_q.flatten().tolist()[:12] == [((b * 4 + h * 2 + j) * S + s0) * 16 for b in range(3)
+                                                      for h in range(2) for (bb, s0) in starts if bb == b]
+        assert meta.off_kv.flatten().tolist() == gqa.metas[0].off_kv.flatten().tolist()
 
 
 def test_ragged_tensors_made_once_and_gather_only_with_holes():
@@ -360,15 +383,15 @@ def test_ragged_tensors_made_once_and_gather_only_with_holes():
         first = C._ragged_tensors(pl, p, q.device)
         assert C._ragged_tensors(pl, p, q.device) is first
         assert (first.q_whole, first.k_whole) == (whole, whole)
-        assert first.meta.seq_q.flatten().tolist() == pl.seq_lengths()[0]
+        assert first.metas[0].seq_q.flatten().tolist() == pl.seq_lengths()[0]
         # the same mask and sizes with other head counts / head dim share the plan, not the offsets
         q2, k2 = torch.randn(B, 8, S, 32, dtype=torch.float64), torch.randn(B, 4, S, 32, dtype=torch.float64)
         p2 = describe(q2, k2, k2, p.mask, None)
         other = C._ragged_tensors(pl, p2, q.device)
         sq, sk = pl.starts()
-        assert other.meta.off_q.flatten().tolist() == [x * 8 * 32 for x in sq]
-        assert other.meta.off_kv.flatten().tolist() == [x * 4 * 32 for x in sk]
-        assert first.meta.off_kv.flatten().tolist() == [x * 2 * 16 for x in sk]
+        assert other.metas[0].off_q.flatten().tolist() == [x * 8 * 32 for x in sq]
+        assert other.metas[0].off_kv.flatten().tolist() == [x * 4 * 32 for x in sk]
+        assert first.metas[0].off_kv.flatten().tolist() == [x * 2 * 16 for x in sk]
 
 
 def _stride_checking_graphs(monkeypatch):
@@ -445,33 +468,29 @@ def _gpu_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and nvidia-cudnn-frontend")
-@pytest.mark.parametrize("layout", ["bhsd_gqa", "bhsd", "bshd"])
+@pytest.mark.parametrize("layout", list(LAYOUT_MODES))
 @pytest.mark.parametrize("shape", ["square", "decode"])
 @pytest.mark.parametrize("name", list(PLANNED))
 def test_gpu_matches_eager(name, shape, layout):
-    """Every planned mask on real graphs; documents/padding in each ragged mode (``bhsd_gqa``: packed,
-    ``bhsd``: one-head entries in place, ``bshd``: THD in place)."""
-    if layout != "bhsd_gqa" and name not in RAGGED:
+    """Every planned mask on real graphs; documents/padding in each ragged mode (``LAYOUT_MODES``)."""
+    if layout != "sliced_gqa" and name not in RAGGED:
         pytest.skip("the layouts differ for ragged plans only")
     q_len, kv_len = SHAPES[shape]
     mask = PLANNED[name]()
-    hkv = 2 if layout == "bhsd_gqa" else 4
-    kw = dict(device="cuda", dtype=torch.float64)
-    if layout == "bshd":
-        q, k, v = _bshd(B, 4, q_len, 64, **kw), _bshd(B, hkv, kv_len, 64, **kw), _bshd(B, hkv, kv_len, 64, **kw)
-    else:
-        q = torch.randn(B, 4, q_len, 64, requires_grad=True, **kw)
-        k, v = (torch.randn(B, hkv, kv_len, 64, requires_grad=True, **kw) for _ in range(2))
+    q, k, v = _layout_inputs(layout, q_len, kv_len, 64, device="cuda", dtype=torch.float64)
     low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    assert [t.stride() for t in low] == [t.stride() for t in (q, k, v)] or layout.startswith("sliced")
+    if layout.startswith("sliced"):
+        low = [torch.empty(B, t.shape[1], t.shape[2] + 8, 64, device="cuda", dtype=torch.bfloat16)[:, :, 8:]
+               .copy_(t).detach().requires_grad_() for t in (q, k, v)]
     p = describe(*low, mask, None)
     reasons = anymask.backends(*low, mask)["cudnn"]["reasons"]
     if reasons:
         pytest.skip("; ".join(reasons))
     if name in RAGGED:
-        want = {"bhsd": "heads", "bshd": "tokens"}.get(layout, "pack") if C.plan(p).layout.contiguous else "pack"
+        want = LAYOUT_MODES[layout] if C.plan(p).layout.contiguous else "pack"
         assert C.layout_mode(*low, p, C.plan(p).layout) == want
-    g = torch.randn(B, 4, q_len, 64, **kw)
-    _check_cudnn_on_gpu(q, k, v, low, mask, g)
+    _check_cudnn_on_gpu(q, k, v, low, mask, torch.randn(B, 4, q_len, 64, device="cuda", dtype=torch.float64))
 
 
 def _check_cudnn_on_gpu(q, k, v, low, mask, g):

@@ -24,10 +24,11 @@ Ragged layouts, chosen per call from the inputs' strides (segments must be runs 
 
     tokens   q, k, v laid out [B, S, H, D] (Hugging Face's layout, viewed as [B, H, S, D]): that is
              already THD; one entry per segment, offsets into the inputs themselves
-    heads    q, k, v contiguous [B, H, S, D], as many kv heads as query heads: a one-head graph
-             whose entries are (row, head, segment), each a run of S-major rows of one head
+    heads    q, k, v contiguous [B, H, S, D]: one-head graphs whose entries are (row, kv head,
+             segment), each a run of S-major rows of one head; with G query heads per kv head,
+             G graphs (the j-th query head of every group each), whose dk, dv are summed
 
-                 memory of q  [b0 h0: seg0 seg1 | b0 h1: seg0 seg1 | b1 h0: seg2 ...]
+                 memory of k  [b0 h0: seg0 seg1 | b0 h1: seg0 seg1 | b1 h0: seg2 ...]
                  entries       e0   e1          e2   e3             e4  ...
 
     pack     anything else: rows copied into a packed THD tensor (gathered where padding leaves
@@ -144,7 +145,7 @@ class _RaggedTensors:
     entries: int  # the graph's batch (entry bucket)
     heads: tuple[int, int]  # the graph's (query, kv) heads: 1, 1 for "heads"
     total: tuple[int, int]  # token capacity of the (query, kv) tensors the graph reads
-    meta: object  # cudnn_graphs.Meta: lengths, ragged offsets, which outputs start zeroed
+    metas: tuple  # cudnn_graphs.Meta per graph call (one; "heads": one per query head of a group)
     q_index: torch.Tensor | None = None  # pack: [Tq + dummies] flat query rows (dummy d copies token 0)
     k_index: torch.Tensor | None = None  # pack: [Tk + dummies]
     q_whole: bool = False  # pack: the queries are every row of q in order (a transpose, no gather)
@@ -163,7 +164,7 @@ def layout_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, l
         return "pack"
     if all(t.transpose(1, 2).is_contiguous() for t in (q, k, v)):
         return "tokens"
-    if p.q_heads == p.kv_heads and all(t.is_contiguous() for t in (q, k, v)):
+    if all(t.is_contiguous() for t in (q, k, v)):
         return "heads"
     return "pack"
 
@@ -184,40 +185,47 @@ def _column(values, dtype, device) -> torch.Tensor:
 
 def _in_place(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _RaggedTensors:
     """Entries over the inputs themselves: ``tokens`` one per segment over ``[B * S, H, D]``;
-    ``heads`` one per (row, head, segment) over ``[B * H * S, 1, D]``; length-0 entries fill the bucket."""
+    ``heads`` one per (row, kv head, segment) over ``[B * H * S, 1, D]``, one graph call per query
+    head of a group; length-0 entries fill the bucket."""
     from ..kernels import cudnn_graphs as G
 
-    lay, D, Sq, Skv = pl.layout, p.head_dim, p.q_len, p.kv_len
+    lay, D, Sq, Skv, Hq, Hk = pl.layout, p.head_dim, p.q_len, p.kv_len, p.q_heads, p.kv_heads
     cq, ck = lay.cu_seqlens_q.tolist(), lay.cu_seqlens_k.tolist()
     first_q = lay.q_index.cpu()[cq[:-1]].tolist() if lay.num_segments else []  # flat row b * Sq + s0
     first_k = lay.k_index.cpu()[ck[:-1]].tolist() if lay.num_segments else []
     if mode == "tokens":
-        heads, unit_q, unit_k = (p.q_heads, p.kv_heads), p.q_heads * D, p.kv_heads * D
+        heads, unit_q, unit_k, calls = (Hq, Hk), Hq * D, Hk * D, 1
         order = [(n, 0) for n in range(lay.num_segments)]
-        off_q = [first_q[n] * unit_q for n, _ in order]
-        off_k = [first_k[n] * unit_k for n, _ in order]
         total = (p.batch * Sq, p.batch * Skv)
     else:
-        H, heads, unit_q = p.q_heads, (1, 1), D
-        unit_k = D
+        heads, unit_q, unit_k, calls = (1, 1), D, D, Hq // Hk
         rows: dict[int, list[int]] = {}
         for n, f in enumerate(first_q):
             rows.setdefault(f // Sq, []).append(n)
-        order = [(n, h) for b in sorted(rows) for h in range(H) for n in rows[b]]  # memory order
-        off_q = [((first_q[n] // Sq * H + h) * Sq + first_q[n] % Sq) * D for n, h in order]
-        off_k = [((first_k[n] // Skv * H + h) * Skv + first_k[n] % Skv) * D for n, h in order]
-        total = (p.batch * H * Sq, p.batch * H * Skv)
+        order = [(n, h) for b in sorted(rows) for h in range(Hk) for n in rows[b]]  # memory order
+        total = (p.batch * Hq * Sq, p.batch * Hk * Skv)
+
+    def offsets(j: int) -> tuple[list[int], list[int]]:
+        if mode == "tokens":
+            return [first_q[n] * unit_q for n, _ in order], [first_k[n] * unit_k for n, _ in order]
+        return ([((first_q[n] // Sq * Hq + h * calls + j) * Sq + first_q[n] % Sq) * D for n, h in order],
+                [((first_k[n] // Skv * Hk + h) * Skv + first_k[n] % Skv) * D for n, h in order])
+
     lq = [lay.q_lengths[n] for n, _ in order]
     lk = [lay.k_lengths[n] for n, _ in order]
     entries = pow2_bucket(len(order))
-    end_q = off_q[-1] + lq[-1] * unit_q if order else 0
-    end_k = off_k[-1] + lk[-1] * unit_k if order else 0
     empty = entries - len(order)  # length 0, starting where the last entry ends
-    meta = G.Meta(_column(lq + [0] * empty, torch.int32, device), _column(lk + [0] * empty, torch.int32, device),
-                  _column(off_q + [end_q] * (empty + 1), torch.int64, device),
-                  _column(off_k + [end_k] * (empty + 1), torch.int64, device),
-                  zero_q=lay.q_index.numel() < p.batch * Sq, zero_kv=lay.k_index.numel() < p.batch * Skv)
-    return _RaggedTensors(mode, entries, heads, total, meta)
+    seq_q = _column(lq + [0] * empty, torch.int32, device)
+    seq_kv = _column(lk + [0] * empty, torch.int32, device)
+    zero_q, zero_kv = lay.q_index.numel() < p.batch * Sq, lay.k_index.numel() < p.batch * Skv
+    metas = []
+    for j in range(calls):
+        off_q, off_k = offsets(j)
+        end_q = off_q[-1] + lq[-1] * unit_q if order else 0
+        end_k = off_k[-1] + lk[-1] * unit_k if order else 0
+        metas.append(G.Meta(seq_q, seq_kv, _column(off_q + [end_q] * (empty + 1), torch.int64, device),
+                            _column(off_k + [end_k] * (empty + 1), torch.int64, device), zero_q, zero_kv))
+    return _RaggedTensors(mode, entries, heads, total, tuple(metas))
 
 
 def _packed(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _RaggedTensors:
@@ -237,7 +245,7 @@ def _packed(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _Rag
     def whole(index: torch.Tensor, rows: int) -> bool:
         return index.numel() == rows and torch.equal(index.cpu(), torch.arange(rows))
 
-    return _RaggedTensors("pack", pl.segments, (p.q_heads, p.kv_heads), (pl.total_q, pl.total_kv), meta,
+    return _RaggedTensors("pack", pl.segments, (p.q_heads, p.kv_heads), (pl.total_q, pl.total_kv), (meta,),
                           torch.cat([lay.q_index, pad_q]).to(device), torch.cat([lay.k_index, pad_k]).to(device),
                           whole(lay.q_index, p.batch * p.q_len), whole(lay.k_index, p.batch * p.kv_len))
 
@@ -456,6 +464,47 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+class _HeadGroups(torch.autograd.Function):
+    """``heads`` mode: one ragged graph call per query head of a kv group, all writing one output
+    (disjoint entries); in backward their dq share one tensor, their dk, dv are summed."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, metas, training, sig):
+        from ..kernels import cudnn_graphs as G
+
+        o = (torch.zeros if metas[0].zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        stats = []
+        try:
+            for meta in metas:
+                stats.append(G.forward(spec, q, k, v, meta, training, out=o)[1])
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(sig, str(exc).splitlines()[0])
+            raise
+        if training:
+            ctx.save_for_backward(q, k, v, o, *stats)
+        ctx.spec, ctx.metas, ctx.sig = spec, metas, sig
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels import cudnn_graphs as G
+
+        q, k, v, o, *stats = ctx.saved_tensors
+        calls, zero_q, zero_kv = len(ctx.metas), ctx.metas[0].zero_q, ctx.metas[0].zero_kv
+        dq = (torch.zeros if zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        kv_alloc = torch.zeros if zero_kv else torch.empty
+        dk = kv_alloc((calls, *k.shape), dtype=k.dtype, device=k.device)  # [G, Tk, 1, D]
+        dv = kv_alloc((calls, *v.shape), dtype=v.dtype, device=v.device)
+        try:
+            do = _with_strides(do, o.stride())
+            for j, meta in enumerate(ctx.metas):
+                G.backward(ctx.spec, q, k, v, o, do, stats[j], meta, out=(dq, dk[j], dv[j]))
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
+            raise
+        return dq, dk.sum(0) if calls > 1 else dk[0], dv.sum(0) if calls > 1 else dv[0], None, None, None, None
+
+
 def _dense_ready(t: torch.Tensor) -> torch.Tensor:
     """A view cuDNN can read: dense last dim, no broadcast strides, 16-byte aligned base."""
     if t.stride(-1) != 1 or 0 in t.stride():
@@ -535,7 +584,10 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
                   ragged=True, lengths=True, bottom_right=pl.band.bottom_right, left_bound=pl.band.left_bound,
                   right_bound=pl.band.right_bound, total_q=t.total[0], total_kv=t.total[1],
                   device=dev.index or 0)
-    op = _Attention.apply(qp, kp, vp, spec, t.meta, p.requires_grad, _signature(p))  # like qp
+    if mode == "heads":
+        op = _HeadGroups.apply(qp, kp, vp, spec, t.metas, p.requires_grad, _signature(p))  # [B * Hq * Sq, 1, D]
+    else:
+        op = _Attention.apply(qp, kp, vp, spec, t.metas[0], p.requires_grad, _signature(p))  # like qp
     if mode == "heads":
         return op.view(B, p.q_heads, p.q_len, D)
     if mode == "tokens":

@@ -305,13 +305,16 @@ def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.dev
         raise CudnnGraphError(f"cuDNN {what} graph failed at execute: {type(exc).__name__}: {exc}\n  spec: {spec}") from exc
 
 
-def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Meta, training: bool):
+def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Meta, training: bool,
+            out: torch.Tensor | None = None):
     """Run the forward graph.  Dense: q ``[B, Hq, Sq, D]`` -> o ``[B, Hq, Sq, D]`` (q's layout with
-    ``keep_layout``, else contiguous); ragged: q ``[T, Hq, D]`` -> o ``[T, Hq, D]``.  Returns
-    ``(o, stats or None)``."""
+    ``keep_layout``, else contiguous); ragged: q ``[T, Hq, D]`` -> o ``[T, Hq, D]``, written into
+    ``out`` when given (several ragged graphs filling one output).  Returns ``(o, stats or None)``."""
     fkey = spec.forward_key()
     built = _get((fkey, "fwd", training), lambda: _with_fallback(_build_forward, fkey, training))
-    if spec.keep_layout:
+    if out is not None:
+        o = out
+    elif spec.keep_layout:
         o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
     else:
         alloc = torch.zeros if meta.zero_q else torch.empty
@@ -326,11 +329,13 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     return o, stats
 
 
-def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta):
+def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta, out: tuple | None = None):
     """Run the backward graph; ``do`` laid out like ``o``.  Returns ``(dq, dk, dv)`` shaped like
-    q, k, v (laid out like them with ``keep_layout``, else contiguous)."""
+    q, k, v (laid out like them with ``keep_layout``, else contiguous), or written into ``out``."""
     built = _get((spec, "bwd"), lambda: _with_fallback(_build_backward, spec))
-    if spec.keep_layout:
+    if out is not None:
+        dq, dk, dv = out
+    elif spec.keep_layout:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     else:
         dq, dk, dv = ((torch.zeros if zero else torch.empty)(t.shape, dtype=t.dtype, device=t.device)
