@@ -28,6 +28,8 @@
 #   bash scripts/gpu_rounds.sh 18  # can cuDNN's ragged graphs read [B, H, S, D] in place, with empty entries?
 #   bash scripts/gpu_rounds.sh 19  # cuDNN ragged read in place (one-head entries / THD views): its GPU tests,
 #                                  # then the bf16 S 4096 documents/padding cases, 16 heads and GQA 32:8
+#   bash scripts/gpu_rounds.sh 20  # round 19 with GQA in place too (one graph per query head of a group):
+#                                  # the tests, GQA 32:8 S 4096 and 16 heads S 16384 documents/padding
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -160,6 +162,16 @@ case "${1:-}" in
       | tee "$OUT/cudnn_tests.log" | tail -6
     OUT="$OUT/bench" BENCH_TIMEOUT=300 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 240 2>&1 | tail -16
+    ;;
+  20)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
+      | tee "$OUT/cudnn_tests.log" | tail -6
+    OUT="$OUT/gqa" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 32:8 --dtypes bf16 --seqlens 4096 \
+      --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
+    OUT="$OUT/s16k" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
+      --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
     ;;
   18)
     for i in 0 1 2 3; do
