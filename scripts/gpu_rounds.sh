@@ -30,6 +30,8 @@
 #                                  # then the bf16 S 4096 documents/padding cases, 16 heads and GQA 32:8
 #   bash scripts/gpu_rounds.sh 20  # round 19 with GQA in place too (one graph per query head of a group):
 #                                  # the tests, GQA 32:8 S 4096 and 16 heads S 16384 documents/padding
+#   bash scripts/gpu_rounds.sh 21  # why cuDNN's prefix-LM backward is slow (plans of the row-block graphs,
+#                                  # profile of the backend); round 20's S 16384 cases again (a file was lost)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -170,6 +172,11 @@ case "${1:-}" in
       | tee "$OUT/cudnn_tests.log" | tail -6
     OUT="$OUT/gqa" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 32:8 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
+    OUT="$OUT/s16k" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
+      --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
+    ;;
+  21)
+    timeout 200 python3 scripts/gpu_cudnn_prefix_probe.py --out "$OUT" 2>&1 | tail -40
     OUT="$OUT/s16k" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
     ;;
