@@ -237,3 +237,13 @@ def test_deadline_reports_cases_not_started():
     rows = run(cases, device="cpu", names=["sdpa"], settings=FAST, progress=False, deadline_s=0.0)
     assert [(r.mask, r.variant, r.status) for r in rows] == [("causal", "*", "skipped"), ("full", "*", "skipped")]
     assert all("not started" in r.reason for r in rows)
+
+
+def test_commit_from_the_environment(monkeypatch):
+    """A run on a copy of the working tree (the GPU machine) records the commit it was given."""
+    from anymask.bench import env
+
+    monkeypatch.setenv("ANYMASK_COMMIT", "abc1234")
+    assert env.git_commit() == "abc1234"
+    monkeypatch.delenv("ANYMASK_COMMIT")
+    assert env.git_commit() != "abc1234"

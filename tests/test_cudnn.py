@@ -77,6 +77,36 @@ def test_plan_kinds():
     assert window.band == C.Band(False, 38, 0)
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "sliced"])
+def test_exact_prefix_blocks_run_in_place(layout, monkeypatch):
+    """A prefix that splits the rows exactly (multiple of 128, same in every row) runs both blocks as
+    views of one output and of the gradients (no merge); other prefixes and strides merge."""
+    monkeypatch.setattr(G, "forward", _fake_forward)
+    monkeypatch.setattr(G, "backward", _fake_backward)
+    calls = []
+    real = C._RowBlocks.apply
+    monkeypatch.setattr(C._RowBlocks, "apply", lambda *a: calls.append(1) or real(*a))
+    kw = dict(dtype=torch.float64)
+    for mask, in_place in ((M.prefix_lm(128), layout != "sliced"), (M.prefix_lm(75), False),
+                           (M.prefix_lm([128, 256, 128]), False)):
+        calls.clear()
+        if layout == "bshd":
+            q, k, v = _bshd(B, 4, 256, 16, **kw), _bshd(B, 2, 256, 16, **kw), _bshd(B, 2, 256, 16, **kw)
+        elif layout == "sliced":
+            q, k, v = (torch.randn(B, h, 264, 16, **kw)[:, :, 8:].detach().requires_grad_() for h in (4, 2, 2))
+        else:
+            q, k, v = (torch.randn(B, h, 256, 16, requires_grad=True, **kw) for h in (4, 2, 2))
+        out = C.Cudnn().run(q, k, v, describe(q, k, v, mask, None))
+        ref = anymask.attention(q, k, v, mask, backend="eager")
+        torch.testing.assert_close(out, ref)
+        g = torch.randn_like(ref)
+        for a, r in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a, r)
+        assert bool(calls) == in_place, mask
+        if in_place:
+            assert out.stride() == q.stride()
+
+
 def test_prefix_lm_uses_two_row_blocks():
     a, b = C.plan(_problem(M.prefix_lm(128), batch=2, q_len=512, kv_len=512)).blocks
     assert (a.row0, a.row1, a.kv1, a.band, a.seq_q) == (0, 128, 128, C.Band(), None)  # exact: no lengths
@@ -178,18 +208,31 @@ def _like(t, spec, values):
     return (torch.empty_like(t) if spec.keep_layout else torch.empty(t.shape, dtype=t.dtype)).copy_(values)
 
 
-def _fake_forward(spec, q, k, v, meta, training):
+def _into(out, spec, values, which: int):
+    """Write ``values`` into the caller's buffer ``out``, which must have the strides the graph
+    declares for output ``which`` (index into ``declared_strides``: 3 o, 4 dq, 5 dk, 6 dv)."""
+    if not spec.ragged:
+        want = G.declared_strides(spec)[which]
+        assert all(st == w or n == 1 for n, st, w in zip(out.shape, out.stride(), want)), (which, out.stride(), want)
+    return out.copy_(values)
+
+
+def _fake_forward(spec, q, k, v, meta, training, out=None):
     with torch.no_grad():
-        o = _like(q, spec, _fake_math(spec, q, k, v, meta))
+        values = _fake_math(spec, q, k, v, meta)
+        o = _like(q, spec, values) if out is None else _into(out, spec, values, 3)
     return o, (torch.zeros(spec.batch, spec.q_heads, spec.q_len, 1) if training else None)
 
 
-def _fake_backward(spec, q, k, v, o, do, stats, meta):
+def _fake_backward(spec, q, k, v, o, do, stats, meta, out=None):
     assert do.stride() == o.stride()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with torch.enable_grad():
-        out = _fake_math(spec, *leaves, meta)
-        grads = torch.autograd.grad(out, leaves, do.double())
+        res = _fake_math(spec, *leaves, meta)
+        grads = torch.autograd.grad(res, leaves, do.double())
+    if out is not None:
+        with torch.no_grad():
+            return tuple(_into(buf, spec, g, i) for buf, g, i in zip(out, grads, (4, 5, 6)))
     return tuple(_like(t, spec, g) for t, g in zip((q, k, v), grads))
 
 

@@ -20,6 +20,10 @@ How masks become cuDNN graphs (see :mod:`anymask.kernels.cudnn_graphs` for the g
         # # # # # .
         # # # # # #
 
+    When P is the same multiple of 128 in every batch row (and q, k, v are dense permutations),
+    the blocks split the rows exactly: they read and write views of one output and of dq, and
+    block A's dk, dv are added to block B's; otherwise the rows both blocks cover are merged.
+
 Ragged layouts, chosen per call from the inputs' strides (segments must be runs of positions):
 
     tokens   q, k, v laid out [B, S, H, D] (Hugging Face's layout, viewed as [B, H, S, D]): that is
@@ -533,26 +537,97 @@ def _dense_permutation(t: torch.Tensor) -> bool:
     return True
 
 
-def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
+def _block_spec(q, k, v, p: Problem, blk: Block, keep_layout: bool):
+    """The dense graph spec of ``blk`` over the views ``q[:, :, row0:row1]``, ``k/v[:, :, :kv1]``."""
     from ..kernels import cudnn_graphs as G
 
     qb = q[:, :, blk.row0:blk.row1]  # [B, Hq, rows, D]
     kb, vb = k[:, :, :blk.kv1], v[:, :, :blk.kv1]  # [B, Hkv, kv1, D]
-    lengths = blk.seq_q is not None
     spec = G.Spec(p.dtype, p.batch, p.q_heads, p.kv_heads, blk.row1 - blk.row0, blk.kv1, p.head_dim, p.scale,
-                  lengths=lengths, bottom_right=blk.band.bottom_right, left_bound=blk.band.left_bound,
-                  right_bound=blk.band.right_bound, q_stride=tuple(qb.stride()), k_stride=tuple(kb.stride()),
-                  v_stride=tuple(vb.stride()), keep_layout=all(map(_dense_permutation, (qb, kb, vb))),
+                  lengths=blk.seq_q is not None, bottom_right=blk.band.bottom_right,
+                  left_bound=blk.band.left_bound, right_bound=blk.band.right_bound, q_stride=tuple(qb.stride()),
+                  k_stride=tuple(kb.stride()), v_stride=tuple(vb.stride()), keep_layout=keep_layout,
                   device=q.device.index or 0)
+    return spec, qb, kb, vb
+
+
+def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
+    from ..kernels import cudnn_graphs as G
+
+    spec, qb, kb, vb = _block_spec(q, k, v, p, blk, all(map(_dense_permutation, (q[:, :, blk.row0:blk.row1],
+                                                                                 k[:, :, :blk.kv1],
+                                                                                 v[:, :, :blk.kv1]))))
     meta = G.Meta()
-    if lengths:
+    if spec.lengths:
         meta = G.Meta(blk.seq_q.to(q.device, torch.int32).view(-1, 1, 1, 1),
                       blk.seq_kv.to(q.device, torch.int32).view(-1, 1, 1, 1))
     return _Attention.apply(qb, kb, vb, spec, meta, p.requires_grad, _signature(p))  # [B, Hq, rows, D]
 
 
+def _disjoint_blocks(q, k, v, pl: DensePlan) -> bool:
+    """Prefix-LM blocks that split the rows exactly (the same prefix, a multiple of 128, in every
+    batch row) over inputs that are dense permutations: run in place of one output."""
+    if len(pl.blocks) != 2:
+        return False
+    a, b = pl.blocks
+    return (a.seq_q is None and b.owns is None and b.row0 == a.row1
+            and all(_dense_permutation(t) for t in (q, k, v)))
+
+
+class _RowBlocks(torch.autograd.Function):
+    """Dense graphs over disjoint row ranges of one output, each reading and writing views of the
+    full tensors (no merge, no slice gradients); dk, dv of a block over a key prefix are added."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, p, blocks, sig):
+        from ..kernels import cudnn_graphs as G
+
+        o = torch.empty_like(q)  # [B, Hq, Sq, D] in q's layout
+        specs, stats = [], []
+        try:
+            for blk in blocks:
+                spec, qb, kb, vb = _block_spec(q, k, v, p, blk, True)
+                specs.append(spec)
+                stats.append(G.forward(spec, qb, kb, vb, G.Meta(), p.requires_grad, out=o[:, :, blk.row0:blk.row1])[1])
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(sig, str(exc).splitlines()[0])
+            raise
+        if p.requires_grad:
+            ctx.save_for_backward(q, k, v, o, *stats)
+        ctx.specs, ctx.blocks, ctx.sig = specs, blocks, sig
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ..kernels import cudnn_graphs as G
+
+        q, k, v, o, *stats = ctx.saved_tensors
+        do = _with_strides(do, o.stride())
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        full = max(range(len(ctx.blocks)), key=lambda i: ctx.blocks[i].kv1)  # writes every key first
+        order = [full] + [i for i in range(len(ctx.blocks)) if i != full]
+        try:
+            for i in order:
+                blk, spec, r = ctx.blocks[i], ctx.specs[i], slice(ctx.blocks[i].row0, ctx.blocks[i].row1)
+                keys = slice(0, blk.kv1)
+                views = (q[:, :, r], k[:, :, keys], v[:, :, keys], o[:, :, r], do[:, :, r])
+                if i == full:
+                    G.backward(spec, *views, stats[i], G.Meta(), out=(dq[:, :, r], dk[:, :, keys], dv[:, :, keys]))
+                else:
+                    part_k, part_v = torch.empty_like(k)[:, :, keys], torch.empty_like(v)[:, :, keys]
+                    G.backward(spec, *views, stats[i], G.Meta(), out=(dq[:, :, r], part_k, part_v))
+                    dk[:, :, keys] += part_k
+                    dv[:, :, keys] += part_v
+        except G.CudnnGraphError as exc:
+            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
+            raise
+        return dq, dk, dv, None, None, None
+
+
 def _run_dense(q, k, v, p: Problem, pl: DensePlan) -> torch.Tensor:
     q, k, v = _dense_ready(q), _dense_ready(k), _dense_ready(v)
+    if _disjoint_blocks(q, k, v, pl):
+        return _RowBlocks.apply(q, k, v, p, pl.blocks, _signature(p))
     outs = [_run_block(q, k, v, p, blk) for blk in pl.blocks]
     if len(pl.blocks) == 1:
         return outs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -30,7 +31,10 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """``<sha>`` of the checkout holding this package (``+dirty`` with local changes)."""
+    """``<sha>`` of the checkout holding this package (``+dirty`` with local changes), or
+    ``$ANYMASK_COMMIT`` when set (a copy of a working tree whose ``.git`` is not the source's)."""
+    if os.environ.get("ANYMASK_COMMIT"):
+        return os.environ["ANYMASK_COMMIT"]
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
