@@ -32,6 +32,8 @@
 #                                  # the tests, GQA 32:8 S 4096 and 16 heads S 16384 documents/padding
 #   bash scripts/gpu_rounds.sh 21  # why cuDNN's prefix-LM backward is slow (plans of the row-block graphs,
 #                                  # profile of the backend); round 20's S 16384 cases again (a file was lost)
+#   bash scripts/gpu_rounds.sh 22  # prefix-LM in place, trained through plain causal: cuDNN GPU tests, then
+#                                  # the bf16 prefix-LM cases (S 4096 16 heads and GQA 32:8, S 16384)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -179,6 +181,14 @@ case "${1:-}" in
     timeout 200 python3 scripts/gpu_cudnn_prefix_probe.py --out "$OUT" 2>&1 | tail -40
     OUT="$OUT/s16k" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
+    ;;
+  22)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
+    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
+      | tee "$OUT/cudnn_tests.log" | tail -6
+    OUT="$OUT/prefix" BENCH_TIMEOUT=260 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096,16384 \
+      --masks prefix_lm --passes fwd,fwd+bwd --deadline 200 2>&1 | tail -12
     ;;
   18)
     for i in 0 1 2 3; do

@@ -105,6 +105,8 @@ def test_exact_prefix_blocks_run_in_place(layout, monkeypatch):
         assert bool(calls) == in_place, mask
         if in_place:
             assert out.stride() == q.stride()
+        with torch.no_grad():  # inference: blocks A and B (bottom-right) instead of C and A
+            torch.testing.assert_close(C.Cudnn().run(q, k, v, describe(q.detach(), k.detach(), v.detach(), mask, None)), ref)
 
 
 def test_prefix_lm_uses_two_row_blocks():
@@ -516,8 +518,8 @@ def _gpu_ready() -> bool:
 @pytest.mark.parametrize("name", list(PLANNED))
 def test_gpu_matches_eager(name, shape, layout):
     """Every planned mask on real graphs; documents/padding in each ragged mode (``LAYOUT_MODES``)."""
-    if layout != "sliced_gqa" and name not in RAGGED:
-        pytest.skip("the layouts differ for ragged plans only")
+    if layout not in ("sliced_gqa", "bhsd_gqa") and name not in RAGGED:
+        pytest.skip("dense plans: contiguous and sliced inputs are the layouts that differ")
     q_len, kv_len = SHAPES[shape]
     mask = PLANNED[name]()
     q, k, v = _layout_inputs(layout, q_len, kv_len, 64, device="cuda", dtype=torch.float64)
