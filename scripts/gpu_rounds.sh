@@ -34,6 +34,8 @@
 #                                  # profile of the backend); round 20's S 16384 cases again (a file was lost)
 #   bash scripts/gpu_rounds.sh 22  # prefix-LM in place, trained through plain causal: cuDNN GPU tests, then
 #                                  # the bf16 prefix-LM cases (S 4096 16 heads and GQA 32:8, S 16384)
+#   bash scripts/gpu_rounds.sh 23  # packed prefix-LM through the mask's own mask_mod in FlexAttention: flex
+#                                  # GPU tests, the packed prefix-LM cases, and the padding cases again
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -189,6 +191,17 @@ case "${1:-}" in
       | tee "$OUT/cudnn_tests.log" | tail -6
     OUT="$OUT/prefix" BENCH_TIMEOUT=260 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096,16384 \
       --masks prefix_lm --passes fwd,fwd+bwd --deadline 200 2>&1 | tail -12
+    ;;
+  23)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 120)
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_flex.py -m gpu 2>&1 \
+      | tee "$OUT/flex_tests.log" | tail -4
+    OUT="$OUT/pp" BENCH_TIMEOUT=220 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096 \
+      --masks packed_prefix_lm,padding --passes fwd,fwd+bwd --deadline 170 2>&1 | tail -11
+    OUT=/tmp/pp16 BENCH_TIMEOUT=100 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
+      --masks packed_prefix_lm --passes fwd,fwd+bwd --deadline 60 2>&1 | tail -5
+    cp /tmp/pp16/gpu.json "$OUT/pp16.json"
     ;;
   18)
     for i in 0 1 2 3; do
