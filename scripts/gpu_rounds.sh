@@ -36,6 +36,8 @@
 #                                  # the bf16 prefix-LM cases (S 4096 16 heads and GQA 32:8, S 16384)
 #   bash scripts/gpu_rounds.sh 23  # packed prefix-LM through the mask's own mask_mod in FlexAttention: flex
 #                                  # GPU tests, the packed prefix-LM cases, and the padding cases again
+#   bash scripts/gpu_rounds.sh 24  # the FlexAttention GPU tests with room to compile (round 23's 120 s per
+#                                  # test cut the catalogue test, now one test per mask)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -202,6 +204,12 @@ case "${1:-}" in
     OUT=/tmp/pp16 BENCH_TIMEOUT=100 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
       --masks packed_prefix_lm --passes fwd,fwd+bwd --deadline 60 2>&1 | tail -5
     cp /tmp/pp16/gpu.json "$OUT/pp16.json"
+    ;;
+  24)
+    per_test=()
+    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
+    timeout 420 python3 -m pytest -q -rs -p no:cacheprovider --durations 12 "${per_test[@]}" tests/test_flex.py \
+      -m gpu 2>&1 | tee "$OUT/flex_tests.log" | tail -30
     ;;
   18)
     for i in 0 1 2 3; do

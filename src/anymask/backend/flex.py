@@ -204,8 +204,9 @@ class Flex(Backend):
         structured = tiles.is_structured(p.structure)  # contiguity: a host sync, checked once
         whole = p.q_len == p.kv_len == q_rows == kv_cols
         if structured and p.structure.base == "prefix_groups" and whole:
-            # packed prefix-LM: the mask's own mask_mod ran 257 vs 227 TFLOP/s (forward) for the
-            # per-row interval one on the H200 (bench, B=4 S=4096 16 heads); whole blocks: no offsets
+            # packed prefix-LM: per-row intervals ran 242 TFLOP/s fwd+bwd where hand-rolled flex (the
+            # mask's own mask_mod) ran 255; with that mask_mod, 256 = 256 (H200, bf16, B=4 S=4096 16
+            # heads; benchmarks/results/nvidia-h200/parts/flex-packed-prefix/); whole blocks: no offsets
             mask_mod = _bare_mod(p.mask.to(p.device))
             structured = False  # the mask_mod holds the mask
         elif structured and _is_plain_documents(p.structure):
