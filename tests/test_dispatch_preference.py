@@ -44,6 +44,15 @@ def test_static_preference_follows_the_documented_table(device, dtype, mask, ord
         assert name in dispatch.__doc__
 
 
+@pytest.mark.parametrize("mask", [DOCS, M.causal() & DOCS, M.window(16, 0) & PAD, M.prefix_lm(16)],
+                         ids=["documents", "documents_causal", "padding_window", "prefix_lm"])
+def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
+    q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
+    p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
+    assert dispatch.static_preference(p) == ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "eager")
+    assert "head dim 128: cudnn, triton, flex, varlen" in dispatch.__doc__
+
+
 @pytest.mark.parametrize("kv_len, order", [(1024, ("varlen", "flex", "sdpa")), (256, ("sdpa", "varlen", "flex"))])
 def test_cpu_packed_preference_depends_on_length(kv_len, order):
     q = torch.zeros(1, 1, kv_len, 8)

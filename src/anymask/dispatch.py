@@ -5,8 +5,9 @@ Static preference (used until ``anymask tune`` has measured this machine), first
     device  dtype      mask                                        order
     cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex
     cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa
-    cuda    bf16/fp16  other structured (documents/padding/        triton, flex, cudnn, varlen, flash_attn,
-                       window/prefix-LM)                           sdpa
+    cuda    bf16/fp16  other structured (documents/padding/        head dim 128: cudnn, triton, flex, varlen,
+                       window/prefix-LM)                           flash_attn, sdpa; other head dims:
+                                                                   triton, flex, cudnn, varlen, flash_attn, sdpa
     cuda    bf16/fp16  opaque terms (custom)                       flex, sdpa
     cuda    fp32       full or causal                              triton, sdpa, varlen, flex
     cuda    fp32       documents or padding                        triton, varlen, sdpa, flex
@@ -18,9 +19,11 @@ Static preference (used until ``anymask tune`` has measured this machine), first
     any     any        (last resort)                               eager
 
 The order is what won on an H200 (torch 2.11, Triton 3.6; ``benchmarks/results/nvidia-h200``,
-62 cases, every backend checked against float64) and on a 2-core CPU: SDPA's cuDNN / flash kernels
-win plain causal and full; our Triton kernel beats FlexAttention by 1.0-1.6x on structured masks in
-bf16 (up to 1.6x on causal packed documents at head dim 64), cuDNN wins causal sliding windows;
+61 grid cases + 8 at the training shape, every backend checked against float64) and on a 2-core CPU: SDPA's cuDNN / flash kernels
+win plain causal and full; at head dim 128 cuDNN (documents and padding read in place, prefix-LM
+by row blocks) wins every structured mask it takes in bf16 but one forward (causal packed documents
+at S 4096: Triton), and it wins causal sliding windows; at head dim 64 (measured before cuDNN read
+its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
 in fp32 Triton (bf16x6 dots) wins every mask it can express, full and causal included (1.1x SDPA's
 fp32 kernel, 1.2-1.3x unpadded ``varlen`` on documents and padding).
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
@@ -45,6 +48,7 @@ from .problem import Problem
 _CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex")
 _CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")
 _CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")
+_CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa")  # where cuDNN was measured
 _CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
 _CUDA_FP32_DENSE = ("triton", "sdpa", "varlen", "flex")
 _CUDA_FP32_PACKED = ("triton", "varlen", "sdpa", "flex")
@@ -69,7 +73,7 @@ def static_preference(p: Problem) -> tuple[str, ...]:
             elif s.base == "window" and not packed:
                 order = _CUDA_WINDOW
             else:
-                order = _CUDA_STRUCTURED
+                order = _CUDA_STRUCTURED_128 if p.head_dim == 128 else _CUDA_STRUCTURED
         elif plain:
             order = _CUDA_FP32_DENSE
         elif packed:
