@@ -50,7 +50,9 @@ def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
     q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
     p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
     assert dispatch.static_preference(p) == ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "eager")
-    assert "head dim 128: cudnn, triton, flex, varlen" in dispatch.__doc__
+    assert "bf16, head dim 128: cudnn, triton, flex," in dispatch.__doc__
+    p16 = dataclasses.replace(describe(q.half(), q.half(), q.half(), mask, None), device=torch.device("cuda"))
+    assert dispatch.static_preference(p16)[0] == "triton"  # fp16: not measured with cuDNN in place
 
 
 @pytest.mark.parametrize("kv_len, order", [(1024, ("varlen", "flex", "sdpa")), (256, ("sdpa", "varlen", "flex"))])

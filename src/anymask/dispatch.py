@@ -5,9 +5,9 @@ Static preference (used until ``anymask tune`` has measured this machine), first
     device  dtype      mask                                        order
     cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex
     cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa
-    cuda    bf16/fp16  other structured (documents/padding/        head dim 128: cudnn, triton, flex, varlen,
-                       window/prefix-LM)                           flash_attn, sdpa; other head dims:
-                                                                   triton, flex, cudnn, varlen, flash_attn, sdpa
+    cuda    bf16/fp16  other structured (documents/padding/        bf16, head dim 128: cudnn, triton, flex,
+                       window/prefix-LM)                           varlen, flash_attn, sdpa; else: triton,
+                                                                   flex, cudnn, varlen, flash_attn, sdpa
     cuda    bf16/fp16  opaque terms (custom)                       flex, sdpa
     cuda    fp32       full or causal                              triton, sdpa, varlen, flex
     cuda    fp32       documents or padding                        triton, varlen, sdpa, flex
@@ -73,7 +73,7 @@ def static_preference(p: Problem) -> tuple[str, ...]:
             elif s.base == "window" and not packed:
                 order = _CUDA_WINDOW
             else:
-                order = _CUDA_STRUCTURED_128 if p.head_dim == 128 else _CUDA_STRUCTURED
+                order = _CUDA_STRUCTURED_128 if p.head_dim == 128 and p.dtype == torch.bfloat16 else _CUDA_STRUCTURED
         elif plain:
             order = _CUDA_FP32_DENSE
         elif packed:

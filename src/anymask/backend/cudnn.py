@@ -201,14 +201,14 @@ def _in_place(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _R
     if mode == "tokens":
         heads, unit_q, unit_k, calls = (Hq, Hk), Hq * D, Hk * D, 1
         order = [(n, 0) for n in range(lay.num_segments)]
-        total = (p.batch * Sq, p.batch * Skv)
+        total = (pow2_bucket(p.batch * Sq, 64), pow2_bucket(p.batch * Skv, 64))  # graph reuse across lengths
     else:
         heads, unit_q, unit_k, calls = (1, 1), D, D, Hq // Hk
         rows: dict[int, list[int]] = {}
         for n, f in enumerate(first_q):
             rows.setdefault(f // Sq, []).append(n)
         order = [(n, h) for b in sorted(rows) for h in range(Hk) for n in rows[b]]  # memory order
-        total = (p.batch * Hq * Sq, p.batch * Hk * Skv)
+        total = (pow2_bucket(p.batch * Hq * Sq, 64), pow2_bucket(p.batch * Hk * Skv, 64))
 
     def offsets(j: int) -> tuple[list[int], list[int]]:
         if mode == "tokens":
@@ -471,7 +471,7 @@ class _Attention(torch.autograd.Function):
 
 class _HeadGroups(torch.autograd.Function):
     """``heads`` mode: one ragged graph call per query head of a kv group, all writing one output
-    (disjoint entries); in backward their dq share one tensor, their dk, dv are summed."""
+    (disjoint entries); in backward their dq share one tensor, their dk, dv are summed in fp32."""
 
     @staticmethod
     def forward(ctx, q, k, v, spec, metas, training, sig):
@@ -497,17 +497,25 @@ class _HeadGroups(torch.autograd.Function):
         q, k, v, o, *stats = ctx.saved_tensors
         calls, zero_q, zero_kv = len(ctx.metas), ctx.metas[0].zero_q, ctx.metas[0].zero_kv
         dq = (torch.zeros if zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-        kv_alloc = torch.zeros if zero_kv else torch.empty
-        dk = kv_alloc((calls, *k.shape), dtype=k.dtype, device=k.device)  # [G, Tk, 1, D]
-        dv = kv_alloc((calls, *v.shape), dtype=v.dtype, device=v.device)
+        kv_alloc = torch.zeros if zero_kv else torch.empty  # every call writes the same entries
+        dk, dv = (kv_alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # [Tk, 1, D]
+        sums = None
+        if calls > 1:  # the calls' dk, dv summed in (at least) fp32, rounded once
+            acc = torch.promote_types(k.dtype, torch.float32)
+            sums = (torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
         try:
             do = _with_strides(do, o.stride())
             for j, meta in enumerate(ctx.metas):
-                G.backward(ctx.spec, q, k, v, o, do, stats[j], meta, out=(dq, dk[j], dv[j]))
+                G.backward(ctx.spec, q, k, v, o, do, stats[j], meta, out=(dq, dk, dv))
+                if sums is not None:
+                    sums[0].add_(dk)
+                    sums[1].add_(dv)
         except G.CudnnGraphError as exc:
             _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
             raise
-        return dq, dk.sum(0) if calls > 1 else dk[0], dv.sum(0) if calls > 1 else dv[0], None, None, None, None
+        if sums is not None:
+            dk, dv = sums[0].to(k.dtype), sums[1].to(v.dtype)
+        return dq, dk, dv, None, None, None, None
 
 
 def _dense_ready(t: torch.Tensor) -> torch.Tensor:
@@ -577,19 +585,23 @@ def _disjoint_blocks(q, k, v, pl: DensePlan) -> bool:
 
 class _RowBlocks(torch.autograd.Function):
     """Prefix-LM rows split exactly at P (block A: rows < P over keys < P, full), in place of one
-    output.  Inference: A and B (rows >= P, causal bottom-right over all keys) write disjoint row
-    views.  Training: C, plain causal over every row, then A over rows < P; C's backward gets dO
-    zeroed on rows < P, which makes it exactly B's (a row with zero dO adds nothing to dq, dk, dv:
-    its dP and rowsum(dO * O) are 0), and cuDNN's square causal backward is its fastest: 478 vs
-    332 TFLOP/s for B's band on the H200 (``cudnn-probe/prefix.json``).  A's dk, dv are added."""
+    output: a first block F over every key, then A on its rows.  F is B (rows >= P, causal
+    bottom-right) for inference, and for training with P <= Sq / 2 it is C, plain causal over every
+    row: C's backward gets dO zeroed on rows < P, which makes it exactly B's (a row with zero dO
+    adds nothing to dq, dk, dv: its dP and rowsum(dO * O) are 0), and cuDNN's square causal
+    backward is its fastest: 478 vs 332 TFLOP/s for B's band on the H200 at P = S / 4
+    (``cudnn-probe/prefix.json``); C covers S^2 / 2 of the scores where B covers (S^2 - P^2) / 2, so
+    past P ~ S / 2 it stops paying.  A's dk, dv are added to F's."""
 
     @staticmethod
     def forward(ctx, q, k, v, p, blocks, sig):
         from ..kernels import cudnn_graphs as G
 
         a, b = blocks
-        if p.requires_grad:
-            blocks = (Block(0, p.q_len, p.kv_len, Band(p.q_len < p.kv_len, None, 0)), a)  # C, then A on top
+        first = b
+        if p.requires_grad and 2 * a.row1 <= p.q_len:
+            first = Block(0, p.q_len, p.kv_len, Band(p.q_len < p.kv_len, None, 0))  # C
+        blocks = (first, a)  # A written last: over C's rows < P
         o = torch.empty_like(q)  # [B, Hq, Sq, D] in q's layout
         specs, stats = [], []
         try:
@@ -603,23 +615,35 @@ class _RowBlocks(torch.autograd.Function):
         if p.requires_grad:
             ctx.save_for_backward(q, k, v, o, *stats)
         ctx.specs, ctx.blocks, ctx.sig = specs, blocks, sig
+        ctx.layout = (q.shape, k.shape, q.stride(), k.stride(), v.stride())
         return o
 
     @staticmethod
     def backward(ctx, do):
         from ..kernels import cudnn_graphs as G
 
+        (f, a), (spec_f, spec_a) = ctx.blocks, ctx.specs
+        q_shape, k_shape, sq, sk, sv = ctx.layout
+        # saved-tensor hooks (e.g. offloading) may hand back other strides: the graphs read raw memory
         q, k, v, o, *stats = ctx.saved_tensors
-        (c, a), (spec_c, spec_a) = ctx.blocks, ctx.specs
-        do_c = torch.empty_like(o).copy_(do)  # laid out like o
-        do_c[:, :, :a.row1] = 0  # rows A owns: C's backward must add nothing for them
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        rows, keys = slice(0, a.row1), slice(0, a.kv1)
-        part_k, part_v = torch.empty_like(k)[:, :, keys], torch.empty_like(v)[:, :, keys]
+        q, o = _with_strides(q, sq), _with_strides(o, sq)
+        k, v = _with_strides(k, sk), _with_strides(v, sv)
+        do = _with_strides(do, sq)  # laid out like o
+        do_f = do
+        if f.row0 < a.row1:  # C: rows A owns must add nothing through C's backward
+            do_f = torch.empty_strided(q_shape, sq, dtype=do.dtype, device=do.device).copy_(do)
+            do_f[:, :, :a.row1] = 0
+        dq = torch.empty_strided(q_shape, sq, dtype=q.dtype, device=q.device)
+        dk = torch.empty_strided(k_shape, sk, dtype=k.dtype, device=k.device)
+        dv = torch.empty_strided(k_shape, sv, dtype=v.dtype, device=v.device)
+        rows_f, rows_a, keys = slice(f.row0, f.row1), slice(0, a.row1), slice(0, a.kv1)
+        part_k = torch.empty_strided(k_shape, sk, dtype=k.dtype, device=k.device)[:, :, keys]
+        part_v = torch.empty_strided(k_shape, sv, dtype=v.dtype, device=v.device)[:, :, keys]
         try:
-            G.backward(spec_c, q, k, v, o, do_c, stats[0], G.Meta(), out=(dq, dk, dv))
-            G.backward(spec_a, q[:, :, rows], k[:, :, keys], v[:, :, keys], o[:, :, rows],
-                       _with_strides(do, o.stride())[:, :, rows], stats[1], G.Meta(), out=(dq[:, :, rows], part_k, part_v))
+            G.backward(spec_f, q[:, :, rows_f], k, v, o[:, :, rows_f], do_f[:, :, rows_f], stats[0], G.Meta(),
+                       out=(dq[:, :, rows_f], dk, dv))
+            G.backward(spec_a, q[:, :, rows_a], k[:, :, keys], v[:, :, keys], o[:, :, rows_a],
+                       do[:, :, rows_a], stats[1], G.Meta(), out=(dq[:, :, rows_a], part_k, part_v))
         except G.CudnnGraphError as exc:
             _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
             raise
