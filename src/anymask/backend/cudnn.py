@@ -157,6 +157,7 @@ class _RaggedTensors:
     k_whole: bool = False
 
 
+@lru_cache(maxsize=None)
 def _empty_entries_ok() -> bool:
     """Whether this cuDNN takes length-0 ragged entries (bucket filling without dummy tokens)."""
     found = probe("cudnn")
