@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_cudnn_ragged_probe import _graph_all_plans, timed  # noqa: E402
+from gpu_cudnn_ragged_probe import all_plans_captured, time_every_plan, timed  # noqa: E402
 
 B, S, H, D = 4, 4096, 16, 128
 P = S // 4
@@ -39,21 +39,13 @@ def band_pairs(rows: int, keys: int, shift: int) -> int:
 def plan_times() -> list[dict]:
     from anymask.kernels import cudnn_graphs as G
 
-    captured: list[tuple] = []
-    real_finish, real_execute = G._finish, G._execute
-
-    def capture(built, spec, pack, what, device):
-        captured.append((built, spec, dict(pack), what))
-        return real_execute(built, spec, pack, what, device)
-
     ways = {
         "bottom-right": (S - P, dict(bottom_right=True, right_bound=0), band_pairs(S - P, S, P)),
         "top-left + P": (S - P, dict(bottom_right=False, right_bound=P), band_pairs(S - P, S, P)),
         "causal S": (S, dict(right_bound=0), band_pairs(S, S, 0)),
     }
-    G._finish, G._execute = _graph_all_plans(G), capture
     flops = {}
-    try:
+    with all_plans_captured(G) as captured:
         g = torch.Generator(device="cuda").manual_seed(0)
         k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
         for name, (rows, band, pairs) in ways.items():
@@ -64,24 +56,9 @@ def plan_times() -> list[dict]:
             G.backward(spec, q, k, v, o, do, stats, G.Meta())
             captured[-2:] = [(b, sp, pk, f"{name} {what}") for b, sp, pk, what in captured[-2:]]
             flops[name] = 4 * pairs * B * H * D
-    finally:
-        G._finish, G._execute = real_finish, real_execute
-    out = []
-    for built, spec, pack, what in captured:
-        graph, name = built.graph, what.rsplit(" ", 1)[0]
-        work = flops[name] * (1 if what.endswith("forward") else 2.5)
-        for i in range(graph.get_execution_plan_count()):
-            line = {"graph": what, "plan": i}
-            try:
-                line["name"] = str(graph.get_plan_name_at_index(i))
-                ws = torch.empty(max(int(graph.get_workspace_size_plan_at_index(i)), 1), dtype=torch.uint8,
-                                 device="cuda")
-                ms = timed(lambda: graph.execute_plan_at_index(pack, ws, index=i, handle=G.handle(spec.device)))
-                line.update(ms=round(ms, 3), tflops=round(work / ms / 1e9, 1))
-            except Exception as exc:  # a plan that does not build or run: say so, go on
-                line["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            out.append(line)
-            print(json.dumps(line), flush=True)
+    out = [line for built, spec, pack, what in captured
+           for line in time_every_plan(G, built, spec, pack, what,
+                                       flops[what.rsplit(" ", 1)[0]] * (1 if what.endswith("forward") else 2.5))]
     G.clear_cache()
     return out
 

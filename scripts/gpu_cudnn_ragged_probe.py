@@ -18,6 +18,7 @@ the same with per-entry lengths (padding mask), and ragged (THD) as anymask runs
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import json
 import os
 import sys
@@ -84,14 +85,10 @@ def _graph_all_plans(G):
     return finish
 
 
-def plan_sweep(heads: int, dim: int, causal: bool = False) -> list[dict]:
-    """p20 ms of every plan of the forward and backward graphs, three ways of running the same work
-    (``causal``: causal inside each entry, as cuDNN's band with right bound 0)."""
-    from anymask.kernels import cudnn_graphs as G
-
-    n, s = 8, 2048
-    pairs = n * s * (s + 1) // 2 if causal else n * s * s
-    flop = {"fwd": 4 * pairs * heads * dim, "bwd": 10 * pairs * heads * dim}
+@contextmanager
+def all_plans_captured(G):
+    """Inside: graphs are built with every plan, and each execution is recorded as
+    ``(built, spec, pack, what)`` in the yielded list (relabel ``what`` as you go)."""
     captured: list[tuple] = []
     real_finish, real_execute = G._finish, G._execute
 
@@ -101,6 +98,38 @@ def plan_sweep(heads: int, dim: int, causal: bool = False) -> list[dict]:
 
     G._finish, G._execute = _graph_all_plans(G), capture
     try:
+        yield captured
+    finally:
+        G._finish, G._execute = real_finish, real_execute
+
+
+def time_every_plan(G, built, spec, pack, what: str, flop: float) -> list[dict]:
+    """One JSON line per plan of a captured graph: its name, p20 ms and TFLOP/s for ``flop``."""
+    graph, out = built.graph, []
+    for i in range(graph.get_execution_plan_count()):
+        line = {"graph": what, "plan": i}
+        try:
+            line["name"] = str(graph.get_plan_name_at_index(i))
+            ws = torch.empty(max(int(graph.get_workspace_size_plan_at_index(i)), 1), dtype=torch.uint8,
+                             device="cuda")
+            ms = timed(lambda: graph.execute_plan_at_index(pack, ws, index=i, handle=G.handle(spec.device)))
+            line.update(ms=round(ms, 3), tflops=round(flop / ms / 1e9, 1))
+        except Exception as exc:  # a plan that does not build or run: say so, go on
+            line["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        out.append(line)
+        print(json.dumps(line), flush=True)
+    return out
+
+
+def plan_sweep(heads: int, dim: int, causal: bool = False) -> list[dict]:
+    """p20 ms of every plan of the forward and backward graphs, three ways of running the same work
+    (``causal``: causal inside each entry, as cuDNN's band with right bound 0)."""
+    from anymask.kernels import cudnn_graphs as G
+
+    n, s = 8, 2048
+    pairs = n * s * (s + 1) // 2 if causal else n * s * s
+    flop = {"fwd": 4 * pairs * heads * dim, "bwd": 10 * pairs * heads * dim}
+    with all_plans_captured(G) as captured:
         g = torch.Generator(device="cuda").manual_seed(0)
         x = [torch.randn(n, heads, s, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
         for way in ("dense", "dense+lengths"):
@@ -118,24 +147,9 @@ def plan_sweep(heads: int, dim: int, causal: bool = False) -> list[dict]:
         o = anymask.attention(q, k, v, docs & M.causal() if causal else docs, backend="cudnn")
         torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
         captured[-2:] = [(b, sp, pk, f"ragged {what}") for b, sp, pk, what in captured[-2:]]
-    finally:
-        G._finish, G._execute = real_finish, real_execute
-        G.clear_cache()
-    out = []
-    for built, spec, pack, what in captured:
-        graph = built.graph
-        for i in range(graph.get_execution_plan_count()):
-            line = {"graph": what, "plan": i}
-            try:
-                line["name"] = str(graph.get_plan_name_at_index(i))
-                ws = torch.empty(max(int(graph.get_workspace_size_plan_at_index(i)), 1), dtype=torch.uint8,
-                                 device="cuda")
-                ms = timed(lambda: graph.execute_plan_at_index(pack, ws, index=i, handle=G.handle(spec.device)))
-                line.update(ms=round(ms, 3), tflops=round(flop["fwd" if what.endswith("forward") else "bwd"] / ms / 1e9, 1))
-            except Exception as exc:  # a plan that does not build or run: say so, go on
-                line["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            out.append(line)
-            print(json.dumps(line), flush=True)
+    out = [line for built, spec, pack, what in captured
+           for line in time_every_plan(G, built, spec, pack, what, flop["fwd" if what.endswith("forward") else "bwd"])]
+    G.clear_cache()
     return out
 
 
