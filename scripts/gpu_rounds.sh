@@ -57,6 +57,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+
+# device_pytest TOTAL_S PER_TEST_S LOG TAIL ARGS...: pytest for at most TOTAL_S seconds (PER_TEST_S per
+# test where pytest-timeout is installed, so a slow test is named), logged to $OUT/LOG, last TAIL lines shown
+device_pytest() {
+  local total=$1 per=$2 log=$3 tail_n=$4 per_test=()
+  shift 4
+  python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout "$per")
+  timeout "$total" python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" "$@" 2>&1 | tee "$OUT/$log" \
+    | tail -"$tail_n"
+}
 case "${1:-}" in
   1)
     CORE_TIMEOUT=400 bash scripts/gpu_core_check.sh  # 270 s reached 82% on 2026-11-29
@@ -92,18 +102,12 @@ case "${1:-}" in
     ;;
   6)
     timeout 270 python3 scripts/gpu_triton_check.py --fp32-sweep --no-correctness --no-timing 2>&1 | tail -45
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 270 python3 -m pytest -q -rs -p no:cacheprovider --durations 10 "${per_test[@]}" \
-      tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -25
+    device_pytest 270 60 triton_cudnn_tests.log 25 --durations 10 tests/test_triton.py tests/test_cudnn.py
     ;;
   7)
     timeout 200 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions bf16x6 --no-correctness \
       --no-timing 2>&1 | tail -22
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 180 python3 -m pytest -q -rs -p no:cacheprovider --durations 5 "${per_test[@]}" \
-      tests/test_triton.py tests/test_cudnn.py 2>&1 | tee "$OUT/triton_cudnn_tests.log" | tail -12
+    device_pytest 180 60 triton_cudnn_tests.log 12 --durations 5 tests/test_triton.py tests/test_cudnn.py
     timeout 190 python3 scripts/gpu_train_bench.py --budget-s 170 --tasks sft,diffusion \
       --arms anymask:auto,flex_attention:none --out "$OUT" 2>&1 | tail -6
     ;;
@@ -152,10 +156,7 @@ case "${1:-}" in
     timeout 400 python3 scripts/gpu_cudnn_ragged_probe.py --plans --out "$OUT" 2>&1 | tail -40
     ;;
   16)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py 2>&1 \
-      | tee "$OUT/cudnn_tests.log" | tail -4
+    device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py
     timeout 120 python3 scripts/gpu_cudnn_ragged_probe.py --out "$OUT" 2>&1 | tail -8
     OUT="$OUT/bench" BENCH_TIMEOUT=220 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --deadline 170 2>&1 | tail -12
@@ -164,18 +165,12 @@ case "${1:-}" in
     timeout 200 python3 scripts/gpu_cudnn_ragged_probe.py --plans --causal --out "$OUT" 2>&1 | tail -30
     ;;
   19)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 220 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
-      | tee "$OUT/cudnn_tests.log" | tail -6
+    device_pytest 220 60 cudnn_tests.log 6 tests/test_cudnn.py -m gpu
     OUT="$OUT/bench" BENCH_TIMEOUT=300 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 240 2>&1 | tail -16
     ;;
   20)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
-      | tee "$OUT/cudnn_tests.log" | tail -6
+    device_pytest 200 60 cudnn_tests.log 6 tests/test_cudnn.py -m gpu
     OUT="$OUT/gqa" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 32:8 --dtypes bf16 --seqlens 4096 \
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
     OUT="$OUT/s16k" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
@@ -187,18 +182,12 @@ case "${1:-}" in
       --masks padding,documents,documents_causal --passes fwd,fwd+bwd --deadline 130 2>&1 | tail -9
     ;;
   22)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 60)
-    timeout 200 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_cudnn.py -m gpu 2>&1 \
-      | tee "$OUT/cudnn_tests.log" | tail -6
+    device_pytest 200 60 cudnn_tests.log 6 tests/test_cudnn.py -m gpu
     OUT="$OUT/prefix" BENCH_TIMEOUT=260 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096,16384 \
       --masks prefix_lm --passes fwd,fwd+bwd --deadline 200 2>&1 | tail -12
     ;;
   23)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 120)
-    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider "${per_test[@]}" tests/test_flex.py -m gpu 2>&1 \
-      | tee "$OUT/flex_tests.log" | tail -4
+    device_pytest 150 120 flex_tests.log 4 tests/test_flex.py -m gpu
     OUT="$OUT/pp" BENCH_TIMEOUT=220 bash scripts/gpu_bench.sh --heads 16,32:8 --dtypes bf16 --seqlens 4096 \
       --masks packed_prefix_lm,padding --passes fwd,fwd+bwd --deadline 170 2>&1 | tail -11
     OUT=/tmp/pp16 BENCH_TIMEOUT=100 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 --seqlens 16384 \
@@ -206,10 +195,7 @@ case "${1:-}" in
     cp /tmp/pp16/gpu.json "$OUT/pp16.json"
     ;;
   24)
-    per_test=()
-    python3 -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout 200)
-    timeout 420 python3 -m pytest -q -rs -p no:cacheprovider --durations 12 "${per_test[@]}" tests/test_flex.py \
-      -m gpu 2>&1 | tee "$OUT/flex_tests.log" | tail -30
+    device_pytest 420 200 flex_tests.log 30 --durations 12 tests/test_flex.py -m gpu
     ;;
   18)
     for i in 0 1 2 3; do
