@@ -51,6 +51,7 @@ max segment length, token capacity, prefix blocks) so new packings reuse cached 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -435,6 +436,19 @@ def reasons(p: Problem) -> list[str]:
 # execution ---------------------------------------------------------------------------------------
 
 
+@contextmanager
+def _remembered(sig: tuple):
+    """Graph errors inside are remembered under ``sig`` (then a reason: ``auto`` skips cuDNN for
+    this kind of call) and raised."""
+    from ..kernels import cudnn_graphs as G
+
+    try:
+        yield
+    except G.CudnnGraphError as exc:
+        _FAILED.setdefault(sig, str(exc).splitlines()[0])
+        raise
+
+
 class _Attention(torch.autograd.Function):
     """One cuDNN graph call; backward through the cached backward graph.  A graph error is
     remembered under the problem's signature, so ``auto`` skips cuDNN for it afterwards."""
@@ -443,11 +457,8 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, spec, meta, training, sig):
         from ..kernels import cudnn_graphs as G
 
-        try:
+        with _remembered(sig):
             o, stats = G.forward(spec, q, k, v, meta, training)
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(sig, str(exc).splitlines()[0])
-            raise
         if training:
             ctx.save_for_backward(q, k, v, o, stats)
         ctx.spec, ctx.meta, ctx.sig = spec, meta, sig
@@ -461,12 +472,9 @@ class _Attention(torch.autograd.Function):
         if not ctx.spec.ragged:  # saved-tensor hooks (e.g. offloading) may hand back other strides
             declared = G.declared_strides(ctx.spec)
             q, k, v, o = (_with_strides(t, st) for t, st in zip((q, k, v, o), declared))
-        try:
+        with _remembered(ctx.sig):
             do = _with_strides(do, o.stride())  # laid out like o, 16-byte aligned base
             dq, dk, dv = G.backward(ctx.spec, q, k, v, o, do, stats, ctx.meta)
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
-            raise
         return dq, dk, dv, None, None, None, None
 
 
@@ -480,12 +488,9 @@ class _HeadGroups(torch.autograd.Function):
 
         o = (torch.zeros if metas[0].zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
         stats = []
-        try:
+        with _remembered(sig):
             for meta in metas:
                 stats.append(G.forward(spec, q, k, v, meta, training, out=o)[1])
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(sig, str(exc).splitlines()[0])
-            raise
         if training:
             ctx.save_for_backward(q, k, v, o, *stats)
         ctx.spec, ctx.metas, ctx.sig = spec, metas, sig
@@ -504,16 +509,13 @@ class _HeadGroups(torch.autograd.Function):
         if calls > 1:  # the calls' dk, dv summed in (at least) fp32, rounded once
             acc = torch.promote_types(k.dtype, torch.float32)
             sums = (torch.zeros(k.shape, dtype=acc, device=k.device), torch.zeros(v.shape, dtype=acc, device=v.device))
-        try:
+        with _remembered(ctx.sig):
             do = _with_strides(do, o.stride())
             for j, meta in enumerate(ctx.metas):
                 G.backward(ctx.spec, q, k, v, o, do, stats[j], meta, out=(dq, dk, dv))
                 if sums is not None:
                     sums[0].add_(dk)
                     sums[1].add_(dv)
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
-            raise
         if sums is not None:
             dk, dv = sums[0].to(k.dtype), sums[1].to(v.dtype)
         return dq, dk, dv, None, None, None, None
@@ -547,12 +549,15 @@ def _dense_permutation(t: torch.Tensor) -> bool:
     return True
 
 
-def _block_spec(q, k, v, p: Problem, blk: Block, keep_layout: bool):
-    """The dense graph spec of ``blk`` over the views ``q[:, :, row0:row1]``, ``k/v[:, :, :kv1]``."""
+def _block_spec(q, k, v, p: Problem, blk: Block, keep_layout: bool | None = None):
+    """The dense graph spec of ``blk`` over the views ``q[:, :, row0:row1]``, ``k/v[:, :, :kv1]``;
+    outputs in the views' layout when they are dense permutations (``keep_layout=None``) or as told."""
     from ..kernels import cudnn_graphs as G
 
     qb = q[:, :, blk.row0:blk.row1]  # [B, Hq, rows, D]
     kb, vb = k[:, :, :blk.kv1], v[:, :, :blk.kv1]  # [B, Hkv, kv1, D]
+    if keep_layout is None:
+        keep_layout = all(map(_dense_permutation, (qb, kb, vb)))
     spec = G.Spec(p.dtype, p.batch, p.q_heads, p.kv_heads, blk.row1 - blk.row0, blk.kv1, p.head_dim, p.scale,
                   lengths=blk.seq_q is not None, bottom_right=blk.band.bottom_right,
                   left_bound=blk.band.left_bound, right_bound=blk.band.right_bound, q_stride=tuple(qb.stride()),
@@ -564,9 +569,7 @@ def _block_spec(q, k, v, p: Problem, blk: Block, keep_layout: bool):
 def _run_block(q, k, v, p: Problem, blk: Block) -> torch.Tensor:
     from ..kernels import cudnn_graphs as G
 
-    spec, qb, kb, vb = _block_spec(q, k, v, p, blk, all(map(_dense_permutation, (q[:, :, blk.row0:blk.row1],
-                                                                                 k[:, :, :blk.kv1],
-                                                                                 v[:, :, :blk.kv1]))))
+    spec, qb, kb, vb = _block_spec(q, k, v, p, blk)
     meta = G.Meta()
     if spec.lengths:
         meta = G.Meta(blk.seq_q.to(q.device, torch.int32).view(-1, 1, 1, 1),
@@ -605,14 +608,11 @@ class _RowBlocks(torch.autograd.Function):
         blocks = (first, a)  # A written last: over C's rows < P
         o = torch.empty_like(q)  # [B, Hq, Sq, D] in q's layout
         specs, stats = [], []
-        try:
+        with _remembered(sig):
             for blk in blocks:
                 spec, qb, kb, vb = _block_spec(q, k, v, p, blk, True)
                 specs.append(spec)
                 stats.append(G.forward(spec, qb, kb, vb, G.Meta(), p.requires_grad, out=o[:, :, blk.row0:blk.row1])[1])
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(sig, str(exc).splitlines()[0])
-            raise
         if p.requires_grad:
             ctx.save_for_backward(q, k, v, o, *stats)
         ctx.specs, ctx.blocks, ctx.sig = specs, blocks, sig
@@ -640,14 +640,11 @@ class _RowBlocks(torch.autograd.Function):
         rows_f, rows_a, keys = slice(f.row0, f.row1), slice(0, a.row1), slice(0, a.kv1)
         part_k = torch.empty_strided(k_shape, sk, dtype=k.dtype, device=k.device)[:, :, keys]
         part_v = torch.empty_strided(k_shape, sv, dtype=v.dtype, device=v.device)[:, :, keys]
-        try:
+        with _remembered(ctx.sig):
             G.backward(spec_f, q[:, :, rows_f], k, v, o[:, :, rows_f], do_f[:, :, rows_f], stats[0], G.Meta(),
                        out=(dq[:, :, rows_f], dk, dv))
             G.backward(spec_a, q[:, :, rows_a], k[:, :, keys], v[:, :, keys], o[:, :, rows_a],
                        do[:, :, rows_a], stats[1], G.Meta(), out=(dq[:, :, rows_a], part_k, part_v))
-        except G.CudnnGraphError as exc:
-            _FAILED.setdefault(ctx.sig, str(exc).splitlines()[0])
-            raise
         dk[:, :, keys] += part_k
         dv[:, :, keys] += part_v
         return dq, dk, dv, None, None, None
