@@ -38,6 +38,8 @@
 #                                  # GPU tests, the packed prefix-LM cases, and the padding cases again
 #   bash scripts/gpu_rounds.sh 24  # the FlexAttention GPU tests with room to compile (round 23's 120 s per
 #                                  # test cut the catalogue test, now one test per mask)
+#   bash scripts/gpu_rounds.sh 25  # fp32 through fp16x3 dots (ours): the default grid's fp32 cases, then the
+#                                  # Triton tests on CUDA
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -196,6 +198,11 @@ case "${1:-}" in
     ;;
   24)
     device_pytest 420 200 flex_tests.log 30 --durations 12 tests/test_flex.py -m gpu
+    ;;
+  25)
+    OUT="$OUT/fp32" BENCH_TIMEOUT=330 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
+      --passes fwd+bwd --deadline 290 2>&1 | tail -14
+    device_pytest 220 60 triton_tests.log 12 --durations 5 tests/test_triton.py
     ;;
   18)
     for i in 0 1 2 3; do

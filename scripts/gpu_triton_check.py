@@ -304,10 +304,16 @@ FP32_SWEEP = {  # kernel -> configs (block_m, block_n, warps, stages); the first
     "dkdv": [(32, 128, 8, 1), (32, 128, 4, 1), (16, 128, 8, 1), (64, 64, 8, 1), (32, 64, 8, 1)],
     "dq": [(128, 32, 8, 1), (128, 32, 4, 1), (128, 16, 8, 1), (64, 32, 8, 1), (64, 64, 8, 1)],
 }
+FP16X3_SWEEP = {  # fp16x3 stages two fp16 parts (an fp32 tile's bytes) where bf16x6 stages three: the bf16
+    # defaults (larger tiles, more stages) and their neighbours.
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 1), (128, 32, 8, 2)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 1), (32, 128, 8, 1), (64, 64, 8, 3)],
+    "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1), (128, 32, 8, 1), (64, 64, 8, 3)],
+}
 
 
 def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") -> list[dict]:
-    """fp32 dot precisions (tf32x3, bf16x6: fp32-level; tf32, bf16x3: bounds) x tile configs.
+    """fp32 dot precisions (tf32x3, bf16x6, fp16x3: fp32-level; tf32, bf16x3: bounds) x tile configs.
 
     Error rows: our max error / SDPA-fp32's against float64 on a small shape (PASS <= 2); timing rows
     as in :func:`sweep` (fwd configs time the forward, dkdv/dq configs forward+backward).
@@ -316,23 +322,25 @@ def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") 
     rows = []
     B, Hq, Hkv, S = 2, 8, 2, 1000
     mask = make_mask(kind, B, S)
-    t = [torch.randn(B, h, S, D, device="cuda", dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq)]
-    ref = _fwd_bwd(*t[:3], mask, "eager", torch.float64, t[3])
-    peer = _err(_fwd_bwd(*t[:3], mask, "sdpa", torch.float32, t[3]), ref)
-    for prec in precisions:
-        C.reset()
-        for kernel in ("fwd", "dkdv", "dq"):
-            C.override(kernel, D, torch.float32, precision=prec)
-        try:
-            ours = _err(_fwd_bwd(*t[:3], mask, "triton", torch.float32, t[3]), ref)
-        except Exception as exc:
-            say(f"  {prec} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-            continue
-        ratio = max(o / max(p, 1e-12) for o, p in zip(ours, peer))
-        rows.append(dict(precision=prec, errors=ours, sdpa=peer, ratio=ratio))
-        say(f"error {prec:7s} out/dq/dk/dv {' '.join(f'{e:.1e}' for e in ours)}  sdpa "
-            f"{' '.join(f'{e:.1e}' for e in peer)}  ratio {ratio:6.2f} {'PASS' if ratio <= 2 else 'FAIL'}")
-    del t, ref
+    # plain randn, then q, k, v, dO at far apart magnitudes (fp16x3 scales each into fp16's range)
+    for inputs, mult in (("randn", (1.0, 1.0, 1.0, 1.0)), ("scaled", (1e-3, 1e3, 1e-4, 1e5))):
+        t = [torch.randn(B, h, S, D, device="cuda", dtype=torch.float64) * m for h, m in zip((Hq, Hkv, Hkv, Hq), mult)]
+        ref = _fwd_bwd(*t[:3], mask, "eager", torch.float64, t[3])
+        peer = _err(_fwd_bwd(*t[:3], mask, "sdpa", torch.float32, t[3]), ref)
+        for prec in precisions:
+            C.reset()
+            for kernel in ("fwd", "dkdv", "dq"):
+                C.override(kernel, D, torch.float32, precision=prec)
+            try:
+                ours = _err(_fwd_bwd(*t[:3], mask, "triton", torch.float32, t[3]), ref)
+            except Exception as exc:
+                say(f"  {prec} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                continue
+            ratio = max(o / max(p, 1e-30) for o, p in zip(ours, peer))
+            rows.append(dict(precision=prec, inputs=inputs, errors=ours, sdpa=peer, ratio=ratio))
+            say(f"error {prec:7s} {inputs:6s} out/dq/dk/dv {' '.join(f'{e:.1e}' for e in ours)}  sdpa "
+                f"{' '.join(f'{e:.1e}' for e in peer)}  ratio {ratio:6.2f} {'PASS' if ratio <= 2 else 'FAIL'}")
+        del t, ref
     B, H, S = 4, 16, 4096
     mask = make_mask(kind, B, S)
     flops = 4 * D * visible_pairs(mask, B, S) * H
@@ -343,7 +351,7 @@ def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") 
 
     for prec in precisions:
         every = prec in swept  # the others: defaults only, fwd and fwd+bwd once
-        for kernel, configs in FP32_SWEEP.items():
+        for kernel, configs in (FP16X3_SWEEP if prec == "fp16x3" else FP32_SWEEP).items():
             if not every and kernel == "dq":
                 continue
             for cfg in configs if every else configs[:1]:

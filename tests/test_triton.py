@@ -387,3 +387,62 @@ def test_unmerged_partial_loops(delegated, monkeypatch, name):
         return
     monkeypatch.setenv("ANYMASK_TRITON_MERGED", "0")
     _check(MASKS[name](2, 45), (2, 2, 1, 45, 45, 16), torch.float32)
+
+
+# --- fp32 as three fp16 products (fp16x3) ---------------------------------------------------------
+
+MAGNITUDES = {  # q, k, v, dO multipliers: fp16 alone would overflow or flush most of these to zero
+    "unit": (1.0, 1.0, 1.0, 1.0),
+    "small_q_large_k": (1e-3, 1e3, 1e-4, 1e5),
+    "large_q_tiny_grad": (1e6, 1e-6, 3e3, 1e-8),
+}
+
+
+@needs_triton
+def test_split_scales_are_powers_of_two_per_kv_group(delegated):
+    if delegated:
+        return
+    from anymask.kernels import split16
+
+    q = torch.randn(2, 4, 9, 16, dtype=torch.float32)
+    q[0, 2:] *= 1e-7  # the second kv group of row 0
+    q[1] = 0  # row 1 all zero
+    sc = split16.scales([q, None], kv_heads=2)  # [B, Hkv, 2]
+    top = q.abs().unflatten(1, (2, 2)).amax(dim=(2, 3, 4))  # [B, Hkv]
+    scaled = top * sc[..., 0]
+    nonzero = top > 0
+    assert ((scaled[nonzero] >= 2**13) & (scaled[nonzero] < 2**14)).all(), scaled
+    assert (sc[..., 0][~nonzero] == 1).all() and (sc[..., 1] == 1).all()
+    mantissa, _ = torch.frexp(sc)
+    assert (mantissa == 0.5).all()  # exact powers of two: scaling loses nothing
+
+
+@needs_triton
+@pytest.mark.parametrize("magnitudes", list(MAGNITUDES))
+@pytest.mark.parametrize("name", ["documents_causal", "padding", "prefix_lm", "left_padding_causal"])
+def test_fp16x3_dots_match_fp32(delegated, name, magnitudes):
+    """fp32 through fp16x3 dots is as close to float64 as SDPA-fp32 (within 2x, slack one part in a
+    million of the largest value), for inputs far from 1 and one head a thousand times smaller."""
+    if delegated:
+        return
+    from anymask.kernels import config as C
+
+    B, Hq, Hkv, S, D = 2, 4, 2, 45, 32
+    mask = MASKS[name](B, S)
+    mult = MAGNITUDES[magnitudes]
+    q, k, v = _inputs(B, Hq, Hkv, S, S, D)
+    grad_out = torch.randn(B, Hq, S, D, dtype=torch.float64, device=DEVICE)
+    q, k, v, grad_out = (t * m for t, m in zip((q, k, v, grad_out), mult))
+    q[:, 1] *= 1e-3
+    ref, ref_grads = _run(q, k, v, mask, "eager", torch.float64, grad_out)
+    peer, peer_grads = _run(q, k, v, mask, "sdpa", torch.float32, grad_out)
+    try:
+        for kernel in ("fwd", "dkdv", "dq"):
+            C.override(kernel, D, torch.float32, precision="fp16x3")
+        out, grads = _run(q, k, v, mask, "triton", torch.float32, grad_out)
+    finally:
+        C.reset()
+    for what, got, r, pg in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads], [peer, *peer_grads]):
+        err = (got.double() - r).abs().max().item()
+        bound = 2 * sdpa_error(pg, r) + 1e-6 * r.abs().max().item()
+        assert torch.isfinite(got).all() and err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"

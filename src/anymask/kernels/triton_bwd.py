@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import mask_bounds
+from . import mask_bounds, split16
 from .config import Config
 from .triton_fwd import LOG2E, empty_in_layout, partial_count, partial_tile
 
@@ -39,11 +39,16 @@ def _delta_kernel(O, DO, DELTA, Sq, H, sob, soh, som, sdb, sdh, sdm,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base, delta_base, lo_base, hi_base,
-               sqm, sdm, Sq, qk_scale,
+def _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_base, delta_base, lo_base,
+               hi_base, sqm, sdm, Sq, qk_scale, q_scale, do_scale, dp_scale,
                MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Add one q tile's contribution to a kv tile's dK (unscaled) and dV accumulators."""
+               PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """Add one q tile's contribution to a kv tile's dK (unscaled) and dV accumulators.
+
+    SPLIT (fp32 as fp16x3): ``k, k_lo`` and ``v, v_lo`` are the scaled fp16 parts, q and dO are
+    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; dK is in units of
+    ``q_scale`` and dV of ``do_scale`` (the caller takes them back).
+    """
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_base + offs_m[:, None] * sqm + offs_d[None, :]
@@ -61,27 +66,40 @@ def _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base, delta_b
         do = tl.load(do_ptrs)
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+    if SPLIT:
+        q, q_lo = split16.split(q * q_scale)
+        do, do_lo = split16.split(do * do_scale)
+        s_t = split16.dot3(k, k_lo, tl.trans(q), tl.trans(q_lo)) * qk_scale  # [BN, BM]
+    else:
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     p_t = tl.exp2(s_t - lse[None, :])
     if MASKED:
         ok = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] <= hi[None, :])
         if KPAD:
             ok = ok & k_ok[:, None]
         p_t = tl.where(ok, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)  # [BN, D]
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)  # [BN, D]
+    if SPLIT:
+        p_hi, p_lo, p_back = split16.split_rows(p_t)
+        dv += split16.dot3(p_hi, p_lo, do, do_lo) * p_back[:, None]  # [BN, D]
+        dp_t = split16.dot3(v, v_lo, tl.trans(do), tl.trans(do_lo)) * dp_scale  # [BN, BM]
+        ds_t = p_t * (dp_t - delta[None, :])
+        ds_hi, ds_lo, ds_back = split16.split_rows(ds_t)
+        dk += split16.dot3(ds_hi, ds_lo, q, q_lo) * ds_back[:, None]  # [BN, D]
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER, SCALES,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdkb, sdkh, sdkn,
                  s_bnd, s_kvalid, s_tiles, s_order,
                  HKV, GROUPS, Sq, Skv, scale, qk_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
+                 KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, SPLIT: tl.constexpr):
     bhk = tl.program_id(0)
     b = bhk // HKV
     hk = bhk % HKV
@@ -99,6 +117,21 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
                 mask=in_kv[:, None], other=0.0)  # [BN, D]
     v = tl.load(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :],
                 mask=in_kv[:, None], other=0.0)
+    k_lo = k
+    v_lo = v
+    q_scale = 1.0
+    do_scale = 1.0
+    dp_scale = 1.0
+    if SPLIT:
+        sc = SCALES + bhk * 4  # q, k, v, dO scales of this (row, kv head)
+        q_scale = tl.load(sc)
+        k_scale = tl.load(sc + 1)
+        v_scale = tl.load(sc + 2)
+        do_scale = tl.load(sc + 3)
+        k, k_lo = split16.split(k * k_scale)
+        v, v_lo = split16.split(v * v_scale)
+        qk_scale = qk_scale / (k_scale * q_scale)
+        dp_scale = 1.0 / (v_scale * do_scale)
     k_ok = in_kv
     if KPAD:
         k_ok = tl.load(KVALID + b * s_kvalid + offs_n, mask=in_kv, other=0) != 0  # [BN]
@@ -115,31 +148,31 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER,
         delta_base = DELTA + bh.to(tl.int64) * Sq
         for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
             m = partial_tile(i, first, full_first, full_end)
-            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
-                                True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale, q_scale, do_scale,
+                                dp_scale, True, KPAD, BLOCK_M, HEAD_DIM, PRECISION, SPLIT)
         for m in range(full_first, full_end):
-            dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
-                                False, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+            dk, dv = _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale, q_scale, do_scale,
+                                dp_scale, False, KPAD, BLOCK_M, HEAD_DIM, PRECISION, SPLIT)
         if not MERGED:
             for m in range(full_end, end):
-                dk, dv = _dkdv_step(dk, dv, k, v, offs_n, k_ok, m, q_base, do_base, lse_base,
-                                    delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale,
-                                    True, KPAD, BLOCK_M, HEAD_DIM, PRECISION)
+                dk, dv = _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_base,
+                                    delta_base, lo_base, hi_base, sqm, sdm, Sq, qk_scale, q_scale, do_scale,
+                                    dp_scale, True, KPAD, BLOCK_M, HEAD_DIM, PRECISION, SPLIT)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DV + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv[:, None])
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_kv[:, None])
+    tl.store(dk_ptrs, (dk * (scale / q_scale)).to(DK.dtype.element_ty), mask=in_kv[:, None])
+    tl.store(dv_ptrs, (dv * (1.0 / do_scale)).to(DV.dtype.element_ty), mask=in_kv[:, None])
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER, SCALES,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm, sdqb, sdqh, sdqm,
                s_bnd, s_kvalid, s_tiles, s_order,
                H, GROUPS, Sq, Skv, scale, qk_scale,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
+               KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, SPLIT: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -162,30 +195,52 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER,
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=in_q, other=0.0)
     lo = tl.load(LO + b * s_bnd + offs_m, mask=in_q, other=1)
     hi = tl.load(HI + b * s_bnd + offs_m, mask=in_q, other=0)
+    q_lo = q
+    do_lo = do
+    k_scale = 1.0
+    v_scale = 1.0
+    dp_scale = 1.0
+    if SPLIT:
+        sc = SCALES + (b * (H // GROUPS) + hk) * 4  # q, k, v, dO scales of this (row, kv head)
+        q_scale = tl.load(sc)
+        k_scale = tl.load(sc + 1)
+        v_scale = tl.load(sc + 2)
+        do_scale = tl.load(sc + 3)
+        q, q_lo = split16.split(q * q_scale)
+        do, do_lo = split16.split(do * do_scale)
+        qk_scale = qk_scale / (q_scale * k_scale)
+        dp_scale = 1.0 / (do_scale * v_scale)
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
         n = partial_tile(i, first, full_first, full_end)
-        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
-                      True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+        dq = _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv,
+                      qk_scale, k_scale, v_scale, dp_scale, True, KPAD, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
     for n in range(full_first, full_end):
-        dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
-                      False, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+        dq = _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv,
+                      qk_scale, k_scale, v_scale, dp_scale, False, KPAD, BLOCK_N, HEAD_DIM, PRECISION, SPLIT)
     if not MERGED:
         for n in range(full_end, end):
-            dq = _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
-                          True, KPAD, BLOCK_N, HEAD_DIM, PRECISION)
+            dq = _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
+                          Skv, qk_scale, k_scale, v_scale, dp_scale, True, KPAD, BLOCK_N, HEAD_DIM,
+                          PRECISION, SPLIT)
     dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
+    tl.store(dq_ptrs, (dq * (scale / k_scale)).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn, Skv, qk_scale,
+             k_scale, v_scale, dp_scale,
              MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Add one kv tile's contribution to a q tile's dQ (unscaled)."""
+             PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """Add one kv tile's contribution to a q tile's dQ (unscaled).
+
+    SPLIT (fp32 as fp16x3): ``q, q_lo`` and ``do, do_lo`` are the scaled fp16 parts, k and v are
+    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; dQ is in units of
+    ``k_scale`` (the caller takes them back).
+    """
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
@@ -197,16 +252,27 @@ def _dq_step(dq, q, do, lse, delta, lo, hi, n, k_base, v_base, kvalid, skn, svn,
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN]
+    if SPLIT:
+        k, k_lo = split16.split(k * k_scale)
+        s = split16.dot3(q, q_lo, tl.trans(k), tl.trans(k_lo)) * qk_scale  # [BM, BN]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASKED:
         ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
         if KPAD:
             ok = ok & (tl.load(kvalid + offs_n, mask=in_kv, other=0) != 0)[None, :]
         p = tl.where(ok, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]
-    ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # [BM, D]
+    if SPLIT:
+        v_hi, v_lo = split16.split(v * v_scale)
+        dp = split16.dot3(do, do_lo, tl.trans(v_hi), tl.trans(v_lo)) * dp_scale  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        ds_hi, ds_lo, ds_back = split16.split_rows(ds)
+        dq += split16.dot3(ds_hi, ds_lo, k, k_lo) * ds_back[:, None]  # [BM, D]
+    else:
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
 
@@ -227,33 +293,38 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     per_b = bounds.batch > 1
     kpad = bounds.kvalid is not None
     common = (bounds.lo, bounds.hi, kvalid)
+    split = cfg_dkdv.precision == "fp16x3"
+    if split != (cfg_dq.precision == "fp16x3"):
+        raise ValueError("the dK/dV and dQ kernels must both use fp16x3 dots or neither")
+    scales = split16.scales([q, k, v, do], Hkv) if split else delta  # [B, Hkv, 4]; unread unless split
+    precision = {"dkdv": "ieee" if split else cfg_dkdv.precision, "dq": "ieee" if split else cfg_dq.precision}
 
     dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
     tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
     n_n = tiles.shape[1]
     _dkdv_kernel[(B * Hkv, n_n)](
-        q, k, v, do, lse, delta, dk, dv, *common, tiles, order,
+        q, k, v, do, lse, delta, dk, dv, *common, tiles, order, scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
         Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged,
+        PRECISION=precision["dkdv"], MERGED=cfg_dkdv.merged, SPLIT=split,
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
     dq = empty_in_layout(q)
     tiles, order = mask_bounds.row_tiles(bounds, cfg_dq.block_m, cfg_dq.block_n)  # [Bm, nM, 4]
     n_m = tiles.shape[1]
     _dq_kernel[(B * H, n_m)](
-        q, k, v, do, lse, delta, dq, *common, tiles, order,
+        q, k, v, do, lse, delta, dq, *common, tiles, order, scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged,
+        PRECISION=precision["dq"], MERGED=cfg_dq.merged, SPLIT=split,
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
     return dq, dk, dv

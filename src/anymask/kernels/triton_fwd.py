@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import mask_bounds
+from . import mask_bounds, split16
 from .config import Config, interpreting
 
 if interpreting():
@@ -37,9 +37,15 @@ def partial_tile(i, first, full_first, full_end):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, qk_scale,
-              MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """One kv tile of online softmax; ``k_ptrs``/``v_ptrs`` point at the tile's first key."""
+def _fwd_tile(acc, m_i, l_i, q, q_lo, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, qk_scale, k_scale, v_scale,
+              MASKED: tl.constexpr, KPAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+              SPLIT: tl.constexpr):
+    """One kv tile of online softmax; ``k_ptrs``/``v_ptrs`` point at the tile's first key.
+
+    SPLIT (fp32 as fp16x3): ``q, q_lo`` are q's scaled fp16 parts, k and v are scaled by
+    ``k_scale``/``v_scale`` here, ``qk_scale`` already divides by both scales, and ``acc`` is in
+    units of ``P_SCALE * v_scale`` (the caller takes them back).
+    """
     offs_n = kv0 + tl.arange(0, BLOCK_N)
     if MASKED:
         in_kv = offs_n < Skv
@@ -48,7 +54,11 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, qk_sca
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+    if SPLIT:
+        k_hi, k_lo = split16.split(k * k_scale)
+        s = split16.dot3(q, q_lo, tl.trans(k_hi), tl.trans(k_lo)) * qk_scale  # [BM, BN], log2 units
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
         if KPAD:
@@ -59,22 +69,35 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, qk_sca
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if SPLIT:
+        p_hi, p_lo = split16.split(p * 16384.0)  # probabilities <= 1, scaled by 2**14
+        v_hi, v_lo = split16.split(v * v_scale)
+        acc = acc * alpha[:, None] + split16.dot3(p_hi, p_lo, v_hi, v_lo)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
+def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 s_bnd, s_kvalid, s_tiles, s_order,
                 H, GROUPS, Sq, Skv, n_m, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr):
+                KPAD: tl.constexpr, PRECISION: tl.constexpr, MERGED: tl.constexpr, SPLIT: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     hk = h // GROUPS
     m = tl.load(ORDER + b * s_order + tl.program_id(1))
+    q_scale = 1.0
+    k_scale = 1.0
+    v_scale = 1.0
+    if SPLIT:
+        sc = SCALES + (b * (H // GROUPS) + hk) * 4  # q, k, v, dO scales of this (row, kv head)
+        q_scale = tl.load(sc)
+        k_scale = tl.load(sc + 1)
+        v_scale = tl.load(sc + 2)
     tile = TILES + b * s_tiles + m * 4
     first = tl.load(tile)
     full_first = tl.load(tile + 1)
@@ -88,6 +111,10 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
     hi = tl.load(HI + b * s_bnd + offs_m, mask=in_q, other=0)
     q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)  # [BM, D]
+    q_lo = q
+    if SPLIT:
+        q, q_lo = split16.split(q * q_scale)
+        qk_scale = qk_scale / (q_scale * k_scale)
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid
@@ -99,21 +126,25 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER,
     for i in range(0, partial_count(first, full_first, full_end, end, MERGED)):
         n = partial_tile(i, first, full_first, full_end)
         kv0 = n * BLOCK_N
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_lo, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                   v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
-                                  kvalid, Skv, qk_scale, True, KPAD, BLOCK_N, PRECISION)
+                                  kvalid, Skv, qk_scale, k_scale, v_scale, True, KPAD, BLOCK_N, PRECISION, SPLIT)
     for n in range(full_first, full_end):  # full tiles: no mask math, no bounds checks
         kv0 = n * BLOCK_N
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_lo, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                   v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
-                                  kvalid, Skv, qk_scale, False, KPAD, BLOCK_N, PRECISION)
+                                  kvalid, Skv, qk_scale, k_scale, v_scale, False, KPAD, BLOCK_N, PRECISION,
+                                  SPLIT)
     if not MERGED:
         for n in range(full_end, end):
             kv0 = n * BLOCK_N
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, q_lo, k_base + (kv0 + offs_n)[:, None] * skn + offs_d[None, :],
                                       v_base + (kv0 + offs_n)[:, None] * svn + offs_d[None, :], kv0, lo, hi,
-                                      kvalid, Skv, qk_scale, True, KPAD, BLOCK_N, PRECISION)
+                                      kvalid, Skv, qk_scale, k_scale, v_scale, True, KPAD, BLOCK_N, PRECISION,
+                                      SPLIT)
     seen = l_i > 0
+    if SPLIT:
+        acc = acc * (1.0 / (16384.0 * v_scale))
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :]
@@ -146,12 +177,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
     kvalid = bounds.kvalid if bounds.kvalid is not None else bounds.lo
     per_b = bounds.batch > 1
     n_m = tiles.shape[1]
+    split = cfg.precision == "fp16x3"
+    scales = split16.scales([q, k, v, None], Hkv) if split else lse  # [B, Hkv, 4]; unread unless split
     _fwd_kernel[(B * H, n_m)](
-        q, k, v, o, lse, bounds.lo, bounds.hi, kvalid, tiles, order,
+        q, k, v, o, lse, bounds.lo, bounds.hi, kvalid, tiles, order, scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, n_m, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, KPAD=bounds.kvalid is not None,
-        PRECISION=cfg.precision, MERGED=cfg.merged, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PRECISION="ieee" if split else cfg.precision, MERGED=cfg.merged, SPLIT=split,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse

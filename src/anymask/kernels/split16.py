@@ -1,0 +1,71 @@
+"""fp32 dots as three fp16 tensor-core products (``fp16x3``), with scaling that keeps fp16 in range.
+
+An fp32 value ``x`` is written ``hi + lo`` with ``hi = fp16(x)`` and ``lo = fp16(x - hi)``: 11 + 11
+significant bits, so ``hi + lo`` is ``x`` to ~2**-24 relative, as fp32 itself.  A dot then takes
+three fp16 products accumulated in fp32 (``lo*hi + hi*lo + hi*hi``; ``lo*lo`` is below fp32's
+rounding).  That is the scheme of ``tf32x3`` (tf32 has the same 11 bits), at twice its tensor-core
+rate, and half the products of ``bf16x6`` (bf16 has 8 bits, so it needs three parts).
+
+fp16 has a narrow exponent range (normal from 2**-14, at most 65504), so every operand is scaled
+into ``[2**13, 2**14)`` at its largest before it is split, and the product scaled back:
+
+- q, k, v and dO by one power of two per (batch row, kv head) (:func:`scales`, computed on the host
+  from ``max |x|``; exact);
+- probabilities (at most 1) by ``2**14``;
+- dS by one factor per row of the tile (its largest entry), taken back on the product's rows.
+
+Entries far below their group's largest lose relative precision in ``lo``, but their absolute error
+stays below ``2**-38`` of that largest entry, far under fp32's rounding of the sums they are part of.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TOP = 14  # operands are scaled so their largest magnitude is at most 2**14 (fp16 max: 65504)
+
+
+@triton.jit
+def split(x):
+    """fp32 ``x`` (already scaled, ``|x| <= 2**15``) as fp16 ``hi, lo`` with ``hi + lo == x`` to ~2**-24."""
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
+def dot3(a_hi, a_lo, b_hi, b_lo):
+    """``a @ b`` in fp32 from the split parts: the two small cross products first, then ``hi @ hi``."""
+    acc = tl.dot(a_lo, b_hi)
+    acc = tl.dot(a_hi, b_lo, acc)
+    return tl.dot(a_hi, b_hi, acc)
+
+
+@triton.jit
+def split_rows(x):
+    """Split ``x`` [R, C] with each row scaled to at most 2**14; returns ``hi, lo`` and the factor
+    [R] that takes a product's rows back (rows that are all zero keep factor 2**-100 * 2**-14)."""
+    top = tl.maximum(tl.max(tl.abs(x), 1), 7.888609052210118e-31)  # [R], floor 2**-100
+    hi, lo = split(x * (16384.0 / top)[:, None])
+    return hi, lo, top * (1.0 / 16384.0)
+
+
+def scales(tensors: list[torch.Tensor | None], kv_heads: int) -> torch.Tensor:
+    """Powers of two ``[B, kv_heads, len(tensors)]`` (fp32) that scale each tensor's largest magnitude
+    per (batch row, kv head group) into ``[2**13, 2**14)``; 1 for a ``None`` entry or an all-zero group.
+
+    tensors: ``[B, H, S, D]`` each, H a multiple of ``kv_heads`` (the q heads of a group share one).
+    """
+    first = next(t for t in tensors if t is not None)
+    B = first.shape[0]
+    out = torch.ones(B, kv_heads, len(tensors), dtype=torch.float32, device=first.device)
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        top = torch.linalg.vector_norm(t.unflatten(1, (kv_heads, -1)), ord=float("inf"), dim=(2, 3, 4))
+        _, exp = torch.frexp(top.float())  # top < 2**exp
+        exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 60, _TOP + 60)
+        out[:, :, i] = torch.ldexp(torch.ones_like(top, dtype=torch.float32), _TOP - exp)
+    return out
