@@ -9,7 +9,7 @@
 
 1. Correctness: forward and backward against float64 eager on smaller shapes (odd lengths, GQA,
    head dims 64 and 128), bf16 and fp32; our max error divided by SDPA's own error at that dtype
-   (PASS when <= 2, as in the tests).  fp32 uses bf16x6 dots (``--ieee`` also checks ieee).
+   (PASS when <= 2, as in the tests).  fp32 uses the default dots, fp16x3 (``--ieee`` also checks ieee).
 2. Timing (``triton.testing.do_bench``, median): issue 5's cases, B*S = 16k tokens (B=4, S=4096),
    16 heads, head dim 128 -- our kernel through ``anymask.attention(backend="triton")`` against
    SDPA (native for causal/full, else a prebuilt dense mask) and compiled FlexAttention with a
@@ -109,7 +109,7 @@ def correctness(kinds, dtypes, ieee: bool) -> list[dict]:
             ref = _fwd_bwd(q, k, v, mask, "eager", torch.float64, g)
             for dtype in dtypes:
                 peer = _err(_fwd_bwd(q, k, v, mask, "sdpa", dtype, g), ref)
-                precisions = (["bf16x6", "ieee"] if ieee else ["bf16x6"]) if dtype == torch.float32 else ["-"]
+                precisions = (["fp16x3", "ieee"] if ieee else ["fp16x3"]) if dtype == torch.float32 else ["-"]
                 for prec in precisions:
                     if prec != "-":
                         os.environ["ANYMASK_TRITON_FP32"] = prec

@@ -446,3 +446,16 @@ def test_fp16x3_dots_match_fp32(delegated, name, magnitudes):
         err = (got.double() - r).abs().max().item()
         bound = 2 * sdpa_error(pg, r) + 1e-6 * r.abs().max().item()
         assert torch.isfinite(got).all() and err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
+
+
+def test_fp32_precision_setting(monkeypatch):
+    from anymask.kernels import config as C
+
+    monkeypatch.delenv("ANYMASK_TRITON_FP32", raising=False)
+    assert C.get("fwd", 128, torch.float32).precision == "fp16x3"
+    assert C.get("fwd", 128, torch.bfloat16).precision == "tf32"  # unused for half inputs
+    monkeypatch.setenv("ANYMASK_TRITON_FP32", "bf16x6")
+    assert C.get("dq", 64, torch.float32).precision == "bf16x6"
+    monkeypatch.setenv("ANYMASK_TRITON_FP32", "fp16")
+    with pytest.raises(ValueError, match="expected one of fp16x3"):
+        C.get("dq", 64, torch.float32)

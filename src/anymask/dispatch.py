@@ -24,8 +24,8 @@ CPU: SDPA's cuDNN / flash kernels win plain causal and full; at head dim 128 cuD
 by row blocks) wins every structured mask it takes in bf16 but one forward (causal packed documents
 at S 4096: Triton), and it wins causal sliding windows; at head dim 64 (measured before cuDNN read
 its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
-in fp32 Triton (bf16x6 dots) wins every mask it can express, full and causal included (1.1x SDPA's
-fp32 kernel, 1.2-1.3x unpadded ``varlen`` on documents and padding).
+in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
+fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
 reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
