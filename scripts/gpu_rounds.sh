@@ -40,6 +40,8 @@
 #                                  # test cut the catalogue test, now one test per mask)
 #   bash scripts/gpu_rounds.sh 25  # fp32 through fp16x3 dots (ours): the default grid's fp32 cases, then the
 #                                  # Triton tests on CUDA
+#   bash scripts/gpu_rounds.sh 26  # the cuDNN GPU tests after the review fixes of 2026-12-04, then the training
+#                                  # shape's document cases (hd 64) with cuDNN reading its inputs in place
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -203,6 +205,11 @@ case "${1:-}" in
     OUT="$OUT/fp32" BENCH_TIMEOUT=330 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
       --passes fwd+bwd --deadline 290 2>&1 | tail -14
     device_pytest 220 60 triton_tests.log 12 --durations 5 tests/test_triton.py
+    ;;
+  26)
+    device_pytest 220 60 cudnn_tests.log 8 tests/test_cudnn.py -m gpu
+    OUT="$OUT/hd64" BENCH_TIMEOUT=260 bash scripts/gpu_bench.sh --masks documents,documents_causal \
+      --heads 32:8 --head-dims 64 --seqlens 16384 --dtypes bf16 --passes fwd,fwd+bwd --deadline 200 2>&1 | tail -8
     ;;
   18)
     for i in 0 1 2 3; do
