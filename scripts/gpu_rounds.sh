@@ -42,6 +42,8 @@
 #                                  # Triton tests on CUDA
 #   bash scripts/gpu_rounds.sh 26  # the cuDNN GPU tests after the review fixes of 2026-12-04, then the training
 #                                  # shape's document cases (hd 64) with cuDNN reading its inputs in place
+#   bash scripts/gpu_rounds.sh 27  # all FlexAttention GPU tests, six at a time (carry pytest-xdist and execnet
+#                                  # wheels in .whl/): compiling is what takes the time
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -210,6 +212,11 @@ case "${1:-}" in
     device_pytest 220 60 cudnn_tests.log 8 tests/test_cudnn.py -m gpu
     OUT="$OUT/hd64" BENCH_TIMEOUT=260 bash scripts/gpu_bench.sh --masks documents,documents_causal \
       --heads 32:8 --head-dims 64 --seqlens 16384 --dtypes bf16 --passes fwd,fwd+bwd --deadline 200 2>&1 | tail -8
+    ;;
+  27)
+    par=()
+    python3 -c 'import xdist' 2>/dev/null && par=(-n 6)
+    device_pytest 540 400 flex_tests.log 40 --durations 25 "${par[@]}" tests/test_flex.py -m gpu
     ;;
   18)
     for i in 0 1 2 3; do
