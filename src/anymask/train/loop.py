@@ -51,6 +51,10 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, examples: list | N
     try:
         with _sigterm_as_interrupt():
             return _run(config, d, model, tokenizer, examples, eval_examples)
+    except KeyboardInterrupt:
+        if d.main:  # an interrupt between a checkpoint's mkdir and its cleanup can leave the temporary dir
+            checkpoint.clean_partial(Path(config.output_dir))
+        raise
     finally:
         distributed.shutdown(d)
 
