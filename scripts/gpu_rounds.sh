@@ -44,6 +44,7 @@
 #                                  # shape's document cases (hd 64) with cuDNN reading its inputs in place
 #   bash scripts/gpu_rounds.sh 27  # all FlexAttention GPU tests, six at a time (carry pytest-xdist and execnet
 #                                  # wheels in .whl/): compiling is what takes the time
+#   bash scripts/gpu_rounds.sh 28  # fp16x3 against bf16x6 at head dim 64 (errors, tiles)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -217,6 +218,10 @@ case "${1:-}" in
     par=()
     python3 -c 'import xdist' 2>/dev/null && par=(-n 6)
     device_pytest 540 400 flex_tests.log 40 --durations 25 "${par[@]}" tests/test_flex.py -m gpu
+    ;;
+  28)
+    timeout 300 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-head-dim 64 --fp32-precisions bf16x6,fp16x3 \
+      --fp32-swept fp16x3 --no-correctness --no-timing 2>&1 | grep -v '^{' | tail -30
     ;;
   18)
     for i in 0 1 2 3; do

@@ -382,6 +382,7 @@ def main() -> int:
                         help="the --fp32-sweep's precisions")
     parser.add_argument("--fp32-swept", default="tf32x3,bf16x6",
                         help="those of them timed with every tile config (the others: defaults only)")
+    parser.add_argument("--fp32-head-dim", type=int, default=128, help="the --fp32-sweep's head dim")
     parser.add_argument("--no-correctness", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--ieee", action="store_true", help="also check fp32 with ieee dots")
@@ -406,7 +407,8 @@ def main() -> int:
         if args.sweep:
             result["sweep"] = sweep()
         if args.fp32_sweep:
-            result["fp32_sweep"] = fp32_sweep(args.fp32_precisions.split(","), args.fp32_swept.split(","))
+            result["fp32_sweep"] = fp32_sweep(args.fp32_precisions.split(","), args.fp32_swept.split(","),
+                                              D=args.fp32_head_dim)
         if not args.no_timing:
             names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
             dtypes = [torch.bfloat16] if args.quick else [names[d] for d in args.dtypes.split(",")]
