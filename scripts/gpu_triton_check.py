@@ -354,12 +354,14 @@ def fp32_sweep(precisions, swept=("tf32x3", "bf16x6"), D=128, kind="documents") 
         for kernel, configs in (FP16X3_SWEEP if prec == "fp16x3" else FP32_SWEEP).items():
             if not every and kernel == "dq":
                 continue
-            for cfg in configs if every else configs[:1]:
+            for cfg in configs if every else [None]:  # None: this precision's default tiles at this head dim
                 C.reset()
-                bm, bn, warps, stages = cfg
                 for kn in ("fwd", "dkdv", "dq"):
-                    tiles = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages) if kn == kernel else {}
+                    tiles = dict(zip(("block_m", "block_n", "num_warps", "num_stages"), cfg)) if cfg and kn == kernel else {}
                     C.override(kn, D, torch.float32, precision=prec, **tiles)
+                used = C.get(kernel, D, torch.float32)
+                cfg = (used.block_m, used.block_n, used.num_warps, used.num_stages)
+                bm, bn, warps, stages = cfg
                 try:
                     ms = _time(fn, q, k, v, grad=kernel != "fwd")
                 except Exception as exc:
