@@ -49,7 +49,7 @@ def fp32_precision() -> str:
 # are the fastest of a small sweep on an H200 (causal and packed causal documents, 16k tokens);
 # fp32 hd 128 entries the fastest with bf16x6 (here) and fp16x3 (`_GPU_FP16X3`) dots in
 # `scripts/gpu_triton_check.py --fp32-sweep` (packed documents; larger tiles run out of Hopper's
-# 227 KB of shared memory).  fp16x3 at hd 64 takes the hd 128 tiles (smaller, so they fit; not swept).
+# 227 KB of shared memory); fp16x3 at hd 64 was swept too and its best tiles are the hd 128 ones.
 _GPU = {
     ("fwd", 64, "half"): (128, 64, 8, 3),
     ("fwd", 128, "half"): (128, 64, 8, 3),
