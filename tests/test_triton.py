@@ -395,6 +395,7 @@ MAGNITUDES = {  # q, k, v, dO multipliers: fp16 alone would overflow or flush mo
     "unit": (1.0, 1.0, 1.0, 1.0),
     "small_q_large_k": (1e-3, 1e3, 1e-4, 1e5),
     "large_q_tiny_grad": (1e6, 1e-6, 3e3, 1e-8),
+    "fp32_extremes": (1e25, 1e-25, 1e-20, 1e20),  # scales near 2**+-80: their products would overflow fp32
 }
 
 

@@ -10,7 +10,7 @@ fp16 has a narrow exponent range (normal from 2**-14, at most 65504), so every o
 into ``[2**13, 2**14)`` at its largest before it is split, and the product scaled back:
 
 - q, k, v and dO by one power of two per (batch row, kv head) (:func:`scales`, computed on the host
-  from ``max |x|``; exact);
+  from ``max |x|``; exact; up to 2**+-126, so the kernels divide by one scale at a time);
 - probabilities (at most 1) by ``2**14``;
 - dS by one factor per row of the tile (its largest entry), taken back on the product's rows.
 
@@ -66,6 +66,6 @@ def scales(tensors: list[torch.Tensor | None], kv_heads: int) -> torch.Tensor:
             continue
         top = torch.linalg.vector_norm(t.unflatten(1, (kv_heads, -1)), ord=float("inf"), dim=(2, 3, 4))
         _, exp = torch.frexp(top.float())  # top < 2**exp
-        exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 60, _TOP + 60)
+        exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 126, _TOP + 126)
         out[:, :, i] = torch.ldexp(torch.ones_like(top, dtype=torch.float32), _TOP - exp)
     return out

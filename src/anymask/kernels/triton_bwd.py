@@ -130,8 +130,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER, 
         do_scale = tl.load(sc + 3)
         k, k_lo = split16.split(k * k_scale)
         v, v_lo = split16.split(v * v_scale)
-        qk_scale = qk_scale / (k_scale * q_scale)
-        dp_scale = 1.0 / (v_scale * do_scale)
+        qk_scale = qk_scale / k_scale / q_scale  # one at a time: each scale may be up to 2**126
+        dp_scale = 1.0 / v_scale / do_scale
     k_ok = in_kv
     if KPAD:
         k_ok = tl.load(KVALID + b * s_kvalid + offs_n, mask=in_kv, other=0) != 0  # [BN]
@@ -208,8 +208,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER, SCALES
         do_scale = tl.load(sc + 3)
         q, q_lo = split16.split(q * q_scale)
         do, do_lo = split16.split(do * do_scale)
-        qk_scale = qk_scale / (q_scale * k_scale)
-        dp_scale = 1.0 / (do_scale * v_scale)
+        qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
+        dp_scale = 1.0 / do_scale / v_scale
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid

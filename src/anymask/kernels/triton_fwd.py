@@ -114,7 +114,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
     q_lo = q
     if SPLIT:
         q, q_lo = split16.split(q * q_scale)
-        qk_scale = qk_scale / (q_scale * k_scale)
+        qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     kvalid = KVALID + b * s_kvalid
@@ -144,7 +144,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
                                       SPLIT)
     seen = l_i > 0
     if SPLIT:
-        acc = acc * (1.0 / (16384.0 * v_scale))
+        acc = acc * (1.0 / 16384.0 / v_scale)
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("inf"))
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :]
