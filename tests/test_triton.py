@@ -396,6 +396,7 @@ MAGNITUDES = {  # q, k, v, dO multipliers: fp16 alone would overflow or flush mo
     "small_q_large_k": (1e-3, 1e3, 1e-4, 1e5),
     "large_q_tiny_grad": (1e6, 1e-6, 3e3, 1e-8),
     "fp32_extremes": (1e25, 1e-25, 1e-20, 1e20),  # scales near 2**+-80: their products would overflow fp32
+    "large_ds": (1e-10, 1.0, 1e35, 1.0),  # dS near 1e36: a gradient accumulated in scaled units overflows
 }
 
 
@@ -460,3 +461,44 @@ def test_fp32_precision_setting(monkeypatch):
     monkeypatch.setenv("ANYMASK_TRITON_FP32", "fp16")
     with pytest.raises(ValueError, match="expected one of fp16x3"):
         C.get("dq", 64, torch.float32)
+
+
+def _with_precision(precision: str, fn):
+    from anymask.kernels import config as C
+
+    try:
+        for kernel in ("fwd", "dkdv", "dq"):
+            C.override(kernel, 16, torch.float32, precision=precision)
+        return fn()
+    finally:
+        C.reset()
+
+
+@needs_triton
+def test_fp16x3_nan_in_a_padded_row_stays_local(delegated):
+    """A NaN in a padded query row (garbage a caller left there) must not set the scale of its
+    whole kv group: every real row's output stays as in float64."""
+    if delegated:
+        return
+    B, H, Hkv, S, D = 2, 4, 2, 32, 16
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, -4:] = False
+    mask = M.padding(valid.to(DEVICE))
+    q, k, v = _inputs(B, H, Hkv, S, S, D)
+    q, k = q * 1e5, k * 1e-5
+    q[0, 0, -1, 0] = float("nan")
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    out = _with_precision("fp16x3", lambda: anymask.attention(q.float(), k.float(), v.float(), mask,
+                                                              backend="triton"))
+    real = valid.to(DEVICE)[:, None, :, None].expand_as(out)  # [B, H, S, D]
+    assert torch.isfinite(out[real]).all()
+    torch.testing.assert_close(out[real].double(), ref[real], atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["documents_causal", "scattered_padding"])
+def test_fp32_ieee_dots(delegated, name):
+    """The non-split fp32 path (``ANYMASK_TRITON_FP32=ieee``, and bf16x6/tf32x3 on a GPU)."""
+    if delegated:
+        return
+    _with_precision("ieee", lambda: _check(MASKS[name](2, 41), (2, 2, 1, 41, 41, 16), torch.float32))

@@ -16,6 +16,10 @@ into ``[2**13, 2**14)`` at its largest before it is split, and the product scale
 
 Entries far below their group's largest lose relative precision in ``lo``, but their absolute error
 stays below ``2**-38`` of that largest entry, far under fp32's rounding of the sums they are part of.
+Only entries more than ~2**17 below their group's largest lose bits: a packed document whose v is a
+million times smaller than its neighbours' gets ~3e-6 relative error where fp32 gives ~3e-7.  The
+scales ignore NaN and inf, so a non-finite entry (say, garbage in a padded row) stays as local as in
+fp32.  Gradients accumulate in true units, never in scaled ones that could overflow.
 """
 
 from __future__ import annotations
@@ -64,8 +68,24 @@ def scales(tensors: list[torch.Tensor | None], kv_heads: int) -> torch.Tensor:
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        top = torch.linalg.vector_norm(t.unflatten(1, (kv_heads, -1)), ord=float("inf"), dim=(2, 3, 4))
-        _, exp = torch.frexp(top.float())  # top < 2**exp
+        top = _finite_absmax(t.unflatten(1, (kv_heads, -1)))  # [B, Hkv]
+        _, exp = torch.frexp(top)  # top < 2**exp
         exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 126, _TOP + 126)
         out[:, :, i] = torch.ldexp(torch.ones_like(top, dtype=torch.float32), _TOP - exp)
     return out
+
+
+def _finite_absmax(t: torch.Tensor, chunk_elements: int = 1 << 23) -> torch.Tensor:
+    """``max |x|`` over the finite entries of ``t`` [B, Hkv, G, S, D] per (B, Hkv), fp32.
+
+    A NaN or inf (say, garbage in a padded row) must not set the scale of its whole group: it stays
+    as local as in fp32.  Runs over S in chunks so the finite-only copy stays small.
+    """
+    B, Hkv, G, S, D = t.shape
+    if t.numel() == 0:
+        return torch.zeros(B, Hkv, dtype=torch.float32, device=t.device)
+    step = max(1, chunk_elements // max(1, B * Hkv * G * D))
+    tops = [torch.linalg.vector_norm(part.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), ord=float("inf"),
+                                     dim=(2, 3, 4))
+            for part in t.split(step, dim=3)]
+    return torch.stack(tops).amax(0).float()  # [B, Hkv]

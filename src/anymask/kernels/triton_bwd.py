@@ -46,8 +46,9 @@ def _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_b
     """Add one q tile's contribution to a kv tile's dK (unscaled) and dV accumulators.
 
     SPLIT (fp32 as fp16x3): ``k, k_lo`` and ``v, v_lo`` are the scaled fp16 parts, q and dO are
-    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; dK is in units of
-    ``q_scale`` and dV of ``do_scale`` (the caller takes them back).
+    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; the products' row factors
+    undo the rest, so dK and dV accumulate in true units (a scaled accumulator could overflow fp32
+    where the gradient does not).
     """
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -80,11 +81,11 @@ def _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_b
         p_t = tl.where(ok, p_t, 0.0)
     if SPLIT:
         p_hi, p_lo, p_back = split16.split_rows(p_t)
-        dv += split16.dot3(p_hi, p_lo, do, do_lo) * p_back[:, None]  # [BN, D]
+        dv += split16.dot3(p_hi, p_lo, do, do_lo) * (p_back / do_scale)[:, None]  # [BN, D], true units
         dp_t = split16.dot3(v, v_lo, tl.trans(do), tl.trans(do_lo)) * dp_scale  # [BN, BM]
         ds_t = p_t * (dp_t - delta[None, :])
         ds_hi, ds_lo, ds_back = split16.split_rows(ds_t)
-        dk += split16.dot3(ds_hi, ds_lo, q, q_lo) * ds_back[:, None]  # [BN, D]
+        dk += split16.dot3(ds_hi, ds_lo, q, q_lo) * (ds_back / q_scale)[:, None]  # [BN, D], true units
     else:
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -162,8 +163,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER, 
                                     dp_scale, True, KPAD, BLOCK_M, HEAD_DIM, PRECISION, SPLIT)
     dk_ptrs = DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
     dv_ptrs = DV + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * (scale / q_scale)).to(DK.dtype.element_ty), mask=in_kv[:, None])
-    tl.store(dv_ptrs, (dv * (1.0 / do_scale)).to(DV.dtype.element_ty), mask=in_kv[:, None])
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=in_kv[:, None])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=in_kv[:, None])
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER, SCALES
                           Skv, qk_scale, k_scale, v_scale, dp_scale, True, KPAD, BLOCK_N, HEAD_DIM,
                           PRECISION, SPLIT)
     dq_ptrs = DQ + b.to(tl.int64) * sdqb + h.to(tl.int64) * sdqh + offs_m[:, None] * sdqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * (scale / k_scale)).to(DQ.dtype.element_ty), mask=in_q[:, None])
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 @triton.jit
@@ -238,8 +239,8 @@ def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kval
     """Add one kv tile's contribution to a q tile's dQ (unscaled).
 
     SPLIT (fp32 as fp16x3): ``q, q_lo`` and ``do, do_lo`` are the scaled fp16 parts, k and v are
-    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; dQ is in units of
-    ``k_scale`` (the caller takes them back).
+    scaled here, ``qk_scale``/``dp_scale`` undo the scales of s and dP; the product's row factor
+    undoes the rest, so dQ accumulates in true units.
     """
     offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -268,7 +269,7 @@ def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kval
         dp = split16.dot3(do, do_lo, tl.trans(v_hi), tl.trans(v_lo)) * dp_scale  # [BM, BN]
         ds = p * (dp - delta[:, None])
         ds_hi, ds_lo, ds_back = split16.split_rows(ds)
-        dq += split16.dot3(ds_hi, ds_lo, k, k_lo) * ds_back[:, None]  # [BM, D]
+        dq += split16.dot3(ds_hi, ds_lo, k, k_lo) * (ds_back / k_scale)[:, None]  # [BM, D], true units
     else:
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
