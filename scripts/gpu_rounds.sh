@@ -45,6 +45,8 @@
 #   bash scripts/gpu_rounds.sh 27  # all FlexAttention GPU tests, six at a time (carry pytest-xdist and execnet
 #                                  # wheels in .whl/): compiling is what takes the time
 #   bash scripts/gpu_rounds.sh 28  # fp16x3 against bf16x6 at head dim 64 (errors, tiles)
+#   bash scripts/gpu_rounds.sh 29  # after the fp16x3 review fixes: the Triton tests on CUDA, errors and the
+#                                  # default tiles' speed at head dim 128
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -222,6 +224,11 @@ case "${1:-}" in
   28)
     timeout 300 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-head-dim 64 --fp32-precisions bf16x6,fp16x3 \
       --fp32-swept fp16x3 --no-correctness --no-timing 2>&1 | grep -v '^{' | tail -30
+    ;;
+  29)
+    device_pytest 200 60 triton_tests.log 6 tests/test_triton.py
+    timeout 150 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions fp16x3 --fp32-swept none \
+      --no-correctness --no-timing 2>&1 | grep -v '^{' | tail -8
     ;;
   18)
     for i in 0 1 2 3; do
