@@ -406,7 +406,7 @@ def test_split_scales_are_powers_of_two_per_kv_group(delegated):
         return
     from anymask.kernels import split16
 
-    q = torch.randn(2, 4, 9, 16, dtype=torch.float32)
+    q = torch.randn(2, 4, 9, 16, dtype=torch.float32, device=DEVICE)
     q[0, 2:] *= 1e-7  # the second kv group of row 0
     q[1] = 0  # row 1 all zero
     sc = split16.scales([q, None], kv_heads=2)  # [B, Hkv, 2]
@@ -417,6 +417,8 @@ def test_split_scales_are_powers_of_two_per_kv_group(delegated):
     assert (sc[..., 0][~nonzero] == 1).all() and (sc[..., 1] == 1).all()
     mantissa, _ = torch.frexp(sc)
     assert (mantissa == 0.5).all()  # exact powers of two: scaling loses nothing
+    q[0, 0, 0, 0], q[0, 3, 1, 1] = float("inf"), float("nan")  # non-finite entries do not count
+    assert torch.equal(split16.scales([q, None], kv_heads=2), sc)
 
 
 @needs_triton

@@ -68,24 +68,40 @@ def scales(tensors: list[torch.Tensor | None], kv_heads: int) -> torch.Tensor:
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        top = _finite_absmax(t.unflatten(1, (kv_heads, -1)))  # [B, Hkv]
+        top = _finite_absmax(t, kv_heads)  # [B, Hkv]
         _, exp = torch.frexp(top)  # top < 2**exp
         exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 126, _TOP + 126)
         out[:, :, i] = torch.ldexp(torch.ones_like(top, dtype=torch.float32), _TOP - exp)
     return out
 
 
-def _finite_absmax(t: torch.Tensor, chunk_elements: int = 1 << 23) -> torch.Tensor:
-    """``max |x|`` over the finite entries of ``t`` [B, Hkv, G, S, D] per (B, Hkv), fp32.
+@triton.jit
+def _finite_absmax_kernel(X, OUT, HKV, G, S, sxb, sxh, sxs, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``OUT[b * HKV + hk] = max |x|`` over the finite entries of one block of (q head, row) pairs of
+    kv group ``hk``; NaN and inf count as 0."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    hk = bh % HKV
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [R] over (head of the group, row)
+    h = hk * G + r // S
+    s = r % S
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = X + b.to(tl.int64) * sxb + h.to(tl.int64)[:, None] * sxh + s.to(tl.int64)[:, None] * sxs + offs_d[None, :]
+    a = tl.abs(tl.load(ptrs, mask=(r < G * S)[:, None], other=0.0).to(tl.float32))  # [R, D]
+    a = tl.where(a < float("inf"), a, 0.0)  # NaN compares false
+    tl.atomic_max(OUT + bh, tl.max(tl.max(a, 1), 0))
 
-    A NaN or inf (say, garbage in a padded row) must not set the scale of its whole group: it stays
-    as local as in fp32.  Runs over S in chunks so the finite-only copy stays small.
+
+def _finite_absmax(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``max |x|`` over the finite entries of ``t`` [B, H, S, D] per (B, kv head group): [B, Hkv] fp32.
+
+    One read, no copy.  A NaN or inf (say, garbage in a padded row) must not set the scale of its whole
+    group: it stays as local as in fp32.
     """
-    B, Hkv, G, S, D = t.shape
-    if t.numel() == 0:
-        return torch.zeros(B, Hkv, dtype=torch.float32, device=t.device)
-    step = max(1, chunk_elements // max(1, B * Hkv * G * D))
-    tops = [torch.linalg.vector_norm(part.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0), ord=float("inf"),
-                                     dim=(2, 3, 4))
-            for part in t.split(step, dim=3)]
-    return torch.stack(tops).amax(0).float()  # [B, Hkv]
+    B, H, S, D = t.shape
+    out = torch.zeros(B, kv_heads, dtype=torch.float32, device=t.device)
+    G = H // kv_heads
+    rows = 64
+    _finite_absmax_kernel[(B * kv_heads, triton.cdiv(G * S, rows))](
+        t, out, kv_heads, G, S, t.stride(0), t.stride(1), t.stride(2), BLOCK_R=rows, HEAD_DIM=D)
+    return out
