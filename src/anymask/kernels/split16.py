@@ -9,10 +9,12 @@ rate, and half the products of ``bf16x6`` (bf16 has 8 bits, so it needs three pa
 fp16 has a narrow exponent range (normal from 2**-14, at most 65504), so every operand is scaled
 into ``[2**13, 2**14)`` at its largest before it is split, and the product scaled back:
 
-- q, k, v and dO by one power of two per (batch row, kv head) (:func:`scales`, computed on the host
-  from ``max |x|``; exact; up to 2**+-126, so the kernels divide by one scale at a time);
-- probabilities (at most 1) by ``2**14``;
-- dS by one factor per row of the tile (its largest entry), taken back on the product's rows.
+- q, k, v and dO by one power of two per (batch row, kv head) (:func:`scales`, from the largest
+  finite ``|x|``, one Triton pass before the kernels; exact; up to 2**+-126, so the kernels divide by
+  one scale at a time);
+- probabilities in the forward (at most 1) by ``2**14``;
+- dS, and P in the dK/dV kernel, by one factor per row of the tile (its largest entry), taken back on
+  the product's rows.
 
 Entries far below their group's largest lose relative precision in ``lo``, but their absolute error
 stays below ``2**-38`` of that largest entry, far under fp32's rounding of the sums they are part of.
