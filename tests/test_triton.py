@@ -400,6 +400,18 @@ MAGNITUDES = {  # q, k, v, dO multipliers: fp16 alone would overflow or flush mo
 }
 
 
+def _with_precision(precision: str, fn, head_dim: int = 16):
+    """``fn()`` with the fp32 dots of all three kernels set to ``precision``."""
+    from anymask.kernels import config as C
+
+    try:
+        for kernel in ("fwd", "dkdv", "dq"):
+            C.override(kernel, head_dim, torch.float32, precision=precision)
+        return fn()
+    finally:
+        C.reset()
+
+
 @needs_triton
 def test_split_scales_are_powers_of_two_per_kv_group(delegated):
     if delegated:
@@ -429,8 +441,6 @@ def test_fp16x3_dots_match_fp32(delegated, name, magnitudes):
     million of the largest value), for inputs far from 1 and one head a thousand times smaller."""
     if delegated:
         return
-    from anymask.kernels import config as C
-
     B, Hq, Hkv, S, D = 2, 4, 2, 45, 32
     mask = MASKS[name](B, S)
     mult = MAGNITUDES[magnitudes]
@@ -440,12 +450,7 @@ def test_fp16x3_dots_match_fp32(delegated, name, magnitudes):
     q[:, 1] *= 1e-3
     ref, ref_grads = _run(q, k, v, mask, "eager", torch.float64, grad_out)
     peer, peer_grads = _run(q, k, v, mask, "sdpa", torch.float32, grad_out)
-    try:
-        for kernel in ("fwd", "dkdv", "dq"):
-            C.override(kernel, D, torch.float32, precision="fp16x3")
-        out, grads = _run(q, k, v, mask, "triton", torch.float32, grad_out)
-    finally:
-        C.reset()
+    out, grads = _with_precision("fp16x3", lambda: _run(q, k, v, mask, "triton", torch.float32, grad_out), D)
     for what, got, r, pg in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads], [peer, *peer_grads]):
         err = (got.double() - r).abs().max().item()
         bound = 2 * sdpa_error(pg, r) + 1e-6 * r.abs().max().item()
@@ -463,17 +468,6 @@ def test_fp32_precision_setting(monkeypatch):
     monkeypatch.setenv("ANYMASK_TRITON_FP32", "fp16")
     with pytest.raises(ValueError, match="expected one of fp16x3"):
         C.get("dq", 64, torch.float32)
-
-
-def _with_precision(precision: str, fn):
-    from anymask.kernels import config as C
-
-    try:
-        for kernel in ("fwd", "dkdv", "dq"):
-            C.override(kernel, 16, torch.float32, precision=precision)
-        return fn()
-    finally:
-        C.reset()
 
 
 @needs_triton

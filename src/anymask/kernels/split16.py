@@ -50,6 +50,13 @@ def dot3(a_hi, a_lo, b_hi, b_lo):
 
 
 @triton.jit
+def load_scales(SCALES, row_kv_head):
+    """The q, k, v and dO scales of one (batch row, kv head): ``SCALES`` is :func:`scales`' output."""
+    sc = SCALES + row_kv_head * 4
+    return tl.load(sc), tl.load(sc + 1), tl.load(sc + 2), tl.load(sc + 3)
+
+
+@triton.jit
 def split_rows(x):
     """Split ``x`` [R, C] with each row scaled to at most 2**14; returns ``hi, lo`` and the factor
     [R] that takes a product's rows back (rows that are all zero keep factor 2**-100 * 2**-14)."""

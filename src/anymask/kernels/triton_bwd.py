@@ -124,15 +124,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER, 
     do_scale = 1.0
     dp_scale = 1.0
     if SPLIT:
-        sc = SCALES + bhk * 4  # q, k, v, dO scales of this (row, kv head)
-        q_scale = tl.load(sc)
-        k_scale = tl.load(sc + 1)
-        v_scale = tl.load(sc + 2)
-        do_scale = tl.load(sc + 3)
+        q_scale, k_scale, v_scale, do_scale = split16.load_scales(SCALES, bhk)
         k, k_lo = split16.split(k * k_scale)
         v, v_lo = split16.split(v * v_scale)
-        qk_scale = qk_scale / k_scale / q_scale  # one at a time: each scale may be up to 2**126
-        dp_scale = 1.0 / v_scale / do_scale
+        qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
+        dp_scale = 1.0 / do_scale / v_scale
     k_ok = in_kv
     if KPAD:
         k_ok = tl.load(KVALID + b * s_kvalid + offs_n, mask=in_kv, other=0) != 0  # [BN]
@@ -202,11 +198,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER, SCALES
     v_scale = 1.0
     dp_scale = 1.0
     if SPLIT:
-        sc = SCALES + (b * (H // GROUPS) + hk) * 4  # q, k, v, dO scales of this (row, kv head)
-        q_scale = tl.load(sc)
-        k_scale = tl.load(sc + 1)
-        v_scale = tl.load(sc + 2)
-        do_scale = tl.load(sc + 3)
+        q_scale, k_scale, v_scale, do_scale = split16.load_scales(SCALES, b * (H // GROUPS) + hk)
         q, q_lo = split16.split(q * q_scale)
         do, do_lo = split16.split(do * do_scale)
         qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126

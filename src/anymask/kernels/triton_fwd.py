@@ -94,10 +94,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
     k_scale = 1.0
     v_scale = 1.0
     if SPLIT:
-        sc = SCALES + (b * (H // GROUPS) + hk) * 4  # q, k, v, dO scales of this (row, kv head)
-        q_scale = tl.load(sc)
-        k_scale = tl.load(sc + 1)
-        v_scale = tl.load(sc + 2)
+        q_scale, k_scale, v_scale, _ = split16.load_scales(SCALES, b * (H // GROUPS) + hk)
     tile = TILES + b * s_tiles + m * 4
     first = tl.load(tile)
     full_first = tl.load(tile + 1)
