@@ -290,7 +290,6 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     if split != (cfg_dq.precision == "fp16x3"):
         raise ValueError("the dK/dV and dQ kernels must both use fp16x3 dots or neither")
     scales = split16.scales([q, k, v, do], Hkv) if split else delta  # [B, Hkv, 4]; unread unless split
-    precision = {"dkdv": "ieee" if split else cfg_dkdv.precision, "dq": "ieee" if split else cfg_dq.precision}
 
     dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
@@ -304,7 +303,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
         Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=precision["dkdv"], MERGED=cfg_dkdv.merged, SPLIT=split,
+        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged, SPLIT=split,
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
     dq = empty_in_layout(q)
@@ -318,6 +317,6 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=precision["dq"], MERGED=cfg_dq.merged, SPLIT=split,
+        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged, SPLIT=split,
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
     return dq, dk, dv

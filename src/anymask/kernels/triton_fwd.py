@@ -183,6 +183,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, n_m, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, KPAD=bounds.kvalid is not None,
-        PRECISION="ieee" if split else cfg.precision, MERGED=cfg.merged, SPLIT=split,
+        PRECISION=cfg.precision, MERGED=cfg.merged, SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
