@@ -47,6 +47,8 @@
 #   bash scripts/gpu_rounds.sh 28  # fp16x3 against bf16x6 at head dim 64 (errors, tiles)
 #   bash scripts/gpu_rounds.sh 29  # after the fp16x3 review fixes: the Triton tests on CUDA, errors and the
 #                                  # default tiles' speed at head dim 128
+#   bash scripts/gpu_rounds.sh 30  # where the bf16 structured masks' fwd+bwd time goes (kernels, gaps, host;
+#                                  # scripts/gpu_mask_profile.py), then the Triton tests on CUDA
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -229,6 +231,10 @@ case "${1:-}" in
     device_pytest 200 60 triton_tests.log 6 tests/test_triton.py
     timeout 150 python3 scripts/gpu_triton_check.py --fp32-sweep --fp32-precisions fp16x3 --fp32-swept none \
       --no-correctness --no-timing 2>&1 | grep -v '^{' | tail -8
+    ;;
+  30)
+    timeout 300 python3 scripts/gpu_mask_profile.py --out "$OUT" 2>&1 | cut -c1-400 | tail -24
+    device_pytest 200 60 triton_tests.log 6 tests/test_triton.py
     ;;
   18)
     for i in 0 1 2 3; do
