@@ -8,7 +8,10 @@ of one call with their device time; ``gaps`` = pipelined ms - kernel ms.  One JS
 (mask, variant) on stdout and in ``$OUT/mask_profile.jsonl``.
 """
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import time
 from pathlib import Path
@@ -53,6 +56,20 @@ def kernels(fn, reps: int = 3) -> list[dict]:
     return rows
 
 
+def host_profile(fn, path: Path, n: int = 30) -> None:
+    """cProfile of ``n`` calls (host side), cumulative times, written to ``path``."""
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(n):
+        fn(i % 3)
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    path.write_text(text.getvalue())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--masks", default="documents,documents_causal,padding,sliding_window,prefix_lm,packed_prefix_lm")
@@ -62,6 +79,7 @@ def main() -> int:
     ap.add_argument("--heads", default="16")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--cprofile", action="store_true", help="also a host-side cProfile per variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     hq, _, hk = a.heads.partition(":")
@@ -84,6 +102,8 @@ def main() -> int:
                 else:
                     ms, host = pipelined_ms(prep.fn, a.calls)
                     ks = kernels(prep.fn)
+                    if a.cprofile:
+                        host_profile(prep.fn, Path(a.out) / f"host_{name}_{var}.txt")
                     kms = sum(k["us"] for k in ks) / 1e3
                     rec = {"mask": name, "variant": var, "backend": prep.backend, "ms": round(ms, 4),
                            "tflops": round(flops / ms / 1e9, 1), "host_ms": round(host, 3),

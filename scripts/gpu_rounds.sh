@@ -49,6 +49,7 @@
 #                                  # default tiles' speed at head dim 128
 #   bash scripts/gpu_rounds.sh 30  # where the bf16 structured masks' fwd+bwd time goes (kernels, gaps, host;
 #                                  # scripts/gpu_mask_profile.py), then the Triton tests on CUDA
+#   bash scripts/gpu_rounds.sh 31  # round 30's host side: cProfile of the calls that are host-bound
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -235,6 +236,12 @@ case "${1:-}" in
   30)
     timeout 300 python3 scripts/gpu_mask_profile.py --out "$OUT" 2>&1 | cut -c1-400 | tail -24
     device_pytest 200 60 triton_tests.log 6 tests/test_triton.py
+    ;;
+  31)
+    timeout 200 python3 scripts/gpu_mask_profile.py --cprofile --masks sliding_window,documents_causal \
+      --variants cudnn,triton,raw_flex --out "$OUT" 2>&1 | cut -c1-300 | grep '^{'
+    timeout 100 python3 scripts/gpu_mask_profile.py --cprofile --masks full --variants sdpa --out "$OUT" 2>&1 \
+      | cut -c1-300 | grep '^{'
     ;;
   18)
     for i in 0 1 2 3; do
