@@ -50,6 +50,8 @@
 #   bash scripts/gpu_rounds.sh 30  # where the bf16 structured masks' fwd+bwd time goes (kernels, gaps, host;
 #                                  # scripts/gpu_mask_profile.py), then the Triton tests on CUDA
 #   bash scripts/gpu_rounds.sh 31  # round 30's host side: cProfile of the calls that are host-bound
+#   bash scripts/gpu_rounds.sh 32  # cuDNN: padding zeroes only its holes, the frontend's ordered execute
+#                                  # against its dict execute (host time, bitwise), the cuDNN GPU tests
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -241,6 +243,12 @@ case "${1:-}" in
     timeout 200 python3 scripts/gpu_mask_profile.py --cprofile --masks sliding_window,documents_causal \
       --variants cudnn,triton,raw_flex --out "$OUT" 2>&1 | cut -c1-300 | grep '^{'
     timeout 100 python3 scripts/gpu_mask_profile.py --cprofile --masks full --variants sdpa --out "$OUT" 2>&1 \
+      | cut -c1-300 | grep '^{'
+    ;;
+  32)
+    device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
+    timeout 150 python3 scripts/gpu_cudnn_host_probe.py --out "$OUT" 2>&1 | tail -6
+    timeout 150 python3 scripts/gpu_mask_profile.py --masks padding,documents --variants cudnn --out "$OUT" 2>&1 \
       | cut -c1-300 | grep '^{'
     ;;
   18)

@@ -24,6 +24,7 @@ version for THD backward).  Rows outside the lengths are garbage: callers never 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 from dataclasses import dataclass
 
@@ -117,14 +118,18 @@ def version() -> str:
 
 
 def handle(device: int):
-    """This thread's cuDNN handle for ``device``, bound to torch's current stream."""
+    """This thread's cuDNN handle for ``device``, bound to torch's current stream (rebound only
+    when that stream changes: a call costs host time that short attention calls cannot hide)."""
     handles = _tls.__dict__.setdefault("handles", {})
-    c = cudnn()
-    if device not in handles:
+    stream = torch.cuda.current_stream(device).cuda_stream
+    entry = handles.get(device)
+    if entry is None:
         with torch.cuda.device(device):
-            handles[device] = c.create_handle()
-    c.set_stream(handle=handles[device], stream=torch.cuda.current_stream(device).cuda_stream)
-    return handles[device]
+            entry = handles[device] = [cudnn().create_handle(), None]
+    if entry[1] != stream:
+        cudnn().set_stream(handle=entry[0], stream=stream)
+        entry[1] = stream
+    return entry[0]
 
 
 def cache_size() -> int:
@@ -307,10 +312,31 @@ def _meta_pack(spec: Spec, meta: Meta) -> dict:
     return pack
 
 
+def _ordered(graph) -> bool:
+    """Whether this frontend takes buffers with their uids as two sequences (``tensor_uids``,
+    frontend 1.2x): its uid metadata is then cached inside, not rebuilt from a dict every call."""
+    kind = type(graph)
+    known = _ORDERED.get(kind)
+    if known is None:
+        try:
+            known = "tensor_uids" in inspect.signature(kind.execute).parameters
+        except (TypeError, ValueError):  # a native method without a signature: the dict form
+            known = False
+        _ORDERED[kind] = known
+    return known
+
+
+_ORDERED: dict[type, bool] = {}
+
+
 def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.device) -> None:
     workspace = torch.empty(max(built.workspace, 1), dtype=torch.uint8, device=device)
     try:
-        built.graph.execute(pack, workspace, handle=handle(spec.device))
+        if _ordered(built.graph):
+            built.graph.execute(tuple(pack.values()), workspace, handle=handle(spec.device),
+                                tensor_uids=tuple(pack))
+        else:
+            built.graph.execute(pack, workspace, handle=handle(spec.device))
     except Exception as exc:
         raise CudnnGraphError(f"cuDNN {what} graph failed at execute: {type(exc).__name__}: {exc}\n  spec: {spec}") from exc
 
