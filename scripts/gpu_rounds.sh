@@ -50,8 +50,10 @@
 #   bash scripts/gpu_rounds.sh 30  # where the bf16 structured masks' fwd+bwd time goes (kernels, gaps, host;
 #                                  # scripts/gpu_mask_profile.py), then the Triton tests on CUDA
 #   bash scripts/gpu_rounds.sh 31  # round 30's host side: cProfile of the calls that are host-bound
-#   bash scripts/gpu_rounds.sh 32  # cuDNN: padding zeroes only its holes, the frontend's ordered execute
-#                                  # against its dict execute (host time, bitwise), the cuDNN GPU tests
+#   bash scripts/gpu_rounds.sh 32  # the cuDNN GPU tests and round 30's profile of padding and documents
+#                                  # (on 2026-12-04 it also timed two changes since reverted: zeroing only
+#                                  # padding's rows and the frontend's ordered execute; see
+#                                  # benchmarks/results/nvidia-h200/checks/cudnn_host_2026-12-04/README.md)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -247,7 +249,6 @@ case "${1:-}" in
     ;;
   32)
     device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
-    timeout 150 python3 scripts/gpu_cudnn_host_probe.py --out "$OUT" 2>&1 | tail -6
     timeout 150 python3 scripts/gpu_mask_profile.py --masks padding,documents --variants cudnn --out "$OUT" 2>&1 \
       | cut -c1-300 | grep '^{'
     ;;

@@ -216,7 +216,7 @@ def _fake_math(spec, q, k, v, meta):
         lq, lk = meta.seq_q.flatten().tolist(), meta.seq_kv.flatten().tolist()
         assert len(lq) == spec.batch and max(lq) <= spec.q_len and max(lk) <= spec.kv_len
         assert starts_q[-1] <= spec.total_q and starts_k[-1] <= spec.total_kv
-        assert starts_q[-1] == q.shape[0] or meta.holes_q is not None  # entries cover every row but padding
+        assert starts_q[-1] == q.shape[0] or meta.zero_q  # entries cover every row but padding
         out = torch.zeros_like(q)
         for n in range(spec.batch):
             rows = slice(starts_q[n], starts_q[n] + lq[n])
@@ -430,16 +430,12 @@ def test_in_place_entries_and_buckets():
     off = heads.metas[0].off_q.flatten().tolist()
     assert off[:24] == want and off[24:] == [want[-1] + 300 * 16] * 9
     assert heads.metas[0].seq_q.flatten().tolist() == want_len + [0] * 8
-    covered = torch.zeros(B * 4 * S, dtype=torch.bool)  # rows of the [B * H * S, 1, D] view in some entry
-    for start, n in zip(want, want_len):
-        covered[start // 16:start // 16 + n] = True
-    holes = (~covered).nonzero().flatten().tolist()  # padding: exactly these rows are zeroed
-    assert heads.metas[0].holes_q.tolist() == holes and heads.metas[0].holes_kv.tolist() == holes
+    assert heads.metas[0].zero_q and heads.metas[0].zero_kv  # padding: rows in no entry start zeroed
     tokens = C._in_place(pl, p, q.device, "tokens")
     assert tokens.entries == 8 and tokens.heads == (4, 4) and tokens.total == (1024, 1024)  # 900, bucketed
     assert tokens.metas[0].off_kv.flatten().tolist()[:6] == [(b * S + s0) * 4 * 16 for b, s0 in starts]
     docs = C._in_place(C.plan(describe(q, q, q, M.documents(lengths=[[100, 200]] * 3), None)), p, q.device, "tokens")
-    assert docs.metas[0].holes_q is None and docs.metas[0].holes_kv is None  # every position in a segment
+    assert not docs.metas[0].zero_q and not docs.metas[0].zero_kv  # every position in a segment: outputs not zeroed
     k = torch.randn(B, 2, S, 16)  # GQA: two calls, the j-th query head of each kv group; kv offsets shared
     p = describe(q, k, k, mask, None)
     gqa = C._in_place(C.plan(p), p, q.device, "heads")
@@ -448,9 +444,6 @@ def test_in_place_entries_and_buckets():
         assert meta.off_q.flatten().tolist()[:12] == [((b * 4 + h * 2 + j) * S + s0) * 16 for b in range(3)
                                                       for h in range(2) for (bb, s0) in starts if bb == b]
         assert meta.off_kv.flatten().tolist() == gqa.metas[0].off_kv.flatten().tolist()
-        assert meta.holes_q.tolist() == holes  # rows of neither call's entries: q's layout is unchanged
-        assert meta.holes_kv.tolist() == [((r // S // 4) * 2 + r // S % 4) * S + r % S  # [B * 2 * S, 1, D]
-                                          for r in holes if r // S % 4 < 2]
 
 
 def test_ragged_tensors_made_once_and_gather_only_with_holes():

@@ -24,7 +24,6 @@ version for THD backward).  Rows outside the lengths are garbage: callers never 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import threading
 from dataclasses import dataclass
 
@@ -73,25 +72,17 @@ class Spec:
 @dataclass(frozen=True, eq=False)
 class Meta:
     """Per-call tensors: lengths ``[N, 1, 1, 1]`` int32, ragged offsets ``[N + 1, 1, 1, 1]`` int64;
-    ``holes_q`` / ``holes_kv``: the rows (first dim) of the ragged q / k tensors that are in no entry
-    (padding read in place), int64 on the device, or None: cuDNN writes entries only, so those rows
-    of o, dq / dk, dv are zeroed (only those: zeroing whole tensors cost 4 fills, 83 us of a
-    2.0 ms padding fwd+bwd on the H200)."""
+    ``zero_q`` / ``zero_kv``: some rows of the ragged q / k tensors are in no entry (padding read in
+    place), so o, dq / dk, dv are allocated zeroed (cuDNN writes entries only).  Zeroing only the
+    rows in no entry (``index_fill_``) was measured slower on the H200: 137 us against 83 us for
+    the four whole fills of the bench's padding case (``checks/cudnn_host_2026-12-04``)."""
 
     seq_q: torch.Tensor | None = None
     seq_kv: torch.Tensor | None = None
     off_q: torch.Tensor | None = None  # element offsets into q, o, dO, dQ
     off_kv: torch.Tensor | None = None  # element offsets into k, v, dK, dV
-    holes_q: torch.Tensor | None = None  # [rows in no entry] int64
-    holes_kv: torch.Tensor | None = None
-
-
-def alloc(shape, dtype: torch.dtype, device: torch.device, holes: torch.Tensor | None) -> torch.Tensor:
-    """An uninitialised tensor whose rows ``holes`` (along dim 0) are zero."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if holes is not None and holes.numel():
-        out.view(out.shape[0], -1).index_fill_(0, holes, 0)
-    return out
+    zero_q: bool = False
+    zero_kv: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,31 +303,10 @@ def _meta_pack(spec: Spec, meta: Meta) -> dict:
     return pack
 
 
-def _ordered(graph) -> bool:
-    """Whether this frontend takes buffers with their uids as two sequences (``tensor_uids``,
-    frontend 1.2x): its uid metadata is then cached inside, not rebuilt from a dict every call."""
-    kind = type(graph)
-    known = _ORDERED.get(kind)
-    if known is None:
-        try:
-            known = "tensor_uids" in inspect.signature(kind.execute).parameters
-        except (TypeError, ValueError):  # a native method without a signature: the dict form
-            known = False
-        _ORDERED[kind] = known
-    return known
-
-
-_ORDERED: dict[type, bool] = {}
-
-
 def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.device) -> None:
     workspace = torch.empty(max(built.workspace, 1), dtype=torch.uint8, device=device)
     try:
-        if _ordered(built.graph):
-            built.graph.execute(tuple(pack.values()), workspace, handle=handle(spec.device),
-                                tensor_uids=tuple(pack))
-        else:
-            built.graph.execute(pack, workspace, handle=handle(spec.device))
+        built.graph.execute(pack, workspace, handle=handle(spec.device))
     except Exception as exc:
         raise CudnnGraphError(f"cuDNN {what} graph failed at execute: {type(exc).__name__}: {exc}\n  spec: {spec}") from exc
 
@@ -353,8 +323,9 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     elif spec.keep_layout:
         o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
     else:
+        alloc = torch.zeros if meta.zero_q else torch.empty
         o = alloc(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
-                  q.dtype, q.device, meta.holes_q)
+                  dtype=q.dtype, device=q.device)
     pack = {_Q: q, _K: k, _V: v, _O: o, **_meta_pack(spec, meta)}
     stats = None
     if training:
@@ -373,8 +344,8 @@ def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta, out: tuple | None = 
     elif spec.keep_layout:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     else:
-        dq, dk, dv = (alloc(t.shape, t.dtype, t.device, holes)
-                      for t, holes in ((q, meta.holes_q), (k, meta.holes_kv), (v, meta.holes_kv)))
+        dq, dk, dv = ((torch.zeros if zero else torch.empty)(t.shape, dtype=t.dtype, device=t.device)
+                      for t, zero in ((q, meta.zero_q), (k, meta.zero_kv), (v, meta.zero_kv)))
     pack = {_Q: q, _K: k, _V: v, _O: o, _DO: do, _STATS: stats, _DQ: dq, _DK: dk, _DV: dv,
             **_meta_pack(spec, meta)}
     _execute(built, spec, pack, "backward", q.device)
