@@ -54,6 +54,9 @@
 #                                  # (on 2026-12-04 it also timed two changes since reverted: zeroing only
 #                                  # padding's rows and the frontend's ordered execute; see
 #                                  # benchmarks/results/nvidia-h200/checks/cudnn_host_2026-12-04/README.md)
+#   bash scripts/gpu_rounds.sh 33  # the cuDNN GPU tests, then the fp32 cases last measured before the fp16x3
+#                                  # review fixes (full, causal, causal documents, packed prefix-LM, window,
+#                                  # custom) at the final code
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -251,6 +254,12 @@ case "${1:-}" in
     device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
     timeout 150 python3 scripts/gpu_mask_profile.py --masks padding,documents --variants cudnn --out "$OUT" 2>&1 \
       | cut -c1-300 | grep '^{'
+    ;;
+  33)
+    device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
+    OUT="$OUT/fp32" BENCH_TIMEOUT=420 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
+      --passes fwd+bwd --masks full,causal,documents_causal,packed_prefix_lm,sliding_window,custom \
+      --deadline 360 2>&1 | tail -12
     ;;
   18)
     for i in 0 1 2 3; do
