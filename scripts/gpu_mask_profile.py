@@ -20,7 +20,7 @@ import torch
 
 from anymask.bench import variants
 from anymask.bench.cases import bench_mask
-from anymask.bench.inputs import make_inputs
+from anymask.bench.inputs import InputSets, make_inputs
 from anymask.bench.reference import rows_with_keys
 from anymask.problem import describe
 from anymask.tiles import visible_pairs
@@ -79,6 +79,8 @@ def main() -> int:
     ap.add_argument("--heads", default="16")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                    help="bshd: q, k, v, dO laid out [B, S, H, D] in memory (as a Llama layer makes them)")
     ap.add_argument("--cprofile", action="store_true", help="also a host-side cProfile per variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -89,8 +91,11 @@ def main() -> int:
     for name in a.masks.split(","):
         mask = bench_mask(name, a.batch, a.seq)
         has_key = rows_with_keys(mask, a.batch, hq, a.seq, a.seq, dev)
-        inputs = make_inputs(a.batch, hq, hk, a.seq, a.seq, a.head_dim, torch.bfloat16, dev,
-                             row_has_key=has_key).with_grad(True)
+        inputs = make_inputs(a.batch, hq, hk, a.seq, a.seq, a.head_dim, torch.bfloat16, dev, row_has_key=has_key)
+        if a.layout == "bshd":  # same values, [B, S, H, D] memory viewed as [B, H, S, D]
+            tokens = lambda ts: tuple(t.transpose(1, 2).contiguous().transpose(1, 2) for t in ts)  # noqa: E731
+            inputs = InputSets(tokens(inputs.q), tokens(inputs.k), tokens(inputs.v), tokens(inputs.dout))
+        inputs = inputs.with_grad(True)
         pairs = visible_pairs(mask, a.batch, hq, a.seq, a.seq, device=dev)
         flops = 4 * a.head_dim * pairs * 3.5
         with torch.set_grad_enabled(True):
@@ -98,14 +103,14 @@ def main() -> int:
             for var in a.variants.split(","):
                 prep = variants.prepare(var, mask, inputs, p)
                 if isinstance(prep, str):
-                    rec = {"mask": name, "variant": var, "skipped": prep[:200]}
+                    rec = {"mask": name, "variant": var, "layout": a.layout, "skipped": prep[:200]}
                 else:
                     ms, host = pipelined_ms(prep.fn, a.calls)
                     ks = kernels(prep.fn)
                     if a.cprofile:
                         host_profile(prep.fn, Path(a.out) / f"host_{name}_{var}.txt")
                     kms = sum(k["us"] for k in ks) / 1e3
-                    rec = {"mask": name, "variant": var, "backend": prep.backend, "ms": round(ms, 4),
+                    rec = {"mask": name, "variant": var, "layout": a.layout, "backend": prep.backend, "ms": round(ms, 4),
                            "tflops": round(flops / ms / 1e9, 1), "host_ms": round(host, 3),
                            "kernel_ms": round(kms, 4), "gaps_ms": round(ms - kms, 4), "kernels": ks[:12]}
                 print(json.dumps(rec), flush=True)

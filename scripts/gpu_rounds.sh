@@ -57,6 +57,8 @@
 #   bash scripts/gpu_rounds.sh 33  # the cuDNN GPU tests, then the fp32 cases last measured before the fp16x3
 #                                  # review fixes (full, causal, causal documents, packed prefix-LM, window,
 #                                  # custom) at the final code
+#   bash scripts/gpu_rounds.sh 34  # round 30's profile with q, k, v, dO laid out [B, S, H, D] (a Llama layer's
+#                                  # layout: cuDNN reads it as THD, one entry per segment)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -260,6 +262,10 @@ case "${1:-}" in
     OUT="$OUT/fp32" BENCH_TIMEOUT=420 bash scripts/gpu_bench.sh --heads 16 --dtypes fp32 --seqlens 4096 \
       --passes fwd+bwd --masks full,causal,documents_causal,packed_prefix_lm,sliding_window,custom \
       --deadline 360 2>&1 | tail -12
+    ;;
+  34)
+    timeout 300 python3 scripts/gpu_mask_profile.py --layout bshd --variants cudnn,raw_flex,triton \
+      --masks documents,documents_causal,padding,sliding_window,prefix_lm --out "$OUT" 2>&1 | cut -c1-300 | grep '^{'
     ;;
   18)
     for i in 0 1 2 3; do
