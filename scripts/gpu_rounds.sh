@@ -59,6 +59,9 @@
 #                                  # custom) at the final code
 #   bash scripts/gpu_rounds.sh 34  # round 30's profile with q, k, v, dO laid out [B, S, H, D] (a Llama layer's
 #                                  # layout: cuDNN reads it as THD, one entry per segment)
+#   bash scripts/gpu_rounds.sh 35  # the cuDNN GPU tests (padding zeroes runs of rows), then the bf16 S 4096
+#                                  # 16-head cases with inputs in a Llama layer's layout (--layout bshd)
+#   bash scripts/gpu_rounds.sh 36  # the same layout: GQA 32:8 S 4096 and 16 heads S 16384, fwd+bwd
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -266,6 +269,20 @@ case "${1:-}" in
   34)
     timeout 300 python3 scripts/gpu_mask_profile.py --layout bshd --variants cudnn,raw_flex,triton \
       --masks documents,documents_causal,padding,sliding_window,prefix_lm --out "$OUT" 2>&1 | cut -c1-300 | grep '^{'
+    ;;
+  35)
+    device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
+    OUT="$OUT/bshd" BENCH_TIMEOUT=440 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+      --seqlens 4096 --masks full,causal,padding,documents,documents_causal,prefix_lm,packed_prefix_lm,sliding_window \
+      --deadline 390 2>&1 | tail -20
+    ;;
+  36)
+    OUT="$OUT/gqa" BENCH_TIMEOUT=250 bash scripts/gpu_bench.sh --layout bshd --heads 32:8 --dtypes bf16 \
+      --seqlens 4096 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
+      --deadline 200 2>&1 | tail -8
+    OUT="$OUT/s16k" BENCH_TIMEOUT=250 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+      --seqlens 16384 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
+      --deadline 200 2>&1 | tail -8
     ;;
   18)
     for i in 0 1 2 3; do

@@ -11,6 +11,7 @@ import anymask
 from anymask import masks as M
 from anymask.bench import reference as R
 from anymask.bench.__main__ import main as bench_main
+from anymask.bench.inputs import make_inputs
 from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, expand, load_config, override, parse_heads
 from anymask.bench.runner import BWD_FACTOR, COLUMNS, run
 from anymask.bench.timing import Settings, Timing, measure, paired_ratio
@@ -107,6 +108,12 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
                        "--tag", "cut"]) == 0
     assert sorted(map(json.dumps, json.loads((merged / "cut.json").read_text())["rows"])) == \
         sorted(map(json.dumps, again["rows"]))
+    # parts with inputs in different memory layouts would replace each other's cases: refused
+    other = tmp_path / "bshd.json"
+    other.write_text(json.dumps(dict(doc, meta=dict(doc["meta"], layout="bshd"))))
+    assert doc["meta"]["layout"] == "bhsd"
+    with pytest.raises(SystemExit, match="different input layouts"):
+        bench_main(["bench", "--merge", str(parts[0]), str(other), "--out", str(merged)])
     with pytest.raises(SystemExit, match="no such file"):
         bench_main(["bench", "--plot-only", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="no bench results"):
@@ -247,3 +254,22 @@ def test_commit_from_the_environment(monkeypatch):
     assert env.git_commit() == "abc1234"
     monkeypatch.delenv("ANYMASK_COMMIT")
     assert env.git_commit() != "abc1234"
+
+
+def test_inputs_in_either_layout():
+    """``bshd``: the same kind of inputs, [B, S, H, D] in memory, viewed as [B, H, S, D]; padded
+    query rows get a zero output gradient in either layout; and a bench run takes ``--layout``."""
+    has_key = torch.tensor([[True, True, False]]).view(1, 1, 3)  # [B, H|1, Sq]
+    for layout in ("bhsd", "bshd"):
+        x = make_inputs(1, 2, 2, 3, 3, 8, torch.float32, "cpu", sets=2, row_has_key=has_key, layout=layout)
+        for t in (*x.q, *x.k, *x.v, *x.dout):
+            assert t.dim() == 4 and t.shape[2] == 3 and t.shape[3] == 8
+            assert t.is_contiguous() == (layout == "bhsd")
+            assert t.transpose(1, 2).is_contiguous() == (layout == "bshd")
+        assert all(bool((d[:, :, 2] == 0).all()) and bool((d[:, :, :2] != 0).all()) for d in x.dout)
+    with pytest.raises(ValueError, match="unknown layout"):
+        make_inputs(1, 1, 1, 2, 2, 8, torch.float32, "cpu", layout="sbhd")
+    rows = run([Case("padding", 2, 64, 2, 2, 16, "fp32", "fwd+bwd")], device="cpu", names=["sdpa", "eager"],
+               settings=FAST, progress=False, layout="bshd")
+    assert {r.variant for r in rows if r.status == "ok"} == {"sdpa", "eager"}
+    assert all(r.max_err < 1e-4 and r.grad_err < 1e-4 for r in rows if r.status == "ok")

@@ -216,7 +216,7 @@ def _fake_math(spec, q, k, v, meta):
         lq, lk = meta.seq_q.flatten().tolist(), meta.seq_kv.flatten().tolist()
         assert len(lq) == spec.batch and max(lq) <= spec.q_len and max(lk) <= spec.kv_len
         assert starts_q[-1] <= spec.total_q and starts_k[-1] <= spec.total_kv
-        assert starts_q[-1] == q.shape[0] or meta.zero_q  # entries cover every row but padding
+        assert starts_q[-1] == q.shape[0] or meta.holes_q  # entries cover every row but padding
         out = torch.zeros_like(q)
         for n in range(spec.batch):
             rows = slice(starts_q[n], starts_q[n] + lq[n])
@@ -430,12 +430,14 @@ def test_in_place_entries_and_buckets():
     off = heads.metas[0].off_q.flatten().tolist()
     assert off[:24] == want and off[24:] == [want[-1] + 300 * 16] * 9
     assert heads.metas[0].seq_q.flatten().tolist() == want_len + [0] * 8
-    assert heads.metas[0].zero_q and heads.metas[0].zero_kv  # padding: rows in no entry start zeroed
+    runs = [((b * 4 + h) * S + n, (b * 4 + h + 1) * S) for b, n in enumerate([260, 171, 300]) for h in range(4)]
+    assert heads.metas[0].holes_q == heads.metas[0].holes_kv == tuple(r for r in runs if r[0] < r[1])  # padding
     tokens = C._in_place(pl, p, q.device, "tokens")
     assert tokens.entries == 8 and tokens.heads == (4, 4) and tokens.total == (1024, 1024)  # 900, bucketed
     assert tokens.metas[0].off_kv.flatten().tolist()[:6] == [(b * S + s0) * 4 * 16 for b, s0 in starts]
     docs = C._in_place(C.plan(describe(q, q, q, M.documents(lengths=[[100, 200]] * 3), None)), p, q.device, "tokens")
-    assert not docs.metas[0].zero_q and not docs.metas[0].zero_kv  # every position in a segment: outputs not zeroed
+    assert tokens.metas[0].holes_q == ((260, S), (S + 171, 2 * S))  # [B * S, H, D]: a run per padded batch row
+    assert docs.metas[0].holes_q == docs.metas[0].holes_kv == ()  # every position in a segment: nothing zeroed
     k = torch.randn(B, 2, S, 16)  # GQA: two calls, the j-th query head of each kv group; kv offsets shared
     p = describe(q, k, k, mask, None)
     gqa = C._in_place(C.plan(p), p, q.device, "heads")
@@ -594,3 +596,26 @@ def test_gpu_bshd_layout_kept_and_exact(name):
     out, grads = _check_cudnn_on_gpu(q, k, v, low, mask, torch.randn(B, S, 4, 64, **kw).transpose(1, 2))
     assert out.stride() == low[0].stride()
     assert [t.stride() for t in grads] == [t.stride() for t in low]
+
+
+@pytest.mark.parametrize("runs", [1, 3, 9])
+def test_alloc_zeroes_exactly_the_holes(runs, monkeypatch):
+    """Rows in the holes come back zero, whatever the allocator held; up to a few runs, the other
+    rows are left as they were (cuDNN writes them); past that, one fill zeroes everything."""
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    holes = tuple((10 * i + 2, 10 * i + 5) for i in range(runs))
+    out = G.alloc((100, 2, 4), torch.float32, torch.device("cpu"), holes)  # [rows, H, D]
+    in_hole = torch.zeros(100, dtype=torch.bool)
+    for start, stop in holes:
+        in_hole[start:stop] = True
+    assert bool((out[in_hole] == 0).all())
+    untouched = out[~in_hole]
+    assert bool(untouched.isnan().all()) if runs <= G._MAX_HOLE_FILLS else bool((untouched == 0).all())
+
+
+def test_holes_are_the_rows_in_no_entry():
+    """Runs of rows outside every entry, with overlapping, unsorted and empty entries."""
+    assert C._holes([5, 0, 3, 9], [2, 2, 3, 0], 12) == ((2, 3), (7, 12))
+    assert C._holes([0], [12], 12) == ()
+    assert C._holes([], [], 4) == ((0, 4),)

@@ -39,8 +39,8 @@ Ragged layouts, chosen per call from the inputs' strides (segments must be runs 
     pack     anything else: rows copied into a packed THD tensor (gathered where padding leaves
              holes), one-token dummy entries filling the bucket
 
-In place, positions in no segment (padding) are never written by cuDNN: o, dq (and dk, dv for
-padded keys) are allocated zeroed then.  Buckets are filled with length-0 entries, which need a
+In place, positions in no segment (padding) are never written by cuDNN: those rows of o, dq (and
+of dk, dv for padded keys) are zeroed (:func:`anymask.kernels.cudnn_graphs.alloc`).  Buckets are filled with length-0 entries, which need a
 cuDNN backend that takes them (measured exact on 9.19; older ones pack).
 
 Every row given to cuDNN sees at least one key (a query always sees itself), so cuDNN's non-zero
@@ -224,15 +224,30 @@ def _in_place(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _R
     empty = entries - len(order)  # length 0, starting where the last entry ends
     seq_q = _column(lq + [0] * empty, torch.int32, device)
     seq_kv = _column(lk + [0] * empty, torch.int32, device)
-    zero_q, zero_kv = lay.q_index.numel() < p.batch * Sq, lay.k_index.numel() < p.batch * Skv
+    offs = [offsets(j) for j in range(calls)]
+    rows_q = p.batch * Sq * (Hq if mode == "heads" else 1)  # first dim of the tensors the graphs read
+    rows_k = p.batch * Skv * (Hk if mode == "heads" else 1)
+    holes_q = _holes([o // unit_q for off_q, _ in offs for o in off_q], lq * calls, rows_q)  # no call's rows
+    holes_kv = _holes([o // unit_k for o in offs[0][1]], lk, rows_k)  # every call has the same kv entries
     metas = []
-    for j in range(calls):
-        off_q, off_k = offsets(j)
+    for off_q, off_k in offs:
         end_q = off_q[-1] + lq[-1] * unit_q if order else 0
         end_k = off_k[-1] + lk[-1] * unit_k if order else 0
         metas.append(G.Meta(seq_q, seq_kv, _column(off_q + [end_q] * (empty + 1), torch.int64, device),
-                            _column(off_k + [end_k] * (empty + 1), torch.int64, device), zero_q, zero_kv))
+                            _column(off_k + [end_k] * (empty + 1), torch.int64, device), holes_q, holes_kv))
     return _RaggedTensors(mode, entries, heads, total, tuple(metas))
+
+
+def _holes(starts: list[int], lengths: list[int], rows: int) -> tuple[tuple[int, int], ...]:
+    """The runs ``(start, stop)`` of ``range(rows)`` in no entry ``[start, start + length)``."""
+    out, end = [], 0
+    for start, n in sorted(zip(starts, lengths)):
+        if n and start > end:
+            out.append((end, start))
+        end = max(end, start + n) if n else end
+    if end < rows:
+        out.append((end, rows))
+    return tuple(out)
 
 
 def _packed(pl: RaggedPlan, p: Problem, device: torch.device, mode: str) -> _RaggedTensors:
@@ -486,7 +501,7 @@ class _HeadGroups(torch.autograd.Function):
     def forward(ctx, q, k, v, spec, metas, training, sig):
         from ..kernels import cudnn_graphs as G
 
-        o = (torch.zeros if metas[0].zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        o = G.alloc(q.shape, q.dtype, q.device, metas[0].holes_q)  # holes: rows of no call's entries
         stats = []
         with _remembered(sig):
             for meta in metas:
@@ -501,10 +516,10 @@ class _HeadGroups(torch.autograd.Function):
         from ..kernels import cudnn_graphs as G
 
         q, k, v, o, *stats = ctx.saved_tensors
-        calls, zero_q, zero_kv = len(ctx.metas), ctx.metas[0].zero_q, ctx.metas[0].zero_kv
-        dq = (torch.zeros if zero_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-        kv_alloc = torch.zeros if zero_kv else torch.empty  # every call writes the same entries
-        dk, dv = (kv_alloc(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))  # [Tk, 1, D]
+        calls, meta0 = len(ctx.metas), ctx.metas[0]
+        dq = G.alloc(q.shape, q.dtype, q.device, meta0.holes_q)
+        dk, dv = (G.alloc(t.shape, t.dtype, t.device, meta0.holes_kv) for t in (k, v))  # [Tk, 1, D]: every call
+        # writes the same kv entries
         sums = None
         if calls > 1:  # the calls' dk, dv summed in (at least) fp32, rounded once
             acc = torch.promote_types(k.dtype, torch.float32)

@@ -76,7 +76,8 @@ def _plot(rows, out: Path, meta: dict) -> None:
     from .plot import plot_masks
 
     try:
-        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}")
+        inputs = ", inputs [B, S, H, D] in memory" if meta.get("layout") == "bshd" else ""
+        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}{inputs}")
     except MissingDependency as exc:
         print(f"anymask bench: no plots ({exc}); later: anymask bench --plot-only {out}", file=sys.stderr)
 
@@ -134,6 +135,10 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
     devices = {d["meta"]["device"] for d in docs}
     if len(devices) > 1:
         raise SystemExit(f"anymask bench --merge: parts from different devices: {', '.join(sorted(devices))}")
+    layouts = {d["meta"].get("layout", "bhsd") for d in docs}
+    if len(layouts) > 1:
+        raise SystemExit(f"anymask bench --merge: parts with different input layouts ({', '.join(sorted(layouts))}): "
+                         "their cases would replace each other; keep them in separate results")
     meta = dict(docs[0]["meta"])
     meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
     meta["parts"] = [part for f, d in zip(files, docs)
@@ -181,13 +186,14 @@ def _bench(args) -> int:
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
                 settings=dataclasses.asdict(settings),
-                input_sets=args.sets, tune=args.tune,
+                input_sets=args.sets, tune=args.tune, layout=args.layout,
                 command="anymask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
     signal.signal(signal.SIGTERM, _interrupt)  # `timeout` stops the run; results so far are written
     print(f"anymask bench: {len(cases)} cases x {len(names)} variants on {meta['device']} "
-          f"(torch {meta['torch']}, grid {name}) -> {out}", file=sys.stderr)
+          f"(torch {meta['torch']}, grid {name}, inputs {args.layout}) -> {out}", file=sys.stderr)
     rows = runner.run(cases, device=device, names=names, settings=settings, tune=args.tune, sets=args.sets,
-                      progress=not args.no_progress, deadline_s=args.deadline, forced=bool(backends))
+                      progress=not args.no_progress, deadline_s=args.deadline, forced=bool(backends),
+                      layout=args.layout)
     cases_summary = report.case_summaries(rows)
     tag = args.tag
     line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,
@@ -243,6 +249,9 @@ def register(subparsers) -> None:
                                           "raw_flex (default: all available)")
     bench.add_argument("--out", metavar="DIR", help="output directory (default benchmarks/results/<device>/)")
     bench.add_argument("--tag", default="bench", help="file name stem of the CSV/JSON (default bench)")
+    bench.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                       help="memory layout of q, k, v and dO: bhsd contiguous [B, H, S, D] (default); bshd "
+                            "[B, S, H, D] viewed as [B, H, S, D], as a Llama layer's projections give them")
     bench.add_argument("--tune", action="store_true",
                        help="store each case's fastest correct backend in the tuning cache before timing auto")
     bench.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (default 3)")

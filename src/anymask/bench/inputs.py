@@ -24,19 +24,28 @@ class InputSets:
         return InputSets(tuple(map(lift, self.q)), tuple(map(lift, self.k)), tuple(map(lift, self.v)), self.dout)
 
 
+LAYOUTS = ("bhsd", "bshd")
+
+
 def make_inputs(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, head_dim: int,
                 dtype: torch.dtype, device, *, sets: int = 3, seed: int = 0,
-                row_has_key: torch.Tensor | None = None, first=None) -> InputSets:
+                row_has_key: torch.Tensor | None = None, first=None, layout: str = "bhsd") -> InputSets:
     """``sets`` random input sets (standard normal) in ``dtype`` on ``device``.
 
     ``row_has_key`` (bool ``[B, H|1, Sq]``) zeroes the output gradient of rows that see no key, as
     a training loss over padded positions would.  ``first`` = ``(q, k, v)`` replaces set 0.
+    ``layout``: ``bhsd`` contiguous ``[B, H, S, D]``; ``bshd`` ``[B, S, H, D]`` memory viewed as
+    ``[B, H, S, D]`` (q, k, v and dO), as a Llama layer's projections give them.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)  # on the device: no host-side generation
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    def rand(b, h, s, d):  # [B, H, S, D]
+        if layout == "bshd":
+            return torch.randn(b, s, h, d, generator=gen, device=device, dtype=torch.float32).to(dtype).transpose(1, 2)
+        return torch.randn(b, h, s, d, generator=gen, device=device, dtype=torch.float32).to(dtype)
 
     qs, ks, vs, dos = [], [], [], []
     for i in range(sets):
@@ -48,6 +57,6 @@ def make_inputs(batch: int, heads: int, kv_heads: int, q_len: int, kv_len: int, 
             v = rand(batch, kv_heads, kv_len, head_dim)
         dout = rand(batch, heads, q_len, head_dim)
         if row_has_key is not None:
-            dout = dout * row_has_key.to(device)[..., None].to(dtype)
+            dout.mul_(row_has_key.to(device)[..., None].to(dtype))  # in place: the layout stays
         qs.append(q), ks.append(k), vs.append(v), dos.append(dout)
     return InputSets(tuple(qs), tuple(ks), tuple(vs), tuple(dos))

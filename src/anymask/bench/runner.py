@@ -148,12 +148,14 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
 
 
 def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune: bool = False,
-        sets: int = 3, progress: bool = True, deadline_s: float | None = None, forced: bool = False) -> list[Row]:
+        sets: int = 3, progress: bool = True, deadline_s: float | None = None, forced: bool = False,
+        layout: str = "bhsd") -> list[Row]:
     """Run ``cases`` (passes of one problem share inputs and the reference); a tqdm bar on stderr.
 
     After ``deadline_s`` seconds no new problem is started, and on ``KeyboardInterrupt`` (the CLI
     turns SIGTERM into one) the run stops: cases not done get one row each with variant ``*``.
-    ``forced``: the variants were named by the user (no size limits on eager).
+    ``forced``: the variants were named by the user (no size limits on eager).  ``layout``: the
+    inputs' memory layout (:func:`~anymask.bench.inputs.make_inputs`).
     """
     from tqdm import tqdm
 
@@ -174,7 +176,7 @@ def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune
             mask = bench_mask(c.mask, c.batch, c.seq)
             has_key = rows_with_keys(mask, c.batch, c.heads, c.seq, c.seq, device)
             base = make_inputs(c.batch, c.heads, c.kv_heads, c.seq, c.seq, c.head_dim, c.torch_dtype, device,
-                               sets=sets, row_has_key=has_key)
+                               sets=sets, row_has_key=has_key, layout=layout)
             grad = any(x.grad for x in group)
             ref = reference(base.q[0], base.k[0], base.v[0], mask, None, base.dout[0] if grad else None)
             pairs = visible_pairs(mask, c.batch, c.heads, c.seq, c.seq, device=device)

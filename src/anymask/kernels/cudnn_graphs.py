@@ -72,17 +72,34 @@ class Spec:
 @dataclass(frozen=True, eq=False)
 class Meta:
     """Per-call tensors: lengths ``[N, 1, 1, 1]`` int32, ragged offsets ``[N + 1, 1, 1, 1]`` int64;
-    ``zero_q`` / ``zero_kv``: some rows of the ragged q / k tensors are in no entry (padding read in
-    place), so o, dq / dk, dv are allocated zeroed (cuDNN writes entries only).  Zeroing only the
-    rows in no entry (``index_fill_``) was measured slower on the H200: 137 us against 83 us for
-    the four whole fills of the bench's padding case (``checks/cudnn_host_2026-12-04``)."""
+    ``holes_q`` / ``holes_kv``: the runs ``(start, stop)`` of rows (first dim) of the ragged q / k
+    tensors in no entry (padding read in place).  cuDNN writes entries only, so those rows of o,
+    dq / dk, dv must be zeroed: see :func:`alloc`."""
 
     seq_q: torch.Tensor | None = None
     seq_kv: torch.Tensor | None = None
     off_q: torch.Tensor | None = None  # element offsets into q, o, dO, dQ
     off_kv: torch.Tensor | None = None  # element offsets into k, v, dK, dV
-    zero_q: bool = False
-    zero_kv: bool = False
+    holes_q: tuple[tuple[int, int], ...] = ()
+    holes_kv: tuple[tuple[int, int], ...] = ()
+
+
+_MAX_HOLE_FILLS = 8
+
+
+def alloc(shape, dtype: torch.dtype, device: torch.device, holes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """An uninitialised tensor whose rows in ``holes`` (runs along dim 0) are zero.
+
+    A few runs (``[B, S, H, D]`` inputs with right padding: one per batch row) are zeroed one by
+    one; many (``[B, H, S, D]``: one per row and head) zero the whole tensor, one fill.  On the H200
+    (bench padding, S=4096) the four whole fills took 83 us per fwd+bwd, and ``index_fill_`` over
+    just the padded rows was slower still, 137 us (``checks/cudnn_host_2026-12-04``)."""
+    if len(holes) > _MAX_HOLE_FILLS:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for start, stop in holes:
+        out[start:stop].zero_()
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,9 +340,8 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     elif spec.keep_layout:
         o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
     else:
-        alloc = torch.zeros if meta.zero_q else torch.empty
         o = alloc(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
-                  dtype=q.dtype, device=q.device)
+                  q.dtype, q.device, meta.holes_q)
     pack = {_Q: q, _K: k, _V: v, _O: o, **_meta_pack(spec, meta)}
     stats = None
     if training:
@@ -344,8 +360,8 @@ def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta, out: tuple | None = 
     elif spec.keep_layout:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     else:
-        dq, dk, dv = ((torch.zeros if zero else torch.empty)(t.shape, dtype=t.dtype, device=t.device)
-                      for t, zero in ((q, meta.zero_q), (k, meta.zero_kv), (v, meta.zero_kv)))
+        dq, dk, dv = (alloc(t.shape, t.dtype, t.device, holes)
+                      for t, holes in ((q, meta.holes_q), (k, meta.holes_kv), (v, meta.holes_kv)))
     pack = {_Q: q, _K: k, _V: v, _O: o, _DO: do, _STATS: stats, _DQ: dq, _DK: dk, _DV: dv,
             **_meta_pack(spec, meta)}
     _execute(built, spec, pack, "backward", q.device)
