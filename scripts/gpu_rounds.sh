@@ -62,6 +62,9 @@
 #   bash scripts/gpu_rounds.sh 35  # the cuDNN GPU tests (padding zeroes runs of rows), then the bf16 S 4096
 #                                  # 16-head cases with inputs in a Llama layer's layout (--layout bshd)
 #   bash scripts/gpu_rounds.sh 36  # the same layout: GQA 32:8 S 4096 and 16 heads S 16384, fwd+bwd
+#   bash scripts/gpu_rounds.sh 37  # nvidia-cudnn-frontend 1.26 (native execute; carry its wheel in .whl/old/)
+#                                  # against 1.32 (execute in Python): host time per call side by side, the
+#                                  # cuDNN GPU tests and round 36's S 4096 16-head cases with 1.26
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -283,6 +286,24 @@ case "${1:-}" in
     OUT="$OUT/s16k" BENCH_TIMEOUT=250 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
       --seqlens 16384 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
       --deadline 200 2>&1 | tail -8
+    ;;
+  37)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site126 .whl/old/*.whl
+    (export PYTHONPATH="src:/tmp/site126:$PYTHONPATH"
+     python3 -c 'import cudnn; print("frontend", cudnn.__version__, cudnn.__file__)'
+     device_pytest 200 60 cudnn_tests_fe126.log 4 tests/test_cudnn.py -m gpu)
+    for fe in 126 132; do
+      (mkdir -p "$OUT/fe$fe"; [ "$fe" = 126 ] && export PYTHONPATH="src:/tmp/site126:$PYTHONPATH"
+       timeout 120 python3 scripts/gpu_mask_profile.py --layout bshd --variants cudnn \
+         --masks documents_causal,sliding_window,documents,padding,prefix_lm --out "$OUT/fe$fe" 2>&1 \
+         | grep '^{' | python3 -c 'import json,sys
+for l in sys.stdin:
+    r = json.loads(l); print(sys.argv[1], r["mask"], r["ms"], "host", r["host_ms"], "kernels", r["kernel_ms"])' "fe$fe")
+    done
+    (export PYTHONPATH="src:/tmp/site126:$PYTHONPATH"
+     OUT="$OUT/bench126" BENCH_TIMEOUT=200 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+       --seqlens 4096 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
+       --deadline 160 2>&1 | tail -8)
     ;;
   18)
     for i in 0 1 2 3; do
