@@ -40,8 +40,9 @@ Ragged layouts, chosen per call from the inputs' strides (segments must be runs 
              holes), one-token dummy entries filling the bucket
 
 In place, positions in no segment (padding) are never written by cuDNN: those rows of o, dq (and
-of dk, dv for padded keys) are zeroed (:func:`anymask.kernels.cudnn_graphs.alloc`).  Buckets are filled with length-0 entries, which need a
-cuDNN backend that takes them (measured exact on 9.19; older ones pack).
+of dk, dv for padded keys) are zeroed (:func:`anymask.kernels.cudnn_graphs.alloc`).  Buckets are
+filled with length-0 entries, which need a cuDNN backend that takes them (measured exact on 9.19;
+older ones pack).
 
 Every row given to cuDNN sees at least one key (a query always sees itself), so cuDNN's non-zero
 output for fully masked rows never reaches the user: rows that see nothing are exactly the padded
@@ -518,8 +519,8 @@ class _HeadGroups(torch.autograd.Function):
         q, k, v, o, *stats = ctx.saved_tensors
         calls, meta0 = len(ctx.metas), ctx.metas[0]
         dq = G.alloc(q.shape, q.dtype, q.device, meta0.holes_q)
-        dk, dv = (G.alloc(t.shape, t.dtype, t.device, meta0.holes_kv) for t in (k, v))  # [Tk, 1, D]: every call
-        # writes the same kv entries
+        # [Tk, 1, D]; every call writes the same kv entries
+        dk, dv = (G.alloc(t.shape, t.dtype, t.device, meta0.holes_kv) for t in (k, v))
         sums = None
         if calls > 1:  # the calls' dk, dv summed in (at least) fp32, rounded once
             acc = torch.promote_types(k.dtype, torch.float32)
