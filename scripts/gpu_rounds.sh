@@ -65,6 +65,8 @@
 #   bash scripts/gpu_rounds.sh 37  # nvidia-cudnn-frontend 1.26 (native execute; carry its wheel in .whl/old/)
 #                                  # against 1.32 (execute in Python): host time per call side by side, the
 #                                  # cuDNN GPU tests and round 36's S 4096 16-head cases with 1.26
+#   bash scripts/gpu_rounds.sh 38  # padding with [B, S, H, D] inputs: the kernels once cuDNN's holes are
+#                                  # zeroed run by run (round 34 profiled four whole fills)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -304,6 +306,10 @@ for l in sys.stdin:
      OUT="$OUT/bench126" BENCH_TIMEOUT=200 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
        --seqlens 4096 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
        --deadline 160 2>&1 | tail -8)
+    ;;
+  38)
+    timeout 150 python3 scripts/gpu_mask_profile.py --layout bshd --variants cudnn,raw_flex --masks padding \
+      --out "$OUT" 2>&1 | cut -c1-1500 | grep '^{'
     ;;
   18)
     for i in 0 1 2 3; do
