@@ -92,8 +92,9 @@ def alloc(shape, dtype: torch.dtype, device: torch.device, holes: tuple[tuple[in
 
     A few runs (``[B, S, H, D]`` inputs with right padding: one per batch row) are zeroed one by
     one; many (``[B, H, S, D]``: one per row and head) zero the whole tensor, one fill.  On the H200
-    (bench padding, S=4096) the four whole fills took 83 us per fwd+bwd, and ``index_fill_`` over
-    just the padded rows was slower still, 137 us (``checks/cudnn_host_2026-12-04``)."""
+    (bench padding, B=4, S=4096): four whole fills take 83 us per fwd+bwd, the 12 runs 37 us
+    (``mask-profile/padding_bshd_run_fills.jsonl``), and ``index_fill_`` over just the padded rows
+    137 us (``checks/cudnn_host_2026-12-04``)."""
     if len(holes) > _MAX_HOLE_FILLS:
         return torch.zeros(shape, dtype=dtype, device=device)
     out = torch.empty(shape, dtype=dtype, device=device)
