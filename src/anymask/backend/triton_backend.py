@@ -21,15 +21,16 @@ def _interpreting() -> bool:
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Autograd over the Triton forward and backward; saves q, k, v, o and the base-2 LSE."""
+    """Autograd over the Triton forward and backward; saves q, k, v, o, the base-2 LSE and (fp16x3
+    dots) the forward's q, k, v scales."""
 
     @staticmethod
     def forward(ctx, q, k, v, bounds, scale):
         from ..kernels import config, triton_fwd
 
-        o, lse = triton_fwd.forward(q, k, v, bounds, scale, config.get("fwd", q.shape[-1], q.dtype))
+        o, lse, qkv_scales = triton_fwd.forward(q, k, v, bounds, scale, config.get("fwd", q.shape[-1], q.dtype))
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.bounds, ctx.scale = bounds, scale
+        ctx.bounds, ctx.scale, ctx.qkv_scales = bounds, scale, qkv_scales
         return o
 
     @staticmethod
@@ -39,7 +40,7 @@ class _TritonAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         d, dt = q.shape[-1], q.dtype
         dq, dk, dv = triton_bwd.backward(do, q, k, v, o, lse, ctx.bounds, ctx.scale,
-                                         config.get("dkdv", d, dt), config.get("dq", d, dt))
+                                         config.get("dkdv", d, dt), config.get("dq", d, dt), ctx.qkv_scales)
         return dq, dk, dv, None, None
 
 

@@ -65,15 +65,17 @@ def split_rows(x):
     return hi, lo, top * (1.0 / 16384.0)
 
 
-def scales(tensors: list[torch.Tensor | None], kv_heads: int) -> torch.Tensor:
+def scales(tensors: list[torch.Tensor | None], kv_heads: int, into: torch.Tensor | None = None) -> torch.Tensor:
     """Powers of two ``[B, kv_heads, len(tensors)]`` (fp32) that scale each tensor's largest magnitude
-    per (batch row, kv head group) into ``[2**13, 2**14)``; 1 for a ``None`` entry or an all-zero group.
+    per (batch row, kv head group) into ``[2**13, 2**14)``; 1 for an all-zero group, and for a
+    ``None`` entry 1 or, given ``into`` (earlier scales, not modified), its value there.
 
     tensors: ``[B, H, S, D]`` each, H a multiple of ``kv_heads`` (the q heads of a group share one).
     """
     first = next(t for t in tensors if t is not None)
     B = first.shape[0]
-    out = torch.ones(B, kv_heads, len(tensors), dtype=torch.float32, device=first.device)
+    out = (torch.ones(B, kv_heads, len(tensors), dtype=torch.float32, device=first.device) if into is None
+           else into.clone())
     for i, t in enumerate(tensors):
         if t is None:
             continue

@@ -270,10 +270,11 @@ def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kval
 
 
 def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
-             cfg_dkdv: Config, cfg_dq: Config):
+             cfg_dkdv: Config, cfg_dq: Config, qkv_scales: torch.Tensor | None = None):
     """Gradients ``dq [B, Hq, Sq, D]``, ``dk, dv [B, Hkv, Skv, D]`` in the inputs' dtypes.
 
-    do, o: [B, Hq, Sq, D]; lse: [B, Hq, Sq] base-2 (from :func:`triton_fwd.forward`).
+    do, o: [B, Hq, Sq, D]; lse: [B, Hq, Sq] base-2; qkv_scales: the forward's fp16x3 scales (all
+    from :func:`triton_fwd.forward`), computed again when None.
     """
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -289,7 +290,10 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     split = cfg_dkdv.precision == "fp16x3"
     if split != (cfg_dq.precision == "fp16x3"):
         raise ValueError("the dK/dV and dQ kernels must both use fp16x3 dots or neither")
-    scales = split16.scales([q, k, v, do], Hkv) if split else delta  # [B, Hkv, 4]; unread unless split
+    scales = delta  # unread unless split
+    if split:  # [B, Hkv, 4]: q, k, v from the forward when it gave them, dO's here
+        scales = split16.scales([None, None, None, do] if qkv_scales is not None else [q, k, v, do], Hkv,
+                                into=qkv_scales)
 
     dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides

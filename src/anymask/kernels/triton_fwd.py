@@ -162,7 +162,9 @@ def empty_in_layout(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_bounds.MaskBounds,
             scale: float, cfg: Config):
-    """Attention output ``[B, Hq, Sq, D]`` (q's dtype) and base-2 LSE ``[B, Hq, Sq]`` (fp32).
+    """Attention output ``[B, Hq, Sq, D]`` (q's dtype), base-2 LSE ``[B, Hq, Sq]`` (fp32), and with
+    fp16x3 dots the q, k, v scales (:func:`split16.scales` ``[B, Hkv, 4]``, dO's slot left at 1)
+    for the backward to reuse, else None.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D]; last dims contiguous.
     """
@@ -175,9 +177,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
     per_b = bounds.batch > 1
     n_m = tiles.shape[1]
     split = cfg.precision == "fp16x3"
-    scales = split16.scales([q, k, v, None], Hkv) if split else lse  # [B, Hkv, 4]; unread unless split
+    scales = split16.scales([q, k, v, None], Hkv) if split else None  # [B, Hkv, 4]
     _fwd_kernel[(B * H, n_m)](
-        q, k, v, o, lse, bounds.lo, bounds.hi, kvalid, tiles, order, scales,
+        q, k, v, o, lse, bounds.lo, bounds.hi, kvalid, tiles, order, lse if scales is None else scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
@@ -185,4 +187,4 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, KPAD=bounds.kvalid is not None,
         PRECISION=cfg.precision, MERGED=cfg.merged, SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return o, lse
+    return o, lse, scales
