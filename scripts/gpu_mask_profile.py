@@ -10,10 +10,11 @@ of one call with their device time; ``gaps`` = pipelined ms - kernel ms.  One JS
 import argparse
 import cProfile
 import io
+import itertools
 import json
-import pstats
 import os
-import time
+import pstats
+import sys
 from pathlib import Path
 
 import torch
@@ -25,21 +26,8 @@ from anymask.bench.reference import rows_with_keys
 from anymask.problem import describe
 from anymask.tiles import visible_pairs
 
-
-def pipelined_ms(fn, n: int) -> tuple[float, float]:
-    """(ms per call on the GPU, host ms per call) over ``n`` back-to-back calls."""
-    for i in range(3):
-        fn(i % 3)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter()
-    start.record()
-    for i in range(n):
-        fn(i % 3)
-    end.record()
-    host = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n, host * 1e3
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_probe_common import cuda_and_host_ms  # noqa: E402
 
 
 def kernels(fn, reps: int = 3) -> list[dict]:
@@ -105,7 +93,8 @@ def main() -> int:
                 if isinstance(prep, str):
                     rec = {"mask": name, "variant": var, "layout": a.layout, "skipped": prep[:200]}
                 else:
-                    ms, host = pipelined_ms(prep.fn, a.calls)
+                    sets = itertools.count()
+                    ms, host = cuda_and_host_ms(lambda: prep.fn(next(sets) % 3), a.calls)
                     ks = kernels(prep.fn)
                     if a.cprofile:
                         host_profile(prep.fn, Path(a.out) / f"host_{name}_{var}.txt")

@@ -11,23 +11,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_probe_common import packed_lengths  # noqa: E402
+from gpu_probe_common import cuda_and_host_ms as events, packed_lengths  # noqa: E402
 OUT = Path(os.environ.get("OUT", "."))
 DEV = os.environ.get("PROBE_DEVICE", "cuda")
 TINY = DEV == "cpu"
 SORT = "cuda_time_total" if DEV == "cuda" else "cpu_time_total"
 dev = torch.device(DEV)
-
-
-def events(fn, n=10):
-    fn(); fn(); torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0 = time.perf_counter(); s.record()
-    for _ in range(n):
-        fn()
-    e.record(); host = (time.perf_counter() - t0) / n
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n, host * 1000
 
 
 def syncs(fn):

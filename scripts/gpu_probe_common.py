@@ -1,6 +1,7 @@
-"""What the GPU probe scripts share: the packed-document lengths they all use and a CUDA timer."""
+"""What the GPU probe scripts share: the packed-document lengths they all use and CUDA timers."""
 
 import random
+import time
 
 import torch
 
@@ -24,3 +25,18 @@ def cuda_ms(fn, n: int = 10) -> float:
         fn()
     end.record(); torch.cuda.synchronize()
     return round(start.elapsed_time(end) / n, 3)
+
+
+def cuda_and_host_ms(fn, n: int = 10) -> tuple[float, float]:
+    """``(GPU ms, host ms)`` per call of ``fn`` over ``n`` back-to-back calls after two warm-ups: CUDA
+    events around the calls, and the host's time to enqueue them (host >= GPU: host-bound)."""
+    fn(); fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    host = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n, host * 1e3
