@@ -67,6 +67,8 @@
 #                                  # cuDNN GPU tests and round 36's S 4096 16-head cases with 1.26
 #   bash scripts/gpu_rounds.sh 38  # padding with [B, S, H, D] inputs: the kernels once cuDNN's holes are
 #                                  # zeroed run by run (round 34 profiled four whole fills)
+#   bash scripts/gpu_rounds.sh 39  # which calls wait for the GPU (scripts/gpu_sync_probe.py), and the host cost
+#                                  # of one cuDNN execute by call path (scripts/gpu_cudnn_execute_probe.py)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -310,6 +312,12 @@ for l in sys.stdin:
   38)
     timeout 150 python3 scripts/gpu_mask_profile.py --layout bshd --variants cudnn,raw_flex --masks padding \
       --out "$OUT" 2>&1 | cut -c1-1500 | grep '^{'
+    ;;
+  39)
+    timeout 120 python3 scripts/gpu_cudnn_execute_probe.py 2>&1 | tail -12
+    timeout 200 python3 scripts/gpu_sync_probe.py --variants cudnn,triton,raw_flex 2>&1 | cut -c1-900 | grep '^{'
+    timeout 100 python3 scripts/gpu_sync_probe.py --layout bshd --variants cudnn \
+      --masks documents_causal,sliding_window,prefix_lm 2>&1 | cut -c1-900 | grep '^{'
     ;;
   18)
     for i in 0 1 2 3; do
