@@ -7,9 +7,11 @@ S=4096, 16 heads, head dim 128) and runs each through:
     ordered   ``graph.execute([tensors], workspace, handle=h, tensor_uids=uids)``
     ints      ``graph.execute({uid: data_ptr}, workspace_ptr, handle=h)``
     raw       the lowered graph's ``_execute_with_raw_ptrs`` on a CPU array of pointers sorted by uid
+    anymask   ``cudnn_graphs._execute`` as shipped (the raw path where the frontend has it)
 
 Host microseconds per execute are timed while the GPU sleeps (nothing waits), and every path's
-outputs are compared bit for bit with the dict path's.  JSON on stdout and ``$OUT/execute_probe.json``.
+outputs are compared with the dict path's (bit for bit, and the largest difference: cuDNN's
+backward accumulates dQ with atomics, so two runs of one path differ in the last bits).  JSON on stdout and ``$OUT/execute_probe.json``.
 """
 import json
 import os
@@ -57,7 +59,11 @@ def paths(built, pack: dict, spec):
         ptrs = torch.tensor([pack[u].data_ptr() for u in uids], dtype=torch.int64)
         lowered._execute_with_raw_ptrs(ptrs.data_ptr(), len(uids), ws.data_ptr(), hb, index)
 
-    return {"dict": dict_path, "ordered": ordered, "ints": ints, "raw": raw}
+    def anymask():
+        G._execute(built, spec, pack, "probe", q_device)
+
+    q_device = pack[G._Q].device
+    return {"dict": dict_path, "ordered": ordered, "ints": ints, "raw": raw, "anymask": anymask}
 
 
 def main() -> int:
@@ -72,7 +78,8 @@ def main() -> int:
     torch.cuda.synchronize()
     fwd = G._cache[(spec.forward_key(), "fwd", True)]
     bwd = G._cache[(spec, "bwd")]
-    res = {"cudnn": G.version(), "torch": torch.__version__}
+    res = {"cudnn": G.version(), "torch": torch.__version__,
+           "raw_launch": [fwd.launch is not None, bwd.launch is not None]}
     o2, st2 = torch.empty_like(o), torch.empty_like(stats)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     fpack = {G._Q: q, G._K: k, G._V: v, G._O: o2, G._STATS: st2}
@@ -88,7 +95,8 @@ def main() -> int:
             fn()
             torch.cuda.synchronize()
             same = all(torch.equal(a, b) for a, b in zip(outs, want))
-            res[f"{name}/{path}"] = {"host_us": host_us(fn), "bitwise_equal": same}
+            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, want))
+            res[f"{name}/{path}"] = {"host_us": host_us(fn), "bitwise_equal": same, "max_abs_diff": diff}
             print(name, path, res[f"{name}/{path}"], flush=True)
     (out / "execute_probe.json").write_text(json.dumps(res, indent=1))
     return 0

@@ -69,6 +69,9 @@
 #                                  # zeroed run by run (round 34 profiled four whole fills)
 #   bash scripts/gpu_rounds.sh 39  # which calls wait for the GPU (scripts/gpu_sync_probe.py), and the host cost
 #                                  # of one cuDNN execute by call path (scripts/gpu_cudnn_execute_probe.py)
+#   bash scripts/gpu_rounds.sh 40  # the raw-pointer launch: execute paths again, the cuDNN GPU tests, host time
+#                                  # per call with and without it (scripts/gpu_host_breakdown.py), and the
+#                                  # kernels of SDPA's own cuDNN call against ours on full and causal
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -318,6 +321,16 @@ for l in sys.stdin:
     timeout 200 python3 scripts/gpu_sync_probe.py --variants cudnn,triton,raw_flex 2>&1 | cut -c1-900 | grep '^{'
     timeout 100 python3 scripts/gpu_sync_probe.py --layout bshd --variants cudnn \
       --masks documents_causal,sliding_window,prefix_lm 2>&1 | cut -c1-900 | grep '^{'
+    ;;
+  40)
+    timeout 100 python3 scripts/gpu_cudnn_execute_probe.py 2>&1 | tail -12
+    device_pytest 200 60 cudnn_tests.log 4 tests/test_cudnn.py -m gpu
+    timeout 100 python3 scripts/gpu_mask_profile.py --masks full,causal --variants sdpa,cudnn --out "$OUT" 2>&1 \
+      | grep '^{' | cut -c1-1200
+    for arm in "" --graph-execute; do
+      BACKENDS=cudnn timeout 100 python3 scripts/gpu_host_breakdown.py $arm 2>&1 | grep '^{'
+    done
+    BACKENDS=flex timeout 120 python3 scripts/gpu_host_breakdown.py --masks documents_causal,prefix_lm 2>&1 | grep '^{'
     ;;
   18)
     for i in 0 1 2 3; do
