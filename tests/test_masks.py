@@ -316,3 +316,16 @@ def test_mask_moves_device_once():
     m = M.documents(lengths=[2, 2])
     assert m.to("cpu") is m
     assert m.to_dense(1, 1, 4, 4).device.type == "cpu"
+
+
+def test_prefix_lengths_read_once_and_checked_every_call(monkeypatch):
+    """A prefix's longest length is read from its tensor once (on a GPU, a read is a wait), and
+    still checked against every call's kv_len."""
+    m = M.prefix(torch.tensor([3, 6]))
+    m.validate(2, 1, 8, 8)
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "max", lambda self, *a, **k: reads.append(1))
+    m.validate(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="length 6 exceeds kv_len=5"):
+        m.validate(2, 1, 5, 5)
+    assert reads == []

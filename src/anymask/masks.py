@@ -237,8 +237,11 @@ class Prefix(_TensorMask):
     def validate(self, batch, heads, q_len, kv_len):
         if self.lengths.shape[0] not in (1, batch):
             raise ValueError(f"prefix: {self.lengths.shape[0]} lengths given for batch {batch}")
-        if int(self.lengths.max()) > kv_len:
-            raise ValueError(f"prefix: length {int(self.lengths.max())} exceeds kv_len={kv_len}")
+        longest = self.__dict__.get("_longest")
+        if longest is None:  # read once: on a GPU, reading it every call waits for the GPU every call
+            longest = self.__dict__["_longest"] = int(self.lengths.max())
+        if longest > kv_len:
+            raise ValueError(f"prefix: length {longest} exceeds kv_len={kv_len}")
 
     def mask_mod(self, b, h, q, kv):
         rows = b if self.lengths.shape[0] > 1 else torch.zeros_like(b)
