@@ -72,6 +72,8 @@
 #   bash scripts/gpu_rounds.sh 40  # the raw-pointer launch: execute paths again, the cuDNN GPU tests, host time
 #                                  # per call with and without it (scripts/gpu_host_breakdown.py), and the
 #                                  # kernels of SDPA's own cuDNN call against ours on full and causal
+#   bash scripts/gpu_rounds.sh 41  # the bf16 S 4096 16-head structured masks, fwd+bwd, after the raw-pointer
+#                                  # launch: in a Llama layer's layout, then contiguous
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -331,6 +333,13 @@ for l in sys.stdin:
       BACKENDS=cudnn timeout 100 python3 scripts/gpu_host_breakdown.py $arm 2>&1 | grep '^{'
     done
     BACKENDS=flex timeout 120 python3 scripts/gpu_host_breakdown.py --masks documents_causal,prefix_lm 2>&1 | grep '^{'
+    ;;
+  41)
+    for layout in bshd bhsd; do
+      OUT="$OUT/$layout" BENCH_TIMEOUT=235 bash scripts/gpu_bench.sh --layout $layout --heads 16 --dtypes bf16 \
+        --seqlens 4096 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
+        --deadline 185 2>&1 | tail -8
+    done
     ;;
   18)
     for i in 0 1 2 3; do
