@@ -627,6 +627,25 @@ def test_gpu_raw_launch_used_and_same_as_graph_execute(name, monkeypatch):
         assert (a.float() - b.float()).abs().max() <= 2 * (c.float() - b.float()).abs().max() + 1e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_ready(), reason="needs CUDA and nvidia-cudnn-frontend")
+def test_gpu_raw_launch_refused_falls_back_to_graph_execute(monkeypatch):
+    """A frontend whose private raw call takes other arguments costs nothing but speed."""
+    q, k, v = (torch.randn(B, 4, S, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    want = anymask.attention(q, k, v, M.causal(), backend="sdpa")
+    G.clear_cache()
+
+    def refuse(*args):
+        raise TypeError("incompatible function arguments")
+
+    monkeypatch.setattr(G, "_raw_launch", lambda graph: G._Launch((), refuse, -1))
+    monkeypatch.setattr(G, "_raw_launch_works", [True])
+    out = anymask.attention(q, k, v, M.causal(), backend="cudnn")
+    assert G._raw_launch_works == [False]
+    G.clear_cache()
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("runs", [1, 3, 9])
 def test_alloc_zeroes_exactly_the_holes(runs, monkeypatch):
     """Rows in the holes come back zero, whatever the allocator held; up to a few runs, the other

@@ -358,16 +358,22 @@ def _meta_pack(spec: Spec, meta: Meta) -> dict:
     return pack
 
 
+_raw_launch_works = [True]  # False after the raw call refused its arguments: graph.execute from then on
+
+
 def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.device) -> None:
     workspace = torch.empty(max(built.workspace, 1), dtype=torch.uint8, device=device)
     h = handle(spec.device)
     try:
-        launch = built.launch
-        if launch is None:
-            built.graph.execute(pack, workspace, handle=h)
-        else:
+        launch = built.launch if _raw_launch_works[0] else None
+        if launch is not None:
             ptrs = array("q", [pack[uid].data_ptr() for uid in launch.uids])
-            launch.run(ptrs.buffer_info()[0], len(ptrs), workspace.data_ptr(), h.backend_handle, launch.plan)
+            try:
+                launch.run(ptrs.buffer_info()[0], len(ptrs), workspace.data_ptr(), h.backend_handle, launch.plan)
+                return
+            except TypeError:  # a frontend whose private call takes other arguments: nothing ran
+                _raw_launch_works[0] = False
+        built.graph.execute(pack, workspace, handle=h)
     except Exception as exc:
         raise CudnnGraphError(f"cuDNN {what} graph failed at execute: {type(exc).__name__}: {exc}\n  spec: {spec}") from exc
 
