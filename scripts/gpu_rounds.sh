@@ -73,7 +73,8 @@
 #                                  # per call with and without it (scripts/gpu_host_breakdown.py), and the
 #                                  # kernels of SDPA's own cuDNN call against ours on full and causal
 #   bash scripts/gpu_rounds.sh 41  # the bf16 S 4096 16-head structured masks, fwd+bwd, after the raw-pointer
-#                                  # launch: in a Llama layer's layout, then contiguous
+#                                  # launch: in a Llama layer's layout, then causal documents and windows
+#                                  # contiguous (the two host-bound there)
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -335,11 +336,12 @@ for l in sys.stdin:
     BACKENDS=flex timeout 120 python3 scripts/gpu_host_breakdown.py --masks documents_causal,prefix_lm 2>&1 | grep '^{'
     ;;
   41)
-    for layout in bshd bhsd; do
-      OUT="$OUT/$layout" BENCH_TIMEOUT=235 bash scripts/gpu_bench.sh --layout $layout --heads 16 --dtypes bf16 \
-        --seqlens 4096 --passes fwd+bwd --masks padding,documents,documents_causal,prefix_lm,sliding_window \
-        --deadline 185 2>&1 | tail -8
-    done
+    device_pytest 60 30 cudnn_raw_launch_tests.log 2 tests/test_cudnn.py -m gpu -k raw_launch
+    OUT="$OUT/bshd" BENCH_TIMEOUT=215 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+      --seqlens 4096 --passes fwd+bwd --masks documents_causal,padding,sliding_window,documents,prefix_lm \
+      --deadline 165 2>&1 | tail -8
+    OUT="$OUT/bhsd" BENCH_TIMEOUT=120 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 \
+      --seqlens 4096 --passes fwd+bwd --masks documents_causal,sliding_window --deadline 75 2>&1 | tail -6
     ;;
   18)
     for i in 0 1 2 3; do
