@@ -73,8 +73,7 @@
 #                                  # per call with and without it (scripts/gpu_host_breakdown.py), and the
 #                                  # kernels of SDPA's own cuDNN call against ours on full and causal
 #   bash scripts/gpu_rounds.sh 41  # the bf16 S 4096 16-head structured masks, fwd+bwd, after the raw-pointer
-#                                  # launch: in a Llama layer's layout, then causal documents and windows
-#                                  # contiguous (the two host-bound there)
+#                                  # launch, in a Llama layer's layout
 #
 # On an nvidia-h200-x2 machine:
 #   bash scripts/gpu_rounds.sh 4x2 # round 4 in half the time: the bench on GPU 0, fine-tuning (all four
@@ -340,9 +339,6 @@ for l in sys.stdin:
     OUT="$OUT/bshd" BENCH_TIMEOUT=200 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
       --seqlens 4096 --passes fwd+bwd --masks documents_causal,padding,sliding_window,documents,prefix_lm \
       --deadline 150 2>&1 | tail -8
-    rm -f "$OUT/bshd/gpu.csv"  # at most 8 files come back; the CSV is rebuilt from gpu.json here
-    OUT="$OUT/bhsd" BENCH_TIMEOUT=100 bash scripts/gpu_bench.sh --heads 16 --dtypes bf16 \
-      --seqlens 4096 --passes fwd+bwd --masks documents_causal,sliding_window --deadline 60 2>&1 | tail -6
     ;;
   18)
     for i in 0 1 2 3; do
