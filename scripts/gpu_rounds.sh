@@ -336,9 +336,9 @@ for l in sys.stdin:
     ;;
   41)
     timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_cudnn.py -m gpu -k raw_launch 2>&1 | tail -3
-    OUT="$OUT/bshd" BENCH_TIMEOUT=200 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+    OUT="$OUT/bshd" BENCH_TIMEOUT=170 bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
       --seqlens 4096 --passes fwd+bwd --masks documents_causal,padding,sliding_window,documents,prefix_lm \
-      --deadline 150 2>&1 | tail -8
+      --deadline 120 2>&1 | tail -8
     ;;
   18)
     for i in 0 1 2 3; do
