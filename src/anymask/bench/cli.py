@@ -246,7 +246,7 @@ def register(subparsers) -> None:
                                   description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_grid_options(bench)
     bench.add_argument("--backends", help="comma list of variants: backend names, auto, raw_sdpa_dense, "
-                                          "raw_flex (default: all available)")
+                                          "raw_flex, raw_fa4 (default: all available)")
     bench.add_argument("--out", metavar="DIR", help="output directory (default benchmarks/results/<device>/)")
     bench.add_argument("--tag", default="bench", help="file name stem of the CSV/JSON (default bench)")
     bench.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",

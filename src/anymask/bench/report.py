@@ -54,7 +54,7 @@ def case_summaries(rows: list[Row]) -> list[dict]:
         forced = [r for r in ok.values() if r.eligible]
         best = min(forced, key=lambda r: r.median_ms) if forced else None
         auto = ok.get("auto")
-        raw_sdpa, raw_flex = ok.get("raw_sdpa_dense"), ok.get("raw_flex")
+        raw_sdpa, raw_flex, raw_fa4 = ok.get("raw_sdpa_dense"), ok.get("raw_flex"), ok.get("raw_fa4")
         out.append({
             "case": _case_label(group[0]), "mask": group[0].mask, "seq": group[0].seq, "dtype": group[0].dtype,
             "pass": group[0].mode, "heads": f"{group[0].heads}:{group[0].kv_heads}",
@@ -66,6 +66,8 @@ def case_summaries(rows: list[Row]) -> list[dict]:
             "raw_flex_tflops": raw_flex.tflops if raw_flex else None,
             "best_vs_raw_sdpa": raw_sdpa.median_ms / best.median_ms if best and raw_sdpa else None,
             "best_vs_raw_flex": raw_flex.median_ms / best.median_ms if best and raw_flex else None,
+            "raw_fa4_tflops": raw_fa4.tflops if raw_fa4 else None,
+            "best_vs_raw_fa4": raw_fa4.median_ms / best.median_ms if best and raw_fa4 else None,
         })
     return out
 

@@ -42,7 +42,7 @@ class Row:
     head_dim: int
     dtype: str
     mode: str  # "fwd" | "fwd+bwd" (the CSV column "pass")
-    variant: str  # backend name, "auto", "raw_sdpa_dense" or "raw_flex"
+    variant: str  # backend name, "auto", "raw_sdpa_dense", "raw_flex" or "raw_fa4"
     backend: str  # what ran (auto: its choice)
     status: str  # "ok" | "skipped" | "failed"
     reason: str = ""

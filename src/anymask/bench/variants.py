@@ -6,6 +6,8 @@
                      (rows that see no key unmasked, as transformers does)
     raw_flex         what users write today: ``torch.compile(flex_attention)`` with a BlockMask
                      from ``create_block_mask`` (not on CPU for fwd+bwd: no backward there)
+    raw_fa4          FlashAttention 4 (flash-attn-4) called the way its docs and tests show for
+                     each mask (see :mod:`anymask.bench.fa4_peer`); only where it is installed
 
 ``prepare`` returns a :class:`Prepared` call, or a reason string when the variant cannot run the
 case.  Raw variants promise nothing on rows that see no key, so their error is taken over the
@@ -27,9 +29,10 @@ from ..dispatch import choose
 from ..masks import Mask
 from ..problem import Problem
 from ..tiles import is_head_invariant
+from . import fa4_peer
 from .inputs import InputSets
 
-RAW = ("raw_sdpa_dense", "raw_flex")
+RAW = ("raw_sdpa_dense", "raw_flex", "raw_fa4")
 EAGER_LIMIT = {"cpu": 1 << 22, "cuda": 1 << 28}  # score elements [B, H, Sq, Skv] eager may materialise
 
 
@@ -62,7 +65,7 @@ def available() -> tuple[list[str], dict[str, list[str]]]:
 def names(requested: list[str] | None = None) -> list[str]:
     """Variants to run: every available backend, ``auto`` and the raw calls, or ``requested``."""
     ok, _ = available()
-    every = [*ok, "auto", *RAW]
+    every = [*ok, "auto", *(r for r in RAW if r != "raw_fa4" or fa4_peer.importable())]
     if not requested:
         return every
     known = [*B._MODULES, "auto", *RAW]
@@ -101,6 +104,8 @@ def prepare(name: str, mask: Mask, inputs: InputSets, p: Problem, *, forced: boo
         return _raw_sdpa(mask, inputs, p)
     if name == "raw_flex":
         return _raw_flex(mask, inputs, p)
+    if name == "raw_fa4":
+        return _raw_fa4(mask, inputs, p)
     backend = B.get(name, missing_ok=True)
     if backend is None:
         return f"backend {name!r} is not part of this install"
@@ -182,3 +187,15 @@ def _raw_flex(mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
     gqa = {"enable_gqa": True} if p.is_gqa else {}
     f = (lambda q, k, v: compiled(q, k, v, block_mask=block_mask, scale=p.scale, **gqa))
     return Prepared(_runner(f, inputs, p.requires_grad), "flex_attention", time.perf_counter() - t0, True)
+
+
+def _raw_fa4(mask: Mask, inputs: InputSets, p: Problem) -> Prepared | str:
+    t0 = time.perf_counter()
+    try:
+        prepared = fa4_peer.prepare(mask, p, (inputs.q[0], inputs.k[0], inputs.v[0]))
+    except Exception as exc:  # FA4 rejects or fails on this problem: a result, not a crash
+        return f"FlashAttention 4 failed on its first call: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if isinstance(prepared, str):
+        return prepared
+    f, label = prepared
+    return Prepared(_runner(f, inputs, p.requires_grad), label, time.perf_counter() - t0, True)

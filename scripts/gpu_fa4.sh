@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# FlashAttention 4 (flash-attn-4, CuTe DSL) as a bench peer on one H200, beside anymask's backends.
+#
+# FA4 needs nvidia-cutlass-dsl-libs-cu13 (a 92 MB wheel), more than one device call may carry, so
+# its files travel in two calls to the same warm machine (see the device README's 64 MiB limit):
+#
+#   here:   xz -9 the unzipped cu13 wheel, split it in two: .fa4a/part1, .fa4b/part2
+#           .fa4b/ also holds flash_attn_4, quack_kernels, apache_tvm_ffi, torch_c_dlpack_ext and
+#           nvidia_cutlass_dsl{,_libs_base,_libs_core} 4.8.1 wheels; .whl/ the usual ones
+#   call 1: mkdir -p /tmp/fa4keep && cp .fa4a/part1 /tmp/fa4keep/ && ...   (carry .fa4a, .whl)
+#   call 2: bash scripts/gpu_fa4.sh                                         (carry .fa4b, .whl)
+#
+# Call 2 then times the structured masks of the bf16 S 4096 16-head fwd+bwd grid in a Llama
+# layer's layout, with cuDNN, Triton, flex, raw flex and raw FA4 side by side, under $OUT/bshd.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+keep=/tmp/fa4keep
+if [ ! -f "$keep/part1" ]; then
+  echo "no $keep/part1: this is a fresh machine, not the one call 1 left it on" >&2
+  exit 3
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .fa4b/*.whl || exit
+cat "$keep/part1" .fa4b/part2 > /tmp/cu13.tar.xz
+python3 -c "import tarfile; tarfile.open('/tmp/cu13.tar.xz').extractall('/tmp/site')" || exit
+export PYTHONPATH=/tmp/site
+python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute', flash_attn.cute.__file__, 'cutlass', getattr(cutlass, '__version__', '?'))" \
+  2>&1 | tail -3
+OUT="$OUT/bshd" BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+  --seqlens 4096 --passes fwd+bwd --masks documents_causal,padding,sliding_window,documents,prefix_lm \
+  --backends cudnn,triton,flex,raw_flex,raw_fa4 --deadline 360 2>&1 | tail -12

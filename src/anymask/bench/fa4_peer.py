@@ -1,0 +1,162 @@
+"""``raw_fa4``: what a user hand-rolls with FlashAttention 4 (``pip install flash-attn-4``, CuTe DSL).
+
+FA4 has no mask object: a user maps each mask onto one of its call forms, and this module does the
+same, once per problem (outside the timed calls)::
+
+    full / causal                flash_attn_func(window_size=(None, None) / (None, 0))
+    window(l, r) [& causal]      flash_attn_func(window_size=(l, r))
+    documents [& causal|window]  flash_attn_varlen_func: the rows' documents packed end to end,
+    [& padding]                  one cu_seqlens entry per document; padded tokens gathered out
+                                 first and their output rows left 0 (FA2's unpad/pad recipe)
+    prefix_lm (one prefix)       flash_attn_func(mask_mod=kv <= q or kv < P) with block sparsity
+                                 from FlexAttention's create_block_mask, as FA4's own tests do
+
+    documents & causal, 2 rows:  row 0 = [doc 3][doc 5],  row 1 = [doc 8]
+    cu_seqlens = [0, 3, 8, 16]   (tokens of row 0, then row 1, back to back)
+
+Anything else (packed prefix-LM, per-row prefixes, custom masks, FP32, unequal q/kv lengths) is
+skipped with the reason, as a user would have to write more than a call.  The gather/scatter of
+the varlen recipe is inside the timed call, because the user's code pays for it too (for packed
+documents without padding it is a copy of q, k and v that a user with packed inputs would not
+make: the FA4 number is then a little low, by the ~0.1 ms such a copy takes at 16k tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import segments
+from .._optional import probe
+from ..masks import Mask
+from ..problem import Problem
+from ..structure import Structure
+
+SPARSE_BLOCK = (128, 128)  # the BlockMask granularity FA4's SM90 block-sparse backward expects
+FA4_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def importable() -> bool:
+    return not isinstance(probe("flash_attn.cute"), str)
+
+
+def prepare(mask: Mask, p: Problem, sample: tuple[torch.Tensor, ...]):
+    """``(f, label)`` with ``f(q, k, v) -> out`` on anymask's ``[B, H, S, D]`` views, or the reason
+    FA4 cannot run this problem as one hand-rolled call.  ``sample`` (q, k, v) runs once here, so
+    that FA4's JIT compile stays out of the timed calls; a prefix-LM call whose block sparsity FA4
+    rejects falls back to the plain mask_mod (every tile computed)."""
+    fa4 = probe("flash_attn.cute")
+    if isinstance(fa4, str):
+        return fa4
+    why = _not_supported(p)
+    if why:
+        return why
+    s = p.structure
+    if s.base == "prefix_lm":
+        try:
+            return _trial(_prefix_lm(fa4, s, p, sparse=True), sample, p)
+        except Exception:  # any FA4 rejection of the sparse form: try the plain mask_mod
+            return _trial(_prefix_lm(fa4, s, p, sparse=False), sample, p)
+    if s.documents is None and s.valid is None:
+        return _trial(_dense(fa4, s, p), sample, p)
+    return _trial(_varlen(fa4, s, p), sample, p)
+
+
+def _trial(prepared, sample, p: Problem):
+    f, _ = prepared
+    q, k, v = sample
+    out = f(q, k, v)
+    if p.requires_grad:
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.cuda.synchronize(p.device)
+    return prepared
+
+
+def _not_supported(p: Problem) -> str | None:
+    s = p.structure
+    if p.device_type != "cuda":
+        return "FlashAttention 4 runs on CUDA only"
+    if p.dtype not in FA4_DTYPES:
+        return f"FlashAttention 4 runs fp16/bf16 only, not {str(p.dtype).replace('torch.', '')}"
+    if p.q_len != p.kv_len:
+        return "the hand-rolled FA4 call assumes q_len == kv_len"
+    if s.base == "prefix_lm" and s.documents is None and s.valid is None and not s.general:
+        if s.prefix.unique().numel() != 1:
+            return "per-row prefixes need an aux tensor in FA4's mask_mod; hand-rolled here for one prefix only"
+        return None
+    why = segments.reasons(s, p.batch, p.q_len, p.kv_len)
+    return f"no FA4 call form short of a hand-written mask_mod: {'; '.join(why)}" if why else None
+
+
+def _window(s: Structure) -> tuple[int | None, int | None]:
+    """FA4's ``window_size``: ``None`` for an unbounded side (``(None, 0)`` is causal)."""
+    return tuple(None if side < 0 else side for side in segments.flash_window(s))
+
+
+def _bshd(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # [B, H, S, D] view -> [B, S, H, D]
+
+
+def _dense(fa4, s: Structure, p: Problem):
+    window = _window(s)
+
+    def f(q, k, v):
+        out = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=p.scale, window_size=window)
+        return _first(out).transpose(1, 2)
+
+    return f, f"fa4 {s.base}"
+
+
+def _varlen(fa4, s: Structure, p: Problem):
+    """Documents and padding: FA2's unpad -> varlen -> repad recipe on FA4's varlen kernel."""
+    lay = segments.layout(s, p.batch, p.q_len, p.kv_len, p.device)
+    window = _window(s)
+
+    def f(q, k, v):
+        out = fa4.flash_attn_varlen_func(
+            segments.unpad(q, lay.q_index), segments.unpad(k, lay.k_index), segments.unpad(v, lay.k_index),
+            cu_seqlens_q=lay.cu_seqlens_q, cu_seqlens_k=lay.cu_seqlens_k, max_seqlen_q=lay.max_seqlen_q,
+            max_seqlen_k=lay.max_seqlen_k, softmax_scale=p.scale, window_size=window)
+        return segments.repad(_first(out), lay.q_index, p.batch, p.q_len)
+
+    return f, "fa4 varlen"
+
+
+def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
+    """Prefix-LM as a mask_mod: kv <= q or kv < P, with P a runtime scalar (so one compiled kernel
+    serves every prefix length).  ``sparse``: FA4's block sparsity, built by FlexAttention's
+    ``create_block_mask``, skips the tiles above the diagonal and past the prefix."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from flash_attn.cute.utils import scalar_to_ssa
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    prefix = int(s.prefix.reshape(-1)[0])
+
+    @cute.jit
+    def prefix_lm_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
+        limit = scalar_to_ssa(cutlass.Int32(aux_scalars[0]), cutlass.Int32)
+        return (kv_idx <= q_idx) | (kv_idx < limit)
+
+    extra = {}
+    if sparse:
+        def torch_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) | (kv_idx < prefix)
+
+        bm = create_block_mask(torch_mod, 1, 1, p.q_len, p.kv_len, device=p.device, BLOCK_SIZE=SPARSE_BLOCK)
+        (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
+        extra = dict(block_sparse_tensors=BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx,
+                                                                  block_size=SPARSE_BLOCK),
+                     block_sparse_tensors_bwd=BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx,
+                                                                      block_size=SPARSE_BLOCK))
+
+    def f(q, k, v):
+        out = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=p.scale, mask_mod=prefix_lm_mod,
+                                  aux_scalars=(prefix,), **extra)
+        return _first(out).transpose(1, 2)
+
+    return f, "fa4 mask_mod+sparse" if sparse else "fa4 mask_mod"
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
