@@ -10,8 +10,9 @@
 #   call 1: mkdir -p /tmp/fa4keep && cp .fa4a/part1 /tmp/fa4keep/ && ...   (carry .fa4a, .whl)
 #   call 2: bash scripts/gpu_fa4.sh                                         (carry .fa4b, .whl)
 #
-# Call 2 then times the structured masks of the bf16 S 4096 16-head fwd+bwd grid in a Llama
-# layer's layout, with cuDNN, Triton, flex, raw flex and raw FA4 side by side, under $OUT/bshd.
+# Call 2 then runs the FA4 GPU tests (the fa4 backend against float64, the raw_fa4 peer) and times
+# causal and the structured masks of the bf16 S 4096 16-head fwd+bwd grid in a Llama layer's
+# layout, anymask's backends (fa4 among them) beside raw flex and raw FA4, under $OUT/bshd.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 keep=/tmp/fa4keep
@@ -23,9 +24,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .whl/*.whl .fa4b/*.whl || exit
 cat "$keep/part1" .fa4b/part2 > /tmp/cu13.tar.xz
 python3 -c "import tarfile; tarfile.open('/tmp/cu13.tar.xz').extractall('/tmp/site')" || exit
-export PYTHONPATH=/tmp/site
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src  # the second: what its .pth file would add
 python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute', flash_attn.cute.__file__, 'cutlass', getattr(cutlass, '__version__', '?'))" \
   2>&1 | tail -3
-OUT="$OUT/bshd" BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
-  --seqlens 4096 --passes fwd+bwd --masks documents_causal,padding,sliding_window,documents,prefix_lm \
-  --backends cudnn,triton,flex,raw_flex,raw_fa4 --deadline 360 2>&1 | tail -12
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench_fa4.py -m gpu -rA 2>&1 | tee "$OUT/fa4_peer_tests.log" | tail -4
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_backends_agree.py -k "fa4 and cuda" 2>&1 | tee "$OUT/fa4_backend_tests.log" | tail -4
+OUT="$OUT/bshd" BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
+  --seqlens 4096 --passes fwd+bwd --masks causal,documents_causal,padding,sliding_window,documents,prefix_lm \
+  --backends sdpa,cudnn,triton,fa4,auto,raw_flex,raw_fa4 --deadline 120 2>&1 | tail -12

@@ -16,13 +16,13 @@ PAD = M.padding(torch.tensor([[True] * 50 + [False] * 14]))
 CUSTOM = M.custom(lambda b, h, q, k: (q + k) % 3 != 0)
 
 ROWS = [  # (device, dtype, mask, the order the docstring gives)
-    ("cuda", torch.bfloat16, M.full(), ("sdpa", "flash_attn", "cudnn", "triton", "flex")),
-    ("cuda", torch.float16, M.causal(), ("sdpa", "flash_attn", "cudnn", "triton", "flex")),
-    ("cuda", torch.bfloat16, M.window(16, 0), ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")),
-    ("cuda", torch.bfloat16, DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
-    ("cuda", torch.bfloat16, M.causal() & DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
-    ("cuda", torch.bfloat16, M.window(16, 0) & PAD, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
-    ("cuda", torch.bfloat16, M.prefix_lm(16), ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")),
+    ("cuda", torch.bfloat16, M.full(), ("sdpa", "flash_attn", "cudnn", "triton", "flex", "fa4")),
+    ("cuda", torch.float16, M.causal(), ("sdpa", "flash_attn", "cudnn", "triton", "flex", "fa4")),
+    ("cuda", torch.bfloat16, M.window(16, 0), ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa", "fa4")),
+    ("cuda", torch.bfloat16, DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")),
+    ("cuda", torch.bfloat16, M.causal() & DOCS, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")),
+    ("cuda", torch.bfloat16, M.window(16, 0) & PAD, ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")),
+    ("cuda", torch.bfloat16, M.prefix_lm(16), ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")),
     ("cuda", torch.bfloat16, CUSTOM, ("flex", "sdpa")),
     ("cuda", torch.float32, M.causal(), ("triton", "sdpa", "varlen", "flex")),
     ("cuda", torch.float32, M.causal() & DOCS, ("triton", "varlen", "sdpa", "flex")),
@@ -49,7 +49,7 @@ def test_static_preference_follows_the_documented_table(device, dtype, mask, ord
 def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
     q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
     p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
-    assert dispatch.static_preference(p) == ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "eager")
+    assert dispatch.static_preference(p) == ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "fa4", "eager")
     assert "bf16, head dim 128: cudnn, triton, flex," in dispatch.__doc__
     p16 = dataclasses.replace(describe(q.half(), q.half(), q.half(), mask, None), device=torch.device("cuda"))
     assert dispatch.static_preference(p16)[0] == "triton"  # fp16: not measured with cuDNN in place

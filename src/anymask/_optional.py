@@ -16,7 +16,7 @@ INSTALL_HINTS = {
     "matplotlib": "pip install 'anymask[bench]'",
     "matplotlib.pyplot": "pip install 'anymask[bench]'",
     "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
-    "flash_attn.cute": "pip install flash-attn-4 (FlashAttention 4, CuTe DSL; a bench peer only)",
+    "flash_attn.cute": "pip install 'anymask[fa4]' (flash-attn-4: FlashAttention 4, CuTe DSL, Hopper+)",
     "liger_kernel": "pip install 'anymask[liger]'",
     "liger_kernel.transformers": "pip install 'anymask[liger]'",
     "liger_kernel.ops.fused_linear_cross_entropy": "pip install 'anymask[liger]'",

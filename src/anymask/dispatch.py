@@ -3,11 +3,12 @@
 Static preference (used until ``anymask tune`` has measured this machine), first that can run:
 
     device  dtype      mask                                        order
-    cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex
-    cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa
+    cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex, fa4
+    cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa,
+                                                                   fa4
     cuda    bf16/fp16  other structured (documents/padding/        bf16, head dim 128: cudnn, triton, flex,
-                       window/prefix-LM)                           varlen, flash_attn, sdpa; else: triton,
-                                                                   flex, cudnn, varlen, flash_attn, sdpa
+                       window/prefix-LM)                           varlen, flash_attn, sdpa, fa4; else: triton,
+                                                                   flex, cudnn, varlen, flash_attn, sdpa, fa4
     cuda    bf16/fp16  opaque terms (custom)                       flex, sdpa
     cuda    fp32       full or causal                              triton, sdpa, varlen, flex
     cuda    fp32       documents or padding                        triton, varlen, sdpa, flex
@@ -26,6 +27,9 @@ at S 4096: Triton), and it wins causal sliding windows; at head dim 64 (measured
 its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
+FlashAttention 4 (``fa4``) comes last until it is measured on the H200: ``anymask tune`` ranks it by
+measurement where it is installed (on an H100 it beat cuDNN on causal sliding windows, 436 vs 378
+TFLOP/s forward+backward, and lost on documents and padding).
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
 reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
@@ -45,10 +49,10 @@ from . import backend as B
 from ._identity_cache import IdentityLRU
 from .problem import Problem
 
-_CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex")
-_CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")
-_CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa")
-_CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa")  # where cuDNN was measured
+_CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex", "fa4")
+_CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa", "fa4")
+_CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")
+_CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "fa4")  # where cuDNN was measured
 _CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
 _CUDA_FP32_DENSE = ("triton", "sdpa", "varlen", "flex")
 _CUDA_FP32_PACKED = ("triton", "varlen", "sdpa", "flex")

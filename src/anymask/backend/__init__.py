@@ -19,6 +19,7 @@ _MODULES = {
     "xformers": ("xformers", "Xformers"),
     "triton": ("triton_backend", "TritonBackend"),
     "cudnn": ("cudnn", "Cudnn"),
+    "fa4": ("fa4", "Fa4"),
 }
 
 _INSTANCES: dict[str, Backend] = {}

@@ -27,12 +27,12 @@ import torch
 
 from .. import segments
 from .._optional import probe
+from ..backend import fa4 as fa4_backend
 from ..masks import Mask
 from ..problem import Problem
 from ..structure import Structure
 
 SPARSE_BLOCK = (128, 128)  # the BlockMask granularity FA4's SM90 block-sparse backward expects
-FA4_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def importable() -> bool:
@@ -56,9 +56,7 @@ def prepare(mask: Mask, p: Problem, sample: tuple[torch.Tensor, ...]):
             return _trial(_prefix_lm(fa4, s, p, sparse=True), sample, p)
         except Exception:  # any FA4 rejection of the sparse form: try the plain mask_mod
             return _trial(_prefix_lm(fa4, s, p, sparse=False), sample, p)
-    if s.documents is None and s.valid is None:
-        return _trial(_dense(fa4, s, p), sample, p)
-    return _trial(_varlen(fa4, s, p), sample, p)
+    return _trial(_call(p), sample, p)
 
 
 def _trial(prepared, sample, p: Problem):
@@ -75,8 +73,10 @@ def _not_supported(p: Problem) -> str | None:
     s = p.structure
     if p.device_type != "cuda":
         return "FlashAttention 4 runs on CUDA only"
-    if p.dtype not in FA4_DTYPES:
+    if p.dtype not in fa4_backend.DTYPES:
         return f"FlashAttention 4 runs fp16/bf16 only, not {str(p.dtype).replace('torch.', '')}"
+    if p.head_dim % 8 or p.head_dim > 256:
+        return f"FlashAttention 4 takes head dims that are multiples of 8 up to 256, got {p.head_dim}"
     if p.q_len != p.kv_len:
         return "the hand-rolled FA4 call assumes q_len == kv_len"
     if s.base == "prefix_lm" and s.documents is None and s.valid is None and not s.general:
@@ -87,44 +87,17 @@ def _not_supported(p: Problem) -> str | None:
     return f"no FA4 call form short of a hand-written mask_mod: {'; '.join(why)}" if why else None
 
 
-def _window(s: Structure) -> tuple[int | None, int | None]:
-    """FA4's ``window_size``: ``None`` for an unbounded side (``(None, 0)`` is causal)."""
-    return tuple(None if side < 0 else side for side in segments.flash_window(s))
-
-
-def _bshd(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2)  # [B, H, S, D] view -> [B, S, H, D]
-
-
-def _dense(fa4, s: Structure, p: Problem):
-    window = _window(s)
-
-    def f(q, k, v):
-        out = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=p.scale, window_size=window)
-        return _first(out).transpose(1, 2)
-
-    return f, f"fa4 {s.base}"
-
-
-def _varlen(fa4, s: Structure, p: Problem):
-    """Documents and padding: FA2's unpad -> varlen -> repad recipe on FA4's varlen kernel."""
-    lay = segments.layout(s, p.batch, p.q_len, p.kv_len, p.device)
-    window = _window(s)
-
-    def f(q, k, v):
-        out = fa4.flash_attn_varlen_func(
-            segments.unpad(q, lay.q_index), segments.unpad(k, lay.k_index), segments.unpad(v, lay.k_index),
-            cu_seqlens_q=lay.cu_seqlens_q, cu_seqlens_k=lay.cu_seqlens_k, max_seqlen_q=lay.max_seqlen_q,
-            max_seqlen_k=lay.max_seqlen_k, softmax_scale=p.scale, window_size=window)
-        return segments.repad(_first(out), lay.q_index, p.batch, p.q_len)
-
-    return f, "fa4 varlen"
+def _call(p: Problem):
+    """The mask's FA4 call, built once: window flags, or the varlen segment layout."""
+    lay = fa4_backend.packed_layout(p)
+    return (lambda q, k, v: fa4_backend.attend(q, k, v, p, lay)), ("fa4 varlen" if lay else f"fa4 {p.structure.base}")
 
 
 def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
-    """Prefix-LM as a mask_mod: kv <= q or kv < P, with P a runtime scalar (so one compiled kernel
-    serves every prefix length).  ``sparse``: FA4's block sparsity, built by FlexAttention's
-    ``create_block_mask``, skips the tiles above the diagonal and past the prefix."""
+    """Prefix-LM as a mask_mod: kv <= q or kv < P, with P a compile-time constant (FA4 hashes the
+    closure, so each prefix length compiles its own kernels; its runtime ``aux_scalars`` failed to
+    compile in flash-attn-4 4.0.0b40 on sm90).  ``sparse``: FA4's block sparsity, built by
+    FlexAttention's ``create_block_mask``, skips the tiles above the diagonal and past the prefix."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
@@ -134,8 +107,8 @@ def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
     prefix = int(s.prefix.reshape(-1)[0])
 
     @cute.jit
-    def prefix_lm_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors, aux_scalars):
-        limit = scalar_to_ssa(cutlass.Int32(aux_scalars[0]), cutlass.Int32)
+    def prefix_lm_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        limit = scalar_to_ssa(prefix, cutlass.Int32)
         return (kv_idx <= q_idx) | (kv_idx < limit)
 
     extra = {}
@@ -152,11 +125,7 @@ def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
 
     def f(q, k, v):
         out = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=p.scale, mask_mod=prefix_lm_mod,
-                                  aux_scalars=(prefix,), **extra)
-        return _first(out).transpose(1, 2)
+                                  **extra)
+        return fa4_backend.first_output(out).transpose(1, 2)
 
     return f, "fa4 mask_mod+sparse" if sparse else "fa4 mask_mod"
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
