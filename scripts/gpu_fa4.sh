@@ -27,7 +27,7 @@ python3 -c "import tarfile; tarfile.open('/tmp/cu13.tar.xz').extractall('/tmp/si
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:src  # the second: what its .pth file would add
 python3 -c "import flash_attn.cute, cutlass; print('flash_attn.cute', flash_attn.cute.__file__, 'cutlass', getattr(cutlass, '__version__', '?'))" \
   2>&1 | tail -3
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_bench_fa4.py -m gpu -rA 2>&1 | tee "$OUT/fa4_peer_tests.log" | tail -4
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fa4.py -m gpu -rA 2>&1 | tee "$OUT/fa4_peer_tests.log" | tail -4
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_backends_agree.py -k "fa4 and cuda" 2>&1 | tee "$OUT/fa4_backend_tests.log" | tail -4
 OUT="$OUT/bshd" BENCH_TIMEOUT=${BENCH_TIMEOUT:-170} bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
   --seqlens 4096 --passes fwd+bwd --masks causal,documents_causal,padding,sliding_window,documents,prefix_lm \

@@ -89,8 +89,21 @@ def _not_supported(p: Problem) -> str | None:
 
 def _call(p: Problem):
     """The mask's FA4 call, built once: window flags, or the varlen segment layout."""
-    lay = fa4_backend.packed_layout(p)
-    return (lambda q, k, v: fa4_backend.attend(q, k, v, p, lay)), ("fa4 varlen" if lay else f"fa4 {p.structure.base}")
+    s = p.structure
+    if s.documents is None and s.valid is None:
+        return (lambda q, k, v: fa4_backend.attend(q, k, v, p)), f"fa4 {s.base}"
+    fa4 = probe("flash_attn.cute")
+    lay = segments.layout(s, p.batch, p.q_len, p.kv_len, device=p.device)
+    window = fa4_backend.window_size(p)
+
+    def packed(q, k, v):  # FA2's unpad -> varlen -> repad recipe
+        out = fa4.flash_attn_varlen_func(
+            segments.unpad(q, lay.q_index), segments.unpad(k, lay.k_index), segments.unpad(v, lay.k_index),
+            cu_seqlens_q=lay.cu_seqlens_q, cu_seqlens_k=lay.cu_seqlens_k, max_seqlen_q=lay.max_seqlen_q,
+            max_seqlen_k=lay.max_seqlen_k, softmax_scale=p.scale, window_size=window)  # [T, Hq, D]
+        return segments.repad(fa4_backend.first_output(out), lay.q_index, p.batch, p.q_len)
+
+    return packed, "fa4 varlen"
 
 
 def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
@@ -124,7 +137,8 @@ def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
                                                                       block_size=SPARSE_BLOCK))
 
     def f(q, k, v):
-        out = fa4.flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=p.scale, mask_mod=prefix_lm_mod,
+        out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=p.scale,
+                                  mask_mod=prefix_lm_mod,
                                   **extra)
         return fa4_backend.first_output(out).transpose(1, 2)
 

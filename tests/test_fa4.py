@@ -1,14 +1,18 @@
-"""The ``raw_fa4`` bench peer (FlashAttention 4 called by hand): listed only where flash-attn-4 is
-installed, skipped with the reason where it cannot run, and on a GPU with FA4 it agrees with the
-float64 reference on every mask it has a call form for (``gpu`` marker)."""
+"""FlashAttention 4: the ``fa4`` backend's reasons (its numerics are in test_backends_agree on a GPU
+with flash-attn-4), and the ``raw_fa4`` bench peer (FA4 called by hand): listed only where
+flash-attn-4 is installed, skipped with the reason where it cannot run, and on a GPU with FA4 it
+agrees with the float64 reference on every mask it has a call form for (``gpu`` marker)."""
 
 import pytest
 import torch
 
+from anymask import masks as M
+from anymask.backend import fa4 as fa4_backend
 from anymask.bench import fa4_peer, variants
 from anymask.bench.cases import Case
 from anymask.bench.runner import run
 from anymask.bench.timing import Settings
+from anymask.problem import describe
 from anymask.tuning import tolerance
 
 FAST = Settings(warmup=1, rounds=2, budget_s=0.01, max_iters=4, min_iters=2)
@@ -33,6 +37,23 @@ def test_listed_only_where_installed_and_skipped_with_the_reason():
     assert len(fa4) == 1 and fa4[0].status == "skipped"
     assert ("CUDA only" if fa4_peer.importable() else "flash-attn-4") in fa4[0].reason
     assert [r.status for r in rows if r.variant == "eager"] == ["ok"]
+
+
+@pytest.mark.parametrize("mask, reason", [
+    (M.causal() & M.documents(lengths=[3, 5]), "declines documents and padding"),
+    (M.padding(torch.tensor([[1] * 6 + [0] * 2])), "declines documents and padding"),
+    (M.prefix_lm(3), "mask_mod compiled once per prefix length"),
+    (M.CATALOGUE["custom"](1, 8), "not opaque (custom) terms"),
+])
+def test_backend_declines_packed_prefix_and_custom_masks(mask, reason):
+    q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    reasons = fa4_backend.Fa4().problem_reasons(describe(q, q, q, mask, None))
+    assert any(reason in r for r in reasons) and any("CUDA tensors only" in r for r in reasons)
+    plain = fa4_backend.Fa4().problem_reasons(describe(q, q, q, M.window(3) & M.causal(), None))
+    assert plain == ["fa4 runs on CUDA tensors only, got cpu"]
+    assert fa4_backend.window_size(describe(q, q, q, M.window(3) & M.causal(), None)) == (3, 0)
+    assert fa4_backend.window_size(describe(q, q, q, M.causal(), None)) == (None, 0)
+    assert fa4_backend.window_size(describe(q, q, q, M.full(), None)) == (None, None)
 
 
 def _fa4_on_gpu() -> bool:
