@@ -62,6 +62,9 @@ class FlashAttn(Backend):
         fa = probe("flash_attn")
         if isinstance(fa, str):
             return [fa]
+        if not hasattr(fa, "flash_attn_func"):  # flash-attn-4 alone installs a bare flash_attn package
+            return ["flash-attn 2 is not installed (this flash_attn package has no flash_attn_func: flash-attn-4's "
+                    "flash_attn.cute alone?); pip install flash-attn --no-build-isolation"]
         out = []
         if _version(fa) < (2, 1):
             out.append(f"flash_attn {getattr(fa, '__version__', '?')} aligns causal masks top-left; "

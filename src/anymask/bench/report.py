@@ -123,7 +123,7 @@ def full_table(rows: list[Row]) -> str:
 
 def summary_table(cases: list[dict]) -> str:
     head = (f"{'case':<44} {'best':<10} {'TFLOP/s':>8} {'auto':<10} {'auto/best':>9} "
-            f"{'raw sdpa':>8} {'raw flex':>8} {'best/sdpa':>9}")
+            f"{'raw sdpa':>8} {'raw flex':>8} {'raw fa4':>8} {'best/sdpa':>9}")
     lines = ["summary: TFLOP/s over visible pairs; best = fastest forced backend that agrees with float64; "
              "auto/best = p20 time ratio over interleaved calls", head]
     for c in cases:
@@ -131,6 +131,7 @@ def summary_table(cases: list[dict]) -> str:
         lines.append(f"{c['case']:<44} {c['best'] or '-':<10} {_num(c['best_tflops'], '8.3f'):>8} "
                      f"{c['auto'] or '-':<10} {_num(c['auto_vs_best'], '9.3f'):>9} "
                      f"{_num(c['raw_sdpa_tflops'], '8.3f'):>8} {_num(c['raw_flex_tflops'], '8.3f'):>8} "
+                     f"{_num(c.get('raw_fa4_tflops'), '8.3f'):>8} "
                      f"{_num(ratio, '8.2f') + 'x' if ratio else '-':>9}")
     return "\n".join(lines)
 
