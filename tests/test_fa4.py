@@ -42,15 +42,17 @@ def test_listed_only_where_installed_and_skipped_with_the_reason():
 @pytest.mark.parametrize("mask, reason", [
     (M.causal() & M.documents(lengths=[3, 5]), "declines documents and padding"),
     (M.padding(torch.tensor([[1] * 6 + [0] * 2])), "declines documents and padding"),
-    (M.prefix_lm(3), "mask_mod compiled once per prefix length"),
+    (M.CATALOGUE["packed_prefix_lm"](1, 8), "no packed prefix-LM"),
     (M.CATALOGUE["custom"](1, 8), "not opaque (custom) terms"),
 ])
-def test_backend_declines_packed_prefix_and_custom_masks(mask, reason):
+def test_backend_declines_packed_and_custom_masks(mask, reason):
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     reasons = fa4_backend.Fa4().problem_reasons(describe(q, q, q, mask, None))
     assert any(reason in r for r in reasons) and any("CUDA tensors only" in r for r in reasons)
-    plain = fa4_backend.Fa4().problem_reasons(describe(q, q, q, M.window(3) & M.causal(), None))
-    assert plain == ["fa4 runs on CUDA tensors only, got cpu"]
+    for plain in (M.window(3) & M.causal(), M.prefix_lm(5)):
+        assert fa4_backend.Fa4().problem_reasons(describe(q, q, q, plain, None)) == ["fa4 runs on CUDA tensors only, got cpu"]
+    decoding = describe(q[:, :, -2:], q, q, M.prefix_lm(3), None)
+    assert any("q_len == kv_len" in r for r in fa4_backend.Fa4().problem_reasons(decoding))
     assert fa4_backend.window_size(describe(q, q, q, M.window(3) & M.causal(), None)) == (3, 0)
     assert fa4_backend.window_size(describe(q, q, q, M.causal(), None)) == (None, 0)
     assert fa4_backend.window_size(describe(q, q, q, M.full(), None)) == (None, None)

@@ -10,12 +10,13 @@ call, as for flash-attn 2 (:mod:`.flash_attn`)::
 FA4's ``window_size`` takes ``None`` for an unbounded side, so causal is ``(None, 0)``; it aligns
 windows bottom-right (``q_len < kv_len`` = decoding), anymask's semantics.  fp16/bf16 on Hopper or
 newer (sm90+), head dim a multiple of 8 up to 256; GQA is native.  Each new mask form, dtype or
-head dim JIT-compiles its kernels on first use (tens of seconds), then they are cached.
+head dim JIT-compiles its kernels on first use (6-8 s for fwd+bwd on an H100), then they are cached.
 
-Not offered: documents and padding (FA4's ``flash_attn_varlen_func`` backward returned wrong dQ on
-short packed segments in our tests; :data:`VARLEN_REASON`), and prefix-LM, which FA4 takes only as a
-``mask_mod`` whose prefix length is a compile-time constant (one JIT compile per length).  The
-bench's hand-rolled FA4 peer (:mod:`anymask.bench.fa4_peer`) calls both forms, as a user would.
+Prefix-LM runs as a ``mask_mod`` reading each row's prefix length from a tensor, with block
+sparsity (:mod:`.fa4_prefix`).  Not offered: documents and padding (FA4's
+``flash_attn_varlen_func`` backward returned wrong dQ on short packed segments in our tests;
+:data:`VARLEN_REASON`) and packed prefix-LM.  The bench's hand-rolled FA4 peer
+(:mod:`anymask.bench.fa4_peer`) calls the varlen form anyway, as a user would.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .. import segments as seg
 from .._optional import probe
 from ..problem import Problem
+from . import fa4_prefix
 from .base import Backend
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -40,6 +42,8 @@ def window_size(p: Problem) -> tuple[int | None, int | None]:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
     """One FA4 call: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
     fa4 = probe("flash_attn.cute")
+    if p.structure.base == "prefix_lm":
+        return fa4_prefix.attend(fa4, q, k, v, p)
     out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, S, H, D]
                               softmax_scale=p.scale, window_size=window_size(p))
     return first_output(out).transpose(1, 2)
@@ -52,7 +56,7 @@ def first_output(out):
 
 class Fa4(Backend):
     name = "fa4"
-    summary = "FlashAttention 4 (CuTe DSL): window flags, varlen cu_seqlens for documents/padding (CUDA sm90+, fp16/bf16)"
+    summary = "FlashAttention 4 (CuTe DSL): causal/window flags, prefix-LM as a block-sparse mask_mod (CUDA sm90+, fp16/bf16)"
 
     def _machine_reasons(self):
         fa4 = probe("flash_attn.cute")
@@ -75,8 +79,10 @@ class Fa4(Backend):
         s = p.structure
         if s.general:
             out.append("fa4 takes full, causal and sliding-window masks only, not opaque (custom) terms")
-        elif s.base in ("prefix_lm", "prefix_groups"):
-            out.append("prefix-LM would be an FA4 mask_mod compiled once per prefix length; use cudnn, triton or flex")
+        elif s.base == "prefix_groups":
+            out.append("fa4 has no packed prefix-LM (per-token groups); use triton or flex")
+        elif s.base == "prefix_lm" and p.q_len != p.kv_len:
+            out.append("fa4 takes prefix-LM with q_len == kv_len only (its mask_mod sees local query indices)")
         if s.documents is not None or s.valid is not None:
             out.append(VARLEN_REASON)
         return out

@@ -1,0 +1,78 @@
+"""Prefix-LM on FlashAttention 4: one ``mask_mod`` that reads each row's prefix length from a tensor,
+so one JIT compile serves every length and per-row prefixes, plus FA4's block sparsity so that
+tiles above the diagonal and past the prefix are skipped.  ``prefix_lm([2, 3])``, row 0::
+
+    kv  0 1 2 3
+    q 0 # # . .
+    q 1 # # . .      kv <= q  or  kv < prefix[b]
+    q 2 # # # .
+    q 3 # # # #
+
+The block lists come from FlexAttention's ``create_block_mask`` at FA4's SM90 granularity
+(128 x 128), built once per mask object.  Queries and keys must be the same positions
+(``q_len == kv_len``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .common import PerMaskCache
+
+SPARSE_BLOCK = (128, 128)
+_PLANS = PerMaskCache()
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    lengths: torch.Tensor  # [B] int32 on the device: each row's prefix length
+    fwd: object  # BlockSparseTensorsTorch, key blocks per query block
+    bwd: object  # BlockSparseTensorsTorch, query blocks per key block
+
+
+@lru_cache(maxsize=1)
+def prefix_lm_mod():
+    """The CuTe mask_mod, defined once (FA4 caches compiled kernels by the callable's source)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        lengths = aux_tensors[0]
+        limit = scalar_to_ssa(lengths[batch[0]], cutlass.Int32)
+        return (kv_idx <= q_idx) | (kv_idx < limit)
+
+    return mod
+
+
+def plan(p) -> PrefixPlan:
+    return _PLANS.get(p, lambda: _build(p))
+
+
+def _build(p) -> PrefixPlan:
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lengths = p.structure.prefix.to(p.device).reshape(-1).expand(p.batch).to(torch.int32).contiguous()  # [B]
+
+    def torch_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < lengths[b])
+
+    bm = create_block_mask(torch_mod, p.batch, 1, p.q_len, p.kv_len, device=p.device, BLOCK_SIZE=SPARSE_BLOCK)
+    (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
+    return PrefixPlan(lengths,
+                      BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, block_size=SPARSE_BLOCK),
+                      BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx, block_size=SPARSE_BLOCK))
+
+
+def attend(fa4, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p) -> torch.Tensor:
+    """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` -> ``[B, Hq, S, D]``."""
+    pl = plan(p)
+    out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=p.scale,
+                              mask_mod=prefix_lm_mod(), aux_tensors=[pl.lengths],
+                              block_sparse_tensors=pl.fwd, block_sparse_tensors_bwd=pl.bwd)
+    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
