@@ -22,7 +22,7 @@ import torch
 
 from .common import PerMaskCache
 
-SPARSE_BLOCK = (128, 128)
+SPARSE_BLOCK = (128, 128)  # the BlockMask granularity FA4's SM90 block-sparse backward expects
 _PLANS = PerMaskCache()
 
 

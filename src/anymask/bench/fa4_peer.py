@@ -18,7 +18,7 @@ Anything else (packed prefix-LM, per-row prefixes, custom masks, FP32, unequal q
 skipped with the reason, as a user would have to write more than a call.  The gather/scatter of
 the varlen recipe is inside the timed call, because the user's code pays for it too (for packed
 documents without padding it is a copy of q, k and v that a user with packed inputs would not
-make: the FA4 number is then a little low, by the ~0.1 ms such a copy takes at 16k tokens).
+make, so there the FA4 number is a little low).
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import torch
 from .. import segments
 from .._optional import probe
 from ..backend import fa4 as fa4_backend
+from ..backend.fa4_prefix import SPARSE_BLOCK
 from ..masks import Mask
 from ..problem import Problem
 from ..structure import Structure
-
-SPARSE_BLOCK = (128, 128)  # the BlockMask granularity FA4's SM90 block-sparse backward expects
 
 
 def importable() -> bool:
