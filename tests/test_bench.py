@@ -19,14 +19,7 @@ from anymask.bench.timing import Settings, Timing, measure, paired_ratio
 FAST = Settings(warmup=1, rounds=2, budget_s=0.01, max_iters=4, min_iters=2)
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    from anymask import tuning
-
-    monkeypatch.setenv("ANYMASK_CACHE_DIR", str(tmp_path / "cache"))
-    tuning.reload()
-    yield
-    tuning.reload()
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_quick_bench_end_to_end(tmp_path, capsys):

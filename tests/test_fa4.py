@@ -19,14 +19,7 @@ FAST = Settings(warmup=1, rounds=2, budget_s=0.01, max_iters=4, min_iters=2)
 FA4_MASKS = ("causal", "full", "sliding_window", "documents", "documents_causal", "padding", "prefix_lm")
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    from anymask import tuning
-
-    monkeypatch.setenv("ANYMASK_CACHE_DIR", str(tmp_path / "cache"))
-    tuning.reload()
-    yield
-    tuning.reload()
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def test_listed_only_where_installed_and_skipped_with_the_reason():

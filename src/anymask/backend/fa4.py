@@ -41,11 +41,9 @@ def window_size(p: Problem) -> tuple[int | None, int | None]:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
     """One FA4 call: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
-    fa4 = probe("flash_attn.cute")
-    if p.structure.base == "prefix_lm":
-        return fa4_prefix.attend(fa4, q, k, v, p)
-    out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # [B, S, H, D]
-                              softmax_scale=p.scale, window_size=window_size(p))
+    mask_args = fa4_prefix.call_kwargs(p) if p.structure.base == "prefix_lm" else dict(window_size=window_size(p))
+    out = probe("flash_attn.cute").flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   softmax_scale=p.scale, **mask_args)  # [B, S, H, D] in and out
     return first_output(out).transpose(1, 2)
 
 

@@ -49,30 +49,29 @@ def prefix_lm_mod():
     return mod
 
 
-def plan(p) -> PrefixPlan:
-    return _PLANS.get(p, lambda: _build(p))
-
-
-def _build(p) -> PrefixPlan:
+def block_sparsity(torch_mod, batch: int, q_len: int, kv_len: int, device):
+    """FA4's forward (key blocks per query block) and backward (query blocks per key block) lists
+    for a FlexAttention-style ``torch_mod(b, h, q_idx, kv_idx)``, one head for all."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from torch.nn.attention.flex_attention import create_block_mask
 
+    bm = create_block_mask(torch_mod, batch, 1, q_len, kv_len, device=device, BLOCK_SIZE=SPARSE_BLOCK)
+    (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
+    return (BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, block_size=SPARSE_BLOCK),
+            BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx, block_size=SPARSE_BLOCK))
+
+
+def call_kwargs(p) -> dict:
+    """What ``flash_attn_func`` takes for problem ``p``'s prefix-LM, built once per mask object."""
+    pl = _PLANS.get(p, lambda: _build(p))
+    return dict(mask_mod=prefix_lm_mod(), aux_tensors=[pl.lengths], block_sparse_tensors=pl.fwd,
+                block_sparse_tensors_bwd=pl.bwd)
+
+
+def _build(p) -> PrefixPlan:
     lengths = p.structure.prefix.to(p.device).reshape(-1).expand(p.batch).to(torch.int32).contiguous()  # [B]
 
     def torch_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) | (kv_idx < lengths[b])
 
-    bm = create_block_mask(torch_mod, p.batch, 1, p.q_len, p.kv_len, device=p.device, BLOCK_SIZE=SPARSE_BLOCK)
-    (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
-    return PrefixPlan(lengths,
-                      BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, block_size=SPARSE_BLOCK),
-                      BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx, block_size=SPARSE_BLOCK))
-
-
-def attend(fa4, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p) -> torch.Tensor:
-    """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` -> ``[B, Hq, S, D]``."""
-    pl = plan(p)
-    out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=p.scale,
-                              mask_mod=prefix_lm_mod(), aux_tensors=[pl.lengths],
-                              block_sparse_tensors=pl.fwd, block_sparse_tensors_bwd=pl.bwd)
-    return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    return PrefixPlan(lengths, *block_sparsity(torch_mod, p.batch, p.q_len, p.kv_len, p.device))

@@ -28,7 +28,7 @@ import torch
 from .. import segments
 from .._optional import probe
 from ..backend import fa4 as fa4_backend
-from ..backend.fa4_prefix import SPARSE_BLOCK
+from ..backend.fa4_prefix import block_sparsity
 from ..masks import Mask
 from ..problem import Problem
 from ..structure import Structure
@@ -41,8 +41,7 @@ def importable() -> bool:
 def prepare(mask: Mask, p: Problem, sample: tuple[torch.Tensor, ...]):
     """``(f, label)`` with ``f(q, k, v) -> out`` on anymask's ``[B, H, S, D]`` views, or the reason
     FA4 cannot run this problem as one hand-rolled call.  ``sample`` (q, k, v) runs once here, so
-    that FA4's JIT compile stays out of the timed calls; a prefix-LM call whose block sparsity FA4
-    rejects falls back to the plain mask_mod (every tile computed)."""
+    that FA4's JIT compile stays out of the timed calls."""
     fa4 = probe("flash_attn.cute")
     if isinstance(fa4, str):
         return fa4
@@ -50,12 +49,7 @@ def prepare(mask: Mask, p: Problem, sample: tuple[torch.Tensor, ...]):
     if why:
         return why
     s = p.structure
-    if s.base == "prefix_lm":
-        try:
-            return _trial(_prefix_lm(fa4, s, p, sparse=True), sample, p)
-        except Exception:  # any FA4 rejection of the sparse form: try the plain mask_mod
-            return _trial(_prefix_lm(fa4, s, p, sparse=False), sample, p)
-    return _trial(_call(p), sample, p)
+    return _trial(_prefix_lm(fa4, s, p) if s.base == "prefix_lm" else _call(p), sample, p)
 
 
 def _trial(prepared, sample, p: Problem):
@@ -105,16 +99,14 @@ def _call(p: Problem):
     return packed, "fa4 varlen"
 
 
-def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
+def _prefix_lm(fa4, s: Structure, p: Problem):
     """Prefix-LM as a mask_mod: kv <= q or kv < P, with P a compile-time constant (FA4 hashes the
     closure, so each prefix length compiles its own kernels; its runtime ``aux_scalars`` failed to
-    compile in flash-attn-4 4.0.0b40 on sm90).  ``sparse``: FA4's block sparsity, built by
-    FlexAttention's ``create_block_mask``, skips the tiles above the diagonal and past the prefix."""
+    compile in flash-attn-4 4.0.0b40 on sm90), and FA4's block sparsity built by FlexAttention's
+    ``create_block_mask``, which skips the tiles above the diagonal and past the prefix."""
     import cutlass
     import cutlass.cute as cute
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     from flash_attn.cute.utils import scalar_to_ssa
-    from torch.nn.attention.flex_attention import create_block_mask
 
     prefix = int(s.prefix.reshape(-1)[0])
 
@@ -123,22 +115,14 @@ def _prefix_lm(fa4, s: Structure, p: Problem, sparse: bool):
         limit = scalar_to_ssa(prefix, cutlass.Int32)
         return (kv_idx <= q_idx) | (kv_idx < limit)
 
-    extra = {}
-    if sparse:
-        def torch_mod(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) | (kv_idx < prefix)
+    def torch_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < prefix)
 
-        bm = create_block_mask(torch_mod, 1, 1, p.q_len, p.kv_len, device=p.device, BLOCK_SIZE=SPARSE_BLOCK)
-        (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
-        extra = dict(block_sparse_tensors=BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx,
-                                                                  block_size=SPARSE_BLOCK),
-                     block_sparse_tensors_bwd=BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx,
-                                                                      block_size=SPARSE_BLOCK))
+    fwd, bwd = block_sparsity(torch_mod, 1, p.q_len, p.kv_len, p.device)
 
     def f(q, k, v):
         out = fa4.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=p.scale,
-                                  mask_mod=prefix_lm_mod,
-                                  **extra)
+                                  mask_mod=prefix_lm_mod, block_sparse_tensors=fwd, block_sparse_tensors_bwd=bwd)
         return fa4_backend.first_output(out).transpose(1, 2)
 
-    return f, "fa4 mask_mod+sparse" if sparse else "fa4 mask_mod"
+    return f, "fa4 mask_mod+sparse"
