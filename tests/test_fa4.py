@@ -33,22 +33,81 @@ def test_listed_only_where_installed_and_skipped_with_the_reason():
 
 
 @pytest.mark.parametrize("mask, reason", [
-    (M.causal() & M.documents(lengths=[3, 5]), "declines documents and padding"),
-    (M.padding(torch.tensor([[1] * 6 + [0] * 2])), "declines documents and padding"),
-    (M.CATALOGUE["packed_prefix_lm"](1, 8), "no packed prefix-LM"),
+    (M.documents(torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]])), "one contiguous run"),
     (M.CATALOGUE["custom"](1, 8), "not opaque (custom) terms"),
 ])
-def test_backend_declines_packed_and_custom_masks(mask, reason):
+def test_backend_declines_what_no_interval_expresses(mask, reason):
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     reasons = fa4_backend.Fa4().problem_reasons(describe(q, q, q, mask, None))
     assert any(reason in r for r in reasons) and any("CUDA tensors only" in r for r in reasons)
-    for plain in (M.window(3) & M.causal(), M.prefix_lm(5)):
-        assert fa4_backend.Fa4().problem_reasons(describe(q, q, q, plain, None)) == ["fa4 runs on CUDA tensors only, got cpu"]
-    decoding = describe(q[:, :, -2:], q, q, M.prefix_lm(3), None)
-    assert any("q_len == kv_len" in r for r in fa4_backend.Fa4().problem_reasons(decoding))
+
+
+@pytest.mark.parametrize("name", ["documents", "documents_causal", "padding", "packed_prefix_lm", "prefix_lm",
+                                  "sliding_window"])
+def test_backend_takes_every_structured_mask(name):
+    q = torch.randn(2, 2, 8, 16, dtype=torch.bfloat16)
+    for queries in (q, q[:, :, -3:]):  # training, decoding
+        p = describe(queries, q, q, M.CATALOGUE[name](2, 8), None)
+        assert fa4_backend.Fa4().problem_reasons(p) == ["fa4 runs on CUDA tensors only, got cpu"]
     assert fa4_backend.window_size(describe(q, q, q, M.window(3) & M.causal(), None)) == (3, 0)
     assert fa4_backend.window_size(describe(q, q, q, M.causal(), None)) == (None, 0)
     assert fa4_backend.window_size(describe(q, q, q, M.full(), None)) == (None, None)
+    assert fa4_backend.uses_window_size(describe(q, q, q, M.window(3) & M.causal(), None))
+    assert not fa4_backend.uses_window_size(describe(q, q, q, M.causal() & M.documents(lengths=[3, 5]), None))
+
+
+def _block_truth(dense: torch.Tensor, block: int):
+    """Exact (partial, full) key blocks per query block from a dense mask ``[B, 1, Sq, Skv]``."""
+    B, _, Sq, Skv = dense.shape
+    nq, nk = -(-Sq // block), -(-Skv // block)
+    padded = torch.zeros(B, nq * block, nk * block, dtype=torch.long)
+    padded[:, :Sq, :Skv] = dense[:, 0].long()
+    seen = padded.view(B, nq, block, nk, block).sum(dim=(2, 4))  # [B, nQ, nK]
+    rows = torch.full((nq,), block)
+    rows[-1] = Sq - (nq - 1) * block
+    full = seen == rows[:, None] * block  # a partly filled last key block is never full
+    return (seen > 0) & ~full, full
+
+
+def _dense_blocks(count: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+    """bool [B, n, width] from FlexAttention's packed lists (count [B, 1, n], index [B, 1, n, *])."""
+    out = torch.zeros(count.shape[0], count.shape[2], width + 1, dtype=torch.bool)
+    used = torch.arange(index.shape[-1]) < count[:, 0, :, None]  # [B, n, *]
+    cols = torch.where(used, index[:, 0].long(), width)
+    out.scatter_(2, cols, True)
+    return out[..., :width]
+
+
+@pytest.mark.parametrize("name", ["documents", "documents_causal", "padding", "packed_prefix_lm", "prefix_lm",
+                                  "sliding_window"])
+@pytest.mark.parametrize("q_len", [300, 40], ids=["training", "decoding"])
+def test_fa4_block_lists_and_empty_rows_are_the_masks_own(name, q_len):
+    from anymask.backend import fa4_intervals
+
+    B, S = 3, 300
+    mask = M.CATALOGUE[name](B, S)
+    kv = torch.randn(B, 2, S, 8)
+    p = describe(kv[:, :, S - q_len:], kv, kv, mask, None)
+    dense = mask.to_dense(B, 1, q_len, S)  # [B, 1, Sq, Skv]
+    partial, full = _block_truth(dense, 128)  # [B, nQ, nK]
+    bm = fa4_intervals.sparse_blocks(p)
+    (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
+    nq, nk = partial.shape[1:]
+    assert torch.equal(_dense_blocks(kv_cnt, kv_idx, nk), partial)
+    assert torch.equal(_dense_blocks(full_kv_cnt, full_kv_idx, nk), full)
+    assert torch.equal(_dense_blocks(q_cnt, q_idx, nq), partial.transpose(1, 2))
+    assert torch.equal(_dense_blocks(full_q_cnt, full_q_idx, nq), full.transpose(1, 2))
+    aux = fa4_intervals.aux_tensors(p)
+    assert all(t.dtype == torch.int32 for t in aux)
+    lo, hi, *valid = (t.long() for t in aux)  # [B, Sq] x2, [B, Skv]
+    kv_pos = torch.arange(S)
+    seen = (kv_pos >= lo[..., None]) & (kv_pos <= hi[..., None])  # [B, Sq, Skv]: what the mask_mod computes
+    if valid:
+        seen &= valid[0][:, None, :].bool()
+    assert torch.equal(seen, dense[:, 0])
+    has_key = fa4_intervals._row_has_key(*aux[:2], valid[0] if valid else None)  # [B, 1, Sq, 1] or None
+    rows_with_keys = dense.any(-1, keepdim=True)  # [B, 1, Sq, 1]
+    assert torch.equal(rows_with_keys, torch.ones_like(rows_with_keys) if has_key is None else has_key)
 
 
 def _fa4_on_gpu() -> bool:

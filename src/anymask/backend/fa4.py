@@ -12,11 +12,14 @@ windows bottom-right (``q_len < kv_len`` = decoding), anymask's semantics.  fp16
 newer (sm90+), head dim a multiple of 8 up to 256; GQA is native.  Each new mask form, dtype or
 head dim JIT-compiles its kernels on first use (6-8 s for fwd+bwd on an H100), then they are cached.
 
-Prefix-LM runs as a ``mask_mod`` reading each row's prefix length from a tensor, with block
-sparsity (:mod:`.fa4_prefix`).  Not offered: documents and padding (FA4's
-``flash_attn_varlen_func`` backward returned wrong dQ on short packed segments in our tests;
-:data:`VARLEN_REASON`) and packed prefix-LM.  The bench's hand-rolled FA4 peer
-(:mod:`anymask.bench.fa4_peer`) calls the varlen form anyway, as a user would.
+Prefix-LM (``q_len == kv_len``) runs as a ``mask_mod`` reading each row's prefix length from a
+tensor (:mod:`.fa4_prefix`).  Every other structured mask -- packed documents, padding, packed
+prefix-LM, windows or prefixes inside documents, decoding -- runs as one ``mask_mod`` over per-row
+key intervals (:mod:`.fa4_intervals`); both with FA4's block sparsity.  Rows that see no key are
+zeroed.  Not offered: masks with opaque (custom) terms, documents that are not contiguous, fp32.
+FA4's ``flash_attn_varlen_func`` is not used: its backward returned wrong dQ on short packed
+segments in our tests (flash-attn-4 4.0.0b40 on an H100, 37-token rows, head dim 16).  The bench's
+hand-rolled FA4 peer (:mod:`anymask.bench.fa4_peer`) calls the varlen form anyway, as a user would.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ from __future__ import annotations
 import torch
 
 from .. import segments as seg
+from .. import tiles
 from .._optional import probe
 from ..problem import Problem
-from . import fa4_prefix
+from . import fa4_intervals, fa4_prefix
 from .base import Backend
+from .common import zero_rows
 
 DTYPES = (torch.float16, torch.bfloat16)
-VARLEN_REASON = ("fa4 declines documents and padding: its varlen backward gave wrong dQ on short packed segments "
-                 "(flash-attn-4 4.0.0b40 on an H100, 37-token rows, head dim 16); cudnn, triton and varlen take them")
 
 
 def window_size(p: Problem) -> tuple[int | None, int | None]:
@@ -41,10 +44,25 @@ def window_size(p: Problem) -> tuple[int | None, int | None]:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
     """One FA4 call: q ``[B, Hq, Sq, D]``, k/v ``[B, Hkv, Skv, D]`` -> ``[B, Hq, Sq, D]``."""
-    mask_args = fa4_prefix.call_kwargs(p) if p.structure.base == "prefix_lm" else dict(window_size=window_size(p))
+    row_has_key = None
+    if uses_window_size(p):
+        mask_args = dict(window_size=window_size(p))
+    elif p.structure.base == "prefix_lm" and p.structure.documents is None and p.structure.valid is None \
+            and p.q_len == p.kv_len:
+        mask_args = fa4_prefix.call_kwargs(p)
+    else:
+        plan = fa4_intervals.plan(p)
+        mask_args, row_has_key = fa4_intervals.call_kwargs(plan), plan.row_has_key
     out = probe("flash_attn.cute").flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    softmax_scale=p.scale, **mask_args)  # [B, S, H, D] in and out
-    return first_output(out).transpose(1, 2)
+    out = first_output(out).transpose(1, 2)  # [B, Hq, Sq, D]
+    return out if row_has_key is None else zero_rows(out, row_has_key)
+
+
+def uses_window_size(p: Problem) -> bool:
+    """Full, causal and windows with nothing else: FA4's own ``window_size``, no ``mask_mod``."""
+    s = p.structure
+    return s.base in ("full", "causal", "window") and s.documents is None and s.valid is None
 
 
 def first_output(out):
@@ -54,7 +72,8 @@ def first_output(out):
 
 class Fa4(Backend):
     name = "fa4"
-    summary = "FlashAttention 4 (CuTe DSL): causal/window flags, prefix-LM as a block-sparse mask_mod (CUDA sm90+, fp16/bf16)"
+    summary = ("FlashAttention 4 (CuTe DSL): causal/window flags, other structured masks as block-sparse "
+               "interval mask_mods (CUDA sm90+, fp16/bf16)")
 
     def _machine_reasons(self):
         fa4 = probe("flash_attn.cute")
@@ -76,13 +95,9 @@ class Fa4(Backend):
             out.append(f"fa4 takes head dims that are multiples of 8 up to 256, got {p.head_dim}")
         s = p.structure
         if s.general:
-            out.append("fa4 takes full, causal and sliding-window masks only, not opaque (custom) terms")
-        elif s.base == "prefix_groups":
-            out.append("fa4 has no packed prefix-LM (per-token groups); use triton or flex")
-        elif s.base == "prefix_lm" and p.q_len != p.kv_len:
-            out.append("fa4 takes prefix-LM with q_len == kv_len only (its mask_mod sees local query indices)")
-        if s.documents is not None or s.valid is not None:
-            out.append(VARLEN_REASON)
+            out.append("fa4 takes structured masks only (base, documents, padding), not opaque (custom) terms")
+        elif not tiles.is_structured(s):
+            out.append("fa4 takes documents and prefix groups only when each is one contiguous run of tokens")
         return out
 
     def run(self, q, k, v, p):

@@ -8,8 +8,8 @@ tiles above the diagonal and past the prefix are skipped.  ``prefix_lm([2, 3])``
     q 2 # # # .
     q 3 # # # #
 
-The block lists come from FlexAttention's ``create_block_mask`` at FA4's SM90 granularity
-(128 x 128), built once per mask object.  Queries and keys must be the same positions
+The block lists come from the mask's tile classes at FA4's SM90 granularity (128 x 128,
+:func:`.fa4_intervals.sparse_blocks`), built once per mask object.  Queries and keys must be the same positions
 (``q_len == kv_len``).
 """
 
@@ -21,8 +21,8 @@ from functools import lru_cache
 import torch
 
 from .common import PerMaskCache
+from .fa4_intervals import block_lists, sparse_blocks
 
-SPARSE_BLOCK = (128, 128)  # the BlockMask granularity FA4's SM90 block-sparse backward expects
 _PLANS = PerMaskCache()
 
 
@@ -49,18 +49,6 @@ def prefix_lm_mod():
     return mod
 
 
-def block_sparsity(torch_mod, batch: int, q_len: int, kv_len: int, device):
-    """FA4's forward (key blocks per query block) and backward (query blocks per key block) lists
-    for a FlexAttention-style ``torch_mod(b, h, q_idx, kv_idx)``, one head for all."""
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    bm = create_block_mask(torch_mod, batch, 1, q_len, kv_len, device=device, BLOCK_SIZE=SPARSE_BLOCK)
-    (_, _, kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, q_cnt, q_idx, full_q_cnt, full_q_idx, *_) = bm.as_tuple()
-    return (BlockSparseTensorsTorch(kv_cnt, kv_idx, full_kv_cnt, full_kv_idx, block_size=SPARSE_BLOCK),
-            BlockSparseTensorsTorch(q_cnt, q_idx, full_q_cnt, full_q_idx, block_size=SPARSE_BLOCK))
-
-
 def call_kwargs(p) -> dict:
     """What ``flash_attn_func`` takes for problem ``p``'s prefix-LM, built once per mask object."""
     pl = _PLANS.get(p, lambda: _build(p))
@@ -71,7 +59,4 @@ def call_kwargs(p) -> dict:
 def _build(p) -> PrefixPlan:
     lengths = p.structure.prefix.to(p.device).reshape(-1).expand(p.batch).to(torch.int32).contiguous()  # [B]
 
-    def torch_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) | (kv_idx < lengths[b])
-
-    return PrefixPlan(lengths, *block_sparsity(torch_mod, p.batch, p.q_len, p.kv_len, p.device))
+    return PrefixPlan(lengths, *block_lists(sparse_blocks(p)))

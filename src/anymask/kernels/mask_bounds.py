@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import masks as M
-from ..structure import Structure, row_intervals
+from ..structure import Structure, documents_are_contiguous, row_intervals
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,21 +51,13 @@ def reasons(structure: Structure) -> list[str]:
     if structure.general:
         terms = ", ".join(repr(t) for t in structure.general)
         return [f"mask has general terms ({terms}); the triton kernel needs base & documents & padding"]
-    if structure.documents is not None and not _documents_contiguous(structure.documents):
+    if structure.documents is not None and not documents_are_contiguous(structure.documents):
         return ["documents are not contiguous (an id reappears after another document); "
                 "the triton kernel needs one key interval per query row"]
-    if structure.groups is not None and not _documents_contiguous(structure.groups):
+    if structure.groups is not None and not documents_are_contiguous(structure.groups):
         return ["prefix groups are not contiguous (a group id reappears after another group); "
                 "the triton kernel needs one key interval per query row"]
     return []
-
-
-def _documents_contiguous(ids: torch.Tensor) -> bool:
-    """No id reappears after another started, per row (vectorised, one host sync)."""
-    runs = (ids[:, 1:] != ids[:, :-1]).sum(dim=1)  # [B]
-    ordered = ids.sort(dim=1).values
-    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)  # [B]
-    return bool((runs == distinct).all())
 
 
 def _batch_rows(s: Structure) -> int:
