@@ -14,7 +14,8 @@
 # causal and the structured masks of the bf16 S 4096 16-head fwd+bwd grid in a Llama layer's
 # layout, anymask's backends (fa4 among them) beside raw flex and raw FA4, under $OUT/bshd.
 # Later calls to the same warm machine reuse the install.  TESTS=backend (or peer, or none) runs
-# fewer tests; BENCH=0 skips the timing; MASKS=causal,prefix_lm times fewer masks.
+# fewer tests; BENCH=0 skips the timing; MASKS=causal,prefix_lm times fewer masks; PROBE=1 first
+# runs scripts/gpu_fa4_forms.py (where the backend loses time against a direct FA4 call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 keep=/tmp/fa4keep
@@ -41,6 +42,7 @@ if [[ $tests == *peer* ]]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -n 2 tests/test_fa4.py -m gpu -rA 2>&1 \
     | tee "$OUT/fa4_peer_tests.log" | tail -4
 fi
+[ -n "${PROBE:-}" ] && timeout 240 python3 scripts/gpu_fa4_forms.py 2>&1 | grep -v Warning | tail -30
 [ "${BENCH:-1}" = 0 ] && exit 0
 OUT="$OUT/bshd" BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bash scripts/gpu_bench.sh --layout bshd --heads 16 --dtypes bf16 \
   --seqlens 4096 --passes fwd+bwd \

@@ -29,6 +29,7 @@ import torch
 from .. import segments as seg
 from .. import tiles
 from .._optional import probe
+from ..kernels import mask_bounds
 from ..problem import Problem
 from . import fa4_intervals, fa4_prefix
 from .base import Backend
@@ -96,7 +97,7 @@ class Fa4(Backend):
         s = p.structure
         if s.general:
             out.append("fa4 takes structured masks only (base, documents, padding), not opaque (custom) terms")
-        elif not tiles.is_structured(s):
+        elif not mask_bounds.cached(p.mask, ("fa4", "structured"), lambda: tiles.is_structured(s)):  # a host sync
             out.append("fa4 takes documents and prefix groups only when each is one contiguous run of tokens")
         return out
 
