@@ -28,9 +28,10 @@ its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDN
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
 FlashAttention 4 (``fa4``) comes last until it is measured on the H200: ``anymask tune`` ranks it by
-measurement where it is installed (on an H100, bf16 forward+backward, it beat SDPA and cuDNN on
-causal, 538 vs 458 TFLOP/s, cuDNN on causal sliding windows, 385-415 vs 378, and on prefix-LM, 502
-vs 425; it declines documents and padding).
+measurement where it is installed.  On an H100 (bf16 forward+backward, S 4096, head dim 128) it beat
+SDPA and cuDNN on causal, 534-538 vs 452-458 TFLOP/s, cuDNN on causal sliding windows, 415-429 vs
+378-379, on prefix-LM, 502-510 vs 425-433, and Triton on packed prefix-LM, 297 vs 250; cuDNN stays
+ahead on packed documents (459 vs 348) and padding (510 vs 422).
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
 reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
