@@ -8,7 +8,8 @@
 #           .fa4b/ also holds flash_attn_4, quack_kernels, apache_tvm_ffi, torch_c_dlpack_ext and
 #           nvidia_cutlass_dsl{,_libs_base,_libs_core} 4.8.1 wheels; .whl/ the usual ones
 #   call 1: mkdir -p /tmp/fa4keep && cp .fa4a/part1 /tmp/fa4keep/ && ...   (carry .fa4a, .whl)
-#   call 2: bash scripts/gpu_fa4.sh                                         (carry .fa4b, .whl)
+#   call 2: ANYMASK_COMMIT=<sha> bash scripts/gpu_fa4.sh                    (carry .fa4b, .whl)
+#           (the device copies the working tree: the variable records the commit in gpu.json)
 #
 # Call 2 then runs the FA4 GPU tests (the fa4 backend against float64, the raw_fa4 peer) and times
 # causal and the structured masks of the bf16 S 4096 16-head fwd+bwd grid in a Llama layer's

@@ -14,21 +14,18 @@ PYTHONPATH (flash-attn-4 installed).
 """
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import torch
+from gpu_probe_common import cuda_and_host_ms
 
-sys.path.insert(0, str(Path(__file__).parent))
-from gpu_probe_common import cuda_and_host_ms  # noqa: E402
-
-import anymask  # noqa: E402
-from anymask._optional import probe  # noqa: E402
-from anymask.backend import fa4, fa4_intervals, fa4_prefix  # noqa: E402
-from anymask.bench import fa4_peer  # noqa: E402
-from anymask.bench.cases import bench_mask  # noqa: E402
-from anymask.problem import describe  # noqa: E402
+import anymask
+from anymask._optional import probe
+from anymask.backend import fa4, fa4_intervals, fa4_prefix
+from anymask.bench import fa4_peer
+from anymask.bench.cases import bench_mask
+from anymask.problem import describe
 
 B, S, H, D = 4, 4096, 16, 128
 MASKS = os.environ.get("MASKS", "documents,documents_causal,padding,packed_prefix_lm,prefix_lm").split(",")
