@@ -19,7 +19,8 @@ key intervals (:mod:`.fa4_intervals`); both with FA4's block sparsity.  Rows tha
 zeroed.  Not offered: masks with opaque (custom) terms, documents that are not contiguous, fp32.
 FA4's ``flash_attn_varlen_func`` is not used: its backward returned wrong dQ on short packed
 segments in our tests (flash-attn-4 4.0.0b40 on an H100, 37-token rows, head dim 16).  The bench's
-hand-rolled FA4 peer (:mod:`anymask.bench.fa4_peer`) calls the varlen form anyway, as a user would.
+hand-rolled FA4 peer (:mod:`anymask.bench.fa4_peer`) calls it anyway, as a user would, or FA4's
+document-id ``mask_mod`` where that is faster.
 """
 
 from __future__ import annotations
