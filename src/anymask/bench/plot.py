@@ -1,5 +1,6 @@
 """One PNG per mask kind: TFLOP/s (visible pairs only) of every variant across sequence lengths,
-one panel per (dtype, pass, heads, head dim).  matplotlib is imported lazily (``anymask[bench]``).
+one panel per (dtype, pass, heads, head dim); a panel with one sequence length is a bar chart, fastest
+on top, each bar labelled.  matplotlib is imported lazily (``anymask[bench]``).
 
 ``auto`` is timed in a second stage, call by call against the best forced backend, so its own
 times are not comparable with the first stage's; it is drawn at the best backend's TFLOP/s divided
@@ -7,6 +8,7 @@ by the paired ratio ``auto_vs_best`` (the number the summary reports)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .._optional import pyplot
@@ -30,26 +32,48 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "") -> list[Path]:
         for ax, cfg in zip(axes[0], configs):
             dtype, mode, hq, hkv, d = cfg
             these = [r for r in mine if (r.dtype, r.mode, r.heads, r.kv_heads, r.head_dim) == cfg]
-            for variant in dict.fromkeys(r.variant for r in these):
-                pts = sorted((r.seq, _throughput(r, these)) for r in these if r.variant == variant)
-                pts = [(x, y) for x, y in pts if y is not None]
-                ls = "--" if variant.startswith("raw_") else "-"
-                ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant,
-                        color=colour[variant], linewidth=2.5 if variant == "auto" else 1.5)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel("TFLOP/s (visible pairs)")
+            if len({r.seq for r in these}) == 1:
+                _bars(ax, these, colour)
+            else:
+                _lines(ax, these, colour)
             heads = f"{hq}" if hq == hkv else f"{hq}:{hkv}"
             ax.set_title(f"{dtype} {mode}, H{heads} D{d}", fontsize=9)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"{mask}  {title}".strip(), fontsize=10)
+        fig.suptitle(textwrap.fill(f"{mask}  {title}".strip(), width=int(52 * len(configs))), fontsize=10)
         fig.tight_layout()
         path = out_dir / f"{mask}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _lines(ax, these: list[Row], colour: dict) -> None:
+    """TFLOP/s against sequence length, one line per variant (hand-rolled ones dashed)."""
+    for variant in dict.fromkeys(r.variant for r in these):
+        pts = sorted((r.seq, _throughput(r, these)) for r in these if r.variant == variant)
+        pts = [(x, y) for x, y in pts if y is not None]
+        ls = "--" if variant.startswith("raw_") else "-"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant,
+                color=colour[variant], linewidth=2.5 if variant == "auto" else 1.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("TFLOP/s (visible pairs)")
+    ax.legend(fontsize=7)
+
+
+def _bars(ax, these: list[Row], colour: dict) -> None:
+    """One sequence length: a horizontal bar per variant, fastest on top, hand-rolled ones hatched."""
+    values = {r.variant: _throughput(r, these) for r in these}
+    ranked = sorted(((v, y) for v, y in values.items() if y is not None), key=lambda vy: vy[1])
+    names = [v for v, _ in ranked]
+    bars = ax.barh(names, [y for _, y in ranked], color=[colour[v] for v in names], edgecolor="white")
+    for bar, name in zip(bars, names):
+        bar.set_hatch("//" if name.startswith("raw_") else "")
+    ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.set_xlim(0, max(y for _, y in ranked) * 1.18)
+    ax.set_xlabel(f"TFLOP/s (visible pairs), S={these[0].seq}")
+    ax.tick_params(axis="y", labelsize=8)
 
 
 def _throughput(row: Row, same_config: list[Row]) -> float | None:
