@@ -152,3 +152,20 @@ def test_contiguity_is_checked_once_per_mask(monkeypatch):
     assert len(calls) == 1
     fa4_backend.Fa4().problem_reasons(describe(q, q, q, M.CATALOGUE["documents"](2, 8), None))
     assert len(calls) == 2
+
+
+def test_the_peer_keeps_the_faster_of_two_forms():
+    """raw_fa4 on packed documents times varlen against FA4's document mask_mod and keeps the faster
+    (here two plain functions on CPU, one made slower, through the same bench timing)."""
+    import time
+
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    p = describe(q, q, q, M.documents(lengths=[3, 5]), None)
+    quick = (lambda q, k, v: q * k + v), "quick form"
+    slow = (lambda q, k, v: (time.sleep(0.003), q * k + v)[1]), "slow form"
+    for order in ([quick, slow], [slow, quick]):
+        f, label = fa4_peer._faster(order, (q, q, q), p)
+        assert f is quick[0] and label.startswith("quick form (faster than slow form ") and label.endswith(" ms)")
+    broken = (lambda q, k, v: 1 / 0), "broken form"
+    with pytest.raises(RuntimeError, match="broken form: ZeroDivisionError"):
+        fa4_peer._faster([quick, broken], (q, q, q), p)

@@ -57,7 +57,7 @@ def prepare(mask: Mask, p: Problem, sample: tuple[torch.Tensor, ...]):
     if s.base == "prefix_lm":
         return _trial(_prefix_lm(fa4, s, p), sample, p)
     if s.documents is not None and s.valid is None and s.base in ("full", "causal"):
-        return _faster([_trial(_call(p), sample, p), _trial(_documents_mod(fa4, s, p), sample, p)], sample, p)
+        return _faster([_call(p), _documents_mod(fa4, s, p)], sample, p)
     return _trial(_call(p), sample, p)
 
 
@@ -71,28 +71,29 @@ def _trial(prepared, sample, p: Problem):
     return prepared
 
 
-def _faster(candidates, sample, p: Problem, calls: int = 5):
-    """The candidate ``(f, label)`` with the lower median time of ``calls`` calls on ``sample``,
-    its label naming the other one's time, as a user trying both forms would keep the faster."""
-    import statistics
+def _faster(candidates, sample, p: Problem):
+    """The candidate ``(f, label)`` with the lower median time on ``sample`` (interleaved calls
+    of the bench's own timing), its label naming the other's time, as a user trying both forms
+    would keep the faster.  A form that fails fails the peer, as its first call would."""
+    from .timing import Settings, measure
 
     q, k, v = sample
-    times = []
-    for f, _ in candidates:
-        one = []
-        for _ in range(calls):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+
+    def timed(f):
+        def call(_):
             out = f(q, k, v)
             if p.requires_grad:
                 torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-            end.record()
-            end.synchronize()
-            one.append(start.elapsed_time(end))
-        times.append(statistics.median(one))
-    best = min(range(len(candidates)), key=times.__getitem__)
-    others = ", ".join(f"{label} {t:.2f} ms" for i, ((_, label), t) in enumerate(zip(candidates, times)) if i != best)
-    return candidates[best][0], f"{candidates[best][1]} (faster than {others})"
+        return call
+
+    timings, _ = measure({label: timed(f) for f, label in candidates}, 1, p.device,
+                         Settings(warmup=1, budget_s=0.05, max_iters=10, min_iters=5, interleave=True))
+    failed = [f"{label}: {t}" for label, t in timings.items() if isinstance(t, str)]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    best = min(timings, key=lambda label: timings[label].median_ms)
+    others = ", ".join(f"{label} {t.median_ms:.2f} ms" for label, t in timings.items() if label != best)
+    return dict((label, f) for f, label in candidates)[best], f"{best} (faster than {others})"
 
 
 def _not_supported(p: Problem) -> str | None:
