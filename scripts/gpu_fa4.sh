@@ -17,7 +17,9 @@
 # Later calls to the same warm machine reuse the install.  TESTS=backend (or peer, or none) runs
 # fewer tests; BENCH=0 skips the timing; MASKS=causal,prefix_lm times fewer masks; PROBE=1 first
 # runs scripts/gpu_fa4_forms.py (where the backend loses time against a direct FA4 call);
-# LAYOUT=bhsd, SEQLENS=16384, HEADS=32:8 and RUN=name (the folder under $OUT) change the grid.
+# LAYOUT=bhsd (or bhsd,bshd: one run each), SEQLENS=16384, HEADS=32:8 and RUN=name (the folder
+# under $OUT; one layout only) change the grid.
+# PACK=1 packs everything under $OUT into one fa4.tgz at the end (the device returns at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 keep=/tmp/fa4keep
@@ -46,8 +48,13 @@ if [[ $tests == *peer* ]]; then
 fi
 [ -n "${PROBE:-}" ] && timeout 240 python3 scripts/gpu_fa4_forms.py 2>&1 | grep -v Warning | tail -30
 [ "${BENCH:-1}" = 0 ] && exit 0
-layout=${LAYOUT:-bshd}
-OUT="$OUT/${RUN:-$layout}" BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bash scripts/gpu_bench.sh --layout "$layout" \
-  --heads "${HEADS:-16}" --dtypes bf16 --seqlens "${SEQLENS:-4096}" --passes fwd+bwd \
-  --masks "${MASKS:-causal,documents_causal,padding,sliding_window,documents,prefix_lm,packed_prefix_lm}" \
-  --backends sdpa,cudnn,triton,fa4,auto,raw_flex,raw_fa4 --deadline 240 2>&1 | tail -14
+LAYOUT=${LAYOUT:-bshd}
+for layout in ${LAYOUT//,/ }; do  # LAYOUT=bhsd,bshd times both, one folder each
+  OUT="$OUT/${RUN:-$layout}" BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bash scripts/gpu_bench.sh --layout "$layout" \
+    --heads "${HEADS:-16}" --dtypes bf16 --seqlens "${SEQLENS:-4096}" --passes fwd+bwd \
+    --masks "${MASKS:-causal,documents_causal,padding,sliding_window,documents,prefix_lm,packed_prefix_lm}" \
+    --backends sdpa,cudnn,triton,fa4,auto,raw_flex,raw_fa4 --deadline 240 2>&1 | tail -14
+done
+if [ -n "${PACK:-}" ]; then
+  (cd "$OUT" && tar czf /tmp/fa4.tgz . && find . -mindepth 1 -delete && mv /tmp/fa4.tgz .)
+fi
