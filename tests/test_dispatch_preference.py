@@ -44,8 +44,8 @@ def test_static_preference_follows_the_documented_table(device, dtype, mask, ord
         assert name in dispatch.__doc__
 
 
-@pytest.mark.parametrize("mask", [DOCS, M.causal() & DOCS, M.window(16, 0) & PAD, M.prefix_lm(16)],
-                         ids=["documents", "documents_causal", "padding_window", "prefix_lm"])
+@pytest.mark.parametrize("mask", [DOCS, M.causal() & DOCS, M.window(16, 0) & PAD, M.prefix_lm(16) & PAD],
+                         ids=["documents", "documents_causal", "padding_window", "padded_prefix_lm"])
 def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
     q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
     p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
@@ -53,6 +53,21 @@ def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
     assert "bf16, head dim 128: cudnn, triton, flex," in dispatch.__doc__
     p16 = dataclasses.replace(describe(q.half(), q.half(), q.half(), mask, None), device=torch.device("cuda"))
     assert dispatch.static_preference(p16)[0] == "triton"  # fp16: not measured with cuDNN in place
+
+
+@pytest.mark.parametrize("mask, order", [
+    (M.full(), ("fa4", "sdpa", "flash_attn", "cudnn", "triton", "flex")),
+    (M.causal(), ("fa4", "sdpa", "flash_attn", "cudnn", "triton", "flex")),
+    (M.window(16, 0), ("fa4", "cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")),
+    (M.prefix_lm(16), ("fa4", "cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa")),
+], ids=["full", "causal", "window", "prefix_lm"])
+def test_bf16_at_head_dim_128_prefers_fa4_where_it_won_on_the_h200(mask, order):
+    q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
+    p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
+    assert dispatch.static_preference(p) == (*order, "eager")
+    assert "bf16, hd 128" in dispatch.__doc__
+    p16 = dataclasses.replace(describe(q.half(), q.half(), q.half(), mask, None), device=torch.device("cuda"))
+    assert dispatch.static_preference(p16)[-2] == "fa4"  # fp16: not measured
 
 
 @pytest.mark.parametrize("kv_len, order", [(1024, ("varlen", "flex", "sdpa")), (256, ("sdpa", "varlen", "flex"))])

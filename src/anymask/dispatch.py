@@ -3,9 +3,14 @@
 Static preference (used until ``anymask tune`` has measured this machine), first that can run:
 
     device  dtype      mask                                        order
+    cuda    bf16, hd 128  full or causal (no documents/padding)    fa4, sdpa, flash_attn, cudnn, triton, flex
     cuda    bf16/fp16  full or causal (no documents/padding)       sdpa, flash_attn, cudnn, triton, flex, fa4
-    cuda    bf16/fp16  causal sliding window (no documents/padding) cudnn, triton, flex, flash_attn, varlen, sdpa,
+    cuda    bf16, hd 128  sliding window (no documents/padding)    fa4, cudnn, triton, flex, flash_attn, varlen,
+                                                                   sdpa
+    cuda    bf16/fp16  sliding window (no documents/padding)       cudnn, triton, flex, flash_attn, varlen, sdpa,
                                                                    fa4
+    cuda    bf16, hd 128  prefix-LM (no documents/padding)         fa4, cudnn, triton, flex, varlen, flash_attn,
+                                                                   sdpa
     cuda    bf16/fp16  other structured (documents/padding/        bf16, head dim 128: cudnn, triton, flex,
                        window/prefix-LM)                           varlen, flash_attn, sdpa, fa4; else: triton,
                                                                    flex, cudnn, varlen, flash_attn, sdpa, fa4
@@ -27,11 +32,12 @@ at S 4096: Triton), and it wins causal sliding windows; at head dim 64 (measured
 its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
-FlashAttention 4 (``fa4``) comes last until it is measured on the H200: ``anymask tune`` ranks it by
-measurement where it is installed.  On an H100 (bf16 forward+backward, S 4096, head dim 128) it beat
-SDPA and cuDNN on causal, 534-538 vs 452-458 TFLOP/s, cuDNN on causal sliding windows, 415-429 vs
-378-379, on prefix-LM, 502-510 vs 425-433, and Triton on packed prefix-LM, 297 vs 250; cuDNN stays
-ahead on packed documents (459 vs 348) and padding (510 vs 422).
+FlashAttention 4 (``fa4``, where installed) leads at bf16 head dim 128 for full, causal, windows and
+prefix-LM without documents or padding: on the H200 (bf16 forward+backward, B 4, S 4096, 16 heads;
+``benchmarks/results/nvidia-h200/fa4``) it ran full at 605 TFLOP/s against SDPA's 532 and cuDNN's 541,
+causal at 560 against 466-467, windows at 454 against cuDNN's 401, prefix-LM at 521 against 448.
+cuDNN stays ahead on packed documents (438 vs 346) and padding (506 vs 420); elsewhere ``fa4`` comes
+last, and ``anymask tune`` ranks it by measurement.
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
 reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
@@ -55,6 +61,9 @@ _CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex", "fa4")
 _CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa", "fa4")
 _CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")
 _CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "fa4")  # where cuDNN was measured
+_CUDA_DENSE_FA4 = ("fa4", *_CUDA_DENSE[:-1])  # bf16, head dim 128: where fa4 was measured on the H200
+_CUDA_WINDOW_FA4 = ("fa4", *_CUDA_WINDOW[:-1])
+_CUDA_PREFIX_FA4 = ("fa4", *_CUDA_STRUCTURED_128[:-1])
 _CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
 _CUDA_FP32_DENSE = ("triton", "sdpa", "varlen", "flex")
 _CUDA_FP32_PACKED = ("triton", "varlen", "sdpa", "flex")
@@ -70,14 +79,17 @@ def static_preference(p: Problem) -> tuple[str, ...]:
     s = p.structure
     packed = s.documents is not None or s.valid is not None
     plain = s.is_structured and not packed and s.base in ("full", "causal")
+    measured_fa4 = p.head_dim == 128 and p.dtype == torch.bfloat16
     if p.device_type == "cuda":
         if p.dtype in (torch.float16, torch.bfloat16):
             if plain:
-                order = _CUDA_DENSE
+                order = _CUDA_DENSE_FA4 if measured_fa4 else _CUDA_DENSE
             elif not s.is_structured:
                 order = _CUDA_OPAQUE
             elif s.base == "window" and not packed:
-                order = _CUDA_WINDOW
+                order = _CUDA_WINDOW_FA4 if measured_fa4 else _CUDA_WINDOW
+            elif s.base == "prefix_lm" and not packed and measured_fa4:
+                order = _CUDA_PREFIX_FA4
             else:
                 order = _CUDA_STRUCTURED_128 if p.head_dim == 128 and p.dtype == torch.bfloat16 else _CUDA_STRUCTURED
         elif plain:
