@@ -26,9 +26,10 @@ Static preference (used until ``anymask tune`` has measured this machine), first
 
 The order is what won on an H200 (torch 2.11, Triton 3.6; ``benchmarks/results/nvidia-h200``,
 61 grid cases + 8 at the training shape, every backend checked against float64) and on a 2-core
-CPU: SDPA's cuDNN / flash kernels win plain causal and full; at head dim 128 cuDNN (documents and padding read in place, prefix-LM
-by row blocks) wins every structured mask it takes in bf16 but one forward (causal packed documents
-at S 4096: Triton), and it wins causal sliding windows; at head dim 64 (measured before cuDNN read
+CPU: without FlashAttention 4, SDPA's cuDNN / flash kernels win plain causal and full; at head dim
+128 cuDNN (documents and padding read in place, prefix-LM by row blocks) wins every structured mask it
+takes in bf16 but one forward (causal packed documents at S 4096: Triton), and it wins causal sliding
+windows; at head dim 64 (measured before cuDNN read
 its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
