@@ -61,13 +61,15 @@ def test_structured_bf16_at_head_dim_128_prefers_cudnn(mask):
     (M.window(16, 0), ("fa4", "cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa")),
     (M.prefix_lm(16), ("fa4", "cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa")),
 ], ids=["full", "causal", "window", "prefix_lm"])
-def test_bf16_at_head_dim_128_prefers_fa4_where_it_won_on_the_h200(mask, order):
-    q = torch.zeros(1, 2, S, 128, dtype=torch.bfloat16)
+def test_bf16_at_head_dim_128_on_long_rows_prefers_fa4_where_it_won_on_the_h200(mask, order):
+    q = torch.zeros(1, 1, dispatch._FA4_MIN_Q_LEN, 128, dtype=torch.bfloat16)
     p = dataclasses.replace(describe(q, q, q, mask, None), device=torch.device("cuda"))
     assert dispatch.static_preference(p) == (*order, "eager")
-    assert "bf16, hd 128" in dispatch.__doc__
+    assert "bf16, hd 128, q_len >= 2048" in dispatch.__doc__
     p16 = dataclasses.replace(describe(q.half(), q.half(), q.half(), mask, None), device=torch.device("cuda"))
     assert dispatch.static_preference(p16)[-2] == "fa4"  # fp16: not measured
+    short = dataclasses.replace(describe(q[:, :, -1:], q, q, mask, None), device=torch.device("cuda"))
+    assert dispatch.static_preference(short)[-2] == "fa4"  # decoding: FA4's host launch would dominate
 
 
 @pytest.mark.parametrize("kv_len, order", [(1024, ("varlen", "flex", "sdpa")), (256, ("sdpa", "varlen", "flex"))])
