@@ -37,9 +37,9 @@ its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDN
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
 FlashAttention 4 (``fa4``, where installed) leads at bf16 head dim 128 for full, causal, windows and
-prefix-LM without documents or padding, on query rows of 2048 and more (decoding and short calls keep
-SDPA/cuDNN: FA4's launch costs 0.5-0.8 ms of host time per forward+backward): on the H200 (bf16 forward+backward, B 4, S 4096, 16 heads;
-``benchmarks/results/nvidia-h200/fa4``) it ran full at 605 TFLOP/s against SDPA's 532 and cuDNN's 541,
+prefix-LM without documents or padding, on query rows of 2048 and more (decoding and short calls
+keep SDPA/cuDNN: FA4's launch costs 0.5-0.8 ms of host time per forward+backward).  On the H200 (bf16
+forward+backward, B 4, S 4096, 16 heads; ``benchmarks/results/nvidia-h200/fa4``) it ran full at 605 TFLOP/s against SDPA's 532 and cuDNN's 541,
 causal at 560 against 466-467, windows at 454 against cuDNN's 401, prefix-LM at 521 against 448.
 cuDNN stays ahead on packed documents (438 vs 346) and padding (506 vs 420); elsewhere ``fa4`` comes
 last, and ``anymask tune`` ranks it by measurement.
@@ -66,8 +66,8 @@ _CUDA_DENSE = ("sdpa", "flash_attn", "cudnn", "triton", "flex", "fa4")
 _CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa", "fa4")
 _CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")
 _CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "fa4")  # where cuDNN was measured
-_CUDA_DENSE_FA4 = ("fa4", *_CUDA_DENSE[:-1])  # bf16, head dim 128, long rows: where fa4 won on the H200
 _FA4_MIN_Q_LEN = 2048  # measured at 4096; below, FA4's host launch (0.5-0.8 ms per fwd+bwd) can dominate
+_CUDA_DENSE_FA4 = ("fa4", *_CUDA_DENSE[:-1])  # bf16, head dim 128, long rows: where fa4 won on the H200
 _CUDA_WINDOW_FA4 = ("fa4", *_CUDA_WINDOW[:-1])
 _CUDA_PREFIX_FA4 = ("fa4", *_CUDA_STRUCTURED_128[:-1])
 _CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
