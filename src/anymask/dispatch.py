@@ -32,17 +32,18 @@ The order is what won on an H200 (torch 2.11, Triton 3.6; ``benchmarks/results/n
 CPU: without FlashAttention 4, SDPA's cuDNN / flash kernels win plain causal and full; at head dim
 128 cuDNN (documents and padding read in place, prefix-LM by row blocks) wins every structured mask it
 takes in bf16 but one forward (causal packed documents at S 4096: Triton), and it wins causal sliding
-windows; at head dim 64 (measured before cuDNN read
-its inputs in place) our Triton kernel beat FlexAttention by up to 1.6x and cuDNN;
+windows; at head dim 64 (measured before cuDNN read its inputs in place) our Triton kernel beat
+FlexAttention by up to 1.6x and cuDNN;
 in fp32 Triton (fp16x3 dots) wins every mask it can express, full and causal included (2.3x SDPA's
 fp32 kernel, 2.4-2.9x unpadded ``varlen`` on documents and padding).
 FlashAttention 4 (``fa4``, where installed) leads at bf16 head dim 128 for full, causal, windows and
 prefix-LM without documents or padding, on query rows of 2048 and more (decoding and short calls
-keep SDPA/cuDNN: FA4's launch costs 0.5-0.8 ms of host time per forward+backward).  On the H200 (bf16
-forward+backward, B 4, S 4096, 16 heads; ``benchmarks/results/nvidia-h200/fa4``) it ran full at 605 TFLOP/s against SDPA's 532 and cuDNN's 541,
-causal at 560 against 466-467, windows at 454 against cuDNN's 401, prefix-LM at 521 against 448.
-cuDNN stays ahead on packed documents (438 vs 346) and padding (506 vs 420); elsewhere ``fa4`` comes
-last, and ``anymask tune`` ranks it by measurement.
+keep SDPA/cuDNN: FA4's launch costs 0.5-0.8 ms of host time per forward+backward).  On the H200
+(bf16 forward+backward, B 4, S 4096, 16 heads; ``benchmarks/results/nvidia-h200/fa4``) it ran full
+at 605 TFLOP/s against SDPA's 532 and cuDNN's 541, causal at 560 against 466-467, windows at 454
+against cuDNN's 401, prefix-LM at 521 against 448.  cuDNN stays ahead on packed documents (438 vs
+346) and padding (506 vs 420); elsewhere ``fa4`` comes last, and ``anymask tune`` ranks it by
+measurement.
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
 reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
 
@@ -67,9 +68,6 @@ _CUDA_WINDOW = ("cudnn", "triton", "flex", "flash_attn", "varlen", "sdpa", "fa4"
 _CUDA_STRUCTURED = ("triton", "flex", "cudnn", "varlen", "flash_attn", "sdpa", "fa4")
 _CUDA_STRUCTURED_128 = ("cudnn", "triton", "flex", "varlen", "flash_attn", "sdpa", "fa4")  # where cuDNN was measured
 _FA4_MIN_Q_LEN = 2048  # measured at 4096; below, FA4's host launch (0.5-0.8 ms per fwd+bwd) can dominate
-_CUDA_DENSE_FA4 = ("fa4", *_CUDA_DENSE[:-1])  # bf16, head dim 128, long rows: where fa4 won on the H200
-_CUDA_WINDOW_FA4 = ("fa4", *_CUDA_WINDOW[:-1])
-_CUDA_PREFIX_FA4 = ("fa4", *_CUDA_STRUCTURED_128[:-1])
 _CUDA_OPAQUE = ("flex", "sdpa")  # the others decline opaque terms
 _CUDA_FP32_DENSE = ("triton", "sdpa", "varlen", "flex")
 _CUDA_FP32_PACKED = ("triton", "varlen", "sdpa", "flex")
@@ -85,19 +83,20 @@ def static_preference(p: Problem) -> tuple[str, ...]:
     s = p.structure
     packed = s.documents is not None or s.valid is not None
     plain = s.is_structured and not packed and s.base in ("full", "causal")
-    measured_fa4 = p.head_dim == 128 and p.dtype == torch.bfloat16 and p.q_len >= _FA4_MIN_Q_LEN
+    bf16_128 = p.head_dim == 128 and p.dtype == torch.bfloat16
     if p.device_type == "cuda":
         if p.dtype in (torch.float16, torch.bfloat16):
             if plain:
-                order = _CUDA_DENSE_FA4 if measured_fa4 else _CUDA_DENSE
+                order = _CUDA_DENSE
             elif not s.is_structured:
                 order = _CUDA_OPAQUE
             elif s.base == "window" and not packed:
-                order = _CUDA_WINDOW_FA4 if measured_fa4 else _CUDA_WINDOW
-            elif s.base == "prefix_lm" and not packed and measured_fa4:
-                order = _CUDA_PREFIX_FA4
+                order = _CUDA_WINDOW
             else:
-                order = _CUDA_STRUCTURED_128 if p.head_dim == 128 and p.dtype == torch.bfloat16 else _CUDA_STRUCTURED
+                order = _CUDA_STRUCTURED_128 if bf16_128 else _CUDA_STRUCTURED
+            fa4_won = s.is_structured and not packed and s.base in ("full", "causal", "window", "prefix_lm")
+            if fa4_won and bf16_128 and p.q_len >= _FA4_MIN_Q_LEN:  # where it won on the H200
+                order = ("fa4", *(name for name in order if name != "fa4"))
         elif plain:
             order = _CUDA_FP32_DENSE
         elif packed:
