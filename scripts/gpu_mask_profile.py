@@ -4,7 +4,8 @@ For each bench mask (B=4, S=4096, 16 heads, head dim 128, bf16, the bench's own 
 and each variant (forced anymask backends and the hand-rolled calls, prepared exactly as
 ``anymask bench`` prepares them): pipelined ms per call (CUDA events over back-to-back calls, as
 the bench's stage 1), host ms per call (enqueue time), and under the PyTorch profiler the kernels
-of one call with their device time; ``gaps`` = pipelined ms - kernel ms.  One JSON line per
+of one call with their device time; ``gaps`` = pipelined ms - kernel ms.  ``cudnn@N`` is cuDNN with
+contiguous inputs transposed to ``[B, S, H, D]`` first when a kv head has N+ query heads.  One JSON line per
 (mask, variant) on stdout and in ``$OUT/mask_profile.jsonl``.
 """
 import argparse
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from anymask.backend import cudnn as cudnn_backend
 from anymask.bench import variants
 from anymask.bench.cases import bench_mask
 from anymask.bench.inputs import InputSets, make_inputs
@@ -89,7 +91,10 @@ def main() -> int:
         with torch.set_grad_enabled(True):
             p = describe(inputs.q[0], inputs.k[0], inputs.v[0], mask, None)
             for var in a.variants.split(","):
-                prep = variants.prepare(var, mask, inputs, p)
+                base, _, group = var.partition("@")  # cudnn@N: contiguous inputs with N+ query heads
+                if group:  # per kv head are transposed first (N = 99: never, 1: always)
+                    cudnn_backend._TRANSPOSE_MIN_GROUP = int(group)
+                prep = variants.prepare(base, mask, inputs, p)
                 if isinstance(prep, str):
                     rec = {"mask": name, "variant": var, "layout": a.layout, "skipped": prep[:200]}
                 else:

@@ -365,13 +365,21 @@ def _ragged_graphs_writing_entries_only(monkeypatch):
 RAGGED = [n for n in PLANNED if isinstance(C.plan(_problem(PLANNED[n]())), C.RaggedPlan)]
 
 
-LAYOUT_MODES = {"bhsd": "heads", "bhsd_gqa": "heads", "bshd_gqa": "tokens", "sliced_gqa": "pack"}
+LAYOUT_MODES = {"bhsd": "heads", "bhsd_gqa": "transpose", "bhsd_gqa_heads": "heads", "bshd_gqa": "tokens",
+                "sliced_gqa": "pack"}
+
+
+def _use_layout(layout, monkeypatch):
+    """``bhsd_gqa_heads``: contiguous GQA read in place (one graph per query head of a group), which
+    ``_TRANSPOSE_MIN_GROUP`` above the group size keeps."""
+    if layout == "bhsd_gqa_heads":
+        monkeypatch.setattr(C, "_TRANSPOSE_MIN_GROUP", 99)
 
 
 def _layout_inputs(layout, q_len, kv_len, d, **kw):
     """q [B, 4, Sq, d], k, v [B, 4 or 2, Skv, d] as leaves: contiguous (``bhsd``), views of
     [B, S, H, D] (``bshd``), or slices of longer tensors (``sliced``: neither)."""
-    hkv = 2 if layout.endswith("gqa") else 4
+    hkv = 2 if "gqa" in layout else 4
 
     def make(h, n):
         if layout.startswith("bshd"):
@@ -388,10 +396,11 @@ def _layout_inputs(layout, q_len, kv_len, d, **kw):
 @pytest.mark.parametrize("name", RAGGED)
 def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
     """Documents/padding read in place (``heads``: contiguous [B, H, S, D], one graph per query head of
-    a kv group; ``tokens``: the [B, S, H, D] layout) or packed (other strides, segments with holes),
-    against eager, with graphs that leave every row outside their entries untouched (padding must
-    come out 0, not garbage)."""
+    a kv group; ``tokens``: the [B, S, H, D] layout), transposed into ``tokens`` (contiguous GQA) or
+    packed (other strides, segments with holes), against eager, with graphs that leave every row
+    outside their entries untouched (padding must come out 0, not garbage)."""
     seen = _ragged_graphs_writing_entries_only(monkeypatch)
+    _use_layout(layout, monkeypatch)
     q_len, kv_len = SHAPES[shape]
     mask = PLANNED[name]()
     q, k, v = _layout_inputs(layout, q_len, kv_len, 16, dtype=torch.float64)
@@ -405,10 +414,12 @@ def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
     for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         torch.testing.assert_close(a, r, msg=f"d{n}")
     assert seen and all(s.q_heads == (1 if mode == "heads" else 4) for s in seen)
-    calls = 2 if mode == "heads" and layout == "bhsd_gqa" else 1  # graph calls per pass (fwd, bwd)
+    calls = 2 if mode == "heads" and layout == "bhsd_gqa_heads" else 1  # graph calls per pass (fwd, bwd)
     assert len(seen) == 2 * calls
-    if mode != "pack":
+    if mode in ("heads", "tokens"):
         assert out.stride() == q.stride()  # written in place of the inputs' layout
+    if mode == "transpose":
+        assert out.transpose(1, 2).is_contiguous()  # the copies' [B, S, H, D] memory
 
 
 def test_in_place_entries_and_buckets():
@@ -547,8 +558,9 @@ def _gpu_ready() -> bool:
 @pytest.mark.parametrize("layout", list(LAYOUT_MODES))
 @pytest.mark.parametrize("shape", ["square", "decode"])
 @pytest.mark.parametrize("name", list(PLANNED))
-def test_gpu_matches_eager(name, shape, layout):
+def test_gpu_matches_eager(name, shape, layout, monkeypatch):
     """Every planned mask on real graphs; documents/padding in each ragged mode (``LAYOUT_MODES``)."""
+    _use_layout(layout, monkeypatch)
     if layout not in ("sliced_gqa", "bhsd_gqa") and name not in RAGGED:
         pytest.skip("dense plans: contiguous and sliced inputs are the layouts that differ")
     q_len, kv_len = SHAPES[shape]

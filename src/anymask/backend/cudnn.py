@@ -29,12 +29,17 @@ Ragged layouts, chosen per call from the inputs' strides (segments must be runs 
 
     tokens   q, k, v laid out [B, S, H, D] (Hugging Face's layout, viewed as [B, H, S, D]): that is
              already THD; one entry per segment, offsets into the inputs themselves
-    heads    q, k, v contiguous [B, H, S, D]: one-head graphs whose entries are (row, kv head,
-             segment), each a run of S-major rows of one head; with G query heads per kv head,
-             G graphs (the j-th query head of every group each), whose dk, dv are summed
+    heads    q, k, v contiguous [B, H, S, D] without GQA: one-head graphs whose entries are (row,
+             head, segment), each a run of S-major rows of one head
 
                  memory of k  [b0 h0: seg0 seg1 | b0 h1: seg0 seg1 | b1 h0: seg2 ...]
                  entries       e0   e1          e2   e3             e4  ...
+
+             (with G > 1 query heads per kv head this takes G graphs, the j-th query head of
+             every group each, whose dk, dv are summed: only when ``_TRANSPOSE_MIN_GROUP`` > G)
+    transpose  q, k, v contiguous [B, H, S, D] with G >= ``_TRANSPOSE_MIN_GROUP`` query heads per
+             kv head: one transpose copy each into [B, S, H, D] memory, then ``tokens``: one GQA
+             graph instead of G; o, dq, dk, dv keep that memory (the result is a [B, H, S, D] view)
 
     pack     anything else: rows copied into a packed THD tensor (gathered where padding leaves
              holes), one-token dummy entries filling the bucket
@@ -67,6 +72,7 @@ from .common import PerMaskCache
 _MIN_BACKEND = 90600  # GQA with ragged offsets, int64 offsets, bottom-right causal + windows
 _ROW_BLOCK = 128  # prefix-LM block edges are multiples of this (graph reuse across prefixes)
 _EMPTY_ENTRIES_MIN = 91900  # length-0 ragged entries measured exact (cudnn-probe/layout.jsonl, cuDNN 9.19)
+_TRANSPOSE_MIN_GROUP = 2  # contiguous GQA inputs are copied to [B, S, H, D] (one graph, not G); TODO measure
 
 
 # bucketing ---------------------------------------------------------------------------------------
@@ -167,13 +173,14 @@ def _empty_entries_ok() -> bool:
 
 
 def layout_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, lay: SEG.Layout) -> str:
-    """How a ragged plan reads ``q, k, v`` (each ``[B, H, S, D]``): ``tokens``, ``heads`` or ``pack``."""
+    """How a ragged plan reads ``q, k, v`` (each ``[B, H, S, D]``): ``tokens``, ``heads``,
+    ``transpose`` or ``pack``."""
     if not lay.contiguous or any(t.data_ptr() % 16 for t in (q, k, v)) or not _empty_entries_ok():
         return "pack"
     if all(t.transpose(1, 2).is_contiguous() for t in (q, k, v)):
         return "tokens"
     if all(t.is_contiguous() for t in (q, k, v)):
-        return "heads"
+        return "transpose" if p.q_heads // p.kv_heads >= _TRANSPOSE_MIN_GROUP else "heads"
     return "pack"
 
 
@@ -686,6 +693,9 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
 
     lay, dev, B, D = pl.layout, q.device, p.batch, p.head_dim
     mode = layout_mode(q, k, v, p, lay)
+    if mode == "transpose":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # [B, S, H, D] memory
+        mode = "tokens"
     t = _ragged_tensors(pl, p, dev, mode)
     if mode == "heads":
         qp, kp, vp = (x.view(-1, 1, D) for x in (q, k, v))  # [B * H * S, 1, D], no copy
