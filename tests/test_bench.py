@@ -12,7 +12,7 @@ from anymask import masks as M
 from anymask.bench import reference as R
 from anymask.bench.__main__ import main as bench_main
 from anymask.bench.inputs import make_inputs
-from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, expand, load_config, override, parse_heads
+from anymask.bench.cases import GRIDS, Case, bench_mask, doc_lengths, expand, grid_dict, load_config, override, parse_heads
 from anymask.bench.runner import BWD_FACTOR, COLUMNS, run
 from anymask.bench.timing import Settings, Timing, measure, paired_ratio
 
@@ -190,6 +190,7 @@ def test_grid_options_and_config(tmp_path):
     assert {(c.heads, c.kv_heads) for c in cases} == {(4, 4), (8, 2)}
     assert {c.dtype for c in cases} == {"bf16", "fp32"} and {c.batch for c in cases} == {3}
     assert parse_heads("32:8") == (32, 8)
+    assert grid_dict((grid, grid)) == grid_dict((grid,))  # parts made equal by overrides are listed once
     with pytest.raises(ValueError):
         parse_heads("6:4")
     with pytest.raises(ValueError):

@@ -219,7 +219,7 @@ def load_config(path: str | Path) -> dict:
 
 def grid_dict(grids: tuple[Grid, ...]) -> list[dict]:
     out = []
-    for grid in grids:
+    for grid in dict.fromkeys(grids):  # overriding every option can make a grid's parts equal
         d = asdict(grid)
         d["heads"] = [f"{a}:{b}" if a != b else str(a) for a, b in grid.heads]
         out.append(d)
