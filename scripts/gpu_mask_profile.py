@@ -5,8 +5,8 @@ and each variant (forced anymask backends and the hand-rolled calls, prepared ex
 ``anymask bench`` prepares them): pipelined ms per call (CUDA events over back-to-back calls, as
 the bench's stage 1), host ms per call (enqueue time), and under the PyTorch profiler the kernels
 of one call with their device time; ``gaps`` = pipelined ms - kernel ms.  ``cudnn@N`` is cuDNN with
-contiguous inputs transposed to ``[B, S, H, D]`` first when a kv head has N+ query heads.  One JSON line per
-(mask, variant) on stdout and in ``$OUT/mask_profile.jsonl``.
+contiguous inputs transposed to ``[B, S, H, D]`` first when a kv head has N+ query heads.  One JSON
+line per (mask, variant) on stdout and in ``$OUT/mask_profile.jsonl``.
 """
 import argparse
 import cProfile
