@@ -39,7 +39,8 @@ Ragged layouts, chosen per call from the inputs' strides (segments must be runs 
              every group each, whose dk, dv are summed: only when ``_TRANSPOSE_MIN_GROUP`` > G)
     transpose
              q, k, v contiguous [B, H, S, D] with G >= ``_TRANSPOSE_MIN_GROUP`` query heads per kv
-             head: one transpose copy each into [B, S, H, D] memory, then ``tokens``: one GQA graph
+             head: one transpose copy each into [B, S, H, D] memory (moved as 8-byte words,
+             ``kernels/relayout.py``; so is dO in backward), then ``tokens``: one GQA graph
              instead of G; o, dq, dk, dv keep that memory (the result is a [B, H, S, D] view).
              Faster, but the copies cost memory: at 32:8, B 4, S 4096 the call peaks at 1.4 GB
              (0.7 GB in place)
@@ -68,6 +69,7 @@ import torch
 
 from .. import segments as SEG
 from .._optional import probe
+from ..kernels import relayout
 from ..problem import Problem
 from .base import Backend
 from .common import PerMaskCache
@@ -295,7 +297,7 @@ class _PackRows(torch.autograd.Function):
     def forward(ctx, x, dummies: int):
         B, H, S, D = x.shape
         out = x.new_empty(B * S + dummies, H, D)
-        out[:B * S].view(B, S, H, D).copy_(x.transpose(1, 2))
+        relayout.copy_(out[:B * S].view(B, S, H, D), x.transpose(1, 2))
         out[B * S:].copy_(x[0, :, 0].unsqueeze(0).expand(dummies, H, D))
         ctx.shape = (B, H, S, D)
         return out
@@ -304,6 +306,39 @@ class _PackRows(torch.autograd.Function):
     def backward(ctx, grad):
         B, H, S, D = ctx.shape
         return grad[:B * S].reshape(B, S, H, D).transpose(1, 2), None  # dummies' gradient is 0
+
+
+class _ToTokens(torch.autograd.Function):
+    """``[B, H, S, D] -> [B * S, H, D]`` rows in new memory (one copy in wide words); the gradient
+    goes back as a ``[B, H, S, D]`` view of the rows' gradient, without a copy."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return relayout.tokens_major(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, H, S, D = ctx.shape
+        return grad.reshape(B, S, H, D).transpose(1, 2)
+
+
+class _TokensView(torch.autograd.Function):
+    """``[B * S, H, D]`` rows -> their ``[B, H, S, D]`` view; the gradient, in whatever layout it
+    comes (contiguous ``[B, H, S, D]`` after a transpose copy), goes back as ``[B * S, H, D]`` rows,
+    copied in wide words when it is not laid out so already."""
+
+    @staticmethod
+    def forward(ctx, rows, batch: int):
+        T, H, D = rows.shape
+        return rows.view(batch, T // batch, H, D).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.transpose(1, 2)  # [B, S, H, D]
+        if not g.is_contiguous():
+            g = relayout.copy_(torch.empty(g.shape, dtype=g.dtype, device=g.device), g)
+        return g.view(-1, *g.shape[2:]), None
 
 
 def _cumsum(lengths: list[int]) -> list[int]:
@@ -564,7 +599,7 @@ def _with_strides(t: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
     """``t`` laid out with ``stride`` (what a graph was built for), copied only when it is not."""
     if all(st == want or n == 1 for n, st, want in zip(t.shape, t.stride(), stride)) and t.data_ptr() % 16 == 0:
         return t
-    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+    return relayout.copy_(torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device), t)
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:
@@ -700,12 +735,11 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
 
     lay, dev, B, D = pl.layout, q.device, p.batch, p.head_dim
     mode = layout_mode(q, k, v, p, lay)
-    if mode == "transpose":
-        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # [B, S, H, D] memory
-        mode = "tokens"
-    t = _ragged_tensors(pl, p, dev, mode)
+    t = _ragged_tensors(pl, p, dev, "tokens" if mode == "transpose" else mode)
     if mode == "heads":
         qp, kp, vp = (x.view(-1, 1, D) for x in (q, k, v))  # [B * H * S, 1, D], no copy
+    elif mode == "transpose":
+        qp, kp, vp = (_ToTokens.apply(x) for x in (q, k, v))  # [B * S, H, D], one copy each
     elif mode == "tokens":
         qp, kp, vp = (x.transpose(1, 2).reshape(-1, x.shape[1], D) for x in (q, k, v))  # [B * S, H, D] views
     else:
@@ -724,12 +758,12 @@ def _run_ragged(q, k, v, p: Problem, pl: RaggedPlan) -> torch.Tensor:
         op = _Attention.apply(qp, kp, vp, spec, t.metas[0], p.requires_grad, _signature(p))  # like qp
     if mode == "heads":
         return op.view(B, p.q_heads, p.q_len, D)
-    if mode == "tokens":
-        return op.view(B, p.q_len, p.q_heads, D).transpose(1, 2)
+    if mode in ("tokens", "transpose"):
+        return _TokensView.apply(op, B)
     real = op[:lay.q_index.numel()]  # dummies dropped: their gradient is 0
     if t.q_whole:  # [B, Hq, Sq, D] as a view of the packed rows (laid out like [B, Sq, Hq, D]); the
         # backward keeps them, so changing the result in place fails loudly in backward, as for SDPA
-        return real.view(B, p.q_len, p.q_heads, D).transpose(1, 2)
+        return _TokensView.apply(real, B)
     return SEG.repad(real, t.q_index[:lay.q_index.numel()], B, p.q_len)  # padded rows 0
 
 
