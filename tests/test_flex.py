@@ -112,6 +112,17 @@ def test_whole_blocks_call_the_masks_own_mask_mod_unmapped(name):
         check(mask, Sq=sq, Skv=64)
 
 
+def test_short_cpu_calls_never_nan():
+    """Calls of 3-16 tokens, repeated: torch 2.13's CPU kernel gave NaN at random with 8-token blocks
+    (``_CPU_MIN_LEN``); each call must match eager."""
+    for _ in range(8):
+        for s in (3, 5, 8, 16):
+            for mask in (masks.window(4) & masks.causal(), masks.causal(), masks.full()):
+                check(mask, B=1, Sq=s, Skv=s)
+    for s in (3, 5, 8, 16):
+        assert flex.plan(describe(*make(1, 4, 2, s, s, 16, torch.float32), masks.causal(), None)).q_len >= 32
+
+
 def test_no_gqa_and_odd_head_dim():
     for name in ("documents_causal", "custom"):
         check(masks.CATALOGUE[name](2, 37), Hq=3, Hkv=3, D=24)

@@ -22,7 +22,8 @@ Compilation: on CUDA ``dynamic=None`` (a second sequence length compiles one dyn
 serves every later length).  On CPU, dynamic shapes hit an Inductor C++ codegen bug in torch 2.13
 (``cur_kvSplitSize9 was not declared``: the flex CPU template renames size symbols with a plain
 string replace, so ``ks1`` also rewrites ``ks19``), so CPU compiles static shapes and pads
-``q_len`` and ``kv_len`` up to powers of two: one compile per length bucket, not per length.
+``q_len`` and ``kv_len`` up to powers of two (at least 32: shorter blocks gave NaN, see
+``_CPU_MIN_LEN``): one compile per length bucket, not per length.
 The variants (mask_mod kind x dtype x head dim x length bucket) may exceed dynamo's default
 recompile limit of 8, after which flex would silently run unfused; calls here raise it to 64.
 
@@ -61,9 +62,15 @@ def compiled_flex(device_type: str) -> Callable:
     return _COMPILED[device_type]
 
 
+# torch 2.13's CPU flex kernel returned NaN in rows of short calls, at random: 32 of 60 calls with 8
+# tokens in blocks of 8, 4 of 60 with 16 tokens in blocks of 8, none with blocks of 16 or more (a
+# window mask; tests/test_flex.py::test_short_cpu_calls_never_nan).  CPU lengths are padded to 32+.
+_CPU_MIN_LEN = 32
+
+
 def _bucket(n: int) -> int:
-    """Next power of two >= n."""
-    return 1 << (n - 1).bit_length()
+    """Next power of two >= n, and at least ``_CPU_MIN_LEN`` (CPU only)."""
+    return max(_CPU_MIN_LEN, 1 << (n - 1).bit_length())
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ def _fits(t: torch.Tensor, size: int) -> bool:
 
 def as_words(t: torch.Tensor) -> torch.Tensor | None:
     """``t`` viewed as :data:`WORD` along its last dim (``[..., D * item / 8]``), or None."""
-    size = torch.empty(0, dtype=WORD).element_size()
+    size = WORD.itemsize
     if t.element_size() >= size or not _fits(t, size):
         return None
     return t.view(WORD)
