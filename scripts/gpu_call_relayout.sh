@@ -1,3 +1,7 @@
+# One device call (carry .fa4a and .whl; see scripts/gpu_fa4.sh): keeps FA4 part 1 for the next call, then
+# times layout copies (gpu_relayout_probe.py), profiles cuDNN in place vs copied against flex at 32:8,
+# 16:8 and 16 heads (gpu_mask_profile.py), and runs the cuDNN/relayout GPU tests.  Results:
+# benchmarks/results/nvidia-h100/cudnn-wide-copies/.
 mkdir -p /tmp/fa4keep && cp .fa4a/part1 /tmp/fa4keep/ && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src || exit
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 60 python3 scripts/gpu_relayout_probe.py 2>&1 | tail -16
