@@ -39,6 +39,7 @@ def test_copy_keeps_every_bit_including_nan_payloads(dtype):
     lambda: torch.randn(2, 3, 16, 6).to(torch.bfloat16).transpose(-1, -2),  # last dim not dense
     lambda: torch.randn(2, 3, 6, 6).to(torch.bfloat16),  # 12-byte rows
     lambda: torch.randn(2, 3, 6, 8, dtype=torch.float64),  # already word-sized
+    lambda: torch.zeros(64).to(torch.bfloat16).as_strided((1, 3, 8), (5, 8, 1)),  # size-1 dim, odd stride
 ])
 def test_fallback_where_words_do_not_fit(make):
     src = make()

@@ -27,8 +27,8 @@ def _fits(t: torch.Tensor, size: int) -> bool:
     if t.dim() == 0 or t.stride(-1) != 1 or size % item or (t.size(-1) * item) % size:
         return False
     ratio = size // item
-    dense = all(st % ratio == 0 for n, st in zip(t.shape[:-1], t.stride()[:-1]) if n != 1)
-    return dense and t.storage_offset() % ratio == 0 and t.data_ptr() % size == 0
+    divisible = all(st % ratio == 0 for st in t.stride()[:-1])  # size-1 dims too: view(dtype) checks them
+    return divisible and t.storage_offset() % ratio == 0 and t.data_ptr() % size == 0
 
 
 def as_words(t: torch.Tensor) -> torch.Tensor | None:
