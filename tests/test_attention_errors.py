@@ -70,3 +70,12 @@ def test_forced_backend_that_cannot_run_lists_its_reasons():
 def test_bad_scale():
     with pytest.raises(TypeError, match="scale"):
         anymask.attention(*qkv(), M.causal(), scale="big")
+
+
+def test_backends_takes_all_inputs_or_none():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(TypeError, match="all of q, k, v and mask"):
+        anymask.backends(q)
+    with pytest.raises(TypeError, match="all of q, k, v and mask"):
+        anymask.backends(q, q, q)
+    assert anymask.backends(q, q, q, M.causal())["eager"]["available"]

@@ -27,3 +27,46 @@ def test_bad_data_exits_2_naming_the_line(tiny_model_dir, tmp_path, capsys):  # 
     assert code == 2
     assert "bad.jsonl:3: invalid JSON" in capsys.readouterr().err
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+def _train(model, data, tmp_path, *extra) -> list[str]:
+    return ["--model", model, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
+            "--no-progress", "--max-steps", "1", *extra]
+
+
+def test_unknown_attention_exits_2_before_loading(tmp_path, capsys):
+    code = main(_train("no-such-model", "no-such.jsonl", tmp_path, "--attn", "bogus"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown attention 'bogus'" in err and "sdpa" in err
+
+
+def test_missing_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    code = main(_train("no-such-model", "no-such.jsonl", tmp_path, "--resume", str(tmp_path / "nowhere")))
+    assert code == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_mask_token_not_in_vocabulary_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two three"}] * 4)
+    code = main(["--model", tiny_model_dir, "--task", "diffusion", "--data", data, "--output-dir",
+                 str(tmp_path / "out"), "--no-progress", "--mask-token", "<not-a-token>"])
+    assert code == 2
+    assert "mask token '<not-a-token>' is not in the tokenizer's vocabulary" in capsys.readouterr().err
+
+
+def test_model_dir_without_tokenizer_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    import shutil
+    from pathlib import Path
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in Path(tiny_model_dir).glob("*.json"):
+        if "token" not in f.name:
+            shutil.copy(f, bare / f.name)
+    for f in Path(tiny_model_dir).glob("*.safetensors"):
+        shutil.copy(f, bare / f.name)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two three"}] * 4)
+    code = main(_train(str(bare), data, tmp_path))
+    assert code == 2
+    assert str(bare) in capsys.readouterr().err

@@ -62,7 +62,9 @@ def _fallback_errors() -> tuple[type[BaseException], ...]:
 
 def which_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
                   backend: str = "auto", scale: float | None = None) -> str:
-    """The name of the backend ``attention`` would use for these inputs (nothing is computed)."""
+    """The name of the backend ``attention`` would use for these inputs.  Nothing is computed,
+    unless ``ANYMASK_AUTOTUNE=1`` and this signature has no cached choice: then, as ``attention``
+    would, every eligible backend is timed first and the winner stored (see :func:`tune`)."""
     return choose(describe(q, k, v, mask, scale), backend).name
 
 
@@ -71,8 +73,11 @@ def backends(q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: to
     """Every backend: ``{"available": bool, "reasons": [...], "summary": str}``.
 
     Without arguments, reasons are about this machine (missing libraries, no GPU); with a call's
-    inputs, about that call too.
+    inputs (all four of ``q, k, v, mask``), about that call too.
     """
+    given = [x is not None for x in (q, k, v, mask)]
+    if any(given) and not all(given):
+        raise TypeError("backends() takes no arguments, or all of q, k, v and mask")
     p = describe(q, k, v, mask, None) if q is not None else None
     out = {}
     for name in B._MODULES:

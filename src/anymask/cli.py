@@ -9,6 +9,17 @@ import sys
 from . import masks as M
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
+
+
 def _info(args) -> int:
     from .attention import backends
 
@@ -53,17 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anymask", description="Exact attention with any mask.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="every mask on every backend, checked and timed; then a model")
-    demo.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
-    demo.add_argument("--batch", type=int, default=2)
-    demo.add_argument("--heads", type=int, default=4)
-    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--seq", type=positive_int, default=512, help="sequence length (default 512)")
+    demo.add_argument("--batch", type=positive_int, default=2)
+    demo.add_argument("--heads", type=positive_int, default=4)
+    demo.add_argument("--head-dim", type=positive_int, default=64)
     demo.add_argument("--no-model", action="store_true", help="skip the Hugging Face model part")
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="the backends on this machine, and why not")
     info.set_defaults(func=_info)
     draw = sub.add_parser("draw", help="print a catalogue mask as an ASCII grid")
     draw.add_argument("mask", help=", ".join(M.CATALOGUE))
-    draw.add_argument("--seq", type=int, default=12)
+    draw.add_argument("--seq", type=positive_int, default=12)
     draw.set_defaults(func=_draw)
     _optional_commands(sub)
     return parser

@@ -14,7 +14,7 @@ may ``q`` see ``kv``?  Positions are **absolute**.  When a call has fewer querie
 
 Masks compose with ``&`` (both allow), ``|`` (either allows) and ``~`` (negation)::
 
-    prefix_lm(2) == causal() | prefix(2)       documents(lengths=[2, 3]) & causal()
+    prefix_lm(2), same as causal() | prefix(2)  documents(lengths=[2, 3]) & causal()
 
         # # . . .                                  # . . . .
         # # . . .                                  # # . . .

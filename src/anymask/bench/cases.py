@@ -152,8 +152,13 @@ def parse_heads(spec: str | int | tuple) -> tuple[int, int]:
         hq = hkv = spec
     else:
         parts = str(spec).split(":")
-        hq = int(parts[0])
-        hkv = int(parts[1]) if len(parts) > 1 else hq
+        if len(parts) > 2:
+            raise ValueError(f"heads {spec!r}: one number, or query:kv")
+        try:
+            hq = int(parts[0])
+            hkv = int(parts[1]) if len(parts) > 1 else hq
+        except ValueError:
+            raise ValueError(f"heads {spec!r}: one number, or query:kv (e.g. 16 or 32:8)") from None
     if hq < 1 or hkv < 1 or hq % hkv:
         raise ValueError(f"heads {spec!r}: query heads must be a positive multiple of kv heads")
     return hq, hkv
@@ -168,6 +173,17 @@ def parse_pass(name: str) -> str:
     return name
 
 
+def _count(value) -> int:
+    """A sequence length, head dim, head count, batch or token count: a whole number of 1 or more."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if number < 1 or number != float(value):
+        raise ValueError(f"{value!r} is not a whole number of 1 or more")
+    return number
+
+
 def _items(value) -> list:
     if isinstance(value, str):
         return [x for x in (s.strip() for s in value.split(",")) if x]
@@ -179,13 +195,16 @@ def _items(value) -> list:
 def override(grid: Grid, **options) -> Grid:
     """``grid`` with the given options (``None`` = keep); values are lists or comma strings."""
     changes = {}
-    parsers = {"masks": str, "seqlens": int, "dtypes": parse_dtype, "passes": parse_pass,
-               "head_dims": int, "heads": parse_heads}
+    parsers = {"masks": str, "seqlens": _count, "dtypes": parse_dtype, "passes": parse_pass,
+               "head_dims": _count, "heads": parse_heads}
     for name, value in options.items():
         if value is None:
             continue
         if name in parsers:
-            items = tuple(parsers[name](x) for x in _items(value))
+            try:
+                items = tuple(parsers[name](x) for x in _items(value))
+            except ValueError as exc:
+                raise ValueError(str(exc) if str(exc).startswith(name) else f"{name}: {exc}") from None
             if name == "masks":
                 for m in items:
                     if m not in M.CATALOGUE:
@@ -194,7 +213,10 @@ def override(grid: Grid, **options) -> Grid:
                 raise ValueError(f"{name}: empty list")
             changes[name] = items
         elif name in ("tokens", "batch"):
-            changes[name] = int(value)
+            try:
+                changes[name] = _count(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         else:
             raise ValueError(f"unknown grid option {name!r}; known: {', '.join(f.name for f in fields(Grid))}")
     return replace(grid, **changes)
@@ -207,8 +229,10 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     text = path.read_text()
     if path.suffix.lower() == ".toml":
-        import tomllib
-
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            raise ValueError(f"{path}: TOML configs need Python 3.11+ (tomllib); write it as JSON") from None
         data = tomllib.loads(text)
     else:
         data = json.loads(text)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import positive_int
 from .cases import GRIDS, expand, grid_dict, load_config, override
 from .timing import Settings
 
@@ -38,33 +39,63 @@ _GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "
 def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), help="default grid (default: gpu with CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="the tiny CI grid (under a minute on CPU)")
-    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of grid options (same names as below)")
+    p.add_argument("--config", metavar="FILE", help="JSON or (Python 3.11+) TOML file of grid options (same names as below)")
     p.add_argument("--masks", help="comma list of catalogue masks (full,causal,padding,documents,...)")
     p.add_argument("--seqlens", help="comma list of sequence lengths")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
     p.add_argument("--passes", help="comma list of fwd,fwd+bwd")
     p.add_argument("--head-dims", dest="head_dims", help="comma list of head dims")
     p.add_argument("--heads", help="comma list of query heads, or q:kv for GQA (e.g. 16,32:8)")
-    p.add_argument("--batch", type=int, help="batch size (default: tokens // seq)")
-    p.add_argument("--tokens", type=int, help="tokens per step when --batch is not given")
+    p.add_argument("--batch", type=positive_int, help="batch size (default: tokens // seq)")
+    p.add_argument("--tokens", type=positive_int, help="tokens per step when --batch is not given")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's own choice)")
 
 
-def _resolve(args) -> tuple[str, object, dict, torch.device]:
+def _usage_error(command: str, message: str) -> SystemExit:
+    """Exit 2 with ``anymask <command>: error: <message>``, as argparse does for its own checks."""
+    print(f"anymask {command}: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device``: a bad name or a missing GPU raises ``ValueError`` (a usage error, not a traceback)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: cpu or cuda[:i]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: cpu or cuda[:i]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: this torch build sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def _resolve(args) -> tuple[str, object, list, dict, torch.device]:
+    """Grid name, grids, their expanded cases, the config file's other options, device; every bad
+    option (unknown mask, dtype, heads, a config file that is missing or malformed) is a usage error."""
+    try:
+        return _resolve_checked(args)
+    except (ValueError, OSError) as exc:
+        raise _usage_error(args.command, str(exc)) from None
+
+
+def _resolve_checked(args) -> tuple[str, object, list, dict, torch.device]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     config = load_config(args.config) if args.config else {}
     name = "quick" if args.quick else (args.grid or config.pop("grid", None) or
                                       ("gpu" if device.type == "cuda" else "cpu"))
     config.pop("grid", None)
     if name not in GRIDS:
-        raise SystemExit(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
+        raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
     from_file = {k: v for k, v in config.items() if k in _GRID_OPTIONS}
     from_args = {k: getattr(args, k) for k in _GRID_OPTIONS}
     grids = tuple(override(override(g, **from_file), **from_args) for g in GRIDS[name])
-    return name, grids, config, device
+    return name, grids, expand(grids), config, device
 
 
 def _interrupt(signum, frame):
@@ -170,18 +201,20 @@ def _bench(args) -> int:
     if args.plot_only:
         return _plot_only(Path(args.plot_only))
     start = time.perf_counter()
-    name, grids, config, device = _resolve(args)
+    name, grids, cases, config, device = _resolve(args)
     backends = args.backends or config.get("backends")
     if isinstance(backends, str):
         backends = backends.split(",")
     backends = [b.strip() for b in backends or () if b.strip()]
-    names = variants.names(backends or None)
+    try:
+        names = variants.names(backends or None)
+    except ValueError as exc:
+        raise _usage_error("bench", str(exc)) from None
     settings = SETTINGS[name]
     if args.budget is not None:
         settings = dataclasses.replace(settings, budget_s=args.budget)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
-    cases = expand(grids)
     meta = env.metadata(device)
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
@@ -216,8 +249,7 @@ def _tune(args) -> int:
     from .cases import bench_mask
     from .inputs import make_inputs
 
-    _, grids, _, device = _resolve(args)
-    cases = expand(grids)
+    _, _, cases, _, device = _resolve(args)
     print(f"anymask tune: {len(cases)} cases -> {tuning.cache_path()}", file=sys.stderr)
     results = []
     for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
@@ -254,7 +286,7 @@ def register(subparsers) -> None:
                             "[B, S, H, D] viewed as [B, H, S, D], as a Llama layer's projections give them")
     bench.add_argument("--tune", action="store_true",
                        help="store each case's fastest correct backend in the tuning cache before timing auto")
-    bench.add_argument("--sets", type=int, default=3, help="input sets rotated between calls (default 3)")
+    bench.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between calls (default 3)")
     bench.add_argument("--budget", type=float, help="steady-state seconds per variant per case")
     bench.add_argument("--deadline", type=float, metavar="S",
                        help="start no new problem after S seconds (the rest is reported as skipped)")

@@ -68,6 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from .._optional import MissingDependency
+    from .config import ConfigError
     from .data import DataError
     from .loop import train
 
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except MissingDependency as exc:
         print(f"anymask train: error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        if not isinstance(exc, DataError) and "must be" not in str(exc) and "unknown" not in str(exc):
-            raise
+    except ConfigError as exc:
         print(f"anymask train: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # model or data path that cannot be read (transformers raises OSError)

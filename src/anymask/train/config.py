@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
 KERNELS = ("auto", "liger+lora", "liger", "lora", "none")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (unknown task, attention, mask token, checkpoint...): the CLI prints
+    it as one line instead of a traceback."""
 
 
 @dataclass
@@ -58,21 +64,30 @@ class TrainConfig:
     mask_token_id: int | None = None  # diffusion: the same, as an id (wins over mask_token)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for settings that cannot work, before anything is loaded."""
+        """Raise :class:`ConfigError` (a ``ValueError``) for settings that cannot work, before anything is loaded."""
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+            raise ConfigError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
         if self.parallel not in PARALLEL:
-            raise ValueError(f"unknown parallel mode {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+            raise ConfigError(f"unknown parallel mode {self.parallel!r}; choose from {', '.join(PARALLEL)}")
         if self.kernels not in KERNELS:
-            raise ValueError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNELS)}")
+            raise ConfigError(f"unknown kernels {self.kernels!r}; choose from {', '.join(KERNELS)}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         for name in ("tokens_per_batch", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.data_shards is not None and self.data_shards < 1:
-            raise ValueError(f"data_shards must be >= 1, got {self.data_shards}")
+            raise ConfigError(f"data_shards must be >= 1, got {self.data_shards}")
+        if self.resume not in (None, "auto") and not (Path(self.resume) / "state.json").is_file():
+            raise ConfigError(f"no checkpoint at {self.resume!r} (no state.json there); "
+                              "give a checkpoint directory, or 'auto' for the newest in output_dir")
+        if self.attn != "anymask":
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            known = ("anymask", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())
+            if self.attn not in known:
+                raise ConfigError(f"unknown attention {self.attn!r}; choose from {', '.join(known)}")

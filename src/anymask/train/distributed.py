@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -85,7 +87,7 @@ def setup(mode: str, device: str | None = None) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1:
         if mode == "none":
-            raise ValueError(f"launched with {world} processes but --parallel none; use ddp or fsdp2")
+            raise ConfigError(f"launched with {world} processes but --parallel none; use ddp or fsdp2")
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return Dist(rank, world, dev, mode if world > 1 else ("none" if mode == "none" else mode))

@@ -26,7 +26,7 @@ import os
 import torch
 
 from .._optional import MissingDependency, probe
-from .config import KERNELS
+from .config import KERNELS, ConfigError
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm without offset, SwiGLU MLP, plain linear head
 
 
@@ -47,7 +47,7 @@ def resolve(kernels: str, model, device: torch.device) -> tuple[bool, bool]:
     """``(use Liger, use the fused LoRA)`` for a ``--kernels`` choice; asking for Liger where it
     cannot apply is an error, ``auto`` leaves it out and :func:`describe` says why."""
     if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
+        raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     parts = {"liger", "lora"} if kernels == "auto" else set(kernels.split("+")) - {"none"}
     liger = "liger" in parts
     if liger:

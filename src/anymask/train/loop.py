@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, data, distributed, fused, model as M, tasks
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .packing import Packed, pack, shard
 from .stream import Stream, local_shards, split
 
@@ -112,7 +112,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
     steps_per_epoch = stream.steps_in_epoch(0)
     if steps_per_epoch == 0:
-        raise ValueError(f"not enough data for one step: every rank needs {cfg.grad_accum} packed micro-batches "
+        raise ConfigError(f"not enough data for one step: every rank needs {cfg.grad_accum} packed micro-batches "
                          f"of up to {cfg.tokens_per_batch} tokens per step")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))

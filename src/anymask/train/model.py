@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._optional import require
+from .config import ConfigError
 from .tasks import Task
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -41,7 +42,10 @@ class TaskModel(torch.nn.Module):
 def load_tokenizer(path: str, gguf_file: str | None = None):
     transformers = require("transformers")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+    except ValueError as exc:  # e.g. a model directory without tokenizer files
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from exc
 
 
 def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_file: str | None = None,
@@ -51,8 +55,11 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
     if attn == "anymask":
         import anymask.hf  # noqa: F401  (registers the implementation)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
-                                                             **kwargs)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
+                                                                 **kwargs)
+    except ValueError as exc:  # e.g. a config transformers does not know, an attention it does not have
+        raise ConfigError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from exc
     return model.to(device)
 
 
@@ -99,7 +106,7 @@ def decoder_layers(peft_model) -> list[torch.nn.Module]:
     base = peft_model.get_base_model()
     layers = getattr(base.get_decoder(), "layers", None)
     if layers is None:
-        raise ValueError(f"cannot find decoder layers in {type(base).__name__} for FSDP2")
+        raise ConfigError(f"cannot find decoder layers in {type(base).__name__} for FSDP2")
     return list(layers)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .config import ConfigError
 from .data import Example
 
 WINDOW = 4096  # examples per first-fit-decreasing window
@@ -73,7 +74,7 @@ def _first_fit_decreasing(items: list[int], examples: list[Example], max_tokens:
     for i in sorted(items, key=lambda i: -len(examples[i])):
         size = len(examples[i])
         if size > max_tokens:
-            raise ValueError(f"example from line {examples[i].line} has {size} tokens > {max_tokens}")
+            raise ConfigError(f"example from line {examples[i].line} has {size} tokens > {max_tokens}")
         for b, room in enumerate(free):
             if room >= size:
                 bins[b].append(i)

@@ -12,6 +12,7 @@ An epoch ends when the first shard (over all ranks) runs out; every rank agrees 
 
 from __future__ import annotations
 
+from .config import ConfigError
 from .data import Example
 from .distributed import Dist
 from .packing import Packed, pack, shard
@@ -23,7 +24,7 @@ class Stream:
         self.shards = sorted(examples_by_shard)
         self.examples = examples_by_shard
         if grad_accum % len(self.shards):
-            raise ValueError(f"grad_accum ({grad_accum}) must be a multiple of the data shards per rank "
+            raise ConfigError(f"grad_accum ({grad_accum}) must be a multiple of the data shards per rank "
                              f"({len(self.shards)})")
         self.per_shard = grad_accum // len(self.shards)  # micro-batches per shard per step
         self.max_tokens, self.seed, self.d = max_tokens, seed, d
@@ -53,7 +54,7 @@ class Stream:
 def local_shards(count: int, d: Dist) -> list[int]:
     """The shards rank ``d.rank`` owns."""
     if count % d.world:
-        raise ValueError(f"data_shards ({count}) must be a multiple of the world size ({d.world})")
+        raise ConfigError(f"data_shards ({count}) must be a multiple of the world size ({d.world})")
     return list(range(d.rank, count, d.world))
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks as M
+from .config import ConfigError
 from .packing import Packed
 
 DIFFUSION_EPS = 1e-3  # LLaDA: mask probability p = (1 - eps) * t + eps, t ~ U(0, 1)
@@ -193,7 +194,7 @@ def make(name: str, *, tokenizer=None, temperature: float = 0.05, mask_token: st
         return Embedding(temperature)
     if name == "diffusion":
         return Diffusion(resolve_mask_token(tokenizer, mask_token, mask_token_id))
-    raise ValueError(f"unknown task {name!r}")
+    raise ConfigError(f"unknown task {name!r}")
 
 
 def resolve_mask_token(tokenizer, mask_token: str | None = None, mask_token_id: int | None = None) -> int:
@@ -202,14 +203,14 @@ def resolve_mask_token(tokenizer, mask_token: str | None = None, mask_token_id: 
     if mask_token_id is not None:
         return int(mask_token_id)
     if tokenizer is None:
-        raise ValueError("diffusion needs a mask token: pass mask_token_id (or a tokenizer)")
+        raise ConfigError("diffusion needs a mask token: pass mask_token_id (or a tokenizer)")
     if mask_token is not None:
         ids = tokenizer.convert_tokens_to_ids([mask_token])
         if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id and mask_token != tokenizer.unk_token:
-            raise ValueError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary")
+            raise ConfigError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary")
         return int(ids[0])
     for attr in ("mask_token_id", "unk_token_id", "pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             return int(value)
-    raise ValueError("the tokenizer has no mask/unk/pad/eos token; pass --mask-token")
+    raise ConfigError("the tokenizer has no mask/unk/pad/eos token; pass --mask-token")
