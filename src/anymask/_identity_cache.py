@@ -57,3 +57,10 @@ class IdentityLRU:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def version(t) -> int | None:
+    """``t._version`` (bumped by every in-place edit), or None for an inference tensor, which has no
+    version counter (tensors made under ``torch.inference_mode()``; they cannot be edited in place
+    outside it)."""
+    return None if t.is_inference() else t._version

@@ -20,13 +20,16 @@ an anymask Mask from structure::
 Per call, these keyword arguments of ``model(...)`` reach the attention function:
 
 - ``anymask_mask=`` a spec name or Mask, overriding ``set_mask`` for this forward;
-- ``prefix_lengths=`` (one per row) or ``token_type_ids`` (0 = prefix, 1 = continuation) for
-  ``prefix_lm``;
+- ``prefix_lengths=`` (one per row) or ``token_type_ids`` (0 = prefix, 1 = continuation; a
+  prefix per packed document) for ``prefix_lm``, and only there (``prefix_lengths`` with another
+  spec is an error);
 - ``position_ids`` resets and TRL's ``cu_seq_lens_q/k`` + ``max_length_q/k`` mark packed documents.
 
 ``generate`` rejects unknown keyword arguments, so for generation use :func:`using` (a context
 manager) instead of ``anymask_mask=``.  ``prefix_lm`` without a given prefix treats a call with no
-cache past (the prompt) as the prefix and continues causally: bidirectional prompt, causal answer::
+cache past (the prompt) as the prefix and continues causally: bidirectional prompt, causal answer
+(keep the cache on: with ``use_cache=False`` every step is a call with no past, so the answer so
+far would count as prompt too)::
 
     prompt (prefill, q = kv = 4)      then one token per call
         # # # #                           # # # # #
@@ -52,6 +55,8 @@ Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` t
 
 from __future__ import annotations
 
+import functools
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -82,6 +87,8 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                          "(Gemma 2's attn_logit_softcapping); set it to None or use another implementation")
     spec, backend = _call_policy(module, kwargs)
     keys = attention_mask if isinstance(attention_mask, LayerKeys) else _keys_from_tensor(attention_mask, key)
+    if isinstance(keys, LayerKeys) and keys.q_offset > 0 and spec == "bidirectional":
+        _warn_cached_bidirectional()
     if isinstance(keys, torch.Tensor):  # an explicit 4-D mask passed to the model: take it as given
         mask = masks.dense(keys)
     else:
@@ -115,6 +122,9 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
     kv_offset = int(kv_offset)
     padding = None
     if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+            raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; expected [{batch_size}, "
+                             "sequence length] (one row of 1 = token, 0 = padding per batch row)")
         valid = attention_mask.bool()  # [B, past + q_len]
         end = kv_offset + kv_length
         if valid.shape[-1] < end:
@@ -146,6 +156,10 @@ def set_mask(model: torch.nn.Module, spec, backend: str = "auto") -> torch.nn.Mo
     check_spec(spec)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto":
+        from .backend import get
+
+        get(backend, missing_ok=True)  # ValueError naming the known backends
     _ensure_anymask(model)
     found = 0
     for m in model.modules():
@@ -167,8 +181,10 @@ def get_mask(model: torch.nn.Module):
 
 @contextmanager
 def using(model: torch.nn.Module, spec, backend: str = "auto"):
-    """``with anymask.hf.using(model, "prefix_lm"): model.generate(...)`` — a temporary policy."""
+    """``with anymask.hf.using(model, "prefix_lm"): model.generate(...)`` — a temporary policy.
+    On exit the model gets back its policy and its attention implementation (``sdpa``, say)."""
     saved = [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)]
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
     set_mask(model, spec, backend)
     try:
         yield model
@@ -178,9 +194,19 @@ def using(model: torch.nn.Module, spec, backend: str = "auto"):
                 m.__dict__.pop(_POLICY_ATTR, None)
             else:
                 setattr(m, _POLICY_ATTR, policy)
+        if implementation not in (None, NAME):
+            model.set_attn_implementation(implementation)
 
 
 # helpers ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_cached_bidirectional() -> None:
+    """Once per process: decoding a bidirectional model with a KV cache is not bidirectional."""
+    warnings.warn("anymask.hf: a bidirectional model is decoding with a KV cache: the cached keys were "
+                  "computed without the tokens after them, so each step differs from recomputing the whole "
+                  "sequence bidirectionally (generate(..., use_cache=False) does that)", stacklevel=3)
 
 
 def _is_attention(m: torch.nn.Module) -> bool:
@@ -223,6 +249,9 @@ def _keys_from_tensor(attention_mask, key):
     if attention_mask.dim() == 4:  # [B, 1|H, Sq, Skv]: bool, or additive float (0 = attend)
         if attention_mask.dtype == torch.bool:
             return attention_mask
+        if not attention_mask.is_floating_point():
+            raise TypeError(f"a 4-D attention_mask must be bool (True = attend) or an additive float mask "
+                            f"(0 = attend, large negative = not), got {attention_mask.dtype}")
         return attention_mask > torch.finfo(attention_mask.dtype).min / 2
     raise ValueError(f"unexpected attention_mask of shape {list(attention_mask.shape)}")
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from . import masks
-from ._identity_cache import IdentityLRU
+from ._identity_cache import IdentityLRU, version
 
 SPEC_NAMES = ("causal", "bidirectional", "prefix_lm")
 
@@ -92,7 +92,7 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
     if keys is None:
         return _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
     anchors = (keys, spec, *(kwargs.get(name) for name in _PER_CALL))
-    versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in anchors)
+    versions = tuple(version(a) if isinstance(a, torch.Tensor) else None for a in anchors)
     return _BUILT.get(anchors, (versions, q_len, kv_len, batch, window, training),
                       lambda: _build(spec, keys, q_len, kv_len, batch, window, training, kwargs))
 
@@ -100,11 +100,11 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
 def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.Mask:
     first_key = keys.kv_offset if keys is not None else 0  # absolute position of key 0
     no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
-    mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs)
+    ids = _document_ids(kwargs, q_len, kv_len, batch)
+    mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if window is not None:
         # transformers' window: q - window < kv (and kv < q + window when bidirectional)
         mask = mask & masks.window(window - 1, window - 1)
-    ids = _document_ids(kwargs, q_len, kv_len, batch)
     if ids is not None:
         mask = mask & masks.documents(ids)
     if keys is not None and keys.padding is not None:
@@ -112,13 +112,26 @@ def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.
     return mask
 
 
-def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs) -> masks.Mask:
+def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids) -> masks.Mask:
+    if kwargs.get("prefix_lengths") is not None and spec != "prefix_lm":
+        raise ValueError(f"prefix_lengths= applies to the 'prefix_lm' spec, but this call's spec is {spec!r}: "
+                         "pass anymask_mask='prefix_lm' with it (or set_mask(model, 'prefix_lm'))")
     if isinstance(spec, masks.Mask):
+        if first_key and not _relative(spec):
+            raise ValueError(f"this layer's cache dropped its first {first_key} keys (a sliding-window cache), "
+                             f"and the mask {spec!r} depends on absolute positions, which the layer's keys no "
+                             "longer start at; use the 'prefix_lm' spec with prefix_lengths=, or a full cache")
         return spec
     if spec == "causal":
         return masks.causal()
     if spec == "bidirectional":
         return masks.full()
+    if kwargs.get("prefix_lengths") is not None and ids is not None:
+        raise ValueError("prefix_lengths= gives one prefix per row, but this row packs several documents: "
+                         "pass token_type_ids (0 = prefix, 1 = continuation) to give each document its prefix")
+    groups = _prefix_groups(kwargs, kv_len, first_key, ids)
+    if groups is not None:
+        return masks.causal() | masks.documents(groups)
     prefix = _prefix_lengths(kwargs, kv_len, first_key)
     if prefix is None:
         if training:
@@ -131,12 +144,44 @@ def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs) -> m
     return masks.prefix_lm(prefix)
 
 
+def _relative(mask: masks.Mask) -> bool:
+    """Whether ``mask`` depends only on ``q - kv`` (full, causal, windows and their combinations)."""
+    if isinstance(mask, (masks.Full, masks.Causal, masks.Window)):
+        return True
+    children = mask.children() if hasattr(mask, "children") else ()
+    return bool(children) and all(_relative(c) for c in children)
+
+
+def _prefix_groups(kwargs, kv_len: int, first_key: int, ids) -> torch.Tensor | None:
+    """``[B, kv_len]`` prefix groups when ``token_type_ids`` mark several prefixes in a row (packed
+    documents, each with its prompt), for ``causal() | documents(groups)``: each run of prefix
+    tokens is one group, every continuation token its own.  None when each row has at most one
+    prefix, at its start (``prefix_lm(lengths)`` then), or the types do not cover every key::
+
+        token_type_ids   0 0 1 1 0 0 0 1        (two documents: prompt, answer; prompt, answer)
+        groups           0 0 -3 -4 2 2 2 -8
+    """
+    types = kwargs.get("token_type_ids")
+    if types is None or types.dim() != 2 or types.shape[-1] != first_key + kv_len:
+        return None
+    is_cont = types[:, first_key:] != 0  # [B, kv_len]
+    seen_cont = is_cont.long().cumsum(-1)  # [B, kv_len] continuation tokens so far
+    if ids is None and not bool((~is_cont & (seen_cont > 0)).any()):
+        return None
+    pos = torch.arange(kv_len, device=types.device)
+    return torch.where(is_cont, -1 - pos, seen_cont)
+
+
 def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
     """Per-row prefix length in this call's key coordinates, or None when none was given."""
     given = kwargs.get("prefix_lengths")
     if given is not None:
-        lengths = torch.as_tensor(given).reshape(-1).long()
-        return (lengths - first_key).clamp(0, kv_len)
+        lengths = torch.as_tensor(given).reshape(-1)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"prefix_lengths must be integers (tokens from the start of each row), got {lengths.dtype}")
+        if lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"prefix_lengths must be >= 0, got {lengths.tolist()}")
+        return (lengths.long() - first_key).clamp(0, kv_len)
     types = kwargs.get("token_type_ids")
     if types is None:
         return None
@@ -159,6 +204,8 @@ def _document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor |
     source = kwargs.get("position_ids") if source is None else source
     if source is None:
         return None
+    if source.is_inference():  # no version counter to notice in-place edits by: not cached
+        return _find_document_ids(kwargs, q_len, kv_len, batch)
     key = (source._version, q_len, kv_len, batch)
     entry = _LAST_IDS[0] if _LAST_IDS else None
     if entry is not None and entry[0]() is source and entry[1] == key:

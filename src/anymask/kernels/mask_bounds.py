@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import masks as M
+from .._identity_cache import version
 from ..structure import Structure, documents_are_contiguous, row_intervals
 
 
@@ -192,7 +193,7 @@ def cached(mask: M.Mask, key: tuple, make):
     The key includes each mask tensor's storage and version counter, so in-place edits of a mask's
     tensors are noticed.
     """
-    stamp = tuple((t.data_ptr(), t._version) for t in M._tensors(mask))
+    stamp = tuple((t.data_ptr(), version(t)) for t in M._tensors(mask))
     entry = _CACHE.setdefault(mask, {})
     full_key = (key, stamp)
     if full_key not in entry:

@@ -1,0 +1,141 @@
+"""Edge cases of ``anymask.hf`` a user hits: inference mode, packed prefix-LM, sliding caches with
+position-dependent masks, bidirectional decoding, odd 4-D masks, and what ``using`` restores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .test_hf_common import VOCAB, as_eager_mask, tiny_model, twin
+
+import anymask.hf
+from anymask import masks
+
+LENGTHS, PROMPTS = [5, 3, 6], [2, 1, 4]
+
+
+def _hidden(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+
+def _packed_prompts():
+    torch.manual_seed(11)
+    docs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
+    ids = torch.cat(docs).unsqueeze(0)  # [1, 14]
+    pos = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    types = torch.cat([(torch.arange(n) >= p).long() for n, p in zip(LENGTHS, PROMPTS)]).unsqueeze(0)
+    return docs, ids, pos, types
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "flex"])
+def test_inference_mode_forward_and_generate_match_sdpa(backend):
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend=backend)
+    sdpa = twin(model, "sdpa")
+    torch.manual_seed(2)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    valid = torch.ones(2, 9, dtype=torch.long)
+    valid[1, :3] = 0  # left padding
+    with torch.inference_mode():
+        ours = model(ids, attention_mask=valid).logits
+        ref = sdpa(ids, attention_mask=valid).logits
+        tokens = model.generate(ids, attention_mask=valid, max_new_tokens=4, do_sample=False)
+        ref_tokens = sdpa.generate(ids, attention_mask=valid, max_new_tokens=4, do_sample=False)
+    keep = valid.bool()
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_packed_prefix_lm_from_token_type_ids_equals_each_document_alone(family):
+    model = anymask.hf.set_mask(tiny_model(family), "prefix_lm")
+    docs, ids, pos, types = _packed_prompts()
+    packed = _hidden(model, input_ids=ids, position_ids=pos, token_type_ids=types)
+    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0), prefix_lengths=[p])
+                       for d, p in zip(docs, PROMPTS)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    causal = _hidden(model, input_ids=ids, position_ids=pos, anymask_mask="causal")
+    later_prompt = sum(LENGTHS[:2])  # first token of the third document: its prompt sees 3 more tokens
+    assert not torch.allclose(packed[:, later_prompt], causal[:, later_prompt], atol=1e-4)
+
+
+def test_several_prefixes_in_one_row_match_eager():
+    """token_type_ids 0 0 1 1 0 0 0 1 without position resets: each prefix run is bidirectional."""
+    model = anymask.hf.set_mask(tiny_model("qwen3"), "prefix_lm")
+    torch.manual_seed(4)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    types = torch.tensor([[0, 0, 1, 1, 0, 0, 0, 1]])
+    run = torch.tensor([0, 0, -1, -2, 1, 1, 1, -3])
+    q, kv = torch.arange(8).view(8, 1), torch.arange(8).view(1, 8)
+    allowed = (kv <= q) | ((run[:, None] == run[None, :]) & (run[:, None] >= 0))  # [8, 8]
+    eager = twin(model, "eager")
+    ref = _hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: allowed[None, None], torch.float32))
+    torch.testing.assert_close(_hidden(model, input_ids=ids, token_type_ids=types), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_lengths_where_they_cannot_apply_are_errors():
+    model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
+    _, ids, pos, _ = _packed_prompts()
+    with pytest.raises(ValueError, match="token_type_ids"):
+        model(ids, position_ids=pos, prefix_lengths=[3])
+    anymask.hf.set_mask(model, "bidirectional")
+    with pytest.raises(ValueError, match="applies to the 'prefix_lm' spec"):
+        model(ids, prefix_lengths=[3])
+    model(ids, anymask_mask="prefix_lm", prefix_lengths=[3])
+
+
+def test_position_dependent_mask_on_a_sliding_cache_is_refused():
+    """Mistral's sliding cache keeps the last WINDOW keys: a Mask on absolute positions no longer fits."""
+    model = anymask.hf.set_mask(tiny_model("mistral"), masks.prefix_lm(5))
+    torch.manual_seed(5)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        first = model(ids[:, :6], use_cache=True)
+        with pytest.raises(ValueError, match="depends on absolute positions"):
+            model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+    anymask.hf.set_mask(model, masks.causal() & masks.window(2))  # relative: fine on any cache
+    with torch.no_grad():
+        first = model(ids[:, :6], use_cache=True)
+        step = model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True).logits
+        whole = model(ids).logits
+    torch.testing.assert_close(step, whole[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_bidirectional_decoding_with_a_cache_warns_once():
+    model = anymask.hf.set_mask(tiny_model("llama"), "bidirectional")
+    ids = torch.randint(0, VOCAB, (1, 5))
+    anymask.hf._warn_cached_bidirectional.cache_clear()
+    with pytest.warns(UserWarning, match="decoding with a KV cache"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
+
+
+def test_integer_4d_mask_is_a_clear_error():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with pytest.raises(TypeError, match="4-D attention_mask must be bool"):
+        model(ids, attention_mask=torch.ones(6, 6, dtype=torch.long).tril()[None, None])
+
+
+def test_unknown_backend_at_set_mask_and_using_restores_the_implementation():
+    model = tiny_model("llama", attn="sdpa")
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        anymask.hf.set_mask(model, "causal", backend="bogus")
+    with anymask.hf.using(model, "bidirectional"):
+        assert model.config._attn_implementation == "anymask"
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_bad_prefix_lengths_and_padding_shapes_are_clear_errors():
+    model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with pytest.raises(TypeError, match="prefix_lengths must be integers"):
+        model(ids, prefix_lengths=torch.tensor([2.5, 3.0]))
+    with pytest.raises(ValueError, match="prefix_lengths must be >= 0"):
+        model(ids, prefix_lengths=[-1, 2])
+    with pytest.raises(ValueError, match=r"expected \[2, sequence length\]"):
+        model(ids, prefix_lengths=[2, 2], attention_mask=torch.ones(1, 6, dtype=torch.long))
