@@ -79,3 +79,26 @@ def test_backends_takes_all_inputs_or_none():
     with pytest.raises(TypeError, match="all of q, k, v and mask"):
         anymask.backends(q, q, q)
     assert anymask.backends(q, q, q, M.causal())["eager"]["available"]
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_scale_must_be_finite_and_positive(scale):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        anymask.attention(q, k, v, M.causal(), scale=scale)
+
+
+def test_scale_as_numpy_float_or_one_element_tensor():
+    np = pytest.importorskip("numpy")
+    q, k, v = qkv()
+    ref = anymask.attention(q, k, v, M.causal(), scale=0.5)
+    for scale in (np.float32(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(anymask.attention(q, k, v, M.causal(), scale=scale), ref)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        anymask.attention(q, k, v, M.causal(), scale="0.5")
+
+
+def test_meta_tensors_are_refused_clearly():
+    q, k, v = (t.to("meta") for t in qkv())
+    with pytest.raises(ValueError, match="meta tensors"):
+        anymask.attention(q, k, v, M.causal())

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import anymask
 from anymask import masks as M
 from anymask.structure import analyse, document_bounds, documents_are_contiguous, row_intervals
 
@@ -329,3 +330,38 @@ def test_prefix_lengths_read_once_and_checked_every_call(monkeypatch):
     with pytest.raises(ValueError, match="length 6 exceeds kv_len=5"):
         m.validate(2, 1, 5, 5)
     assert reads == []
+
+
+def test_dense_broadcast_over_keys_takes_whole_rows():
+    rows = torch.tensor([True, False, True, True])[:, None]  # [Sq, 1]: query rows that see every key
+    m = M.dense(rows)
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(3))
+    ref = M.dense(rows.expand(4, 4).contiguous())
+    for backend in ("eager", "sdpa"):
+        torch.testing.assert_close(anymask.attention(q, k, v, m, backend=backend),
+                                   anymask.attention(q, k, v, ref, backend="eager"))
+    with pytest.raises(ValueError, match="broadcast over keys"):
+        anymask.attention(q[:, :, :4], torch.randn(1, 2, 6, 8, dtype=torch.float64),
+                          torch.randn(1, 2, 6, 8, dtype=torch.float64), m)
+
+
+def test_documents_lengths_as_tensor_or_array():
+    np = pytest.importorskip("numpy")
+    ref = M.documents(lengths=[1, 3]).to_dense(1, 1, 4, 4)
+    assert torch.equal(M.documents(lengths=torch.tensor([1, 3])).to_dense(1, 1, 4, 4), ref)
+    assert torch.equal(M.documents(lengths=np.array([1, 3])).to_dense(1, 1, 4, 4), ref)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex", "varlen"])
+def test_custom_mask_sees_in_place_edits_of_the_tensors_it_reads(backend):
+    table = torch.ones(6, dtype=torch.bool)
+    m = M.custom(lambda b, h, q, kv: table[kv] & (kv <= q))
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    if anymask.backends(q, k, v, m)[backend]["reasons"]:
+        pytest.skip(f"{backend} does not run this mask here")
+    first = anymask.attention(q, k, v, m, backend=backend)
+    table[:2] = False
+    second = anymask.attention(q, k, v, m, backend=backend)
+    fresh = M.custom(lambda b, h, q, kv: table.clone()[kv] & (kv <= q))
+    torch.testing.assert_close(second, anymask.attention(q, k, v, fresh, backend="eager"))
+    assert not torch.allclose(first, second)

@@ -121,6 +121,45 @@ def _tensors(mask: Mask):
         yield from _tensors(child)
 
 
+def _captured(fn, depth: int = 0):
+    """Tensors a custom ``mask_mod`` reads besides its arguments: closure cells, defaults, globals it
+    names, a bound method's object, a ``functools.partial``'s arguments (one level of nesting)."""
+    values = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "args", None) or ()),
+              *((getattr(fn, "keywords", None) or {}).values())]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            pass
+    code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+    values += [scope[n] for n in (code.co_names if code else ()) if n in scope]
+    owner = getattr(fn, "__self__", None)
+    values += list(vars(owner).values()) if hasattr(owner, "__dict__") else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif callable(value) and depth < 1 and not isinstance(value, type):
+            yield from _captured(value, depth + 1)
+    inner = getattr(fn, "func", None)
+    if inner is not None and depth < 1:
+        yield from _captured(inner, depth + 1)
+
+
+def stamp(mask: Mask) -> tuple:
+    """Storage and version counter of every tensor ``mask`` holds or its custom ``mask_mod`` reads:
+    caches of what is derived from a mask key on it, so in-place edits of those tensors are seen."""
+    from ._identity_cache import version
+
+    held = list(_tensors(mask)) + [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
+    return tuple((t.data_ptr(), version(t)) for t in held)
+
+
+def _leaves(mask: Mask):
+    yield mask
+    for child in mask.children():
+        yield from _leaves(child)
+
+
 def _check_mask(other, op: str) -> None:
     if not isinstance(other, Mask):
         raise TypeError(f"cannot combine a Mask with {type(other).__name__} using {op!r}; "
@@ -278,12 +317,17 @@ class Dense(_TensorMask):
         if torch.broadcast_shapes(self.tensor.shape, (batch, heads, q_len, kv_len)) != (batch, heads, q_len, kv_len):
             raise ValueError(f"dense: mask of shape {list(self.tensor.shape)} is larger than the call "
                              f"[{batch}, {heads}, {q_len}, {kv_len}]")
+        if self.tensor.shape[-1] == 1 < self.tensor.shape[-2] and q_len != kv_len:
+            raise ValueError(f"dense: mask of shape {list(self.tensor.shape)} is broadcast over keys, so it cannot "
+                             f"say where its rows sit among {kv_len} keys when q_len is {q_len}: give it "
+                             f"{kv_len} key columns")
 
     def mask_mod(self, b, h, q, kv):
         t = self.tensor  # [B|1, H|1, Sq|1, Skv|1]
         rows_q, cols_kv = t.shape[-2], t.shape[-1]
-        # Absolute query positions -> rows of this tensor (queries are the last rows).
-        qi = q - (cols_kv - rows_q) if rows_q > 1 else torch.zeros_like(q)
+        # Absolute query positions -> rows of this tensor (queries are the last rows; a tensor
+        # broadcast over keys is only taken where q_len == kv_len, see validate).
+        qi = (q - (cols_kv - rows_q) if cols_kv > 1 else q) if rows_q > 1 else torch.zeros_like(q)
         ki = kv if cols_kv > 1 else torch.zeros_like(kv)
         bi = b if t.shape[0] > 1 else torch.zeros_like(b)
         hi = h if t.shape[1] > 1 else torch.zeros_like(h)
@@ -425,6 +469,8 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
 
 
 def _ids_from_lengths(lengths) -> torch.Tensor:
+    if hasattr(lengths, "tolist"):  # a tensor or an array
+        lengths = lengths.tolist()
     rows = [list(lengths)] if all(isinstance(x, int) for x in lengths) else [list(r) for r in lengths]
     if not rows or any(not r for r in rows):
         raise ValueError("documents: lengths must not be empty")

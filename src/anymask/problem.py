@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +39,17 @@ class Problem:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _check_scale(scale) -> float:
+    """``scale``: a finite number > 0 (a Python or NumPy float, or a one-element tensor)."""
+    number = isinstance(scale, numbers.Real) or isinstance(scale, torch.Tensor) and scale.numel() == 1
+    if isinstance(scale, bool) or not number:
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {value}")
+    return value
+
+
 def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> Problem:
     """Validate the inputs of ``attention`` and describe the call; clear errors on bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -68,8 +81,10 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
         raise ValueError(f"q_len ({Sq}) must not exceed kv_len ({Skv}): queries are the last q_len positions")
     if scale is None:
         scale = D ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    else:
+        scale = _check_scale(scale)
+    if q.is_meta:
+        raise ValueError("q, k, v are meta tensors: attention needs their values (masks are analysed from data)")
     mask.validate(B, Hq, Sq, Skv)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),

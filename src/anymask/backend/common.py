@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import masks as M
 from .._identity_cache import IdentityLRU
 
 
@@ -28,13 +29,16 @@ class PerMaskCache:
 
     Masks are immutable; the layers of a model share one mask object per forward, and a training
     loop or a benchmark calls attention with the same one repeatedly: derive once, not once per call.
+    The key includes :func:`anymask.masks.stamp`, so in-place edits of a ``dense`` tensor or of a
+    tensor a ``custom`` mask_mod reads are seen.
     """
 
     def __init__(self, size: int = 4):
         self._lru = IdentityLRU(size)
 
     def get(self, p, build):
-        return self._lru.get((p.mask,), (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device)), build)
+        sizes = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device))
+        return self._lru.get((p.mask,), (sizes, M.stamp(p.mask)), build)
 
 
 _DENSE_CACHE = PerMaskCache()

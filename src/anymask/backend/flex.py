@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from .. import tiles
+from .. import masks as M, tiles
 from .._identity_cache import IdentityLRU
 from ..structure import document_bounds
 from .base import Backend
@@ -193,8 +193,9 @@ class Flex(Backend):
 
     # compiled form ---------------------------------------------------------------------------
     def plan(self, p) -> Plan:
-        """The cached compiled form of ``p``'s mask (LRU of 32, keyed by mask identity and shapes)."""
-        key = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device), self.block)
+        """The cached compiled form of ``p``'s mask (LRU of 32, keyed by mask identity, shapes and
+        :func:`anymask.masks.stamp`)."""
+        key = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device), self.block, M.stamp(p.mask))
         return self._plans.get((p.mask,), key, lambda: self._build(p))
 
     def _build(self, p) -> Plan:

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import masks as M
-from .._identity_cache import version
 from ..structure import Structure, documents_are_contiguous, row_intervals
 
 
@@ -193,9 +192,8 @@ def cached(mask: M.Mask, key: tuple, make):
     The key includes each mask tensor's storage and version counter, so in-place edits of a mask's
     tensors are noticed.
     """
-    stamp = tuple((t.data_ptr(), version(t)) for t in M._tensors(mask))
     entry = _CACHE.setdefault(mask, {})
-    full_key = (key, stamp)
+    full_key = (key, M.stamp(mask))
     if full_key not in entry:
         if len(entry) > 32:
             entry.clear()
