@@ -80,9 +80,9 @@ _EMPTY_ENTRIES_MIN = 91900  # length-0 ragged entries measured exact (cudnn-prob
 # Contiguous GQA inputs are copied to [B, S, H, D] (one graph, not G).  On an H100 (B 4, S 4096, bf16
 # fwd+bwd, nvidia-h100/cudnn-wide-copies/probe, copies in 8-byte words) at 32:8: documents 4.30 ->
 # 3.60 ms, causal documents 3.20 -> 2.34, padding 4.97 -> 4.37; at 16:8 (groups of 2): 2.20 -> 1.85,
-# 1.68 -> 1.28, 2.55 -> 2.23.  At 16:16 the copies lost (documents 1.72 -> 1.96 ms with PyTorch's
-# copies, nvidia-h100/cudnn-gqa-transpose/probe; the 8-byte copies save about 0.19 ms of that), so
-# heads without GQA stay in place.
+# 1.68 -> 1.28, 2.55 -> 2.23.  At 16:16 the copies lose even in 8-byte words (documents 1.72 -> 1.80
+# ms, causal documents 1.19 -> 1.24: they cost 185 us, the tokens layout saves cuDNN about 125 us;
+# nvidia-h100/cudnn-layouts-16h), so heads without GQA stay in place.
 _TRANSPOSE_MIN_GROUP = 2
 
 
