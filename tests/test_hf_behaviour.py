@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_hf_common import VOCAB, tiny_model, twin
+from .test_hf_common import VOCAB, last_hidden, tiny_model, twin
 
 import anymask.hf
 from anymask import masks
 
 LENGTHS = [5, 3, 6]
-
-
-def _hidden(model, **inputs):
-    with torch.no_grad():
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
 def _packed():
@@ -36,11 +31,11 @@ def test_packed_batch_equals_each_document_alone(family, spec, route):
     docs, ids, pos, cu = _packed()
     if route == "cu_seq_lens":  # TRL DataCollatorWithFlattening kwargs
         n = max(LENGTHS)
-        packed = _hidden(model, input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
+        packed = last_hidden(model, input_ids=ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
                          cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
     else:
-        packed = _hidden(model, input_ids=ids, position_ids=pos, use_cache=route.endswith("use_cache"))
-    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
+        packed = last_hidden(model, input_ids=ids, position_ids=pos, use_cache=route.endswith("use_cache"))
+    alone = torch.cat([last_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -49,8 +44,8 @@ def test_cu_seq_lens_alone_separate_documents():
     model = anymask.hf.set_mask(tiny_model("llama"), "bidirectional")
     docs, ids, _, cu = _packed()
     n = max(LENGTHS)
-    split = _hidden(model, input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
-    whole = _hidden(model, input_ids=ids)
+    split = last_hidden(model, input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+    whole = last_hidden(model, input_ids=ids)
     first = len(docs[0])
     assert not torch.allclose(split[:, :first], whole[:, :first], atol=1e-4)
 
@@ -63,9 +58,9 @@ def test_bidirectional_sees_later_tokens_and_causal_does_not(family):
     b = a.clone()
     b[0, -1] = (a[0, -1] + 1) % VOCAB  # change only the last token
     anymask.hf.set_mask(model, "causal")
-    torch.testing.assert_close(_hidden(model, input_ids=a)[:, :-1], _hidden(model, input_ids=b)[:, :-1])
+    torch.testing.assert_close(last_hidden(model, input_ids=a)[:, :-1], last_hidden(model, input_ids=b)[:, :-1])
     anymask.hf.set_mask(model, "bidirectional")
-    ha, hb = _hidden(model, input_ids=a), _hidden(model, input_ids=b)
+    ha, hb = last_hidden(model, input_ids=a), last_hidden(model, input_ids=b)
     # within the sliding window (Mistral: 4 tokens) earlier positions must move
     assert (ha[0, -3] - hb[0, -3]).abs().max() > 1e-4
     if family != "mistral":
@@ -85,8 +80,8 @@ def test_padding_content_does_not_matter(family, spec, side):
     other = ids.clone()
     other[0, pads] = (ids[0, pads] + 7) % VOCAB
     extra = {"prefix_lengths": [6, 3]} if spec == "prefix_lm" else {}
-    h1 = _hidden(model, input_ids=ids, attention_mask=valid, **extra)
-    h2 = _hidden(model, input_ids=other, attention_mask=valid, **extra)
+    h1 = last_hidden(model, input_ids=ids, attention_mask=valid, **extra)
+    h2 = last_hidden(model, input_ids=other, attention_mask=valid, **extra)
     keep = valid.bool()
     torch.testing.assert_close(h1[keep], h2[keep])
 
@@ -94,13 +89,13 @@ def test_padding_content_does_not_matter(family, spec, side):
 def test_per_call_override_and_context_manager():
     model = anymask.hf.set_mask(tiny_model("llama"), "causal")
     ids = torch.randint(0, VOCAB, (1, 8))
-    causal = _hidden(model, input_ids=ids)
-    bidir = _hidden(model, input_ids=ids, anymask_mask="bidirectional")
+    causal = last_hidden(model, input_ids=ids)
+    bidir = last_hidden(model, input_ids=ids, anymask_mask="bidirectional")
     with anymask.hf.using(model, "bidirectional"):
-        torch.testing.assert_close(_hidden(model, input_ids=ids), bidir)
+        torch.testing.assert_close(last_hidden(model, input_ids=ids), bidir)
     assert anymask.hf.get_mask(model) == ("causal", "auto")
-    torch.testing.assert_close(_hidden(model, input_ids=ids), causal)
-    full_mask = _hidden(model, input_ids=ids, anymask_mask=masks.full())
+    torch.testing.assert_close(last_hidden(model, input_ids=ids), causal)
+    full_mask = last_hidden(model, input_ids=ids, anymask_mask=masks.full())
     torch.testing.assert_close(full_mask, bidir)
     assert not torch.allclose(causal[:, 0], bidir[:, 0], atol=1e-4)
 
@@ -111,8 +106,8 @@ def test_prefix_from_token_type_ids_equals_prefix_lengths():
     types = torch.zeros(2, 8, dtype=torch.long)
     types[0, 3:] = 1
     types[1, 6:] = 1
-    a = _hidden(model, input_ids=ids, prefix_lengths=[3, 6])
-    b = _hidden(model, input_ids=ids, token_type_ids=types)
+    a = last_hidden(model, input_ids=ids, prefix_lengths=[3, 6])
+    b = last_hidden(model, input_ids=ids, token_type_ids=types)
     torch.testing.assert_close(a, b)
 
 
@@ -140,7 +135,7 @@ def test_forced_backend_is_used():
     model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend="eager")
     ids = torch.randint(0, VOCAB, (2, 7))
     sdpa = twin(model, "sdpa")
-    torch.testing.assert_close(_hidden(model, input_ids=ids), _hidden(sdpa, input_ids=ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_hidden(model, input_ids=ids), last_hidden(sdpa, input_ids=ids), atol=1e-5, rtol=1e-5)
 
 
 def test_any_mask_as_spec_matches_eager_with_that_mask():
@@ -155,9 +150,9 @@ def test_any_mask_as_spec_matches_eager_with_that_mask():
     q, kv = torch.arange(9).view(9, 1), torch.arange(9).view(1, 9)
     band = ((q - kv).abs() <= 2).expand(2, 9, 9) & valid.bool()[:, None, :] & valid.bool()[:, :, None]
     eager = twin(model, "eager")
-    ref = _hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: band[:, None], torch.float32))
+    ref = last_hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: band[:, None], torch.float32))
     keep = valid.bool()
-    torch.testing.assert_close(_hidden(model, input_ids=ids, attention_mask=valid)[keep], ref[keep],
+    torch.testing.assert_close(last_hidden(model, input_ids=ids, attention_mask=valid)[keep], ref[keep],
                                atol=1e-5, rtol=1e-5)
 
 
@@ -168,8 +163,8 @@ def test_explicit_4d_mask_is_taken_as_given():
     allowed |= torch.eye(7, dtype=torch.bool)
     additive = torch.zeros(1, 1, 7, 7).masked_fill(~allowed, torch.finfo(torch.float32).min)
     eager = twin(model, "eager")
-    torch.testing.assert_close(_hidden(model, input_ids=ids, attention_mask=additive),
-                               _hidden(eager, input_ids=ids, attention_mask=additive), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last_hidden(model, input_ids=ids, attention_mask=additive),
+                               last_hidden(eager, input_ids=ids, attention_mask=additive), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["causal", "bidirectional"])
@@ -184,7 +179,7 @@ def test_transformers_flattening_collator_batch(spec):
     batch = collate([{"input_ids": d.tolist()} for d in docs])
     with torch.no_grad():
         packed = model(**batch, output_hidden_states=True).hidden_states[-1]
-    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
+    alone = torch.cat([last_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -197,9 +192,9 @@ def test_torch_compile_of_the_model_gives_the_same_result():
     ids = torch.randint(0, VOCAB, (2, 16))
     valid = torch.ones(2, 16, dtype=torch.long)
     valid[1, :4] = 0
-    expected = _hidden(model, input_ids=ids, attention_mask=valid)
+    expected = last_hidden(model, input_ids=ids, attention_mask=valid)
     torch._dynamo.reset()
-    got = _hidden(torch.compile(model), input_ids=ids, attention_mask=valid)
+    got = last_hidden(torch.compile(model), input_ids=ids, attention_mask=valid)
     torch._dynamo.reset()
     rows = valid.bool()
     torch.testing.assert_close(got[rows], expected[rows], rtol=1e-5, atol=1e-5)

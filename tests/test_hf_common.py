@@ -133,3 +133,9 @@ def low_precision_close(got: torch.Tensor, ref32: torch.Tensor, peers: list[torc
     peer_err = max((p.float() - ref32.float()).norm() for p in peers)
     bound = factor * peer_err + floor * ref32.float().norm()
     assert err <= bound, f"error {err:.4g} > bound {bound:.4g} (transformers' own error {peer_err:.4g})"
+
+
+def last_hidden(model, **inputs):
+    """The last layer's hidden states of ``model(**inputs)``, without grad."""
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]

@@ -6,17 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_hf_common import VOCAB, as_eager_mask, tiny_model, twin
+from .test_hf_common import VOCAB, as_eager_mask, last_hidden, tiny_model, twin
 
 import anymask.hf
 from anymask import masks
 
 LENGTHS, PROMPTS = [5, 3, 6], [2, 1, 4]
-
-
-def _hidden(model, **inputs):
-    with torch.no_grad():
-        return model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
 def _packed_prompts():
@@ -50,11 +45,11 @@ def test_inference_mode_forward_and_generate_match_sdpa(backend):
 def test_packed_prefix_lm_from_token_type_ids_equals_each_document_alone(family):
     model = anymask.hf.set_mask(tiny_model(family), "prefix_lm")
     docs, ids, pos, types = _packed_prompts()
-    packed = _hidden(model, input_ids=ids, position_ids=pos, token_type_ids=types)
-    alone = torch.cat([_hidden(model, input_ids=d.unsqueeze(0), prefix_lengths=[p])
+    packed = last_hidden(model, input_ids=ids, position_ids=pos, token_type_ids=types)
+    alone = torch.cat([last_hidden(model, input_ids=d.unsqueeze(0), prefix_lengths=[p])
                        for d, p in zip(docs, PROMPTS)], dim=1)
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
-    causal = _hidden(model, input_ids=ids, position_ids=pos, anymask_mask="causal")
+    causal = last_hidden(model, input_ids=ids, position_ids=pos, anymask_mask="causal")
     later_prompt = sum(LENGTHS[:2])  # first token of the third document: its prompt sees 3 more tokens
     assert not torch.allclose(packed[:, later_prompt], causal[:, later_prompt], atol=1e-4)
 
@@ -69,8 +64,8 @@ def test_several_prefixes_in_one_row_match_eager():
     q, kv = torch.arange(8).view(8, 1), torch.arange(8).view(1, 8)
     allowed = (kv <= q) | ((run[:, None] == run[None, :]) & (run[:, None] >= 0))  # [8, 8]
     eager = twin(model, "eager")
-    ref = _hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: allowed[None, None], torch.float32))
-    torch.testing.assert_close(_hidden(model, input_ids=ids, token_type_ids=types), ref, atol=1e-5, rtol=1e-5)
+    ref = last_hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: allowed[None, None], torch.float32))
+    torch.testing.assert_close(last_hidden(model, input_ids=ids, token_type_ids=types), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_lengths_where_they_cannot_apply_are_errors():
