@@ -20,7 +20,7 @@ if [[ $name == *H200* ]]; then
   timeout 70 python3 scripts/gpu_mask_profile.py --masks documents_causal --variants cudnn@99,cudnn@2,raw_flex --heads 32:8 --out $OUT/h32_8 2>&1 | show
 else
   # The 16-head layout profile is already committed (nvidia-h100/cudnn-layouts-16h): check the tree on
-  # this GPU instead (every backend vs float64 on cuda, cuDNN's gpu tests, the HF edge cases).
+  # this GPU instead (every backend vs float64 on cuda, and cuDNN's gpu tests).
   OUT=$OUT CORE_TIMEOUT=300 bash scripts/gpu_core_check.sh | tail -5
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cudnn.py 2>&1 | tee $OUT/cudnn_gpu_tests.log | tail -3
 fi
