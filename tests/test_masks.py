@@ -365,3 +365,44 @@ def test_custom_mask_sees_in_place_edits_of_the_tensors_it_reads(backend):
     fresh = M.custom(lambda b, h, q, kv: table.clone()[kv] & (kv <= q))
     torch.testing.assert_close(second, anymask.attention(q, k, v, fresh, backend="eager"))
     assert not torch.allclose(first, second)
+
+
+class _Table:
+    def __init__(self, allowed):
+        self.allowed = allowed
+
+    def __call__(self, b, h, q, kv):
+        return self.allowed[kv] & (kv <= q)
+
+
+def _custom_reading_through(kind, table):
+    """A custom mask whose mask_mod reaches ``table`` through a container, an object or a module."""
+    if kind == "list":
+        tables = [table]
+        return M.custom(lambda b, h, q, kv: tables[0][kv] & (kv <= q))
+    if kind == "dict":
+        tables = {"allowed": table}
+        return M.custom(lambda b, h, q, kv: tables["allowed"][kv] & (kv <= q))
+    if kind == "callable_object":
+        return M.custom(_Table(table))
+    if kind == "object_attribute":
+        holder = _Table(table)
+        return M.custom(lambda b, h, q, kv: holder.allowed[kv] & (kv <= q))
+    module = torch.nn.Module()
+    module.register_buffer("allowed", table)
+    return M.custom(lambda b, h, q, kv: module.allowed[kv] & (kv <= q))
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "callable_object", "object_attribute", "module_buffer"])
+def test_custom_mask_sees_edits_through_containers_and_objects(kind):
+    table = torch.ones(6, dtype=torch.bool)
+    m = _custom_reading_through(kind, table)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    before = M.stamp(m)
+    first = anymask.attention(q, k, v, m, backend="sdpa")
+    table[:2] = False
+    assert M.stamp(m) != before
+    second = anymask.attention(q, k, v, m, backend="sdpa")
+    fresh = M.custom(lambda b, h, q, kv: table.clone()[kv] & (kv <= q))
+    torch.testing.assert_close(second, anymask.attention(q, k, v, fresh, backend="eager"))
+    assert not torch.allclose(first, second)

@@ -46,6 +46,8 @@ natively without ever building an ``S x S`` tensor; see :func:`anymask.structure
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Callable, Sequence
 
 import torch
@@ -123,7 +125,9 @@ def _tensors(mask: Mask):
 
 def _captured(fn, depth: int = 0):
     """Tensors a custom ``mask_mod`` reads besides its arguments: closure cells, defaults, globals it
-    names, a bound method's object, a ``functools.partial``'s arguments (one level of nesting)."""
+    names, a bound method's object or a callable object's attributes, a ``functools.partial``'s
+    arguments; looked for inside lists, tuples, dicts and plain objects (an ``nn.Module``'s
+    buffers too), and in the functions those name, to a bounded depth."""
     values = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "args", None) or ()),
               *((getattr(fn, "keywords", None) or {}).values())]
     for cell in getattr(fn, "__closure__", None) or ():
@@ -133,16 +137,41 @@ def _captured(fn, depth: int = 0):
             pass
     code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
     values += [scope[n] for n in (code.co_names if code else ()) if n in scope]
-    owner = getattr(fn, "__self__", None)
-    values += list(vars(owner).values()) if hasattr(owner, "__dict__") else []
+    values.append(getattr(fn, "__self__", None))  # a bound method's object
+    if isinstance(fn, functools.partial):
+        values.append(fn.func)
+    elif code is None and hasattr(fn, "__dict__"):  # a callable object
+        values += list(vars(fn).values())
+    seen: set[int] = {id(fn)}
     for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif callable(value) and depth < 1 and not isinstance(value, type):
-            yield from _captured(value, depth + 1)
-    inner = getattr(fn, "func", None)
-    if inner is not None and depth < 1:
-        yield from _captured(inner, depth + 1)
+        yield from _tensors_within(value, depth, seen)
+
+
+_SEARCH_DEPTH = 3  # container / attribute / function levels followed from a mask_mod
+_SEARCH_WIDTH = 256  # items looked at per container, so a big global table costs little per call
+
+
+def _tensors_within(value, depth: int, seen: set):
+    if isinstance(value, torch.Tensor):
+        yield value
+        return
+    if depth >= _SEARCH_DEPTH or id(value) in seen or value is None or isinstance(
+            value, (str, bytes, int, float, bool, complex, type, types.ModuleType)):
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+        yield from _captured(value, depth + 1)
+        return
+    elif hasattr(value, "__dict__"):
+        items = list(vars(value).values())
+    else:
+        return
+    for item in items[:_SEARCH_WIDTH]:
+        yield from _tensors_within(item, depth + 1, seen)
 
 
 def stamp(mask: Mask) -> tuple:
