@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -98,6 +99,34 @@ def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra
             (tmp / "state.json").write_text(json.dumps({"step": step, "world": d.world, **extra}, indent=1))
 
 
+# Settings a checkpoint's weights or optimizer state depend on: resuming with others is an error.
+MUST_MATCH = ("model", "gguf_file", "task", "dtype", "lora_r", "lora_targets")
+# Settings that change what the rest of the run computes or sees: resuming with others warns.
+CHANGES_THE_RUN = ("data", "tokens_per_batch", "truncate", "grad_accum", "data_shards", "seed", "eval_fraction",
+                   "lora_alpha", "lora_dropout", "weight_decay", "warmup_steps", "temperature", "mask_token",
+                   "mask_token_id")
+
+
+def check_config(path: Path, config: dict) -> None:
+    """Compare the run's ``config`` with the one the checkpoint at ``path`` was saved with: a
+    :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run."""
+    from .config import ConfigError
+
+    saved = json.loads((Path(path) / "state.json").read_text()).get("config") or {}
+    config = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
+
+    def differs(key):
+        return key in saved and saved[key] != config.get(key)
+
+    wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in MUST_MATCH if differs(k)]
+    if wrong:
+        raise ConfigError(f"cannot resume from {path}: it was saved with other settings ({'; '.join(wrong)})")
+    changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in CHANGES_THE_RUN if differs(k)]
+    if changed:
+        warnings.warn(f"resuming from {path} with changed settings ({'; '.join(changed)}): the rest of the run "
+                      "differs from an uninterrupted one", stacklevel=2)
+
+
 def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
     """Restore what :func:`save` wrote; returns ``state.json`` (with ``step``)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
@@ -112,6 +141,9 @@ def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
     rngs = torch.load(path / "rng.pt", weights_only=False)
     if len(rngs) == d.world:
         _set_rng_state(rngs[d.rank])
+    elif d.main:
+        warnings.warn(f"{path} was saved by {len(rngs)} processes, this run has {d.world}: random states (LoRA "
+                      "dropout) start afresh; the data order is unchanged", stacklevel=2)
     return state
 
 

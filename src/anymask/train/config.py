@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,20 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs", "lr", "temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if self.lora_dropout > 0 and self.kernels in ("liger+lora", "lora"):
+            raise ConfigError(f"--kernels {self.kernels}: the fused LoRA has no dropout; use --lora-dropout 0, "
+                              "or --kernels auto / liger to run peft's LoRA with dropout")
         if self.data_shards is not None and self.data_shards < 1:
             raise ConfigError(f"data_shards must be >= 1, got {self.data_shards}")
         if self.resume not in (None, "auto") and not (Path(self.resume) / "state.json").is_file():

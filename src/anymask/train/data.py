@@ -60,11 +60,16 @@ def read_records(path: str, task: str) -> list[Record]:
     fields = FIELDS[task]
     out = []
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")
     except OSError as exc:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror})") from None
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, line in enumerate(handle, start=1):
+            try:
+                raw = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {line[exc.start]:#04x} at column "
+                                f"{exc.start + 1}); save the file as UTF-8") from None
             if not raw.strip():
                 continue
             out.append(Record(number, _validate(path, number, raw, fields, task)))
@@ -111,10 +116,7 @@ def tokenize(records: list[Record], tokenizer, task: str, max_tokens: int, *, tr
     elif task == "embedding":
         queries = _encode(tokenizer, columns[0], special=True)
         positives = _encode(tokenizer, columns[1], special=True)
-        half = max_tokens // 2
-        docs = [(Doc(tuple(q[:half] if truncate and len(q) + len(p) > max_tokens else q), len(q)),
-                 Doc(tuple(p[:max_tokens - half] if truncate and len(q) + len(p) > max_tokens else p)))
-                for q, p in zip(queries, positives)]
+        docs = [_pair_docs(q, p, max_tokens, truncate) for q, p in zip(queries, positives)]
     else:
         texts = _encode(tokenizer, columns[0], special=True)
         docs = [(Doc(tuple((t + [eos])[:max_tokens] if truncate else t + [eos])),) for t in texts]
@@ -142,3 +144,12 @@ def _prompt_doc(prompt: list[int], completion: list[int], max_tokens: int, trunc
             prompt = prompt[len(prompt) - (max_tokens - 1):]
         completion = completion[:max_tokens - len(prompt)]
     return Doc(tuple(prompt + completion), len(prompt))
+
+
+def _pair_docs(query: list[int], positive: list[int], max_tokens: int, truncate: bool) -> tuple[Doc, Doc]:
+    """An embedding pair: the query (all of it the prompt) and its positive; under ``truncate`` a pair
+    longer than ``max_tokens`` keeps the first half of the length for each."""
+    if truncate and len(query) + len(positive) > max_tokens:
+        half = max_tokens // 2
+        query, positive = query[:half], positive[:max_tokens - half]
+    return Doc(tuple(query), len(query)), Doc(tuple(positive))

@@ -43,9 +43,10 @@ def reason_unavailable(model, device: torch.device) -> str | None:
     return None
 
 
-def resolve(kernels: str, model, device: torch.device) -> tuple[bool, bool]:
+def resolve(kernels: str, model, device: torch.device, lora_dropout: float = 0.0) -> tuple[bool, bool]:
     """``(use Liger, use the fused LoRA)`` for a ``--kernels`` choice; asking for Liger where it
-    cannot apply is an error, ``auto`` leaves it out and :func:`describe` says why."""
+    cannot apply is an error, ``auto`` leaves it out and :func:`describe` says why.  The fused LoRA
+    has no dropout, so ``auto`` leaves it out when ``lora_dropout > 0`` (the config refuses asking for it)."""
     if kernels not in KERNELS:
         raise ConfigError(f"unknown kernels {kernels!r}; choose from {', '.join(KERNELS)}")
     parts = {"liger", "lora"} if kernels == "auto" else set(kernels.split("+")) - {"none"}
@@ -55,7 +56,7 @@ def resolve(kernels: str, model, device: torch.device) -> tuple[bool, bool]:
         if reason and kernels != "auto":
             raise MissingDependency(f"--kernels {kernels}: {reason}")
         liger = reason is None
-    return liger, "lora" in parts
+    return liger, "lora" in parts and not lora_dropout
 
 
 def plain_head(model) -> bool:
@@ -72,8 +73,9 @@ def fused_head(model, liger: bool, parallel: str = "none") -> bool:
     return liger and parallel != "fsdp2" and plain_head(model)
 
 
-def describe(kernels: str, liger: bool, lora: bool, fused_head: bool, model, device: torch.device) -> str:
-    """One line for the log: which fused kernels run, and why Liger's do not when ``auto`` left them out."""
+def describe(kernels: str, liger: bool, lora: bool, fused_head: bool, model, device: torch.device,
+             lora_dropout: float = 0.0) -> str:
+    """One line for the log: which fused kernels run, and why ``auto`` left any out."""
     used = []
     if liger:
         used.append("liger (RMSNorm, SwiGLU" + (", fused linear cross-entropy)" if fused_head else "; head unfused)"))
@@ -82,6 +84,8 @@ def describe(kernels: str, liger: bool, lora: bool, fused_head: bool, model, dev
     line = " + ".join(used) or "none (transformers' modules, peft's LoRA)"
     if kernels == "auto" and not liger:
         line += f"; no Liger: {reason_unavailable(model, device)}"
+    if kernels == "auto" and not lora:
+        line += f"; no fused LoRA: lora_dropout {lora_dropout} (peft's LoRA runs the dropout)"
     return line
 
 

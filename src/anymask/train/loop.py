@@ -81,6 +81,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(out_dir)
+    if cfg.attn == "flex_attention" and d.device.type != "cuda":
+        raise ConfigError(f"--attn flex_attention cannot train on {d.device.type}: FlexAttention has no backward "
+                          "there; use --attn anymask (or sdpa)")
     torch.manual_seed(cfg.seed)
     if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.mask_token_id is None):
         tokenizer = M.load_tokenizer(cfg.model, cfg.gguf_file)
@@ -99,7 +102,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
-    liger, lora = fused.resolve(cfg.kernels, base, d.device)
+    liger, lora = fused.resolve(cfg.kernels, base, d.device, cfg.lora_dropout)
     peft_model = M.prepare(base.to(d.device), task, attn=cfg.attn, backend=cfg.backend, dtype=cfg.dtype,
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -114,19 +117,25 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if steps_per_epoch == 0:
         raise ConfigError(f"not enough data for one step: every rank needs {cfg.grad_accum} packed micro-batches "
                          f"of up to {cfg.tokens_per_batch} tokens per step")
+    if d.sum(sum(task.count(row) for row in stream.rows(0))) == 0:
+        raise ConfigError(f"nothing to learn from: no packed micro-batch of the data has a loss unit ({task.units})")
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))
 
     start = 0
     resume = checkpoint.latest(out_dir) if cfg.resume == "auto" else cfg.resume
     if resume:
+        checkpoint.check_config(Path(resume), asdict(cfg))
         start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
 
-    result = TrainResult(kernels=fused.describe(cfg.kernels, liger, lora, fused_head, base, d.device))
+    result = TrainResult(kernels=fused.describe(cfg.kernels, liger, lora, fused_head, base, d.device, cfg.lora_dropout))
     bar = _progress(cfg, d, total, start)
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")
     epoch, index = _position(stream, start)
+    steps_per_epoch = stream.steps_in_epoch(epoch)  # epochs pack differently: count the one resumed in
+    _trim_metrics(out_dir, d, start)
+    wrapped.train()  # from_pretrained gives eval mode: LoRA dropout and gradient checkpointing need train mode
     if start == 0:
         _eval(wrapped, eval_rows, task, d, 0, result, out_dir, None)  # the loss before training
     if d.device.type == "cuda":
@@ -137,6 +146,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
             lr = scheduler.get_last_lr()[0]
             t0 = time.perf_counter()
             loss = train_step(wrapped, micro, task, optimizer, scheduler, params, cfg, d)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: the loss is {loss}; stopping before it reaches the adapter "
+                                         f"(lower --lr, or check the data; the last checkpoint is in {out_dir})")
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
             seconds = time.perf_counter() - t0
@@ -265,6 +277,24 @@ def _progress(cfg, d, total: int, start: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=start, desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
+
+
+def _trim_metrics(out_dir: Path, d, start: int) -> None:
+    """A fresh run starts ``metrics.jsonl`` anew; a resumed one keeps the records up to ``start``,
+    so steps run again after the checkpoint are not logged twice."""
+    path = out_dir / "metrics.jsonl"
+    if not d.main or not path.exists():
+        return
+    kept = []
+    if start:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= start and "peak_memory_bytes" not in record:
+                kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def _log(out_dir: Path, d, record: dict) -> None:

@@ -44,6 +44,11 @@ class Stream:
                 out.append(self._rows[s][index * self.per_shard + j])
         return out
 
+    def rows(self, epoch: int) -> list[Packed]:
+        """Every micro-batch this rank packs for ``epoch`` (the steps use a prefix of them)."""
+        self._load(epoch)
+        return [row for s in self.shards for row in self._rows[s]]
+
     def _load(self, epoch: int) -> None:
         if self._epoch != epoch:
             self._rows = {s: pack(self.examples[s], self.max_tokens, seed=self.seed, epoch=epoch, shard_index=s)

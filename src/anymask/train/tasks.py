@@ -76,6 +76,7 @@ class SFT(Task):
     """Causal LM on the completion only (the prompt is context, not target)."""
 
     name, spec = "sft", "causal"
+    units = "a completion token is a loss unit: were the completions truncated away? raise --tokens-per-batch"
 
     @staticmethod
     def positions(batch: Packed) -> torch.Tensor:
@@ -126,6 +127,7 @@ class Embedding(Task):
     """
 
     name, spec = "embedding", "bidirectional"
+    units = "a row of 2+ (query, document) pairs is a loss unit: raise --tokens-per-batch so pairs share a row"
 
     def __init__(self, temperature: float = 0.05):
         self.temperature = temperature
@@ -159,6 +161,7 @@ class Diffusion(Task):
     from ``batch.seed``: the same row always gets the same masks (resume, any world size)."""
 
     name, spec = "diffusion", "bidirectional"
+    units = "every token is a loss unit"
 
     def __init__(self, mask_token_id: int):
         self.mask_token_id = int(mask_token_id)

@@ -1,0 +1,84 @@
+"""Settings and data that cannot train are refused with one line; what the run reports is what runs
+(train mode for gradient checkpointing and dropout, which fused kernels)."""
+
+from __future__ import annotations
+
+import pytest
+
+from anymask.train import TrainConfig, data as D, train
+from anymask.train.cli import main
+from anymask.train.config import ConfigError
+
+from .test_train_helpers import config, tiny_model_dir, write_jsonl  # noqa: F401  (fixture)
+from .test_train_checkpoint import EXAMPLES
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+    ({"epochs": 0}, "epochs must be a finite number > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"eval_every": -1}, "eval_every must be >= 0"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+    ({"lora_dropout": 0.1, "kernels": "lora"}, "the fused LoRA has no dropout"),
+])
+def test_settings_that_cannot_train_are_refused(setting, message):
+    cfg = TrainConfig(model="m", task="sft", data="d.jsonl", **setting)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_layers_train_in_train_mode_without_eval_data(tiny_model_dir, tmp_path):  # noqa: F811
+    """Gradient checkpointing recomputes a layer only in train mode: two MLP forwards per step."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # eval mode, as loaded
+    modes = []
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: modes.append(m.training))
+    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, gradient_checkpointing=True),
+          model=model)
+    assert modes == [True, True]
+
+
+def test_auto_kernels_say_the_fused_lora_is_off_under_dropout(tiny_model_dir, tmp_path):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, lora_dropout=0.1))
+    assert "fused LoRA" not in result.kernels.split(";")[0]
+    assert "no fused LoRA: lora_dropout 0.1" in result.kernels
+
+
+def test_embedding_rows_of_one_pair_exit_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = write_jsonl(tmp_path / "e.jsonl", (EXAMPLES / "embedding.jsonl").read_text().splitlines()[:12])
+    code = main(["--model", tiny_model_dir, "--task", "embedding", "--data", data, "--output-dir",
+                 str(tmp_path / "out"), "--no-progress", "--dtype", "fp32", "--tokens-per-batch", "17",
+                 "--truncate", "--max-steps", "1"])
+    assert code == 2
+    assert "nothing to learn from" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_flex_attention_on_cpu_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    code = main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
+                 "--no-progress", "--max-steps", "1", "--attn", "flex_attention"])
+    assert code == 2
+    assert "flex_attention cannot train on cpu" in capsys.readouterr().err
+
+
+def test_data_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(D.DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        D.read_records(str(path), "diffusion")
+
+
+def test_truncated_embedding_query_is_all_prompt(tiny_model_dir, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    long = {"query": "a very long question " * 10, "positive": "an answer that is also long " * 10}
+    records = D.read_records(write_jsonl(tmp_path / "e.jsonl", [long]), "embedding")
+    (query, positive), = [e.docs for e in D.tokenize(records, tok, "embedding", 32, truncate=True)]
+    assert len(query.ids) + len(positive.ids) == 32
+    assert query.prompt_len == len(query.ids) == 16
