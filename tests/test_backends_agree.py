@@ -149,6 +149,43 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
         anymask.attention(q, k, v, mask, backend=first)
 
 
+def test_auto_keeps_the_fallback_after_a_run_time_failure(monkeypatch):
+    """The failing backend is not rebuilt and retried on every later call (every layer, every step),
+    and ``which_backend`` names the backend that ran."""
+    from anymask import backend as B
+    from anymask.dispatch import candidates
+
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    mask = M.causal()
+    first, second = candidates(describe(q, k, v, mask, None))[:2]
+    assert anymask.which_backend(q, k, v, mask) == first
+    attempts = []
+
+    def broken(*args, **kwargs):
+        attempts.append(1)
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(B.get(first), "run", broken)
+    with pytest.warns(RuntimeWarning, match="kernel exploded"):
+        anymask.attention(q, k, v, mask)
+    for _ in range(3):
+        out = anymask.attention(q, k, v, mask)
+    assert len(attempts) == 1
+    assert anymask.which_backend(q, k, v, mask) == second
+    torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
+
+
+def test_auto_ignores_a_cached_winner_this_install_does_not_know(monkeypatch, tmp_path):
+    from anymask import tuning
+
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    mask = M.causal()
+    monkeypatch.setattr(tuning, "lookup", lambda p: "from_a_newer_anymask")
+    out = anymask.attention(q, k, v, mask)
+    torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
+
+
 def test_auto_falls_back_after_a_triton_compile_or_resource_error(monkeypatch):
     """Triton's errors (out of shared memory, a dot precision an old Triton lacks) are not
     ``RuntimeError``s; ``auto`` still moves on to the next backend."""

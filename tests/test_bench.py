@@ -250,6 +250,28 @@ def test_commit_from_the_environment(monkeypatch):
     assert env.git_commit() != "abc1234"
 
 
+def test_commit_only_of_an_anymask_checkout(tmp_path, monkeypatch):
+    """An anymask installed inside another project's repository does not record that project's commit."""
+    import shutil
+    import subprocess
+
+    from anymask.bench import env
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.delenv("ANYMASK_COMMIT", raising=False)
+    for package in (tmp_path / "src" / "anymask", tmp_path / ".venv" / "site-packages" / "anymask"):
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert env.git_commit(tmp_path / "src" / "anymask") == sha
+    assert env.git_commit(tmp_path / ".venv" / "site-packages" / "anymask") is None
+
+
 def test_inputs_in_either_layout():
     """``bshd``: the same kind of inputs, [B, S, H, D] in memory, viewed as [B, H, S, D]; padded
     query rows get a zero output gradient in either layout; and a bench run takes ``--layout``."""

@@ -34,8 +34,15 @@ class IdentityLRU:
             self._entries.move_to_end(full)
             return hit[1]
         value = build()
+        self.put(anchors, key, value)
+        return value
+
+    def put(self, anchors: tuple, key: tuple, value) -> None:
+        """Store ``value`` for (these very ``anchors``, ``key``), replacing what was there."""
+        full = (tuple(map(id, anchors)), key)
         held = tuple(weakref.ref(a) for a in anchors) if self.weak else anchors
         self._entries[full] = (held, value)
+        self._entries.move_to_end(full)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         if self.at_most is not None:
@@ -43,7 +50,6 @@ class IdentityLRU:
             matching = [k for k, (_, v) in self._entries.items() if predicate(v)]
             for old in matching[:-n] if n else matching:
                 del self._entries[old]
-        return value
 
     def _alive(self, held):
         return held() if self.weak else held

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from . import backend as B
-from .dispatch import candidates, choose
+from .dispatch import candidates, choose, remember
 from .masks import Mask
 from .problem import describe
 
@@ -39,7 +39,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     tried = []
     while True:
         try:
-            return chosen.run(q, k, v, p)
+            out = chosen.run(q, k, v, p)
         except _fallback_errors() as exc:
             tried.append(chosen.name)
             rest = [n for n in candidates(p) if n not in tried]
@@ -50,6 +50,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
                           f"Force a backend with backend=... to see the full error.", RuntimeWarning,
                           stacklevel=2)
             chosen = B.get(rest[0])
+            continue
+        if tried:
+            remember(p, chosen.name)
+        return out
 
 
 def _fallback_errors() -> tuple[type[BaseException], ...]:

@@ -162,6 +162,12 @@ def _auto_key(p: Problem) -> tuple:
             p.requires_grad, state)
 
 
+def remember(p: Problem, name: str) -> None:
+    """Make ``name`` auto's decision for ``p`` (after the chosen backend failed and ``name`` ran), so
+    later calls (every layer, every step) neither retry the failing backend nor report it."""
+    _AUTO.put((p.mask,), _auto_key(p), name)
+
+
 def forget_choices() -> None:
     """Drop auto's remembered decisions (after backends were installed or patched at run time)."""
     _AUTO.clear()
@@ -174,7 +180,7 @@ def _measured_choice(p: Problem) -> str | None:
     except ImportError:  # tuning is optional in partial installs
         return None
     name = tuning.lookup(p)
-    if name is None:
+    if name not in B.names():  # none measured, or a name another anymask version stored
         return None
     backend = B.get(name, missing_ok=True)
     if backend is None or backend.not_supported_reasons(p):

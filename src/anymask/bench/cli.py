@@ -119,7 +119,11 @@ def _read_results(file: Path) -> dict:
         doc = json.loads(file.read_text())
     except (OSError, ValueError):
         return {}
-    return doc if isinstance(doc, dict) and "rows" in doc and "meta" in doc else {}
+    if not (isinstance(doc, dict) and isinstance(doc.get("meta"), dict) and isinstance(doc.get("rows"), list)
+            and "summary" in doc):
+        return {}
+    bench_rows = all(isinstance(r, dict) and {"mask", "variant", "status"} <= r.keys() for r in doc["rows"])
+    return doc if bench_rows else {}  # training results and others share the rows/meta shape
 
 
 def _plot_only(path: Path) -> int:
@@ -206,6 +210,9 @@ def _bench(args) -> int:
     if isinstance(backends, str):
         backends = backends.split(",")
     backends = [b.strip() for b in backends or () if b.strip()]
+    if args.tune and backends:
+        raise _usage_error("bench", "--tune stores each case's fastest backend for auto, so it times every "
+                                    "backend; drop --backends (a subset's winner could be a slower one)")
     try:
         names = variants.names(backends or None)
     except ValueError as exc:
@@ -215,6 +222,12 @@ def _bench(args) -> int:
         settings = dataclasses.replace(settings, budget_s=args.budget)
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
+    tag = args.tag
+    if not args.out and (out / f"{tag}.json").exists():  # the default place holds results: keep them
+        out = out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"anymask bench: {out.parent / tag}.json exists; writing to {out} (--out DIR to choose)",
+              file=sys.stderr)
     meta = env.metadata(device)
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
@@ -228,7 +241,6 @@ def _bench(args) -> int:
                       progress=not args.no_progress, deadline_s=args.deadline, forced=bool(backends),
                       layout=args.layout)
     cases_summary = report.case_summaries(rows)
-    tag = args.tag
     line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,
                           seconds=round(time.perf_counter() - start, 1))
     report.write_csv(rows, out / f"{tag}.csv")

@@ -30,13 +30,19 @@ def device_slug(device: torch.device) -> str:
     return f"cpu-{slug}-{torch.get_num_threads()}t" if slug else f"cpu-{torch.get_num_threads()}t"
 
 
-def git_commit(cwd: str | Path | None = None) -> str | None:
-    """``<sha>`` of the checkout holding this package (``+dirty`` with local changes), or
-    ``$ANYMASK_COMMIT`` when set (a copy of a working tree whose ``.git`` is not the source's)."""
+def git_commit(package: str | Path | None = None) -> str | None:
+    """``<sha>`` of the anymask checkout holding ``package`` (default: this ``anymask`` package;
+    ``+dirty`` with local changes), None for an install that is not such a checkout's ``src/anymask``,
+    or ``$ANYMASK_COMMIT`` when set (a copy of a working tree whose ``.git`` is not the source's)."""
     if os.environ.get("ANYMASK_COMMIT"):
         return os.environ["ANYMASK_COMMIT"]
-    cwd = cwd or Path(__file__).resolve().parent
+    package = Path(package or Path(__file__).parent.parent).resolve()  # .../anymask
+    cwd = package.parent
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not top or not (Path(top) / "src" / "anymask").resolve() == package:
+            return None  # an installed copy inside some other repository: its commit is not ours
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         if not sha:

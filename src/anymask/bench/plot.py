@@ -53,8 +53,12 @@ def _lines(ax, these: list[Row], colour: dict) -> None:
     for variant in dict.fromkeys(r.variant for r in these):
         pts = sorted((r.seq, _throughput(r, these)) for r in these if r.variant == variant)
         pts = [(x, y) for x, y in pts if y is not None]
-        ls = "--" if variant.startswith("raw_") else "-"
-        ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="o", label=variant,
+        if not pts:
+            continue
+        wrong = any(r.eligible is False for r in these if r.variant == variant)
+        ls = ":" if wrong else "--" if variant.startswith("raw_") else "-"
+        ax.plot([x for x, _ in pts], [y for _, y in pts], ls, marker="x" if wrong else "o",
+                label=f"{variant} (failed check)" if wrong else variant,
                 color=colour[variant], linewidth=2.5 if variant == "auto" else 1.5)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
@@ -63,15 +67,25 @@ def _lines(ax, these: list[Row], colour: dict) -> None:
 
 
 def _bars(ax, these: list[Row], colour: dict) -> None:
-    """One sequence length: a horizontal bar per variant, fastest on top, hand-rolled ones hatched."""
+    """One sequence length: a horizontal bar per variant, fastest on top, hand-rolled ones hatched,
+    a backend that failed the float64 check named so and drawn faded."""
     values = {r.variant: _throughput(r, these) for r in these}
+    wrong = {r.variant for r in these if r.eligible is False}
     ranked = sorted(((v, y) for v, y in values.items() if y is not None), key=lambda vy: vy[1])
+    if not ranked:
+        ax.text(0.5, 0.5, "nothing to compare\n(auto alone: no best backend timed)", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+        ax.set_axis_off()
+        return
     names = [v for v, _ in ranked]
-    bars = ax.barh(names, [y for _, y in ranked], color=[colour[v] for v in names], edgecolor="white")
+    labels = [f"{v} (failed check)" if v in wrong else v for v in names]
+    bars = ax.barh(labels, [y for _, y in ranked], color=[colour[v] for v in names], edgecolor="white")
     for bar, name in zip(bars, names):
         bar.set_hatch("//" if name.startswith("raw_") else "")
-    ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
-    ax.set_xlim(0, max(y for _, y in ranked) * 1.18)
+        bar.set_alpha(0.35 if name in wrong else 1.0)
+    top = max(y for _, y in ranked)
+    ax.bar_label(bars, fmt="%.0f" if top >= 20 else "%.2g", fontsize=7, padding=2)
+    ax.set_xlim(0, top * 1.18)
     ax.set_xlabel(f"TFLOP/s (visible pairs), S={these[0].seq}")
     ax.tick_params(axis="y", labelsize=8)
 

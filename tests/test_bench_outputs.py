@@ -1,0 +1,53 @@
+"""What ``anymask bench`` writes and draws in the corner cases: only ``auto`` timed, the default
+folder already holding results, non-bench JSON beside bench results, ``--tune`` with a subset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from anymask.bench.__main__ import main as bench_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--masks", "causal", "--seqlens", "64", "--dtypes", "fp32", "--passes", "fwd", "--batch", "1",
+         "--heads", "2", "--head-dim", "16", "--budget", "0.05", "--no-progress"]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_auto_alone_plots_and_summarises(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert bench_main(["bench", *SMALL, "--backends", "auto", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "causal.png").stat().st_size > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out"] == str(tmp_path)
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_default_folder_with_results_gets_a_new_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["bench", *SMALL, "--backends", "eager,sdpa", "--no-plot"]) == 0
+    first, = Path("benchmarks/results").iterdir()
+    kept = (first / "bench.json").read_text()
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot"]) == 0
+    assert (first / "bench.json").read_text() == kept
+    runs = list(first.glob("run-*/bench.json"))
+    assert len(runs) == 1 and "writing to" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_plot_only_skips_training_results_beside_bench_results(tmp_path):
+    shutil.copy(ROOT / "benchmarks/results/nvidia-h200-x2/two_gpu.json", tmp_path / "two_gpu.json")
+    with pytest.raises(SystemExit, match="no bench results"):
+        bench_main(["bench", "--plot-only", str(tmp_path)])
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert bench_main(["bench", "--plot-only", str(tmp_path)]) == 0
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_tune_with_a_subset_of_backends_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", *SMALL, "--backends", "eager,auto", "--tune", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--tune stores each case's fastest backend" in capsys.readouterr().err
