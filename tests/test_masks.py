@@ -1,5 +1,7 @@
 """Masks: exact grids for every constructor, composition, structure analysis, bad input."""
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -406,3 +408,17 @@ def test_custom_mask_sees_edits_through_containers_and_objects(kind):
     fresh = M.custom(lambda b, h, q, kv: table.clone()[kv] & (kv <= q))
     torch.testing.assert_close(second, anymask.attention(q, k, v, fresh, backend="eager"))
     assert not torch.allclose(first, second)
+
+
+def test_custom_mask_reading_an_inference_tensor_warns_once():
+    from anymask.masks import _warn_unversioned
+
+    _warn_unversioned.cache_clear()
+    with torch.inference_mode():
+        table = torch.ones(6, dtype=torch.bool)
+    m = M.custom(lambda b, h, q, kv: table[kv] & (kv <= q))
+    with pytest.warns(RuntimeWarning, match="no version counter"):
+        M.stamp(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        M.stamp(m)

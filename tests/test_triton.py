@@ -315,6 +315,36 @@ def test_backward_is_deterministic(delegated):
 
 
 @needs_triton
+def test_double_backward_is_refused_not_wrong(delegated):
+    """The backward runs Triton kernels autograd cannot differentiate: a second backward raises
+    instead of dropping this call's part of the gradient."""
+    if delegated:
+        return
+    q, k, v = (t.float().requires_grad_() for t in _inputs(1, 2, 2, 12, 12, 16))
+    out = anymask.attention(q, k, v, M.causal(), backend="triton")
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gq.square().sum() + q.square().sum()).backward()
+
+
+@needs_triton
+def test_rows_past_32_bit_offsets_are_refused(delegated, monkeypatch):
+    """Rows further apart than the kernels' 32-bit row offsets reach (lowered here to 512 elements):
+    a clear error when forced, the next backend under auto."""
+    if delegated:
+        return
+    from anymask.backend import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_INT32_OFFSETS", 512)
+    q, k, v = (t.float() for t in _inputs(1, 2, 2, 40, 40, 16))
+    with pytest.raises(RuntimeError, match="32-bit row offsets"):
+        anymask.attention(q, k, v, M.causal(), backend="triton")
+    small = [t[:, :, :20] for t in (q, k, v)]
+    torch.testing.assert_close(anymask.attention(*small, M.causal(), backend="triton"),
+                               anymask.attention(*small, M.causal(), backend="eager"), atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
 def test_bfloat16_runs(delegated):
     if delegated:
         return

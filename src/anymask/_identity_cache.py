@@ -67,6 +67,5 @@ class IdentityLRU:
 
 def version(t) -> int | None:
     """``t._version`` (bumped by every in-place edit), or None for an inference tensor, which has no
-    version counter (tensors made under ``torch.inference_mode()``; they cannot be edited in place
-    outside it)."""
+    version counter (tensors made under ``torch.inference_mode()``): edits of those cannot be seen."""
     return None if t.is_inference() else t._version

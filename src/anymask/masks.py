@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -179,8 +180,18 @@ def stamp(mask: Mask) -> tuple:
     caches of what is derived from a mask key on it, so in-place edits of those tensors are seen."""
     from ._identity_cache import version
 
-    held = list(_tensors(mask)) + [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
-    return tuple((t.data_ptr(), version(t)) for t in held)
+    read = [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
+    if any(t.is_inference() for t in read):
+        _warn_unversioned()
+    return tuple((t.data_ptr(), version(t)) for t in list(_tensors(mask)) + read)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_unversioned() -> None:
+    warnings.warn("anymask: a custom mask_mod reads a tensor made under torch.inference_mode(); PyTorch keeps "
+                  "no version counter for those, so an in-place edit of it is not seen by the masks anymask "
+                  "caches: make a new mask after editing it (or create the tensor outside inference_mode)",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _leaves(mask: Mask):

@@ -106,7 +106,9 @@ def _cpu_name() -> str:
 
 @lru_cache(maxsize=None)
 def machine_key(device: str) -> str:
-    """``"<device name> | torch <v> | triton <v>"`` for a device string such as ``"cuda:0"``."""
+    """``"<device name> | torch <v> | triton <v> | anymask <v>"`` (on CUDA also the versions of
+    nvidia-cudnn-frontend and flash-attn-4, whose kernels change what wins) for a device string
+    such as ``"cuda:0"``: measured choices hold only for the software that measured them."""
     dev = torch.device(device)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev.index if dev.index is not None else torch.cuda.current_device())
@@ -115,7 +117,12 @@ def machine_key(device: str) -> str:
         name = f"{_cpu_name()} ({cores} cores)"
     else:
         name = dev.type
-    return f"{name} | torch {torch.__version__} | triton {_version('triton')}"
+    from . import __version__
+
+    key = f"{name} | torch {torch.__version__} | triton {_version('triton')} | anymask {__version__}"
+    if dev.type == "cuda":
+        key += "".join(f" | {dist} {_version(dist)}" for dist in ("nvidia-cudnn-frontend", "flash-attn-4"))
+    return key
 
 
 # signature --------------------------------------------------------------------------------------

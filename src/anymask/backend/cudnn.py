@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import segments as SEG
 from .._optional import probe
@@ -305,6 +306,7 @@ class _PackRows(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         B, H, S, D = ctx.shape
         return grad[:B * S].reshape(B, S, H, D).transpose(1, 2), None  # dummies' gradient is 0
@@ -320,6 +322,7 @@ class _ToTokens(torch.autograd.Function):
         return relayout.tokens_major(x)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         B, H, S, D = ctx.shape
         return grad.reshape(B, S, H, D).transpose(1, 2)
@@ -336,6 +339,7 @@ class _TokensView(torch.autograd.Function):
         return rows.view(batch, T // batch, H, D).transpose(1, 2)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         g = grad.transpose(1, 2)  # [B, S, H, D]
         if not g.is_contiguous():
@@ -532,6 +536,7 @@ class _Attention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         from ..kernels import cudnn_graphs as G
 
@@ -564,6 +569,7 @@ class _HeadGroups(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         from ..kernels import cudnn_graphs as G
 
@@ -687,6 +693,7 @@ class _RowBlocks(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         from ..kernels import cudnn_graphs as G
 

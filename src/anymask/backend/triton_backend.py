@@ -9,6 +9,7 @@ is computed in fp32 there because the interpreter's bf16 dots are wrong).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._optional import probe
 from .base import Backend
@@ -34,6 +35,7 @@ class _TritonAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
         from ..kernels import config, triton_bwd
 
@@ -44,13 +46,18 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+# The kernels widen batch and head offsets to 64 bits but step along rows in 32 bits.
+_INT32_OFFSETS = 2 ** 31
+
+
 class TritonBackend(Backend):
     name = "triton"
     summary = "our Triton block-sparse flash attention: skips empty tiles, no mask math on full tiles"
 
     @property
     def machine_reasons(self) -> tuple[str, ...]:
-        """Not cached: ``TRITON_INTERPRET`` may be switched on for a test session."""
+        """Not cached: reads ``TRITON_INTERPRET``, which takes effect only when set before Triton is
+        first imported (importing torch or anymask may import it)."""
         return tuple(self._machine_reasons())
 
     def _machine_reasons(self) -> list[str]:
@@ -86,5 +93,9 @@ class TritonBackend(Backend):
                                     lambda: mask_bounds.build(p.structure, p.q_len, p.kv_len, q.device))
         work = torch.float32 if (q.dtype == torch.bfloat16 and _interpreting()) else q.dtype
         q, k, v = (t.to(work) if t.stride(-1) == 1 else t.to(work).contiguous() for t in (q, k, v))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if (t.shape[2] - 1) * t.stride(2) + t.shape[3] >= _INT32_OFFSETS:
+                raise RuntimeError(f"triton: {name}'s rows lie {t.stride(2)} elements apart over {t.shape[2]} "
+                                   "positions, past the kernels' 32-bit row offsets; use another backend")
         out = _TritonAttention.apply(q, k, v, bounds, p.scale)  # [B, Hq, Sq, D]
         return out.to(p.dtype)

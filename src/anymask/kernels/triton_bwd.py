@@ -279,6 +279,8 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     do = do if do.stride(-1) == 1 else do.contiguous()  # the kernels take strides; only D must be dense
+    if (Sq - 1) * do.stride(2) + D >= 2 ** 31:  # rows are stepped in 32 bits
+        do = do.contiguous()
     delta = torch.empty_like(lse)  # [B, Hq, Sq] fp32
     _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
         o, do, delta, Sq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._optional import MissingDependency, probe
 from .config import KERNELS, ConfigError
@@ -161,6 +162,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss_1d.sum() if w is None else (loss_1d * w).sum()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
         # the float32 scale (e.g. 1 / loss units) multiplies without being rounded to bf16 first
