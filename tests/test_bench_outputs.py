@@ -51,3 +51,33 @@ def test_tune_with_a_subset_of_backends_is_refused(tmp_path, capsys):
         bench_main(["bench", *SMALL, "--backends", "eager,auto", "--tune", "--out", str(tmp_path)])
     assert exit_.value.code == 2
     assert "--tune stores each case's fastest backend" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps({"masks": ["causal"], "seqlen": [64]}))
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", "--config", str(config), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "unknown option(s) seqlen" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_merge_says_when_parts_ran_different_software(tmp_path, capsys):
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot", "--out", str(tmp_path / "a")]) == 0
+    other = json.loads((tmp_path / "a" / "bench.json").read_text())
+    other["meta"]["torch"] = "0.0.0"
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert bench_main(["bench", "--merge", str(tmp_path / "a" / "bench.json"), str(tmp_path / "b.json"),
+                       "--out", str(tmp_path / "m"), "--no-plot"]) == 0
+    assert "the parts differ in torch" in capsys.readouterr().err
+
+
+def test_results_json_is_strict(tmp_path):
+    from anymask.bench import report
+
+    report.write_json([], [], {"x": float("nan")}, {"ratio": float("inf")}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == \
+        {"meta": {"x": None}, "summary": {"ratio": None}, "cases": [], "rows": []}

@@ -90,6 +90,10 @@ def _resolve_checked(args) -> tuple[str, object, list, dict, torch.device]:
     name = "quick" if args.quick else (args.grid or config.pop("grid", None) or
                                       ("gpu" if device.type == "cuda" else "cpu"))
     config.pop("grid", None)
+    unknown = sorted(set(config) - set(_GRID_OPTIONS) - {"backends"})
+    if unknown:
+        raise ValueError(f"{args.config}: unknown option(s) {', '.join(unknown)}; a config file takes grid, "
+                         f"backends, {', '.join(_GRID_OPTIONS)}")
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
     from_file = {k: v for k, v in config.items() if k in _GRID_OPTIONS}
@@ -153,6 +157,7 @@ def _plot_only(path: Path) -> int:
     return 0
 
 
+_SOFTWARE = ("torch", "triton", "anymask", "cuda", "cudnn", "settings", "input_sets")  # merged parts should agree
 _CASE_FIELDS = ("mask", "batch", "seq", "heads", "kv_heads", "head_dim", "dtype", "pass")
 
 
@@ -174,6 +179,10 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
     if len(layouts) > 1:
         raise SystemExit(f"anymask bench --merge: parts with different input layouts ({', '.join(sorted(layouts))}): "
                          "their cases would replace each other; keep them in separate results")
+    differing = [k for k in _SOFTWARE if len({json.dumps(d["meta"].get(k), sort_keys=True) for d in docs}) > 1]
+    if differing:
+        print(f"anymask bench --merge: the parts differ in {', '.join(differing)}; the merged meta shows the "
+              "first part's, and meta.parts lists each part's commit", file=sys.stderr)
     meta = dict(docs[0]["meta"])
     meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
     meta["parts"] = [part for f, d in zip(files, docs)

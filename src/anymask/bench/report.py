@@ -87,8 +87,8 @@ def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
         "not_started": sum(r.variant == "*" for r in rows),
         "auto_within_5pct": bool(within) and all(within),
         "auto_within_5pct_cases": f"{sum(within)}/{len(within)}",
-        "auto_picked_best_cases": f"{sum(c['auto'] == c['best'] for c in cases if c['best'])}/"
-                                  f"{sum(1 for c in cases if c['best'])}",
+        "auto_picked_best_cases": f"{sum(c['auto'] == c['best'] for c in cases if c['best'] and c['auto'])}/"
+                                  f"{sum(1 for c in cases if c['best'] and c['auto'])}",
         "worst_auto_vs_best": round(max(ratios), 3) if ratios else None,
         "packed_best_vs_raw_sdpa_min": round(min(packed), 2) if packed else None,
         "out": out_dir,
@@ -153,4 +153,15 @@ def write_csv(rows: list[Row], path: Path) -> None:
 def write_json(rows: list[Row], cases: list[dict], meta: dict, line: dict, path: Path) -> None:
     doc = {"meta": meta, "summary": line, "cases": cases,
            "rows": [{k: _plain(v) for k, v in r.as_dict().items()} for r in rows]}
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    path.write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False) + "\n")
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float as None: strict JSON that every reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
