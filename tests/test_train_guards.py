@@ -82,3 +82,25 @@ def test_truncated_embedding_query_is_all_prompt(tiny_model_dir, tmp_path):  # n
     (query, positive), = [e.docs for e in D.tokenize(records, tok, "embedding", 32, truncate=True)]
     assert len(query.ids) + len(positive.ids) == 32
     assert query.prompt_len == len(query.ids) == 16
+
+
+def test_eval_every_without_eval_data_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    code = main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
+                 "--no-progress", "--max-steps", "2", "--eval-every", "1"])
+    assert code == 2
+    assert "--eval-every 1 needs eval data" in capsys.readouterr().err
+
+
+def test_load_adapter_takes_the_task_it_was_trained_for(tiny_model_dir, tmp_path):  # noqa: F811
+    import anymask.hf
+    from anymask.train import load_adapter
+
+    data = write_jsonl(tmp_path / "e.jsonl", (EXAMPLES / "embedding.jsonl").read_text().splitlines()[:12])
+    result = train(config(tiny_model_dir, "embedding", data, tmp_path / "out", max_steps=1, save_every=1))
+    for adapter in (result.adapter_dir, tmp_path / "out" / "checkpoint-000001" / "adapter"):
+        assert anymask.hf.get_mask(load_adapter(tiny_model_dir, str(adapter)))[0] == "bidirectional"
+    with pytest.raises(ConfigError, match="trained for task 'embedding', not 'sft'"):
+        load_adapter(tiny_model_dir, result.adapter_dir, task="sft")
+    with pytest.raises(ConfigError, match="unknown task 'embeding'"):
+        load_adapter(tiny_model_dir, result.adapter_dir, task="embeding")

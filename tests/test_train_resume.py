@@ -4,6 +4,7 @@ logged twice), and checkpoints refused when the run's settings no longer fit the
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,6 +58,9 @@ def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # 
     with pytest.raises(ConfigError, match=r"cannot resume .*lora_r 8 -> 4"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=3, lora_r=4,
                      resume=str(tmp_path / "a" / "checkpoint-000001")))
+    relative = train(config(os.path.relpath(tiny_model_dir), "sft", data, tmp_path / "d", max_steps=2,
+                            resume=str(tmp_path / "a" / "checkpoint-000001")))  # the same model, spelled otherwise
+    assert [h["step"] for h in relative.history] == [2]
     with pytest.warns(UserWarning, match=r"changed settings \(lora_alpha 16 -> 32\)"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=2, lora_alpha=32,
                      resume=str(tmp_path / "a" / "checkpoint-000001")))

@@ -586,7 +586,9 @@ def dense(tensor: torch.Tensor) -> Mask:
     """An explicit bool mask broadcastable to ``[B, H, Sq, Skv]`` (True = may attend).
 
     Unlike the other constructors (which copy their small inputs), ``dense`` keeps a view of
-    ``tensor``: do not modify it in place afterwards; backends cache what they derive from a mask.
+    ``tensor``: an in-place edit of it changes the mask, and what backends cached from it is
+    derived again (except for a tensor made under ``torch.inference_mode()``, which has no version
+    counter: make a new mask then).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"dense: expected a torch.Tensor, got {type(tensor).__name__}")

@@ -210,7 +210,9 @@ def _bench(args) -> int:
     from . import env, report, runner, variants
 
     if args.merge:
-        return _merge(args.merge, Path(args.out or "."), args.tag)
+        if not args.out:
+            raise _usage_error("bench", "--merge needs --out DIR: the folder for the merged result")
+        return _merge(args.merge, Path(args.out), args.tag)
     if args.plot_only:
         return _plot_only(Path(args.plot_only))
     start = time.perf_counter()

@@ -74,14 +74,31 @@ def adapter_state(peft_model) -> dict:
     return get_model_state_dict(peft_model, options=_options(ignore_frozen_params=True))
 
 
-def save_adapter(peft_model, path: Path, d: Dist, tokenizer=None) -> None:
-    """``peft_model.save_pretrained`` (reloadable with ``PeftModel.from_pretrained``), atomically."""
+TASK_FILE = "anymask_task.json"  # beside the adapter: the task it was trained for (its attention mask)
+
+
+def save_adapter(peft_model, path: Path, d: Dist, tokenizer=None, task: str | None = None) -> None:
+    """``peft_model.save_pretrained`` (reloadable with ``PeftModel.from_pretrained``) and the task
+    it was trained for (``anymask_task.json``, read by ``load_adapter``), atomically."""
     state = adapter_state(peft_model)
     with atomic_dir(path, d) as tmp:
         if d.main:
             peft_model.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
+            if task is not None:
+                (tmp / TASK_FILE).write_text(json.dumps({"task": task}))
+
+
+def saved_task(adapter_dir: Path) -> str | None:
+    """The task an adapter was trained for: its ``anymask_task.json``, or for a checkpoint's adapter
+    the config in the checkpoint's ``state.json``; None when neither says."""
+    adapter_dir = Path(adapter_dir)
+    for file, read in ((adapter_dir / TASK_FILE, lambda doc: doc.get("task")),
+                       (adapter_dir.parent / "state.json", lambda doc: (doc.get("config") or {}).get("task"))):
+        if file.is_file():
+            return read(json.loads(file.read_text()))
+    return None
 
 
 def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra: dict) -> None:
@@ -116,7 +133,12 @@ def check_config(path: Path, config: dict) -> None:
     config = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
 
     def differs(key):
-        return key in saved and saved[key] != config.get(key)
+        if key not in saved or saved[key] == config.get(key):
+            return False
+        if key in ("model", "data") and isinstance(saved[key], str) and isinstance(config.get(key), str):
+            a, b = Path(saved[key]), Path(config[key])
+            return not (a.exists() and b.exists() and a.resolve() == b.resolve())  # one path spelled two ways
+        return True
 
     wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in MUST_MATCH if differs(k)]
     if wrong:

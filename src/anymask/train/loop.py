@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,6 +100,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     except Exception as exc:  # every rank must hear about a data error, or the others wait forever
         failure = exc
     d.agree(failure)
+    if cfg.eval_every and d.sum(len(eval_rows)) == 0:
+        raise ConfigError(f"--eval-every {cfg.eval_every} needs eval data: --eval-data FILE, or --eval-fraction F "
+                          "large enough to hold out at least one example")
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
@@ -124,6 +128,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
     start = 0
     resume = checkpoint.latest(out_dir) if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and resume is None and d.main:
+        print(f"anymask train: no checkpoint in {out_dir} (checkpoints come with --save-every N); starting at step 0",
+              file=sys.stderr)
     if resume:
         checkpoint.check_config(Path(resume), asdict(cfg))
         start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
@@ -175,7 +182,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(d.device))
         _log(out_dir, d, {"step": total, "peak_memory_bytes": int(d.max(result.peak_memory_bytes))})  # max over ranks
     _eval(wrapped, eval_rows, task, d, total, result, out_dir, None)
-    checkpoint.save_adapter(peft_model, out_dir / "adapter", d, tokenizer)
+    checkpoint.save_adapter(peft_model, out_dir / "adapter", d, tokenizer, task=cfg.task)
     result.adapter_dir = str(out_dir / "adapter")
     result.model = peft_model
     return result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .._optional import require
@@ -110,13 +112,26 @@ def decoder_layers(peft_model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def load_adapter(model_path: str, adapter_dir: str, *, task: str = "sft", dtype: str = "fp32",
+def load_adapter(model_path: str, adapter_dir: str, *, task: str | None = None, dtype: str = "fp32",
                  gguf_file: str | None = None, backend: str = "auto", device="cpu"):
     """A trained model for inference: base weights + the saved LoRA adapter, the task's mask set.
 
     ``task`` picks the mask: ``sft`` causal, ``embedding``/``diffusion`` bidirectional,
-    ``prefix_lm`` prefix-LM (bidirectional prompt, causal continuation).
+    ``prefix_lm`` prefix-LM (bidirectional prompt, causal continuation).  By default it is the task
+    the adapter was trained for, as ``anymask train`` recorded it; passing another one is an error.
     """
+    from . import checkpoint
+    from .config import TASKS
+
+    saved = checkpoint.saved_task(Path(adapter_dir))
+    if task is None and saved is None:
+        raise ConfigError(f"{adapter_dir} does not say which task it was trained for; pass task= "
+                          f"({', '.join(TASKS)}): it sets the attention mask")
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task is not None and saved is not None and task != saved:
+        raise ConfigError(f"{adapter_dir} was trained for task {saved!r}, not {task!r}: its mask would be wrong")
+    task = task or saved
     peft = require("peft")
     import anymask.hf
 
