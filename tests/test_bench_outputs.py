@@ -1,5 +1,6 @@
 """What ``anymask bench`` writes and draws in the corner cases: only ``auto`` timed, the default
-folder already holding results, non-bench JSON beside bench results, ``--tune`` with a subset."""
+folder already holding results, non-bench JSON beside bench results, ``--tune`` with a subset
+(allowed: the GPU scripts tune among the backends that matter, in a cache of their own)."""
 
 from __future__ import annotations
 
@@ -46,11 +47,9 @@ def test_plot_only_skips_training_results_beside_bench_results(tmp_path):
 
 
 @pytest.mark.usefixtures("private_cache")
-def test_tune_with_a_subset_of_backends_is_refused(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        bench_main(["bench", *SMALL, "--backends", "eager,auto", "--tune", "--out", str(tmp_path)])
-    assert exit_.value.code == 2
-    assert "--tune stores each case's fastest backend" in capsys.readouterr().err
+def test_tune_with_a_subset_of_backends_says_what_it_stores(tmp_path, capsys):
+    assert bench_main(["bench", *SMALL, "--backends", "eager,auto", "--tune", "--out", str(tmp_path)]) == 0
+    assert "stores the fastest of the listed backends" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("private_cache")
