@@ -104,3 +104,15 @@ def test_load_adapter_takes_the_task_it_was_trained_for(tiny_model_dir, tmp_path
         load_adapter(tiny_model_dir, result.adapter_dir, task="sft")
     with pytest.raises(ConfigError, match="unknown task 'embeding'"):
         load_adapter(tiny_model_dir, result.adapter_dir, task="embeding")
+
+
+def test_micro_batches_without_a_loss_unit_are_counted(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """A long embedding pair alone in its row has no in-batch negative: the run says how many such rows."""
+    rows = (EXAMPLES / "embedding.jsonl").read_text().splitlines()[:12]
+    long = {"query": "a question that goes on " * 40, "positive": "an answer that goes on and on " * 40}
+    data = write_jsonl(tmp_path / "e.jsonl", [*rows, long])
+    code = main(["--model", tiny_model_dir, "--task", "embedding", "--data", data, "--output-dir",
+                 str(tmp_path / "out"), "--no-progress", "--dtype", "fp32", "--tokens-per-batch", "96",
+                 "--truncate", "--max-steps", "1"])  # the long pair is cut to fill a row alone
+    assert code == 0
+    assert "1 of" in capsys.readouterr().err

@@ -121,8 +121,13 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if steps_per_epoch == 0:
         raise ConfigError(f"not enough data for one step: every rank needs {cfg.grad_accum} packed micro-batches "
                          f"of up to {cfg.tokens_per_batch} tokens per step")
-    if d.sum(sum(task.count(row) for row in stream.rows(0))) == 0:
+    units = [task.count(row) for row in stream.rows(0)]
+    if d.sum(sum(units)) == 0:
         raise ConfigError(f"nothing to learn from: no packed micro-batch of the data has a loss unit ({task.units})")
+    idle, rows = int(d.sum(sum(u == 0 for u in units))), int(d.sum(len(units)))
+    if idle and d.main:
+        print(f"anymask train: {idle} of {rows} packed micro-batches of epoch 0 have no loss unit and teach nothing "
+              f"({task.units})", file=sys.stderr)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))
 
