@@ -134,3 +134,48 @@ def test_bad_prefix_lengths_and_padding_shapes_are_clear_errors():
         model(ids, prefix_lengths=[-1, 2])
     with pytest.raises(ValueError, match=r"expected \[2, sequence length\]"):
         model(ids, prefix_lengths=[2, 2], attention_mask=torch.ones(1, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_padding_in_the_middle_with_generate_positions_is_one_document(family):
+    """``generate()`` gives a row ``1 1 1 0 0 1 1 1 1`` the positions ``0 1 2 1 1 3 4 5 6``; positions
+    counting every slot (``arange``) are one document too: neither is packing."""
+    model = anymask.hf.set_mask(tiny_model(family), "causal")
+    sdpa = twin(model, "sdpa")
+    torch.manual_seed(6)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    valid = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1, 1], [1] * 9])
+    counted = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 1)
+    keep = valid.bool()
+    with torch.no_grad():
+        for pos in (counted, torch.arange(9).expand(2, 9), None):
+            ours = model(ids, attention_mask=valid, position_ids=pos).logits
+            ref = sdpa(ids, attention_mask=valid, position_ids=pos).logits
+            torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
+        tokens = model.generate(ids, attention_mask=valid, max_new_tokens=5, do_sample=False)
+        ref_tokens = sdpa.generate(ids, attention_mask=valid, max_new_tokens=5, do_sample=False)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_packed_rows_with_padding_are_still_split():
+    """Position resets between real tokens stay document boundaries when the row also has padding."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal")
+    torch.manual_seed(7)
+    docs = [torch.randint(3, VOCAB, (n,)) for n in (4, 3)]
+    ids = torch.cat([*docs, torch.zeros(2, dtype=torch.long)]).unsqueeze(0)  # [1, 9]: two documents, 2 pads
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 0]])
+    valid = torch.tensor([[1] * 7 + [0, 0]])
+    packed = last_hidden(model, input_ids=ids, position_ids=pos, attention_mask=valid)[:, :7]
+    alone = torch.cat([last_hidden(model, input_ids=d.unsqueeze(0)) for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_float_4d_mask_with_a_bias_is_refused():
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal")
+    ids = torch.randint(3, VOCAB, (1, 6))
+    rows, cols = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    bias = -0.5 * (rows - cols).abs().float()  # ALiBi-like: not a mask
+    bias = bias.masked_fill(cols > rows, torch.finfo(torch.float32).min).view(1, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"holds a bias \(-0.5\)"):
+        with torch.no_grad():
+            model(ids, attention_mask=bias)

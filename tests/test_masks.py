@@ -422,3 +422,13 @@ def test_custom_mask_reading_an_inference_tensor_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         M.stamp(m)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_custom_mask_mod_of_the_wrong_shape_names_the_mask(backend):
+    m = M.custom(lambda b, h, q, kv: torch.ones(3, dtype=torch.bool))
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    with pytest.raises(ValueError, match=r"returned shape \[3\] for index grids of \[B, H, Sq, Skv\]"):
+        anymask.attention(q, k, v, m, backend=backend)
+    with pytest.raises(ValueError, match="must broadcast"):
+        M.custom(lambda b, h, q, kv: torch.ones(3, dtype=torch.bool)).picture(4)

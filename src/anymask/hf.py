@@ -252,7 +252,13 @@ def _keys_from_tensor(attention_mask, key):
         if not attention_mask.is_floating_point():
             raise TypeError(f"a 4-D attention_mask must be bool (True = attend) or an additive float mask "
                             f"(0 = attend, large negative = not), got {attention_mask.dtype}")
-        return attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if bool(((attention_mask != 0) & ~blocked).any()):  # one host sync, on this explicit-mask path only
+            shown = attention_mask[(attention_mask != 0) & ~blocked][0].item()
+            raise ValueError(f"a float 4-D attention_mask holds a bias ({shown:g}): anymask runs masks, not "
+                             "additive biases; give 0 (attend) and a large negative value or -inf (not) only, "
+                             "or a bool mask")
+        return ~blocked
     raise ValueError(f"unexpected attention_mask of shape {list(attention_mask.shape)}")
 
 

@@ -100,15 +100,16 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
 def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.Mask:
     first_key = keys.kv_offset if keys is not None else 0  # absolute position of key 0
     no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
-    ids = _document_ids(kwargs, q_len, kv_len, batch)
+    valid = _fit_padding(keys.padding, kv_len) if keys is not None and keys.padding is not None else None
+    ids = _document_ids(kwargs, q_len, kv_len, batch, valid)
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if window is not None:
         # transformers' window: q - window < kv (and kv < q + window when bidirectional)
         mask = mask & masks.window(window - 1, window - 1)
     if ids is not None:
         mask = mask & masks.documents(ids)
-    if keys is not None and keys.padding is not None:
-        mask = mask & masks.padding(_fit_padding(keys.padding, kv_len))
+    if valid is not None:
+        mask = mask & masks.padding(valid)
     return mask
 
 
@@ -197,32 +198,38 @@ def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
 _LAST_IDS: list = []  # [(source tensor weakref, its _version, sizes, ids)]: one entry, reused across layers
 
 
-def _document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
+def _document_ids(kwargs, q_len: int, kv_len: int, batch: int,
+                  valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """Cached :func:`_find_document_ids`: every layer of one forward gets the same ``position_ids``
     / ``cu_seq_lens_k`` tensor, so the (host-synchronising) detection runs once per forward."""
     source = kwargs.get("cu_seq_lens_k")
     source = kwargs.get("position_ids") if source is None else source
     if source is None:
         return None
-    if source.is_inference():  # no version counter to notice in-place edits by: not cached
-        return _find_document_ids(kwargs, q_len, kv_len, batch)
-    key = (source._version, q_len, kv_len, batch)
+    if source.is_inference() or (valid is not None and valid.is_inference()):  # no version counter: not cached
+        return _find_document_ids(kwargs, q_len, kv_len, batch, valid)
+    key = (source._version, q_len, kv_len, batch, None if valid is None else (id(valid), valid._version))
     entry = _LAST_IDS[0] if _LAST_IDS else None
     if entry is not None and entry[0]() is source and entry[1] == key:
         return entry[2]
-    ids = _find_document_ids(kwargs, q_len, kv_len, batch)
+    ids = _find_document_ids(kwargs, q_len, kv_len, batch, valid)
     _LAST_IDS[:] = [(weakref.ref(source), key, ids)]
     return ids
 
 
-def _find_document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
+def _find_document_ids(kwargs, q_len: int, kv_len: int, batch: int,
+                       valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """``[B|1, kv_len]`` document ids of packed rows, or None when every row is one document.
 
     From ``cu_seq_lens_k`` (TRL's ``DataCollatorWithFlattening``) when given, else from resets of
-    ``position_ids`` (a new document starts wherever the position does not step by +1)::
+    ``position_ids``: a new document starts wherever a real token's position does not step by +1
+    from the previous real token's.  Padding (``valid`` ``[B, kv_len]``) is skipped over, its slots
+    counted or not: the positions ``generate()`` (or ``arange``) gives a row with padding in the
+    middle are one document::
 
-        position_ids  0 1 2 0 1 0 1 2 3
-        document      0 0 0 1 1 2 2 2 2
+        position_ids  0 1 2 0 1 0 1 2 3        0 1 2 1 1 3 4 5 6
+        valid                                  1 1 1 0 0 1 1 1 1
+        document      0 0 0 1 1 2 2 2 2        0 0 0 0 0 0 0 0 0
 
     Only a call whose queries are its keys (no cache past) can be split; decoding calls see one
     document.
@@ -241,7 +248,18 @@ def _find_document_ids(kwargs, q_len: int, kv_len: int, batch: int) -> torch.Ten
     pos = kwargs.get("position_ids")
     if pos is None or q_len != kv_len or pos.dim() != 2 or pos.shape[-1] != kv_len:
         return None
-    step = torch.diff(pos, dim=-1) != 1  # [B|1, S-1]
+    if valid is None:
+        step = torch.diff(pos, dim=-1) != 1  # [B|1, S-1]
+    else:
+        valid = valid.to(pos.device)
+        pos = pos.expand(valid.shape[0], -1)  # [B, S]
+        index = torch.arange(kv_len, device=pos.device).expand_as(pos)
+        last_real = torch.where(valid, index, -1).cummax(dim=-1).values  # [B, S]: latest real token at or before
+        before = last_real[:, :-1]  # [B, S-1]: the real token before each position from 1 on
+        previous = pos.gather(-1, before.clamp(min=0))  # its position id
+        # one document goes on when positions count real tokens (+1) or every slot (+ the gap)
+        goes_on = (pos[:, 1:] == previous + 1) | (pos[:, 1:] == previous + index[:, 1:] - before)
+        step = valid[:, 1:] & (before >= 0) & ~goes_on
     if not bool(step.any()):
         return None
     ids = torch.zeros_like(pos)

@@ -96,11 +96,8 @@ class Mask:
         h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # [1, H, 1, 1]
         q = torch.arange(kv_len - q_len, kv_len, device=device).view(1, 1, -1, 1)  # [1, 1, Sq, 1]
         kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)  # [1, 1, 1, Skv]
-        out = m.mask_mod(b, h, q, kv)
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-            raise TypeError(f"mask_mod of {self!r} must return a bool tensor, got {type(out).__name__}"
-                            + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
-        return out.expand(batch, heads, q_len, kv_len).contiguous()
+        out = expand_mask_mod_output(self, m.mask_mod(b, h, q, kv), (batch, heads, q_len, kv_len))
+        return out.contiguous()
 
     def picture(self, q_len: int = 12, kv_len: int | None = None, *, batch: int = 0, head: int = 0,
                 batch_size: int | None = None) -> str:
@@ -173,6 +170,23 @@ def _tensors_within(value, depth: int, seen: set):
         return
     for item in items[:_SEARCH_WIDTH]:
         yield from _tensors_within(item, depth + 1, seen)
+
+
+def expand_mask_mod_output(mask: Mask, out, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``out`` (what ``mask``'s mask_mod returned for index grids of ``shape`` = ``[B, H, R, Skv]``)
+    expanded to ``shape``; a clear error naming the mask when it is not a bool tensor of that shape."""
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        raise TypeError(f"mask_mod of {mask!r} must return a bool tensor, got {type(out).__name__}"
+                        + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
+    try:
+        ok = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask_mod of {mask!r} returned shape {list(out.shape)} for index grids of "
+                         f"[B, H, Sq, Skv] = {list(shape)}: it must broadcast to that shape (use b, h, q_idx "
+                         "and kv_idx elementwise, as FlexAttention's mask_mod does)")
+    return out.expand(shape)
 
 
 def stamp(mask: Mask) -> tuple:

@@ -148,10 +148,7 @@ def _dense_chunks(mask, batch, heads, q_len, kv_len, step, device):
     for r0 in range(0, q_len, step):
         r1 = min(q_len, r0 + step)
         q = torch.arange(offset + r0, offset + r1, device=device).view(1, 1, -1, 1)  # [1, 1, R, 1]
-        out = m.mask_mod(b, h, q, kv)
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-            raise TypeError(f"mask_mod of {mask!r} must return a bool tensor")
-        yield r0, out.expand(batch, heads, r1 - r0, kv_len)
+        yield r0, M.expand_mask_mod_output(mask, m.mask_mod(b, h, q, kv), (batch, heads, r1 - r0, kv_len))
 
 
 def _dense_tiles(mask, batch, heads, q_len, kv_len, bq, bk, device) -> torch.Tensor:
