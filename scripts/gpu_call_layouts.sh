@@ -14,8 +14,8 @@ for l in sys.stdin:
 "; }
 M=documents_causal,documents,padding
 if [[ $name == *H200* ]]; then
-  OUT=$OUT/gqa_bhsd BENCH_TIMEOUT=250 bash scripts/gpu_bench.sh --layout bhsd --heads 32:8 --dtypes bf16 --seqlens 4096 \
-    --passes fwd+bwd --masks $M --backends sdpa,cudnn,triton,auto,raw_flex --deadline 190 2>&1 | tail -12
+  OUT=$OUT/gqa_bhsd BENCH_TIMEOUT=${BENCH_TIMEOUT:-250} bash scripts/gpu_bench.sh --layout bhsd --heads 32:8 --dtypes bf16 --seqlens 4096 \
+    --passes fwd+bwd --masks $M --backends sdpa,cudnn,triton,auto,raw_flex --deadline ${DEADLINE:-190} 2>&1 | tail -12
   [[ ${PROFILE:-1} == 1 ]] || exit 0  # PROFILE=0: the bench alone, when little device time is left
   mkdir -p $OUT/h32_8
   timeout 70 python3 scripts/gpu_mask_profile.py --masks documents_causal --variants cudnn@99,cudnn@2,raw_flex --heads 32:8 --out $OUT/h32_8 2>&1 | show
