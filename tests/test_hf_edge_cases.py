@@ -179,3 +179,11 @@ def test_float_4d_mask_with_a_bias_is_refused():
     with pytest.raises(ValueError, match=r"holds a bias \(-0.5\)"):
         with torch.no_grad():
             model(ids, attention_mask=bias)
+
+
+def test_attention_mask_shorter_than_the_input_is_refused():
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal")
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with pytest.raises(ValueError, match="attention_mask covers 5 positions but this call reaches position 9"):
+        with torch.no_grad():
+            model(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))

@@ -125,6 +125,10 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
             raise ValueError(f"attention_mask has shape {list(attention_mask.shape)}; expected [{batch_size}, "
                              "sequence length] (one row of 1 = token, 0 = padding per batch row)")
+        if attention_mask.shape[-1] < q_offset + q_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but this call reaches "
+                             f"position {q_offset + q_length} ({q_offset} cached + {q_length} new tokens): it "
+                             "needs one entry per token, past and new")
         valid = attention_mask.bool()  # [B, past + q_len]
         end = kv_offset + kv_length
         if valid.shape[-1] < end:
