@@ -175,6 +175,26 @@ def test_auto_keeps_the_fallback_after_a_run_time_failure(monkeypatch):
     torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
 
 
+def test_auto_retries_a_backend_that_ran_out_of_memory(monkeypatch):
+    from anymask import backend as B
+    from anymask.dispatch import candidates
+
+    q, k, v = (t.float() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    mask = M.causal()
+    first = candidates(describe(q, k, v, mask, None))[0]
+    attempts = []
+
+    def out_of_memory(*args, **kwargs):
+        attempts.append(1)
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(B.get(first), "run", out_of_memory)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="out of memory"):
+            anymask.attention(q, k, v, mask)
+    assert len(attempts) == 2 and anymask.which_backend(q, k, v, mask) == first
+
+
 def test_auto_ignores_a_cached_winner_this_install_does_not_know(monkeypatch, tmp_path):
     from anymask import tuning
 

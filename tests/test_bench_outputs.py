@@ -38,6 +38,18 @@ def test_default_folder_with_results_gets_a_new_run_folder(tmp_path, monkeypatch
 
 
 @pytest.mark.usefixtures("private_cache")
+def test_default_folder_with_plots_only_is_kept_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot"]) == 0
+    first, = Path("benchmarks/results").iterdir()
+    for f in first.iterdir():
+        f.unlink()
+    (first / "causal.png").write_bytes(b"committed plot")
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot"]) == 0
+    assert (first / "causal.png").read_bytes() == b"committed plot" and list(first.glob("run-*/bench.json"))
+
+
+@pytest.mark.usefixtures("private_cache")
 def test_plot_only_skips_training_results_beside_bench_results(tmp_path):
     shutil.copy(ROOT / "benchmarks/results/nvidia-h200-x2/two_gpu.json", tmp_path / "two_gpu.json")
     with pytest.raises(SystemExit, match="no bench results"):

@@ -179,6 +179,11 @@ def test_float_4d_mask_with_a_bias_is_refused():
     with pytest.raises(ValueError, match=r"holds a bias \(-0.5\)"):
         with torch.no_grad():
             model(ids, attention_mask=bias)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril().view(1, 1, 6, 6)
+    for blocked in (-1e9, -1e4, float("-inf"), torch.finfo(torch.float16).min):
+        additive = torch.zeros(1, 1, 6, 6).masked_fill(~causal, blocked)
+        torch.testing.assert_close(last_hidden(model, input_ids=ids, attention_mask=additive),
+                                   last_hidden(model, input_ids=ids, attention_mask=causal))
 
 
 def test_attention_mask_shorter_than_the_input_is_refused():

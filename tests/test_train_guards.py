@@ -19,7 +19,7 @@ from .test_train_checkpoint import EXAMPLES
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
-    ({"max_grad_norm": -1.0}, "max_grad_norm must be > 0"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
     ({"lora_dropout": 0.1, "kernels": "lora"}, "the fused LoRA has no dropout"),
 ])
 def test_settings_that_cannot_train_are_refused(setting, message):
@@ -116,3 +116,14 @@ def test_micro_batches_without_a_loss_unit_are_counted(tiny_model_dir, tmp_path,
                  "--truncate", "--max-steps", "1"])  # the long pair is cut to fill a row alone
     assert code == 0
     assert "1 of" in capsys.readouterr().err
+
+
+def test_attention_dropout_is_turned_off_with_a_note(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """anymask attention has no dropout: a config with some trains (in train mode) with none, and says so."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
+    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1), model=model)
+    assert len(result.losses) == 1
+    assert "attention dropout 0.1 -> 0" in capsys.readouterr().err

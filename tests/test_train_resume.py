@@ -61,6 +61,9 @@ def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # 
     relative = train(config(os.path.relpath(tiny_model_dir), "sft", data, tmp_path / "d", max_steps=2,
                             resume=str(tmp_path / "a" / "checkpoint-000001")))  # the same model, spelled otherwise
     assert [h["step"] for h in relative.history] == [2]
+    with pytest.warns(UserWarning, match=r"lr 0.005 -> 0.5\).*schedule .* stays the checkpoint's"):
+        train(config(tiny_model_dir, "sft", data, tmp_path / "e", max_steps=2, lr=0.5,
+                     resume=str(tmp_path / "a" / "checkpoint-000001")))
     with pytest.warns(UserWarning, match=r"changed settings \(lora_alpha 16 -> 32\)"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=2, lora_alpha=32,
                      resume=str(tmp_path / "a" / "checkpoint-000001")))

@@ -36,11 +36,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     chosen = choose(p, backend)
     if backend != "auto":
         return chosen.run(q, k, v, p)
-    tried = []
+    tried, transient = [], False
     while True:
         try:
             out = chosen.run(q, k, v, p)
         except _fallback_errors() as exc:
+            transient = transient or isinstance(exc, torch.OutOfMemoryError)
             tried.append(chosen.name)
             rest = [n for n in candidates(p) if n not in tried]
             if not rest:
@@ -51,7 +52,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
                           stacklevel=2)
             chosen = B.get(rest[0])
             continue
-        if tried:
+        if tried and not transient:  # out of memory may pass: do not pin the fallback for it
             remember(p, chosen.name)
         return out
 

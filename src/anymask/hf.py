@@ -242,6 +242,9 @@ def _call_policy(module, kwargs):
     return spec, backend
 
 
+_BLOCKED = -1e4  # an additive mask value at or below this hides the key
+
+
 def _keys_from_tensor(attention_mask, key):
     """A mask that did not come from our mask function: None, 2-D padding, or an explicit 4-D mask."""
     if attention_mask is None:
@@ -256,12 +259,11 @@ def _keys_from_tensor(attention_mask, key):
         if not attention_mask.is_floating_point():
             raise TypeError(f"a 4-D attention_mask must be bool (True = attend) or an additive float mask "
                             f"(0 = attend, large negative = not), got {attention_mask.dtype}")
-        blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        blocked = attention_mask <= _BLOCKED  # finfo.min, -1e9, -1e4, -inf: exp() of them is 0
         if bool(((attention_mask != 0) & ~blocked).any()):  # one host sync, on this explicit-mask path only
             shown = attention_mask[(attention_mask != 0) & ~blocked][0].item()
             raise ValueError(f"a float 4-D attention_mask holds a bias ({shown:g}): anymask runs masks, not "
-                             "additive biases; give 0 (attend) and a large negative value or -inf (not) only, "
-                             "or a bool mask")
+                             f"additive biases; give 0 (attend) or <= {_BLOCKED:g} / -inf (not) only, or a bool mask")
         return ~blocked
     raise ValueError(f"unexpected attention_mask of shape {list(attention_mask.shape)}")
 

@@ -195,7 +195,7 @@ def _prefix_lengths(kwargs, kv_len: int, first_key: int) -> torch.Tensor | None:
     return (first_cont.long() + (total - T) - first_key).clamp(0, kv_len)
 
 
-_LAST_IDS: list = []  # [(source tensor weakref, its _version, sizes, ids)]: one entry, reused across layers
+_LAST_IDS: list = []  # [(source weakref, versions and sizes, ids, padding weakref)]: one entry, reused across layers
 
 
 def _document_ids(kwargs, q_len: int, kv_len: int, batch: int,
@@ -208,12 +208,13 @@ def _document_ids(kwargs, q_len: int, kv_len: int, batch: int,
         return None
     if source.is_inference() or (valid is not None and valid.is_inference()):  # no version counter: not cached
         return _find_document_ids(kwargs, q_len, kv_len, batch, valid)
-    key = (source._version, q_len, kv_len, batch, None if valid is None else (id(valid), valid._version))
+    key = (source._version, q_len, kv_len, batch, None if valid is None else valid._version)
     entry = _LAST_IDS[0] if _LAST_IDS else None
-    if entry is not None and entry[0]() is source and entry[1] == key:
+    if (entry is not None and entry[0]() is source and entry[1] == key
+            and (entry[3] is None if valid is None else entry[3]() is valid)):
         return entry[2]
     ids = _find_document_ids(kwargs, q_len, kv_len, batch, valid)
-    _LAST_IDS[:] = [(weakref.ref(source), key, ids)]
+    _LAST_IDS[:] = [(weakref.ref(source), key, ids, None if valid is None else weakref.ref(valid))]
     return ids
 
 

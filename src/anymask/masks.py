@@ -47,6 +47,7 @@ natively without ever building an ``S x S`` tensor; see :func:`anymask.structure
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 import warnings
 from typing import Callable, Sequence
@@ -121,11 +122,12 @@ def _tensors(mask: Mask):
         yield from _tensors(child)
 
 
-def _captured(fn, depth: int = 0):
+def _captured(fn, depth: int = 0, budget: list | None = None):
     """Tensors a custom ``mask_mod`` reads besides its arguments: closure cells, defaults, globals it
     names, a bound method's object or a callable object's attributes, a ``functools.partial``'s
     arguments; looked for inside lists, tuples, dicts and plain objects (an ``nn.Module``'s
-    buffers too), and in the functions those name, to a bounded depth."""
+    buffers and parameters too), and in the functions those name: three levels deep, the first 256
+    items of a container, 4096 values in all."""
     values = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "args", None) or ()),
               *((getattr(fn, "keywords", None) or {}).values())]
     for cell in getattr(fn, "__closure__", None) or ():
@@ -141,15 +143,20 @@ def _captured(fn, depth: int = 0):
     elif code is None and hasattr(fn, "__dict__"):  # a callable object
         values += list(vars(fn).values())
     seen: set[int] = {id(fn)}
+    budget = [_SEARCH_NODES] if budget is None else budget
     for value in values:
-        yield from _tensors_within(value, depth, seen)
+        yield from _tensors_within(value, depth, seen, budget)
 
 
 _SEARCH_DEPTH = 3  # container / attribute / function levels followed from a mask_mod
-_SEARCH_WIDTH = 256  # items looked at per container, so a big global table costs little per call
+_SEARCH_WIDTH = 256  # items looked at per container
+_SEARCH_NODES = 4096  # values looked at per mask_mod in all: a big global table costs little per call
 
 
-def _tensors_within(value, depth: int, seen: set):
+def _tensors_within(value, depth: int, seen: set, budget: list):
+    if budget[0] <= 0:
+        return
+    budget[0] -= 1
     if isinstance(value, torch.Tensor):
         yield value
         return
@@ -158,18 +165,18 @@ def _tensors_within(value, depth: int, seen: set):
         return
     seen.add(id(value))
     if isinstance(value, dict):
-        items = list(value.values())
+        items = value.values()
     elif isinstance(value, (list, tuple, set, frozenset)):
-        items = list(value)
+        items = value
     elif isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
-        yield from _captured(value, depth + 1)
+        yield from _captured(value, depth + 1, budget)
         return
     elif hasattr(value, "__dict__"):
-        items = list(vars(value).values())
+        items = vars(value).values()
     else:
         return
-    for item in items[:_SEARCH_WIDTH]:
-        yield from _tensors_within(item, depth + 1, seen)
+    for item in itertools.islice(items, _SEARCH_WIDTH):
+        yield from _tensors_within(item, depth + 1, seen, budget)
 
 
 def expand_mask_mod_output(mask: Mask, out, shape: tuple[int, int, int, int]) -> torch.Tensor:
@@ -197,7 +204,14 @@ def stamp(mask: Mask) -> tuple:
     read = [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
     if any(t.is_inference() for t in read):
         _warn_unversioned()
-    return tuple((t.data_ptr(), version(t)) for t in list(_tensors(mask)) + read)
+    return tuple((_address(t), version(t)) for t in list(_tensors(mask)) + read)
+
+
+def _address(t: torch.Tensor):
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # tensor subclasses without storage (a sharded DTensor): its identity
+        return id(t)
 
 
 @functools.lru_cache(maxsize=1)

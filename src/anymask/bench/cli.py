@@ -235,11 +235,10 @@ def _bench(args) -> int:
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag
-    if not args.out and (out / f"{tag}.json").exists():  # the default place holds results: keep them
-        out = out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    if not args.out and (any(out.glob("*.json")) or any(out.glob("*.png"))):
+        out = out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())  # the default place holds results: keep them
         out.mkdir(parents=True, exist_ok=True)
-        print(f"anymask bench: {out.parent / tag}.json exists; writing to {out} (--out DIR to choose)",
-              file=sys.stderr)
+        print(f"anymask bench: {out.parent} holds results; writing to {out} (--out DIR to choose)", file=sys.stderr)
     meta = env.metadata(device)
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,

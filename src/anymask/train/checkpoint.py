@@ -119,9 +119,10 @@ def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra
 # Settings a checkpoint's weights or optimizer state depend on: resuming with others is an error.
 MUST_MATCH = ("model", "gguf_file", "task", "dtype", "lora_r", "lora_targets")
 # Settings that change what the rest of the run computes or sees: resuming with others warns.
+# (lr, warmup_steps, max_steps, epochs: the checkpoint's learning-rate schedule is restored as it was saved)
 CHANGES_THE_RUN = ("data", "tokens_per_batch", "truncate", "grad_accum", "data_shards", "seed", "eval_fraction",
                    "lora_alpha", "lora_dropout", "weight_decay", "warmup_steps", "temperature", "mask_token",
-                   "mask_token_id")
+                   "mask_token_id", "lr", "max_steps", "epochs", "max_grad_norm")
 
 
 def check_config(path: Path, config: dict) -> None:
@@ -143,10 +144,13 @@ def check_config(path: Path, config: dict) -> None:
     wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in MUST_MATCH if differs(k)]
     if wrong:
         raise ConfigError(f"cannot resume from {path}: it was saved with other settings ({'; '.join(wrong)})")
-    changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in CHANGES_THE_RUN if differs(k)]
+    changed_keys = [k for k in CHANGES_THE_RUN if differs(k)]
+    changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed_keys]
     if changed:
+        schedule = any(k in changed_keys for k in ("lr", "warmup_steps", "max_steps", "epochs"))
         warnings.warn(f"resuming from {path} with changed settings ({'; '.join(changed)}): the rest of the run "
-                      "differs from an uninterrupted one", stacklevel=2)
+                      "differs from an uninterrupted one" + ("; the learning-rate schedule (peak lr, warm-up, "
+                      "length) stays the checkpoint's" if schedule else ""), stacklevel=2)
 
 
 def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:

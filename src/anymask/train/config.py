@@ -90,8 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ConfigError(f"max_grad_norm must be > 0 (or None for no clipping), got {self.max_grad_norm}")
+        if self.max_grad_norm is not None and not self.max_grad_norm >= 0:
+            raise ConfigError(f"max_grad_norm must be >= 0 (0 or None: no clipping), got {self.max_grad_norm}")
         if self.lora_dropout > 0 and self.kernels in ("liger+lora", "lora"):
             raise ConfigError(f"--kernels {self.kernels}: the fused LoRA has no dropout; use --lora-dropout 0, "
                               "or --kernels auto / liger to run peft's LoRA with dropout")

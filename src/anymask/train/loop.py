@@ -101,8 +101,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         failure = exc
     d.agree(failure)
     if cfg.eval_every and d.sum(len(eval_rows)) == 0:
-        raise ConfigError(f"--eval-every {cfg.eval_every} needs eval data: --eval-data FILE, or --eval-fraction F "
-                          "large enough to hold out at least one example")
+        raise ConfigError(f"--eval-every {cfg.eval_every} needs eval data: --eval-data FILE, --eval-fraction F "
+                          "large enough to hold out at least one example, or eval_examples= (Python API, when "
+                          "examples= is given)")
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)

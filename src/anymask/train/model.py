@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -81,6 +82,7 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
     if attn == "anymask":
         import anymask.hf
 
+        _without_attention_dropout(model)
         anymask.hf.set_mask(model, task.spec, backend=backend)
     elif model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
@@ -110,6 +112,29 @@ def decoder_layers(peft_model) -> list[torch.nn.Module]:
     if layers is None:
         raise ConfigError(f"cannot find decoder layers in {type(base).__name__} for FSDP2")
     return list(layers)
+
+
+def _without_attention_dropout(model) -> None:
+    """anymask's attention has no dropout: set the model's attention-probability dropout to 0 (what
+    transformers passes as ``dropout``: a config value copied to the attention modules, or their
+    ``attn_dropout`` layer), saying so when it was not 0 already."""
+    found = []
+    for module in model.modules():
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate:
+            found.append(rate)
+            module.attention_dropout = 0.0
+        layer = getattr(module, "attn_dropout", None)
+        if isinstance(layer, torch.nn.Dropout) and layer.p:
+            found.append(layer.p)
+            layer.p = 0.0
+    for name in ("attention_dropout", "attn_pdrop"):
+        if getattr(model.config, name, 0.0):
+            found.append(getattr(model.config, name))
+            setattr(model.config, name, 0.0)
+    if found:
+        print(f"anymask train: attention dropout {max(found)} -> 0 (anymask attention has no dropout; "
+              "--attn sdpa keeps it)", file=sys.stderr)
 
 
 def load_adapter(model_path: str, adapter_dir: str, *, task: str | None = None, dtype: str = "fp32",
