@@ -10,7 +10,13 @@ from anymask.train.cli import main
 from anymask.train.config import ConfigError
 
 from .test_train_helpers import config, tiny_model_dir, write_jsonl  # noqa: F401  (fixture)
-from .test_train_checkpoint import EXAMPLES
+from .test_train_checkpoint import EXAMPLES, _data
+
+
+def _train_sft(model, data, tmp_path, *extra) -> int:
+    """``anymask train --task sft`` on ``data`` into ``tmp_path/out``; its exit code."""
+    return main(["--model", model, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
+                 "--no-progress", *extra])
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -35,21 +41,21 @@ def test_layers_train_in_train_mode_without_eval_data(tiny_model_dir, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # eval mode, as loaded
     modes = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda m, args: modes.append(m.training))
-    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    data = _data(tmp_path, "sft", 8)
     train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, gradient_checkpointing=True),
           model=model)
     assert modes == [True, True]
 
 
 def test_auto_kernels_say_the_fused_lora_is_off_under_dropout(tiny_model_dir, tmp_path):  # noqa: F811
-    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    data = _data(tmp_path, "sft", 8)
     result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, lora_dropout=0.1))
     assert "fused LoRA" not in result.kernels.split(";")[0]
     assert "no fused LoRA: lora_dropout 0.1" in result.kernels
 
 
 def test_embedding_rows_of_one_pair_exit_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
-    data = write_jsonl(tmp_path / "e.jsonl", (EXAMPLES / "embedding.jsonl").read_text().splitlines()[:12])
+    data = _data(tmp_path, "embedding", 12)
     code = main(["--model", tiny_model_dir, "--task", "embedding", "--data", data, "--output-dir",
                  str(tmp_path / "out"), "--no-progress", "--dtype", "fp32", "--tokens-per-batch", "17",
                  "--truncate", "--max-steps", "1"])
@@ -59,9 +65,8 @@ def test_embedding_rows_of_one_pair_exit_2(tiny_model_dir, tmp_path, capsys):  #
 
 
 def test_flex_attention_on_cpu_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
-    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
-    code = main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
-                 "--no-progress", "--max-steps", "1", "--attn", "flex_attention"])
+    data = _data(tmp_path, "sft", 8)
+    code = _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--attn", "flex_attention")
     assert code == 2
     assert "flex_attention cannot train on cpu" in capsys.readouterr().err
 
@@ -85,9 +90,8 @@ def test_truncated_embedding_query_is_all_prompt(tiny_model_dir, tmp_path):  # n
 
 
 def test_eval_every_without_eval_data_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
-    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
-    code = main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "out"),
-                 "--no-progress", "--max-steps", "2", "--eval-every", "1"])
+    data = _data(tmp_path, "sft", 8)
+    code = _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "2", "--eval-every", "1")
     assert code == 2
     assert "--eval-every 1 needs eval data" in capsys.readouterr().err
 
@@ -96,7 +100,7 @@ def test_load_adapter_takes_the_task_it_was_trained_for(tiny_model_dir, tmp_path
     import anymask.hf
     from anymask.train import load_adapter
 
-    data = write_jsonl(tmp_path / "e.jsonl", (EXAMPLES / "embedding.jsonl").read_text().splitlines()[:12])
+    data = _data(tmp_path, "embedding", 12)
     result = train(config(tiny_model_dir, "embedding", data, tmp_path / "out", max_steps=1, save_every=1))
     for adapter in (result.adapter_dir, tmp_path / "out" / "checkpoint-000001" / "adapter"):
         assert anymask.hf.get_mask(load_adapter(tiny_model_dir, str(adapter)))[0] == "bidirectional"
@@ -123,7 +127,7 @@ def test_attention_dropout_is_turned_off_with_a_note(tiny_model_dir, tmp_path, c
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
-    data = write_jsonl(tmp_path / "d.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:8])
+    data = _data(tmp_path, "sft", 8)
     result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1), model=model)
     assert len(result.losses) == 1
     assert "attention dropout 0.1 -> 0" in capsys.readouterr().err

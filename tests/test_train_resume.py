@@ -11,17 +11,13 @@ import pytest
 from anymask.train import packing, train
 from anymask.train.config import ConfigError
 
-from .test_train_helpers import config, tiny_model_dir, write_jsonl  # noqa: F401  (fixture)
-from .test_train_checkpoint import EXAMPLES
-
-
-def _sft(tmp_path, n):
-    return write_jsonl(tmp_path / "sft.jsonl", (EXAMPLES / "sft.jsonl").read_text().splitlines()[:n])
+from .test_train_helpers import config, tiny_model_dir  # noqa: F401  (fixture)
+from .test_train_checkpoint import _data
 
 
 def test_resume_in_a_later_epoch_with_a_different_step_count(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(packing, "WINDOW", 8)  # small packing windows: epochs pack to 5 and 6 steps
-    data = _sft(tmp_path, 30)
+    data = _data(tmp_path, "sft", 30)
     kw = dict(tokens_per_batch=96, truncate=True, max_steps=12)
     full = train(config(tiny_model_dir, "sft", data, tmp_path / "a", save_every=7, **kw))
     tokens = [h["tokens"] for h in full.history]
@@ -47,13 +43,13 @@ def test_epoch_step_counts_differ_under_the_small_window(tiny_model_dir, tmp_pat
 
     monkeypatch.setattr(packing, "WINDOW", 8)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    examples = D.tokenize(D.read_records(_sft(tmp_path, 30), "sft"), tok, "sft", 96, truncate=True)
+    examples = D.tokenize(D.read_records(_data(tmp_path, "sft", 30), "sft"), tok, "sft", 96, truncate=True)
     stream = Stream({0: examples}, 96, 1, 0, Dist(0, 1, torch.device("cpu"), "none"))
     assert stream.steps_in_epoch(0) < stream.steps_in_epoch(1)
 
 
 def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # noqa: F811
-    data = _sft(tmp_path, 20)
+    data = _data(tmp_path, "sft", 20)
     train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=2, save_every=1))
     with pytest.raises(ConfigError, match=r"cannot resume .*lora_r 8 -> 4"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=3, lora_r=4,

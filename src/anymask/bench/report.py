@@ -136,12 +136,6 @@ def summary_table(cases: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plain(x):
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    return x
-
-
 def write_csv(rows: list[Row], path: Path) -> None:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -152,7 +146,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
 
 def write_json(rows: list[Row], cases: list[dict], meta: dict, line: dict, path: Path) -> None:
     doc = {"meta": meta, "summary": line, "cases": cases,
-           "rows": [{k: _plain(v) for k, v in r.as_dict().items()} for r in rows]}
+           "rows": [r.as_dict() for r in rows]}
     path.write_text(json.dumps(_finite(doc), indent=1, default=str, allow_nan=False) + "\n")
 
 
