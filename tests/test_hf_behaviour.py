@@ -40,14 +40,17 @@ def test_packed_batch_equals_each_document_alone(family, spec, route):
 
 
 def test_cu_seq_lens_alone_separate_documents():
-    """Without position-id resets, TRL's cu_seq_lens still split the row."""
+    """Without position-id resets, TRL's cu_seq_lens still split the row: each document as if alone
+    (positions keep counting across the row, so each is compared with its own positions)."""
     model = anymask.hf.set_mask(tiny_model("llama"), "bidirectional")
     docs, ids, _, cu = _packed()
     n = max(LENGTHS)
     split = last_hidden(model, input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
-    whole = last_hidden(model, input_ids=ids)
-    first = len(docs[0])
-    assert not torch.allclose(split[:, :first], whole[:, :first], atol=1e-4)
+    starts = cu[:-1].tolist()
+    alone = torch.cat([last_hidden(model, input_ids=d.unsqueeze(0), position_ids=torch.arange(s, s + len(d)).unsqueeze(0))
+                       for d, s in zip(docs, starts)], dim=1)
+    torch.testing.assert_close(split, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(split, last_hidden(model, input_ids=ids), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
@@ -131,11 +134,20 @@ def test_set_mask_switches_implementation_and_errors_are_clear():
         model(torch.randint(0, VOCAB, (1, 6)), prefix_lengths=[2])
 
 
-def test_forced_backend_is_used():
-    model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend="eager")
+@pytest.mark.parametrize("forced", ["eager", "sdpa", "flex"])
+def test_forced_backend_is_used(forced, monkeypatch):
+    """``set_mask(..., backend=X)`` runs every layer on X and nothing else (counted on the backends)."""
+    from anymask.backend import get
+
+    calls = []
+    for name in ("eager", "sdpa", "flex", "varlen"):
+        cls = type(get(name))
+        monkeypatch.setattr(cls, "run", lambda self, *a, _run=cls.run, **kw: calls.append(self.name) or _run(self, *a, **kw))
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend=forced)
     ids = torch.randint(0, VOCAB, (2, 7))
-    sdpa = twin(model, "sdpa")
-    torch.testing.assert_close(last_hidden(model, input_ids=ids), last_hidden(sdpa, input_ids=ids), atol=1e-5, rtol=1e-5)
+    ours = last_hidden(model, input_ids=ids)
+    assert calls and set(calls) == {forced}, calls
+    torch.testing.assert_close(ours, last_hidden(twin(model, "sdpa"), input_ids=ids), atol=1e-5, rtol=1e-5)
 
 
 def test_any_mask_as_spec_matches_eager_with_that_mask():

@@ -186,6 +186,22 @@ def test_float_4d_mask_with_a_bias_is_refused():
                                    last_hidden(model, input_ids=ids, attention_mask=causal))
 
 
+@pytest.mark.parametrize("as_float", [False, True], ids=["bool", "additive"])
+def test_explicit_4d_mask_is_taken_as_given(as_float):
+    """A 4-D mask replaces the policy (as in transformers): a random, non-causal one, vs eager."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal")
+    torch.manual_seed(12)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    allowed = (torch.rand(2, 1, 7, 7) < 0.5) | torch.eye(7, dtype=torch.bool)  # [B, 1, S, S], self always
+    assert (allowed & ~torch.ones(7, 7, dtype=torch.bool).tril()).any()  # sees later tokens somewhere
+    eager = twin(model, "eager")
+    ref = last_hidden(eager, input_ids=ids, attention_mask=as_eager_mask(eager, lambda w: allowed, torch.float32))
+    given = as_eager_mask(model, lambda w: allowed, torch.float32) if as_float else allowed
+    torch.testing.assert_close(last_hidden(model, input_ids=ids, attention_mask=given), ref, atol=1e-5, rtol=1e-5)
+    causal = last_hidden(model, input_ids=ids)
+    assert not torch.allclose(causal, ref, atol=1e-4)
+
+
 def test_attention_mask_shorter_than_the_input_is_refused():
     model = anymask.hf.set_mask(tiny_model("llama"), "causal")
     ids = torch.randint(3, VOCAB, (1, 9))

@@ -65,3 +65,44 @@ def test_prefix_lm_generation_bidirectional_prompt_causal_continuation(family):
     reference = _prefix_lm_reference(twin(model, "eager"), ids, valid, ids.shape[1])
     assert torch.equal(ours, reference), f"\n{ours}\n{reference}"
     assert anymask.hf.get_mask(model) is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "eager"])
+def test_unpadded_generation_scores_match_sdpa(backend):
+    """No padding: each cached decoding step is a plain causal call with fewer queries than keys
+    (bottom-right aligned); its logits, step by step, equal transformers' sdpa."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "causal", backend=backend)
+    ids, _ = _prompts()
+    valid = torch.ones_like(ids)
+    kw = dict(attention_mask=valid, max_new_tokens=NEW, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        ours, theirs = model.generate(ids, **kw), twin(model, "sdpa").generate(ids, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_lm_chunked_prefill_with_token_types_of_this_call_only():
+    """Prompt fed in two cached calls, ``token_type_ids`` covering only each call's tokens: the second
+    call's prompt tokens still see each other (and the first chunk), its answer tokens are causal."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
+    eager = twin(model, "eager")
+    torch.manual_seed(9)
+    ids = torch.randint(1, VOCAB, (1, 9))
+    types = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 1]])  # prompt of 6, answer of 3
+    first, second = slice(0, 3), slice(3, 9)
+
+    def allowed(q_from, q_to, prefix=6):  # [1, 1, q, kv]: keys < prefix, or causal
+        q = torch.arange(q_from, q_to).view(-1, 1)
+        kv = torch.arange(q_to).view(1, -1)
+        return ((kv < min(prefix, q_to)) | (kv <= q)).view(1, 1, q_to - q_from, q_to)
+
+    with torch.no_grad():
+        head = model(ids[:, first], token_type_ids=types[:, first], use_cache=True)
+        ours = model(ids[:, second], token_type_ids=types[:, second], past_key_values=head.past_key_values).logits
+        head = eager(ids[:, first], attention_mask=as_eager_mask(eager, lambda w: allowed(0, 3, prefix=3), torch.float32),
+                     use_cache=True)
+        ref = eager(ids[:, second], attention_mask=as_eager_mask(eager, lambda w: allowed(3, 9), torch.float32),
+                    past_key_values=head.past_key_values).logits
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)

@@ -354,6 +354,21 @@ def test_documents_lengths_as_tensor_or_array():
     assert torch.equal(M.documents(lengths=np.array([1, 3])).to_dense(1, 1, 4, 4), ref)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])
+def test_dense_mask_sees_in_place_edits_of_its_tensor(backend):
+    """``masks.dense`` keeps a view: editing the tensor changes the mask, caches included."""
+    table = torch.ones(6, 6, dtype=torch.bool).tril()  # [Sq, Skv]
+    m = M.dense(table)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    if anymask.backends(q, k, v, m)[backend]["reasons"]:
+        pytest.skip(f"{backend} does not run this mask here")
+    first = anymask.attention(q, k, v, m, backend=backend)
+    table[3:, :2] = False
+    second = anymask.attention(q, k, v, m, backend=backend)
+    torch.testing.assert_close(second, anymask.attention(q, k, v, M.dense(table.clone()), backend="eager"))
+    assert not torch.allclose(first[:, :, 3:], second[:, :, 3:])
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])  # varlen declines custom masks
 def test_custom_mask_sees_in_place_edits_of_the_tensors_it_reads(backend):
     table = torch.ones(6, dtype=torch.bool)
