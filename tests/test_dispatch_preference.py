@@ -31,7 +31,7 @@ ROWS = [  # (device, dtype, mask, the order the docstring gives)
     ("cuda", torch.float32, M.window(16, 0), ("triton", "sdpa", "flex")),
     ("cuda", torch.float32, CUSTOM, ("triton", "sdpa", "flex")),
     ("cpu", torch.float32, M.causal(), ("sdpa", "flex")),
-    ("cpu", torch.float32, M.window(16, 0), ("flex", "sdpa")),
+    ("cpu", torch.float32, M.window(16, 0), ("sdpa", "flex")),  # S 64: below _CPU_SHORT
 ]
 
 
@@ -77,3 +77,10 @@ def test_cpu_packed_preference_depends_on_length(kv_len, order):
     q = torch.zeros(1, 1, kv_len, 8)
     p = describe(q, q, q, M.documents(lengths=[[kv_len // 2, kv_len - kv_len // 2]]), None)
     assert dispatch.static_preference(p) == (*order, "eager")
+
+
+@pytest.mark.parametrize("kv_len, order", [(1024, ("flex", "sdpa")), (256, ("sdpa", "flex"))])
+@pytest.mark.parametrize("mask", [M.window(16, 0), M.prefix_lm(16), CUSTOM], ids=["window", "prefix_lm", "custom"])
+def test_cpu_structured_preference_depends_on_length(mask, kv_len, order):
+    q = torch.zeros(1, 1, kv_len, 8)
+    assert dispatch.static_preference(describe(q, q, q, mask, None)) == (*order, "eager")

@@ -114,6 +114,20 @@ def test_prefix_from_token_type_ids_equals_prefix_lengths():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("types,both,match", [
+    ([[0, 0, 0, 1, 1, 1, 1, 1, 1]], False, r"shape \[1, 9\] do not fit this call: give \[1, T\] with T = 10"),
+    ([0, 0, 0, 1, 1, 1, 1, 1, 1, 1], False, r"shape \[10\] do not fit"),
+    ([[0, 0, 0, 1, 1, 2, 1, 1, 1, 1]], False, "0 \\(prefix\\) and 1 \\(continuation\\) only, got 2"),
+    ([[0, 0, 0, 1, 1, 1, 1, 1, 1, 1]], True, "prefix_lengths= or token_type_ids, not both"),
+])
+def test_token_type_ids_that_do_not_fit_are_refused(types, both, match):
+    model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
+    ids = torch.randint(0, VOCAB, (1, 10))
+    extra = {"prefix_lengths": [2]} if both else {}
+    with pytest.raises(ValueError, match=match):
+        last_hidden(model, input_ids=ids, token_type_ids=torch.tensor(types), **extra)
+
+
 def test_set_mask_switches_implementation_and_errors_are_clear():
     model = tiny_model("llama", attn="sdpa")
     anymask.hf.set_mask(model, "bidirectional", backend="eager")

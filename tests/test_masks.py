@@ -352,6 +352,21 @@ def test_documents_lengths_as_tensor_or_array():
     ref = M.documents(lengths=[1, 3]).to_dense(1, 1, 4, 4)
     assert torch.equal(M.documents(lengths=torch.tensor([1, 3])).to_dense(1, 1, 4, 4), ref)
     assert torch.equal(M.documents(lengths=np.array([1, 3])).to_dense(1, 1, 4, 4), ref)
+    assert torch.equal(M.documents(lengths=[np.int64(1), 3]).to_dense(1, 1, 4, 4), ref)
+    assert torch.equal(M.documents(lengths=[[1, np.int32(3)]]).to_dense(1, 1, 4, 4), ref)
+    assert torch.equal(M.window(np.int64(1), torch.tensor(0)).to_dense(1, 1, 4, 4), M.window(1).to_dense(1, 1, 4, 4))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: M.documents(lengths=[2, True]), r"positive ints .*\[2, True\]"),
+    (lambda: M.documents(lengths=[2.0, 3]), "positive ints"),
+    (lambda: M.window(True), "non-negative int"),
+    (lambda: M.window(1.5), "non-negative int"),
+    (lambda: M.prefix_lm(torch.tensor([[1, 2], [3, 4]])), r"one per batch row \(\[B\]\), got shape \[2, 2\]"),
+])
+def test_constructor_arguments_of_the_wrong_kind_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])

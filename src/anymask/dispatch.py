@@ -24,7 +24,9 @@ Static preference (used until ``anymask tune`` has measured this machine), first
     cpu     any        full or causal                              sdpa, flex
     cpu     any        documents or padding, kv_len >= 512         varlen, flex, sdpa
     cpu     any        documents or padding, kv_len < 512          sdpa, varlen, flex
-    cpu     any        anything else (window, prefix-LM...)        flex, sdpa
+    cpu     any        anything else (window, prefix-LM...),       flex, sdpa
+                       kv_len >= 512
+    cpu     any        anything else, kv_len < 512                 sdpa, flex
     any     any        (last resort)                               eager
 
 The order is what won on an H200 (torch 2.11, Triton 3.6; ``benchmarks/results/nvidia-h200``,
@@ -45,7 +47,9 @@ against cuDNN's 401, prefix-LM at 521 against 448.  cuDNN stays ahead on packed 
 346) and padding (506 vs 420); elsewhere ``fa4`` comes last, and ``anymask tune`` ranks it by
 measurement.
 Backends that decline a problem (e.g. Triton and cuDNN for opaque masks) are skipped by their
-reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen).
+reasons.  On CPU, FlexAttention runs only forward (training falls through to sdpa/varlen), and
+below 512 keys SDPA goes first: flex's steady-state lead there (2.8 against 3.9 ms at S 256) does not
+repay its compile, several seconds for every new shape.
 
 Unknown or uninstalled backends in these lists are skipped; ``eager`` can always run.  ``auto``
 remembers its decision per mask object and call shape until the measured choices change.  When a
@@ -77,6 +81,7 @@ _CPU_PACKED_SHORT = ("sdpa", "varlen", "flex")  # below ~512 tokens per-segment 
 _CPU_SHORT = 512
 _CPU_PLAIN = ("sdpa", "flex")
 _CPU_STRUCTURED = ("flex", "sdpa")
+_CPU_STRUCTURED_SHORT = ("sdpa", "flex")  # below _CPU_SHORT keys flex's compile costs more than it saves
 
 
 def static_preference(p: Problem) -> tuple[str, ...]:
@@ -107,7 +112,7 @@ def static_preference(p: Problem) -> tuple[str, ...]:
         if packed:
             order = _CPU_PACKED if p.kv_len >= _CPU_SHORT else _CPU_PACKED_SHORT
         else:
-            order = _CPU_PLAIN if plain else _CPU_STRUCTURED
+            order = _CPU_PLAIN if plain else _CPU_STRUCTURED if p.kv_len >= _CPU_SHORT else _CPU_STRUCTURED_SHORT
     return (*order, "eager")
 
 

@@ -130,6 +130,7 @@ def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if kwargs.get("prefix_lengths") is not None and ids is not None:
         raise ValueError("prefix_lengths= gives one prefix per row, but this row packs several documents: "
                          "pass token_type_ids (0 = prefix, 1 = continuation) to give each document its prefix")
+    _check_token_types(kwargs, q_len, kv_len, batch, first_key)
     groups = _prefix_groups(kwargs, kv_len, first_key, ids)
     if groups is not None:
         return masks.causal() | masks.documents(groups)
@@ -151,6 +152,24 @@ def _relative(mask: masks.Mask) -> bool:
         return True
     children = mask.children() if hasattr(mask, "children") else ()
     return bool(children) and all(_relative(c) for c in children)
+
+
+def _check_token_types(kwargs, q_len: int, kv_len: int, batch: int, first_key: int) -> None:
+    """``token_type_ids`` for prefix_lm: ``[B, T]`` of 0/1, T = this call's tokens or every position so
+    far, and not together with ``prefix_lengths`` (one host sync, once per forward: the mask is cached)."""
+    types = kwargs.get("token_type_ids")
+    if types is None:
+        return
+    if kwargs.get("prefix_lengths") is not None:
+        raise ValueError("give the prefix once: prefix_lengths= or token_type_ids, not both")
+    total = first_key + kv_len
+    if types.dim() != 2 or types.shape[0] not in (1, batch) or types.shape[1] not in (q_len, total):
+        spans = f"{q_len} (this call's tokens)" + (f" or {total} (every position so far)" if total != q_len else "")
+        raise ValueError(f"token_type_ids of shape {list(types.shape)} do not fit this call: give [{batch}, T] "
+                         f"with T = {spans}")
+    if types.dtype == torch.bool or bool(((types != 0) & (types != 1)).any()):
+        shown = "bool" if types.dtype == torch.bool else f"{types[(types != 0) & (types != 1)][0].item()}"
+        raise ValueError(f"token_type_ids for prefix_lm hold 0 (prefix) and 1 (continuation) only, got {shown}")
 
 
 def _prefix_groups(kwargs, kv_len: int, first_key: int, ids) -> torch.Tensor | None:

@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import types
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -102,16 +103,46 @@ class Mask:
 
     def picture(self, q_len: int = 12, kv_len: int | None = None, *, batch: int = 0, head: int = 0,
                 batch_size: int | None = None) -> str:
-        """ASCII grid of one batch row / head: ``#`` may attend, ``.`` may not."""
+        """ASCII grid of one batch row / head: ``#`` may attend, ``.`` may not.  The mask is built for
+        ``batch_size`` rows (default: as many as its tensors hold, at least ``batch + 1``)."""
         kv_len = q_len if kv_len is None else kv_len
-        batch_size = batch + 1 if batch_size is None else batch_size
-        grid = self.to_dense(batch_size, head + 1, q_len, kv_len, device="cpu")[batch, head]
+        held_batch, held_heads = _held_sizes(self)
+        if batch_size is not None:
+            _check_drawn("batch", batch, batch_size, f"batch_size={batch_size}")
+        elif held_batch > 1:
+            _check_drawn("batch", batch, held_batch, f"{self!r} holds {held_batch} batch rows, 0 to {held_batch - 1}")
+        batch_size = batch_size or max(held_batch, _drawn_index("batch", batch) + 1)
+        if held_heads > 1:
+            _check_drawn("head", head, held_heads, f"{self!r} holds {held_heads} heads, 0 to {held_heads - 1}")
+        heads = max(held_heads, _drawn_index("head", head) + 1)
+        grid = self.to_dense(batch_size, heads, q_len, kv_len, device="cpu")[batch, head]
         return "\n".join(" ".join("#" if x else "." for x in row.tolist()) for row in grid)
 
     def _default_device(self) -> torch.device:
         for t in _tensors(self):
             return t.device
         return torch.device("cpu")
+
+
+def _held_sizes(mask: Mask) -> tuple[int, int]:
+    """The batch rows and heads the tensors of ``mask``'s terms hold (1 where they broadcast)."""
+    leaves = [leaf for leaf in _leaves(mask) if isinstance(leaf, _TensorMask)]
+    batch = max((t.shape[0] for leaf in leaves for t in _tensors(leaf) if t.dim()), default=1)
+    heads = max((leaf.tensor.shape[1] for leaf in leaves if isinstance(leaf, Dense)), default=1)
+    return batch, heads
+
+
+def _drawn_index(name: str, index) -> int:
+    """``picture``'s batch row or head: an int of 0 or more."""
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"picture: {name} must be an int of 0 or more, got {index!r}")
+    return index
+
+
+def _check_drawn(name: str, index, size: int, why: str) -> None:
+    """``picture``: a batch row or head outside the mask is a clear error, not a shape mismatch."""
+    if _drawn_index(name, index) >= size:
+        raise ValueError(f"picture: {name} {index} is out of range ({why})")
 
 
 def _tensors(mask: Mask):
@@ -503,10 +534,22 @@ def window(left: int | None, right: int | None = 0) -> Mask:
 
     ``window(1, 1)`` is a band of width 3; ``window(n) & causal()`` is a causal sliding window.
     """
+    bounds = {}
     for name, value in (("left", left), ("right", right)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        bounds[name] = None if value is None else _as_int(value)
+        if value is not None and (bounds[name] is None or bounds[name] < 0):
             raise ValueError(f"window: {name} must be a non-negative int or None, got {value!r}")
-    return Window(left, right)
+    return Window(bounds["left"], bounds["right"])
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is one (numpy and 0-d tensor integers too, not bools)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
@@ -539,12 +582,14 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
 def _ids_from_lengths(lengths) -> torch.Tensor:
     if hasattr(lengths, "tolist"):  # a tensor or an array
         lengths = lengths.tolist()
-    rows = [list(lengths)] if all(isinstance(x, int) for x in lengths) else [list(r) for r in lengths]
+    flat = all(_as_int(x) is not None for x in lengths)
+    rows = [list(lengths)] if flat else [list(r) if isinstance(r, Iterable) else [r] for r in lengths]
     if not rows or any(not r for r in rows):
         raise ValueError("documents: lengths must not be empty")
-    for r in rows:
-        if any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in r):
-            raise ValueError(f"documents: lengths must be positive ints, got {r}")
+    for i, r in enumerate(rows):
+        if any(_as_int(x) is None or _as_int(x) < 1 for x in r):
+            raise ValueError(f"documents: lengths must be positive ints (or one list of them per row), got {lengths!r}")
+        rows[i] = [_as_int(x) for x in r]
     totals = {sum(r) for r in rows}
     if len(totals) != 1:
         raise ValueError(f"documents: every batch row must cover the same length, got totals {sorted(totals)}")
@@ -582,6 +627,8 @@ def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
     lengths = torch.as_tensor(lengths)
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"prefix: lengths must be integers, got {lengths.dtype}")
+    if lengths.dim() > 1:
+        raise ValueError(f"prefix: lengths must be one int or one per batch row ([B]), got shape {list(lengths.shape)}")
     lengths = lengths.reshape(-1).long()
     if lengths.numel() == 0 or int(lengths.min()) < 0:
         raise ValueError(f"prefix: lengths must be non-negative and not empty, got {lengths.tolist()}")
