@@ -13,15 +13,19 @@ for l in sys.stdin:
   except Exception: print(l.rstrip()[:300])
 "; }
 M=documents_causal,documents,padding
+checks() {  # every backend vs float64 on cuda, and cuDNN's gpu tests
+  OUT=$OUT CORE_TIMEOUT=${CHECK_TIMEOUT:-300} bash scripts/gpu_core_check.sh | tail -5
+  timeout ${CHECK_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cudnn.py 2>&1 | tee $OUT/cudnn_gpu_tests.log | tail -3
+}
 if [[ $name == *H200* ]]; then
   OUT=$OUT/gqa_bhsd BENCH_TIMEOUT=${BENCH_TIMEOUT:-250} bash scripts/gpu_bench.sh --layout bhsd --heads 32:8 --dtypes bf16 --seqlens 4096 \
     --passes fwd+bwd --masks $M --backends sdpa,cudnn,triton,auto,raw_flex --deadline ${DEADLINE:-190} 2>&1 | tail -12
+  [[ ${CHECKS:-0} == 1 ]] && checks  # CHECKS=1: the correctness checks after the bench
   [[ ${PROFILE:-1} == 1 ]] || exit 0  # PROFILE=0: the bench alone, when little device time is left
   mkdir -p $OUT/h32_8
   timeout 70 python3 scripts/gpu_mask_profile.py --masks documents_causal --variants cudnn@99,cudnn@2,raw_flex --heads 32:8 --out $OUT/h32_8 2>&1 | show
 else
   # The 16-head layout profile is already committed (nvidia-h100/cudnn-layouts-16h): check the tree on
-  # this GPU instead (every backend vs float64 on cuda, and cuDNN's gpu tests).
-  OUT=$OUT CORE_TIMEOUT=${CHECK_TIMEOUT:-300} bash scripts/gpu_core_check.sh | tail -5
-  timeout ${CHECK_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cudnn.py 2>&1 | tee $OUT/cudnn_gpu_tests.log | tail -3
+  # this GPU instead.
+  checks
 fi

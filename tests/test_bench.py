@@ -289,3 +289,23 @@ def test_inputs_in_either_layout():
                settings=FAST, progress=False, layout="bshd")
     assert {r.variant for r in rows if r.status == "ok"} == {"sdpa", "eager"}
     assert all(r.max_err < 1e-4 and r.grad_err < 1e-4 for r in rows if r.status == "ok")
+
+
+def _cases(argv: list[str]) -> set[tuple]:
+    from anymask.bench.cli import _resolve
+    from anymask.cli import build_parser
+
+    _, _, cases, _, _ = _resolve(build_parser().parse_args(["bench", "--device", "cpu", *argv]))
+    return {(c.mask, c.seq, c.heads, c.kv_heads, c.mode) for c in cases}
+
+
+def test_grid_options_give_the_cases_asked_for(tmp_path):
+    both = {("causal", 64, 4, 4, "fwd"), ("causal", 64, 4, 4, "fwd+bwd")}
+    assert _cases(["--grid", "cpu", "--masks", "causal", "--seqlens", "64"]) == both  # no GQA 4:1 case
+    config = tmp_path / "grid.json"
+    config.write_text(json.dumps({"grid": "cpu", "masks": ["causal"], "seqlens": [64]}))
+    assert _cases(["--config", str(config)]) == both
+    # an option the extra parts do not vary keeps them: the cpu grid for causal has its GQA case
+    assert ("causal", 1024, 4, 1, "fwd+bwd") in _cases(["--grid", "cpu", "--masks", "causal"])
+    assert {c[1:4] for c in _cases(["--grid", "gpu", "--masks", "causal", "--dtypes", "bf16"])} == \
+        {(4096, 16, 16), (16384, 16, 16), (4096, 32, 8)}  # the fp32 part dropped

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,30 @@ def test_results_json_is_strict(tmp_path):
     report.write_json([], [], {"x": float("nan")}, {"ratio": float("inf")}, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text(), parse_constant=pytest.fail) == \
         {"meta": {"x": None}, "summary": {"ratio": None}, "cases": [], "rows": []}
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_summary_without_auto_says_null_not_false(tmp_path, capsys):
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot", "--out", str(tmp_path)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["auto_within_5pct"] is None and line["auto_within_5pct_cases"] == "0/0"
+    assert json.loads((tmp_path / "bench.json").read_text())["summary"]["auto_within_5pct"] is None
+
+
+def test_config_file_syntax_error_names_the_file_line_and_column(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text('{\n  "masks": [causal]\n}\n')
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", "--config", str(config), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert f"anymask bench: error: {config}: invalid JSON at line 2, column 13" in capsys.readouterr().err
+    config.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SystemExit):
+        bench_main(["bench", "--config", str(config), "--out", str(tmp_path)])
+    assert f"anymask bench: error: {config}: not a text file" in capsys.readouterr().err
+    if sys.version_info >= (3, 11):
+        toml = tmp_path / "bad.toml"
+        toml.write_text('masks = [causal]\n')
+        with pytest.raises(SystemExit):
+            bench_main(["bench", "--config", str(toml), "--out", str(tmp_path)])
+        assert f"anymask bench: error: {toml}: invalid TOML: " in capsys.readouterr().err

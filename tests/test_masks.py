@@ -462,3 +462,20 @@ def test_custom_mask_mod_of_the_wrong_shape_names_the_mask(backend):
         anymask.attention(q, k, v, m, backend=backend)
     with pytest.raises(ValueError, match="must broadcast"):
         M.custom(lambda b, h, q, kv: torch.ones(3, dtype=torch.bool)).picture(4)
+
+
+def test_picture_of_a_row_outside_the_mask_says_so():
+    two_rows = M.padding([[1, 1, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match=r"picture: batch 5 is out of range \(padding\(valid of shape \[2, 3\]\) "
+                                         r"holds 2 batch rows, 0 to 1\)"):
+        two_rows.picture(3, batch=5)
+    assert two_rows.picture(3, batch=1) == "# . .\n. . .\n. . ."
+    assert two_rows.picture(3) == "# # .\n# # .\n. . ."  # the rows the mask holds, not batch + 1
+    with pytest.raises(ValueError, match=r"picture: batch 2 is out of range \(batch_size=2\)"):
+        M.causal().picture(3, batch=2, batch_size=2)
+    with pytest.raises(ValueError, match="picture: batch must be an int of 0 or more, got -1"):
+        M.causal().picture(3, batch=-1)
+    two_heads = M.dense(torch.eye(3, dtype=torch.bool).expand(1, 2, 3, 3))
+    assert two_heads.picture(3, head=1) == "# . .\n. # .\n. . #"
+    with pytest.raises(ValueError, match=r"picture: head 2 is out of range \(dense\(shape \[1, 2, 3, 3\]\) holds 2 heads"):
+        two_heads.picture(3, head=2)

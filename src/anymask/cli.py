@@ -20,6 +20,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+DRAW_MAX_SEQ = 200  # a picture takes 2 columns a token: wider than a few hundred columns, no terminal shows it
+
+
+def drawable_seq(text: str) -> int:
+    """argparse type: a sequence length ``anymask draw`` can print (1 to ``DRAW_MAX_SEQ``)."""
+    value = positive_int(text)
+    if value > DRAW_MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"{value} is more than {DRAW_MAX_SEQ}: the picture takes 2 columns a "
+                                         "token (Mask.to_dense gives a bigger mask as a tensor)")
+    return value
+
+
 def _info(args) -> int:
     from .attention import backends
 
@@ -39,7 +51,9 @@ def _draw(args) -> int:
     if args.mask not in M.CATALOGUE:
         print(f"unknown mask {args.mask!r}; choose from {', '.join(M.CATALOGUE)}", file=sys.stderr)
         return 2
-    print(M.CATALOGUE[args.mask](1, args.seq).picture(args.seq))
+    from .demo import catalogue_picture
+
+    print(catalogue_picture(args.mask, args.seq))
     return 0
 
 
@@ -72,9 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     info = sub.add_parser("info", help="the backends on this machine, and why not")
     info.set_defaults(func=_info)
-    draw = sub.add_parser("draw", help="print a catalogue mask as an ASCII grid")
+    draw = sub.add_parser("draw", help="print a catalogue mask as an ASCII grid",
+                          description="Print a catalogue mask as an ASCII grid (# may attend, . may not): the second "
+                                      "of two batch rows (padding's first row is unpadded, its second 35% real tokens).")
     draw.add_argument("mask", help=", ".join(M.CATALOGUE))
-    draw.add_argument("--seq", type=positive_int, default=12)
+    draw.add_argument("--seq", type=drawable_seq, default=12, help=f"tokens, 1 to {DRAW_MAX_SEQ} (default 12)")
     draw.set_defaults(func=_draw)
     _optional_commands(sub)
     return parser

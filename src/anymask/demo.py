@@ -29,6 +29,12 @@ def _indent(text: str, pad: str = "    ") -> str:
     return "\n".join(pad + line for line in text.splitlines())
 
 
+def catalogue_picture(name: str, seq: int) -> str:
+    """The catalogue mask ``name`` for ``seq`` tokens, drawn on the last of two batch rows: the
+    padding example's first row is all tokens (no padding to see), its last row is 35% tokens."""
+    return M.CATALOGUE[name](2, seq).picture(seq, batch=1)
+
+
 def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64, model: bool = True) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -40,7 +46,7 @@ def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64,
     for name, make in M.CATALOGUE.items():
         mask = make(batch, seq)
         print(f"== {name}: {mask!r}")
-        print(_indent(make(1, 12).picture(12)))
+        print(_indent(catalogue_picture(name, 12)))
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=torch.float64) for _ in range(3))
         ref = attention(q, k, v, mask, backend="eager")
         q, k, v = (t.to(dtype) for t in (q, k, v))

@@ -8,6 +8,7 @@ so that the passes of one problem are neighbours (they share inputs and the refe
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import asdict, dataclass, fields, replace
@@ -147,7 +148,9 @@ def parse_dtype(name: str) -> str:
 def parse_heads(spec: str | int | tuple) -> tuple[int, int]:
     """``"16"`` -> (16, 16); ``"32:8"`` -> (32, 8) (query heads : kv heads)."""
     if isinstance(spec, (tuple, list)):
-        hq, hkv = (int(x) for x in spec)
+        if len(spec) != 2:
+            raise ValueError(f"heads {spec!r}: one number, or [query, kv]")
+        hq, hkv = (_count(x) for x in spec)
     elif isinstance(spec, int):
         hq = hkv = spec
     else:
@@ -177,7 +180,7 @@ def _count(value) -> int:
     """A sequence length, head dim, head count, batch or token count: a whole number of 1 or more."""
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float from a config file
         raise ValueError(f"{value!r} is not a whole number") from None
     if number < 1 or number != float(value):
         raise ValueError(f"{value!r} is not a whole number of 1 or more")
@@ -222,23 +225,51 @@ def override(grid: Grid, **options) -> Grid:
     return replace(grid, **changes)
 
 
+def override_parts(grids: tuple[Grid, ...], *layers: dict) -> tuple[Grid, ...]:
+    """A default grid's parts with each dict of options in ``layers`` (a config file's, then the
+    command line's; ``None`` = keep) applied in turn.  The parts after the first add cases that
+    differ from it in some options (the cpu grid's GQA 4:1 case: heads, seqlens and passes); a
+    part that differs in an option the user sets is dropped, so that they get the cases they asked
+    for, not extra ones at sizes they did not ask for."""
+    given = {name for options in layers for name, value in options.items() if value is not None}
+    main, extras = grids[0], grids[1:]
+    kept = (main, *(g for g in extras if not given & _differences(main, g)))
+    return tuple(functools.reduce(lambda g, options: override(g, **options), layers, g) for g in kept)
+
+
+def _differences(a: Grid, b: Grid) -> set[str]:
+    return {f.name for f in fields(Grid) if getattr(a, f.name) != getattr(b, f.name)}
+
+
 def load_config(path: str | Path) -> dict:
     """Options from a JSON or TOML file: ``{"grid": "gpu", "masks": [...], "seqlens": [...],
     "dtypes": [...], "passes": [...], "head_dims": [...], "heads": ["16", "32:8"], "batch": N,
     "tokens": N, "backends": [...]}`` (every key optional)."""
     path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            raise ValueError(f"{path}: TOML configs need Python 3.11+ (tomllib); write it as JSON") from None
-        data = tomllib.loads(text)
-    else:
-        data = json.loads(text)
+    try:
+        data = _parse_config(path, path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (a config file is JSON or TOML)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table/object of options")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _parse_config(path: Path, text: str):
+    """The JSON or TOML document in ``text``; a syntax error names the file, line and column."""
+    if path.suffix.lower() != ".toml":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        raise ValueError(f"{path}: TOML configs need Python 3.11+ (tomllib); write it as JSON") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
 
 
 def grid_dict(grids: tuple[Grid, ...]) -> list[dict]:
@@ -251,4 +282,4 @@ def grid_dict(grids: tuple[Grid, ...]) -> list[dict]:
 
 
 __all__ = ["Case", "Grid", "GRIDS", "expand", "DTYPES", "PASSES", "bench_mask", "doc_lengths", "override",
-           "load_config", "parse_heads", "grid_dict"]
+           "override_parts", "load_config", "parse_heads", "grid_dict"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..cli import positive_int
-from .cases import GRIDS, expand, grid_dict, load_config, override
+from .cases import GRIDS, expand, grid_dict, load_config, override_parts
 from .timing import Settings
 
 SETTINGS = {
@@ -32,13 +33,16 @@ against a float64 reference.  Writes <out>/<tag>.csv, <tag>.json and one PNG per
 the tables and, last, one JSON summary line.
 
 Cases: a default grid (--grid quick|cpu|gpu, --quick), then --config FILE (JSON/TOML with the
-option names below), then the options, each overriding the last."""
+option names below), then the options, each overriding the last.  A grid's extra parts (cpu: GQA
+4:1 at S 1024 fwd+bwd; gpu: fp32 fwd+bwd, S 16384, GQA 32:8 fwd+bwd) are dropped when an option
+sets what they vary: --seqlens 64 on the cpu grid gives S 64 with 4 heads, both passes, only."""
 _GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch", "tokens")
 
 
 def _add_grid_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grid", choices=sorted(GRIDS), help="default grid (default: gpu with CUDA, else cpu)")
-    p.add_argument("--quick", action="store_true", help="the tiny CI grid (under a minute on CPU)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--grid", choices=sorted(GRIDS), help="default grid (default: gpu with CUDA, else cpu)")
+    which.add_argument("--quick", action="store_true", help="the tiny CI grid (under a minute on CPU): --grid quick")
     p.add_argument("--config", metavar="FILE", help="JSON or (Python 3.11+) TOML file of grid options (same names as below)")
     p.add_argument("--masks", help="comma list of catalogue masks (full,causal,padding,documents,...)")
     p.add_argument("--seqlens", help="comma list of sequence lengths")
@@ -50,6 +54,17 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=positive_int, help="tokens per step when --batch is not given")
     p.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's own choice)")
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 (a clear usage error otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds above 0")
+    return value
 
 
 def _usage_error(command: str, message: str) -> SystemExit:
@@ -98,7 +113,7 @@ def _resolve_checked(args) -> tuple[str, object, list, dict, torch.device]:
         raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
     from_file = {k: v for k, v in config.items() if k in _GRID_OPTIONS}
     from_args = {k: getattr(args, k) for k in _GRID_OPTIONS}
-    grids = tuple(override(override(g, **from_file), **from_args) for g in GRIDS[name])
+    grids = override_parts(GRIDS[name], from_file, from_args)
     return name, grids, expand(grids), config, device
 
 
@@ -310,8 +325,9 @@ def register(subparsers) -> None:
     bench.add_argument("--tune", action="store_true",
                        help="store each case's fastest correct backend in the tuning cache before timing auto")
     bench.add_argument("--sets", type=positive_int, default=3, help="input sets rotated between calls (default 3)")
-    bench.add_argument("--budget", type=float, help="steady-state seconds per variant per case")
-    bench.add_argument("--deadline", type=float, metavar="S",
+    bench.add_argument("--budget", type=positive_seconds, metavar="S",
+                       help="steady-state seconds per variant per case (default: the grid's)")
+    bench.add_argument("--deadline", type=positive_seconds, metavar="S",
                        help="start no new problem after S seconds (the rest is reported as skipped)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     bench.add_argument("--plot-only", metavar="PATH", help="no run: plots, CSV and summaries again from earlier "

@@ -85,7 +85,7 @@ def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
         "failed": sum(r.status == "failed" for r in rows),
         "skipped": sum(r.status == "skipped" and r.variant != "*" for r in rows),
         "not_started": sum(r.variant == "*" for r in rows),
-        "auto_within_5pct": bool(within) and all(within),
+        "auto_within_5pct": all(within) if within else None,  # None: auto was not compared in any case
         "auto_within_5pct_cases": f"{sum(within)}/{len(within)}",
         "auto_picked_best_cases": f"{sum(c['auto'] == c['best'] for c in cases if c['best'] and c['auto'])}/"
                                   f"{sum(1 for c in cases if c['best'] and c['auto'])}",
