@@ -70,3 +70,30 @@ def test_model_dir_without_tokenizer_exits_2(tiny_model_dir, tmp_path, capsys): 
     code = main(_train(str(bare), data, tmp_path))
     assert code == 2
     assert str(bare) in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults(capsys):
+    import re
+
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    options = capsys.readouterr().out.split("options:", 1)[1]
+    blocks = {b.split()[0]: " ".join(b.split()) for b in re.split(r"\n(?=  -)", options) if b.strip()}
+    for option, default in [("--lr", "0.0002"), ("--tokens-per-batch", "2048"), ("--output-dir", "anymask-train"),
+                            ("--lora-alpha", "32"), ("--warmup-steps", "0"), ("--backend", "auto")]:
+        assert blocks[option].endswith(f"(default: {default})"), blocks[option]
+    assert blocks["--dtype"].endswith("the same default on CPU and GPU) (default: bf16)")
+    assert not any("(default: None)" in b or "(default: False)" in b for b in blocks.values())
+
+
+def test_model_that_is_a_gguf_file_or_a_missing_path_exits_2(tmp_path, capsys):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(_train(str(gguf), "no-such.jsonl", tmp_path)) == 2
+    assert f"is a GGUF file: give its directory as --model and the file name as --gguf-file (--model " \
+           f"{str(tmp_path)!r} --gguf-file 'model.gguf')" in capsys.readouterr().err
+    for missing in (str(tmp_path / "nowhere"), "./no/such/model", "~/no-such-model-dir"):
+        assert main(_train(missing, "no-such.jsonl", tmp_path)) == 2
+        assert f"model path {missing!r} does not exist" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from anymask.train import TrainConfig, data as D, train
 from anymask.train.cli import main
@@ -27,6 +28,14 @@ def _train_sft(model, data, tmp_path, *extra) -> int:
     ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
     ({"lora_dropout": 0.1, "kernels": "lora"}, "the fused LoRA has no dropout"),
+    ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+    ({"lora_alpha": -3}, "lora_alpha must be a finite number > 0, got -3"),
+    ({"lora_alpha": 0}, "lora_alpha must be a finite number > 0, got 0"),
+    ({"mask_token": "<mask>"}, "mask_token is for --task diffusion .* --task sft has no mask token"),
+    ({"mask_token_id": 3}, "mask_token_id is for --task diffusion"),
+    ({"backend": "foo"}, "unknown backend 'foo'; known: auto, eager, sdpa"),
+    ({"backend": "foo", "attn": "sdpa"}, "unknown backend 'foo'"),
+    ({"backend": "eager", "attn": "sdpa"}, "--backend eager picks a backend of anymask's attention, but --attn sdpa"),
 ])
 def test_settings_that_cannot_train_are_refused(setting, message):
     cfg = TrainConfig(model="m", task="sft", data="d.jsonl", **setting)
@@ -131,3 +140,39 @@ def test_attention_dropout_is_turned_off_with_a_note(tiny_model_dir, tmp_path, c
     result = train(config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1), model=model)
     assert len(result.losses) == 1
     assert "attention dropout 0.1 -> 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these backends can train on CUDA")
+@pytest.mark.parametrize("backend, message", [
+    ("flex", "--backend flex cannot train on cpu: FlexAttention has no backward there"),
+    ("triton", "--backend triton is not available here: no CUDA device"),
+])
+def test_backend_that_cannot_train_here_exits_2_before_loading(backend, message, tmp_path, capsys):
+    code = _train_sft("no-such-model", "no-such.jsonl", tmp_path, "--backend", backend)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"anymask train: error: {message}" in err and "Traceback" not in err
+
+
+def test_parallel_without_torchrun_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    code = _train_sft("no-such-model", "no-such.jsonl", tmp_path, "--parallel", "ddp")
+    assert code == 2
+    assert "--parallel ddp needs a launcher that starts the processes: torchrun --nproc-per-node" in \
+        capsys.readouterr().err
+
+
+def test_eval_fraction_that_holds_out_nothing_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = _data(tmp_path, "sft", 8)
+    code = _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--eval-fraction", "0.001")
+    assert code == 2
+    assert "--eval-fraction 0.001 holds out none of the 8 examples" in capsys.readouterr().err
+
+
+def test_load_adapter_takes_a_model_path_and_an_adapter_that_exists(tiny_model_dir, tmp_path):  # noqa: F811
+    from anymask.train import load_adapter
+
+    with pytest.raises(TypeError, match="model_path is the base model's directory or hub name .* not a Linear"):
+        load_adapter(torch.nn.Linear(2, 2), str(tmp_path))
+    with pytest.raises(ConfigError, match="adapter directory '.*nowhere' not found"):
+        load_adapter(tiny_model_dir, str(tmp_path / "nowhere"))

@@ -63,3 +63,38 @@ def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # 
     with pytest.warns(UserWarning, match=r"changed settings \(lora_alpha 16 -> 32\)"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=2, lora_alpha=32,
                      resume=str(tmp_path / "a" / "checkpoint-000001")))
+
+
+def _logged_lrs(out) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if "lr" in r}
+
+
+def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path):  # noqa: F811
+    """LambdaLR's state has no lambda: a run resumed with another length and warm-up still follows
+    the checkpoint's schedule, step for step, then holds its final lr (10% of the peak)."""
+    data = _data(tmp_path, "sft", 20)
+    full = train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=4, warmup_steps=1, save_every=2))
+    lrs = _logged_lrs(tmp_path / "a")
+    assert [h["lr"] for h in full.history] == [lrs[s] for s in range(1, 5)]
+    with pytest.warns(UserWarning, match=r"warmup_steps 1 -> 3; max_steps 4 -> 7\).*\(peak lr 0.005, 1 warm-up "
+                      r"steps, cosine decay to 10% of the peak over 4 steps\) stays the checkpoint's: steps 5-7 of "
+                      r"this run stay at its final lr 0.0005"):
+        train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=7, warmup_steps=3,
+                     resume=str(tmp_path / "a" / "checkpoint-000002")))
+    resumed = _logged_lrs(tmp_path / "a")
+    assert sorted(resumed) == list(range(1, 8))
+    assert [resumed[s] for s in range(1, 5)] == pytest.approx([lrs[s] for s in range(1, 5)], rel=1e-12)
+    assert [resumed[s] for s in range(5, 8)] == pytest.approx([5e-4] * 3, rel=1e-12)
+    after_warmup = [resumed[s] for s in range(2, 8)]
+    assert after_warmup == sorted(after_warmup, reverse=True)  # no jump back up
+    state = json.loads((tmp_path / "a" / "checkpoint-000004" / "state.json").read_text())
+    assert state["schedule"] == {"lr": 5e-3, "warmup_steps": 1, "total_steps": 4}
+
+
+def test_resumed_run_says_weight_decay_stays_the_checkpoints(tiny_model_dir, tmp_path):  # noqa: F811
+    data = _data(tmp_path, "sft", 20)
+    train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=2, save_every=1))
+    with pytest.warns(UserWarning, match=r"weight_decay stays the checkpoint's 0.0 \(the optimizer state keeps it\)"):
+        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=2, weight_decay=0.1,
+                     resume=str(tmp_path / "a" / "checkpoint-000001")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -119,15 +120,43 @@ def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra
 # Settings a checkpoint's weights or optimizer state depend on: resuming with others is an error.
 MUST_MATCH = ("model", "gguf_file", "task", "dtype", "lora_r", "lora_targets")
 # Settings that change what the rest of the run computes or sees: resuming with others warns.
-# (lr, warmup_steps, max_steps, epochs: the checkpoint's learning-rate schedule is restored as it was saved)
+# (lr, warmup_steps, max_steps, epochs: the checkpoint's learning-rate schedule goes on, see saved_schedule)
 CHANGES_THE_RUN = ("data", "tokens_per_batch", "truncate", "grad_accum", "data_shards", "seed", "eval_fraction",
                    "lora_alpha", "lora_dropout", "weight_decay", "warmup_steps", "temperature", "mask_token",
                    "mask_token_id", "lr", "max_steps", "epochs", "max_grad_norm")
+SCHEDULE = ("lr", "warmup_steps", "max_steps", "epochs")
 
 
-def check_config(path: Path, config: dict) -> None:
+def saved_schedule(path: Path, steps_per_epoch: int) -> dict:
+    """The learning-rate schedule of the run that saved the checkpoint at ``path``: ``{"lr",
+    "warmup_steps", "total_steps"}``, as ``state.json`` records it (or, in a checkpoint saved before
+    it did, from its config, with the epochs counted at ``steps_per_epoch``)."""
+    state = json.loads((Path(path) / "state.json").read_text())
+    if "schedule" in state:
+        return state["schedule"]
+    saved = state.get("config") or {}
+    total = saved.get("max_steps") or max(1, math.ceil(saved.get("epochs", 1.0) * steps_per_epoch))
+    return {"lr": saved.get("lr"), "warmup_steps": saved.get("warmup_steps", 0), "total_steps": total}
+
+
+def describe_schedule(schedule: dict, total: int) -> str:
+    """What the checkpoint's ``schedule`` does in a resumed run of ``total`` steps (see
+    ``loop._schedule``: the lr of step s is the factor at s - 1)."""
+    lr, warmup, steps = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
+    end = max(steps, warmup + 1)  # the first factor at the final 10% is the one of step end + 1
+    text = (f"the learning-rate schedule (peak lr {lr:g}, {warmup} warm-up steps, cosine decay to 10% of the "
+            f"peak over {steps} steps) stays the checkpoint's")
+    if total > end:
+        return text + f": steps {end + 1}-{total} of this run stay at its final lr {0.1 * lr:g}"
+    if total < steps:
+        return text + f": this run stops at step {total}, partway through it (the checkpoint's run ends at {steps})"
+    return text
+
+
+def check_config(path: Path, config: dict, schedule: dict, total: int) -> None:
     """Compare the run's ``config`` with the one the checkpoint at ``path`` was saved with: a
-    :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run."""
+    :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run,
+    saying what the checkpoint's lr ``schedule`` does over this run's ``total`` steps."""
     from .config import ConfigError
 
     saved = json.loads((Path(path) / "state.json").read_text()).get("config") or {}
@@ -147,10 +176,12 @@ def check_config(path: Path, config: dict) -> None:
     changed_keys = [k for k in CHANGES_THE_RUN if differs(k)]
     changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed_keys]
     if changed:
-        schedule = any(k in changed_keys for k in ("lr", "warmup_steps", "max_steps", "epochs"))
+        moved = any(k in changed_keys for k in SCHEDULE) or total != schedule["total_steps"]
+        kept = [describe_schedule(schedule, total)] if moved else []
+        if "weight_decay" in changed_keys:  # a param-group setting: the optimizer state brings back the saved one
+            kept.append(f"weight_decay stays the checkpoint's {saved['weight_decay']!r} (the optimizer state keeps it)")
         warnings.warn(f"resuming from {path} with changed settings ({'; '.join(changed)}): the rest of the run "
-                      "differs from an uninterrupted one" + ("; the learning-rate schedule (peak lr, warm-up, "
-                      "length) stays the checkpoint's" if schedule else ""), stacklevel=2)
+                      "differs from an uninterrupted one" + "".join(f"; {k}" for k in kept), stacklevel=2)
 
 
 def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:

@@ -13,43 +13,61 @@ import sys
 from .config import DTYPES, KERNELS, PARALLEL, TASKS, TrainConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show (None, or off
+    for a switch): those say in their help what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory or hub name (loaded offline when cached)")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--model", required=True, help="model directory or hub name (loaded offline when cached); "
+                   "for a GGUF file: its directory here and its name in --gguf-file")
+    p.add_argument("--task", required=True, choices=TASKS, help="what to train for; it sets the mask and the loss")
     p.add_argument("--data", required=True, help="JSONL training data (fields depend on --task)")
     p.add_argument("--output-dir", default="anymask-train", help="checkpoints, final adapter, metrics.jsonl")
     p.add_argument("--eval-data", help="JSONL eval data (default: --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.0)
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval "
+                   "when no --eval-data (0: no eval)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load weights and tokenizer from")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the weights and the LoRA adapters "
+                   "(the same default on CPU and GPU)")
     p.add_argument("--attn", default="anymask", help="attention implementation (anymask, or a transformers "
                    "one with an explicit mask: sdpa, flex_attention, eager)")
-    p.add_argument("--backend", default="auto", help="anymask backend (default: dispatch picks)")
+    p.add_argument("--backend", default="auto", help="anymask backend under --attn anymask (auto: dispatch picks)")
     p.add_argument("--kernels", choices=KERNELS, default="auto", help="fused kernels: Liger's RMSNorm, SwiGLU "
                    "and linear cross-entropy (CUDA, liger-kernel) and/or a fused LoRA forward/backward; auto: "
                    "both where they apply; none: transformers' modules and peft's LoRA")
     p.add_argument("--tokens-per-batch", type=int, default=2048, help="packed tokens per micro-batch")
-    p.add_argument("--truncate", action="store_true", help="cut examples longer than --tokens-per-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--lora-alpha", type=int, default=32)
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--truncate", action="store_true", help="cut examples longer than --tokens-per-batch "
+                   "(without it they are an error)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (per process)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to run (default: --epochs of the data)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data, when no --max-steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (linear warm-up, then cosine "
+                   "decay to 10%% of it)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
+                   "backward (less memory, more time)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: final adapter only)")
-    p.add_argument("--resume", help="checkpoint directory to resume from, or 'auto' (newest in --output-dir)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--parallel", choices=PARALLEL, default="none", help="under torchrun: ddp or fsdp2")
+    p.add_argument("--resume", help="checkpoint directory to resume from, or 'auto' (newest in --output-dir); "
+                   "its learning-rate schedule and weight decay go on (default: start at step 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and diffusion masks")
+    p.add_argument("--parallel", choices=PARALLEL, default="none", help="ddp or fsdp2 under torchrun "
+                   "(torchrun --nproc-per-node N -m anymask train ...)")
     p.add_argument("--data-shards", type=int, help="data shards (default: the world size)")
     p.add_argument("--temperature", type=float, default=0.05, help="embedding: InfoNCE temperature")
     p.add_argument("--mask-token", help="diffusion: mask token (default: the tokenizer's mask/unk/pad/eos)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -101,13 +119,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``anymask`` CLI's subparsers."""
     p = subparsers.add_parser("train", help="LoRA fine-tuning with the mask a task needs",
                               description="LoRA fine-tuning of a Hugging Face decoder with the mask its task needs "
-                              "(sft, prefix_lm, embedding, diffusion) on packed JSONL data.")
+                              "(sft, prefix_lm, embedding, diffusion) on packed JSONL data.",
+                              formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anymask train", description="LoRA fine-tuning with any mask.")
+    parser = argparse.ArgumentParser(prog="anymask train", description="LoRA fine-tuning with any mask.",
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -81,10 +81,13 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("eval_every", "save_every", "warmup_steps", "weight_decay"):
+        for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs", "lr", "temperature"):
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        for name in ("epochs", "lr", "temperature", "lora_alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
@@ -100,9 +103,48 @@ class TrainConfig:
         if self.resume not in (None, "auto") and not (Path(self.resume) / "state.json").is_file():
             raise ConfigError(f"no checkpoint at {self.resume!r} (no state.json there); "
                               "give a checkpoint directory, or 'auto' for the newest in output_dir")
+        self._check_task_options()
+        self._check_backend()
+        check_model_path(self.model)
         if self.attn != "anymask":
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
             known = ("anymask", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys())
             if self.attn not in known:
                 raise ConfigError(f"unknown attention {self.attn!r}; choose from {', '.join(known)}")
+
+    def _check_task_options(self) -> None:
+        """Settings of one task given to another would be ignored: refuse them."""
+        if self.task != "diffusion":
+            for name in ("mask_token", "mask_token_id"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is for --task diffusion (the token that replaces masked tokens); "
+                                      f"--task {self.task} has no mask token: drop it")
+
+    def _check_backend(self) -> None:
+        """An anymask backend that exists, asked for only where anymask's attention runs."""
+        if self.backend == "auto":
+            return
+        from ..backend import get
+
+        try:
+            get(self.backend, missing_ok=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.attn != "anymask":
+            raise ConfigError(f"--backend {self.backend} picks a backend of anymask's attention, but --attn "
+                              f"{self.attn} runs transformers' attention: use --attn anymask, or drop --backend")
+
+
+def check_model_path(model: str) -> None:
+    """Refuse a ``model`` that is a GGUF file (it goes in ``gguf_file``), or a path that does not
+    exist; a hub name (``org/name``) passes, to be looked up in the cache."""
+    model = str(model)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ConfigError(f"--model {model} is a GGUF file: give its directory as --model and the file name as "
+                          f"--gguf-file (--model {str(path.parent)!r} --gguf-file {path.name!r})")
+    looks_like_path = model.startswith(("/", ".", "~")) or (len(path.parts) > 1 and path.parent.is_dir())
+    if looks_like_path and not path.exists():
+        raise ConfigError(f"model path {model!r} does not exist (give a model directory, or a hub name like "
+                          "org/name)")

@@ -77,6 +77,10 @@ class Dist:
 
 def setup(mode: str, device: str | None = None) -> Dist:
     """Initialise the process group when launched with several processes; pick the device."""
+    if mode != "none" and "WORLD_SIZE" not in os.environ:
+        raise ConfigError(f"--parallel {mode} needs a launcher that starts the processes: torchrun --nproc-per-node "
+                          f"N -m anymask train ... --parallel {mode} (this is one process started without it; "
+                          "use --parallel none to train in it)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -82,9 +82,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(out_dir)
-    if cfg.attn == "flex_attention" and d.device.type != "cuda":
-        raise ConfigError(f"--attn flex_attention cannot train on {d.device.type}: FlexAttention has no backward "
-                          "there; use --attn anymask (or sdpa)")
+    _check_attention(cfg, d.device)
     torch.manual_seed(cfg.seed)
     if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.mask_token_id is None):
         tokenizer = M.load_tokenizer(cfg.model, cfg.gguf_file)
@@ -116,7 +114,6 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     module = M.TaskModel(peft_model, task, cfg.attn, fused_head=fused_head)
     wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     steps_per_epoch = stream.steps_in_epoch(0)
     if steps_per_epoch == 0:
@@ -130,15 +127,20 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         print(f"anymask train: {idle} of {rows} packed micro-batches of epoch 0 have no loss unit and teach nothing "
               f"({task.units})", file=sys.stderr)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.warmup_steps, total))
 
     start = 0
     resume = checkpoint.latest(out_dir) if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto" and resume is None and d.main:
         print(f"anymask train: no checkpoint in {out_dir} (checkpoints come with --save-every N); starting at step 0",
               file=sys.stderr)
+    schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total}
+    if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
+        schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
+        checkpoint.check_config(Path(resume), asdict(cfg), schedule, total)
+    optimizer = torch.optim.AdamW(params, lr=schedule["lr"], weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(schedule["warmup_steps"],
+                                                                       schedule["total_steps"]))
     if resume:
-        checkpoint.check_config(Path(resume), asdict(cfg))
         start = checkpoint.load(Path(resume), peft_model, optimizer, scheduler, d)["step"]
 
     result = TrainResult(kernels=fused.describe(cfg.kernels, liger, lora, fused_head, base, d.device, cfg.lora_dropout))
@@ -180,7 +182,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
                 _eval(wrapped, eval_rows, task, d, step, result, out_dir, bar)
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint.save(out_dir / f"checkpoint-{step:06d}", peft_model, optimizer, scheduler, step, d,
-                                {"config": asdict(cfg)})
+                                {"config": asdict(cfg), "schedule": schedule})
     finally:
         if bar is not None:
             bar.close()
@@ -194,6 +196,27 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     return result
 
 
+def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything loads, attention that cannot train here: FlexAttention (transformers'
+    or anymask's flex backend) has no backward off CUDA, and a forced anymask backend must be
+    available on this machine (:func:`anymask.backends` says why not)."""
+    if cfg.attn == "flex_attention" and device.type != "cuda":
+        raise ConfigError(f"--attn flex_attention cannot train on {device.type}: FlexAttention has no backward "
+                          "there; use --attn anymask (or sdpa)")
+    if cfg.attn != "anymask" or cfg.backend == "auto":
+        return
+    if cfg.backend == "flex" and device.type != "cuda":
+        raise ConfigError(f"--backend flex cannot train on {device.type}: FlexAttention has no backward there; "
+                          "use --backend auto (or sdpa, eager)")
+    import anymask
+
+    found = anymask.backends().get(cfg.backend)
+    reasons = found["reasons"] if found else ["its module is not in this install of anymask"]
+    if reasons:
+        raise ConfigError(f"--backend {cfg.backend} is not available here: {'; '.join(reasons)}; "
+                          "use --backend auto to let dispatch pick one that is")
+
+
 def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):
     """(train examples, indexed globally; only this rank's shards are tokenized, the others are
     None) and this rank's share of the eval examples."""
@@ -204,6 +227,10 @@ def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):
         eval_records = data.read_records(cfg.eval_data, cfg.task)
     else:
         held = int(len(records) * cfg.eval_fraction)
+        if cfg.eval_fraction and not held:
+            raise ConfigError(f"--eval-fraction {cfg.eval_fraction} holds out none of the {len(records)} examples "
+                              f"in {cfg.data} ({len(records)} x {cfg.eval_fraction} < 1): raise it, or give "
+                              "--eval-data FILE")
         records, eval_records = records[:len(records) - held], records[len(records) - held:]
     own = set(mine)
     keep = [r if i % count in own else None for i, r in enumerate(records)]

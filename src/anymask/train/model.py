@@ -137,7 +137,7 @@ def _without_attention_dropout(model) -> None:
               "--attn sdpa keeps it)", file=sys.stderr)
 
 
-def load_adapter(model_path: str, adapter_dir: str, *, task: str | None = None, dtype: str = "fp32",
+def load_adapter(model_path: str | Path, adapter_dir: str | Path, *, task: str | None = None, dtype: str = "fp32",
                  gguf_file: str | None = None, backend: str = "auto", device="cpu"):
     """A trained model for inference: base weights + the saved LoRA adapter, the task's mask set.
 
@@ -148,6 +148,11 @@ def load_adapter(model_path: str, adapter_dir: str, *, task: str | None = None, 
     from . import checkpoint
     from .config import TASKS
 
+    if not isinstance(model_path, (str, Path)):
+        raise TypeError(f"load_adapter(model_path, adapter_dir): model_path is the base model's directory or hub "
+                        f"name (it loads the model with anymask's attention), not a {type(model_path).__name__}")
+    if not Path(adapter_dir).is_dir():
+        raise ConfigError(f"adapter directory {str(adapter_dir)!r} not found")
     saved = checkpoint.saved_task(Path(adapter_dir))
     if task is None and saved is None:
         raise ConfigError(f"{adapter_dir} does not say which task it was trained for; pass task= "
@@ -160,8 +165,8 @@ def load_adapter(model_path: str, adapter_dir: str, *, task: str | None = None, 
     peft = require("peft")
     import anymask.hf
 
-    base = load_base(model_path, dtype=dtype, gguf_file=gguf_file, device=device)
-    model = peft.PeftModel.from_pretrained(base, adapter_dir)
+    base = load_base(str(model_path), dtype=dtype, gguf_file=gguf_file, device=device)
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
     spec = {"sft": "causal", "prefix_lm": "prefix_lm"}.get(task, "bidirectional")
     anymask.hf.set_mask(model, spec, backend=backend)
     return model.eval()
