@@ -309,3 +309,11 @@ def test_grid_options_give_the_cases_asked_for(tmp_path):
     assert ("causal", 1024, 4, 1, "fwd+bwd") in _cases(["--grid", "cpu", "--masks", "causal"])
     assert {c[1:4] for c in _cases(["--grid", "gpu", "--masks", "causal", "--dtypes", "bf16"])} == \
         {(4096, 16, 16), (16384, 16, 16), (4096, 32, 8)}  # the fp32 part dropped
+    # options the parts only restrict keep them: every gpu part is fwd+bwd already, the cpu GQA case too
+    from anymask.bench.cli import _resolve
+    from anymask.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--device", "cpu", "--grid", "gpu", "--masks", "causal", "--passes", "fwd+bwd"])
+    gpu = {(c.dtype, c.seq, c.heads, c.kv_heads) for c in _resolve(args)[2]}
+    assert gpu == {("bf16", 4096, 16, 16), ("fp32", 4096, 16, 16), ("bf16", 16384, 16, 16), ("bf16", 4096, 32, 8)}
+    assert ("causal", 1024, 4, 1, "fwd+bwd") in _cases(["--grid", "cpu", "--masks", "causal", "--passes", "fwd+bwd"])

@@ -97,3 +97,14 @@ def test_model_that_is_a_gguf_file_or_a_missing_path_exits_2(tmp_path, capsys):
     for missing in (str(tmp_path / "nowhere"), "./no/such/model", "~/no-such-model-dir"):
         assert main(_train(missing, "no-such.jsonl", tmp_path)) == 2
         assert f"model path {missing!r} does not exist" in capsys.readouterr().err
+
+
+def test_model_path_with_a_tilde_is_expanded_and_a_hub_name_is_not_checked(tmp_path, monkeypatch):
+    from anymask.train.config import check_model_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tiny").mkdir()
+    assert check_model_path("~/tiny") == str(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Org").mkdir()
+    assert check_model_path("Org/Some-Model") == "Org/Some-Model"  # a hub name, even beside a folder Org/

@@ -78,7 +78,7 @@ def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path)
     lrs = _logged_lrs(tmp_path / "a")
     assert [h["lr"] for h in full.history] == [lrs[s] for s in range(1, 5)]
     with pytest.warns(UserWarning, match=r"warmup_steps 1 -> 3; max_steps 4 -> 7\).*\(peak lr 0.005, 1 warm-up "
-                      r"steps, cosine decay to 10% of the peak over 4 steps\) stays the checkpoint's: steps 5-7 of "
+                      r"step, cosine decay to 10% of the peak over 4 steps\) stays the checkpoint's: steps 5-7 of "
                       r"this run stay at its final lr 0.0005"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=7, warmup_steps=3,
                      resume=str(tmp_path / "a" / "checkpoint-000002")))

@@ -155,7 +155,7 @@ def _relative(mask: masks.Mask) -> bool:
 
 
 def _check_token_types(kwargs, q_len: int, kv_len: int, batch: int, first_key: int) -> None:
-    """``token_type_ids`` for prefix_lm: ``[B, T]`` of 0/1, T = this call's tokens or every position so
+    """``token_type_ids`` for prefix_lm: ``[B, T]`` of 0/1 (or bool), T = this call's tokens or every position so
     far, and not together with ``prefix_lengths`` (one host sync, once per forward: the mask is cached)."""
     types = kwargs.get("token_type_ids")
     if types is None:
@@ -167,8 +167,8 @@ def _check_token_types(kwargs, q_len: int, kv_len: int, batch: int, first_key: i
         spans = f"{q_len} (this call's tokens)" + (f" or {total} (every position so far)" if total != q_len else "")
         raise ValueError(f"token_type_ids of shape {list(types.shape)} do not fit this call: give [{batch}, T] "
                          f"with T = {spans}")
-    if types.dtype == torch.bool or bool(((types != 0) & (types != 1)).any()):
-        shown = "bool" if types.dtype == torch.bool else f"{types[(types != 0) & (types != 1)][0].item()}"
+    if types.dtype != torch.bool and bool(((types != 0) & (types != 1)).any()):
+        shown = types[(types != 0) & (types != 1)][0].item()
         raise ValueError(f"token_type_ids for prefix_lm hold 0 (prefix) and 1 (continuation) only, got {shown}")
 
 

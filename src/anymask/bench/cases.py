@@ -225,20 +225,23 @@ def override(grid: Grid, **options) -> Grid:
     return replace(grid, **changes)
 
 
-def override_parts(grids: tuple[Grid, ...], *layers: dict) -> tuple[Grid, ...]:
-    """A default grid's parts with each dict of options in ``layers`` (a config file's, then the
-    command line's; ``None`` = keep) applied in turn.  The parts after the first add cases that
-    differ from it in some options (the cpu grid's GQA 4:1 case: heads, seqlens and passes); a
-    part that differs in an option the user sets is dropped, so that they get the cases they asked
-    for, not extra ones at sizes they did not ask for."""
-    given = {name for options in layers for name, value in options.items() if value is not None}
-    main, extras = grids[0], grids[1:]
-    kept = (main, *(g for g in extras if not given & _differences(main, g)))
+# What each part of a default grid exists to vary, beyond its first part: setting one of these
+# options drops that part (the options then say which cases run); other options apply to every part.
+PART_VARIES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "quick": ((),),
+    "cpu": ((), ("heads", "seqlens")),  # GQA 4:1 at S 1024
+    "gpu": ((), ("dtypes",), ("seqlens",), ("heads",)),  # fp32; S 16384; GQA 32:8
+}
+
+
+def override_parts(name: str, *layers: dict) -> tuple[Grid, ...]:
+    """Default grid ``name``'s parts with each dict of options in ``layers`` (a config file's, then
+    the command line's; ``None`` = keep) applied in turn.  A part is dropped when an option it exists
+    to vary (``PART_VARIES``) is set: ``--seqlens 64`` on the cpu grid gives S 64 only, not a GQA
+    case at S 64 too; ``--passes fwd+bwd`` keeps it."""
+    given = {option for options in layers for option, value in options.items() if value is not None}
+    kept = (g for g, varies in zip(GRIDS[name], PART_VARIES[name], strict=True) if not given & set(varies))
     return tuple(functools.reduce(lambda g, options: override(g, **options), layers, g) for g in kept)
-
-
-def _differences(a: Grid, b: Grid) -> set[str]:
-    return {f.name for f in fields(Grid) if getattr(a, f.name) != getattr(b, f.name)}
 
 
 def load_config(path: str | Path) -> dict:

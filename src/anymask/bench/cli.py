@@ -35,7 +35,8 @@ the tables and, last, one JSON summary line.
 Cases: a default grid (--grid quick|cpu|gpu, --quick), then --config FILE (JSON/TOML with the
 option names below), then the options, each overriding the last.  A grid's extra parts (cpu: GQA
 4:1 at S 1024 fwd+bwd; gpu: fp32 fwd+bwd, S 16384, GQA 32:8 fwd+bwd) are dropped when an option
-sets what they vary: --seqlens 64 on the cpu grid gives S 64 with 4 heads, both passes, only."""
+sets what they vary (cpu GQA: --heads or --seqlens; gpu: --dtypes, --seqlens, --heads): --seqlens
+64 on the cpu grid gives S 64 with 4 heads, both passes, only; --passes keeps every part."""
 _GRID_OPTIONS = ("masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch", "tokens")
 
 
@@ -113,7 +114,7 @@ def _resolve_checked(args) -> tuple[str, object, list, dict, torch.device]:
         raise ValueError(f"unknown grid {name!r}; choose from {', '.join(GRIDS)}")
     from_file = {k: v for k, v in config.items() if k in _GRID_OPTIONS}
     from_args = {k: getattr(args, k) for k in _GRID_OPTIONS}
-    grids = override_parts(GRIDS[name], from_file, from_args)
+    grids = override_parts(name, from_file, from_args)
     return name, grids, expand(grids), config, device
 
 

@@ -144,13 +144,18 @@ def describe_schedule(schedule: dict, total: int) -> str:
     ``loop._schedule``: the lr of step s is the factor at s - 1)."""
     lr, warmup, steps = schedule["lr"], schedule["warmup_steps"], schedule["total_steps"]
     end = max(steps, warmup + 1)  # the first factor at the final 10% is the one of step end + 1
-    text = (f"the learning-rate schedule (peak lr {lr:g}, {warmup} warm-up steps, cosine decay to 10% of the "
-            f"peak over {steps} steps) stays the checkpoint's")
+    text = (f"the learning-rate schedule (peak lr {lr:g}, {_count(warmup, 'warm-up step')}, cosine decay to 10% "
+            f"of the peak over {_count(steps, 'step')}) stays the checkpoint's")
     if total > end:
-        return text + f": steps {end + 1}-{total} of this run stay at its final lr {0.1 * lr:g}"
+        span = f"step {total}" if total == end + 1 else f"steps {end + 1}-{total}"
+        return text + f": {span} of this run stay{'s' if total == end + 1 else ''} at its final lr {0.1 * lr:g}"
     if total < steps:
         return text + f": this run stops at step {total}, partway through it (the checkpoint's run ends at {steps})"
     return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def check_config(path: Path, config: dict, schedule: dict, total: int) -> None:
@@ -175,8 +180,10 @@ def check_config(path: Path, config: dict, schedule: dict, total: int) -> None:
         raise ConfigError(f"cannot resume from {path}: it was saved with other settings ({'; '.join(wrong)})")
     changed_keys = [k for k in CHANGES_THE_RUN if differs(k)]
     changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed_keys]
+    moved = any(k in changed_keys for k in SCHEDULE) or total != schedule["total_steps"]
+    if not changed and moved:  # same settings, another length (e.g. epochs over another number of ranks)
+        changed = [f"this run has {total} steps, the checkpoint's {schedule['total_steps']}"]
     if changed:
-        moved = any(k in changed_keys for k in SCHEDULE) or total != schedule["total_steps"]
         kept = [describe_schedule(schedule, total)] if moved else []
         if "weight_decay" in changed_keys:  # a param-group setting: the optimizer state brings back the saved one
             kept.append(f"weight_decay stays the checkpoint's {saved['weight_decay']!r} (the optimizer state keeps it)")

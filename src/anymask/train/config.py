@@ -105,7 +105,7 @@ class TrainConfig:
                               "give a checkpoint directory, or 'auto' for the newest in output_dir")
         self._check_task_options()
         self._check_backend()
-        check_model_path(self.model)
+        self.model = check_model_path(self.model)
         if self.attn != "anymask":
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -136,15 +136,16 @@ class TrainConfig:
                               f"{self.attn} runs transformers' attention: use --attn anymask, or drop --backend")
 
 
-def check_model_path(model: str) -> None:
-    """Refuse a ``model`` that is a GGUF file (it goes in ``gguf_file``), or a path that does not
-    exist; a hub name (``org/name``) passes, to be looked up in the cache."""
+def check_model_path(model: str) -> str:
+    """``model`` with a leading ``~`` expanded; refused when it is a GGUF file (that goes in
+    ``gguf_file``), or a path (starting with ``/``, ``.`` or ``~``) that does not exist.  Anything
+    else may be a hub name (``org/name``), looked up by transformers."""
     model = str(model)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         raise ConfigError(f"--model {model} is a GGUF file: give its directory as --model and the file name as "
                           f"--gguf-file (--model {str(path.parent)!r} --gguf-file {path.name!r})")
-    looks_like_path = model.startswith(("/", ".", "~")) or (len(path.parts) > 1 and path.parent.is_dir())
-    if looks_like_path and not path.exists():
+    if model.startswith(("/", ".", "~")) and not path.exists():
         raise ConfigError(f"model path {model!r} does not exist (give a model directory, or a hub name like "
                           "org/name)")
+    return str(path) if model.startswith("~") else model
