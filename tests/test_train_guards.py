@@ -176,3 +176,8 @@ def test_load_adapter_takes_a_model_path_and_an_adapter_that_exists(tiny_model_d
         load_adapter(torch.nn.Linear(2, 2), str(tmp_path))
     with pytest.raises(ConfigError, match="adapter directory '.*nowhere' not found"):
         load_adapter(tiny_model_dir, str(tmp_path / "nowhere"))
+
+
+def test_temperature_outside_embedding_exits_2(tmp_path, capsys):
+    assert _train_sft("no-such-model", "no-such.jsonl", tmp_path, "--temperature", "0.1") == 2
+    assert "--temperature is for --task embedding (its InfoNCE loss); --task sft has none" in capsys.readouterr().err

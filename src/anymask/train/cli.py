@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parallel", choices=PARALLEL, default="none", help="ddp or fsdp2 under torchrun "
                    "(torchrun --nproc-per-node N -m anymask train ...)")
     p.add_argument("--data-shards", type=int, help="data shards (default: the world size)")
-    p.add_argument("--temperature", type=float, default=0.05, help="embedding: InfoNCE temperature")
+    p.add_argument("--temperature", type=float,
+                   help=f"embedding: InfoNCE temperature (default: {TrainConfig.temperature})")
     p.add_argument("--mask-token", help="diffusion: mask token (default: the tokenizer's mask/unk/pad/eos)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -81,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lora_dropout=args.lora_dropout, gradient_checkpointing=args.gradient_checkpointing,
         eval_every=args.eval_every, save_every=args.save_every, resume=args.resume, seed=args.seed,
         parallel=args.parallel, data_shards=args.data_shards, progress=not args.no_progress,
-        temperature=args.temperature, mask_token=args.mask_token)
+        temperature=TrainConfig.temperature if args.temperature is None else args.temperature,
+        mask_token=args.mask_token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
+        if args.temperature is not None and args.task != "embedding":
+            raise ConfigError(f"--temperature is for --task embedding (its InfoNCE loss); --task {args.task} "
+                              "has none: drop it")
         config.validate()
         result = train(config)
     except DataError as exc:
