@@ -291,12 +291,15 @@ def test_inputs_in_either_layout():
     assert all(r.max_err < 1e-4 and r.grad_err < 1e-4 for r in rows if r.status == "ok")
 
 
-def _cases(argv: list[str]) -> set[tuple]:
+def _resolved_cases(argv: list[str]) -> list:
     from anymask.bench.cli import _resolve
     from anymask.cli import build_parser
 
-    _, _, cases, _, _ = _resolve(build_parser().parse_args(["bench", "--device", "cpu", *argv]))
-    return {(c.mask, c.seq, c.heads, c.kv_heads, c.mode) for c in cases}
+    return _resolve(build_parser().parse_args(["bench", "--device", "cpu", *argv]))[2]
+
+
+def _cases(argv: list[str]) -> set[tuple]:
+    return {(c.mask, c.seq, c.heads, c.kv_heads, c.mode) for c in _resolved_cases(argv)}
 
 
 def test_grid_options_give_the_cases_asked_for(tmp_path):
@@ -310,10 +313,7 @@ def test_grid_options_give_the_cases_asked_for(tmp_path):
     assert {c[1:4] for c in _cases(["--grid", "gpu", "--masks", "causal", "--dtypes", "bf16"])} == \
         {(4096, 16, 16), (16384, 16, 16), (4096, 32, 8)}  # the fp32 part dropped
     # options the parts only restrict keep them: every gpu part is fwd+bwd already, the cpu GQA case too
-    from anymask.bench.cli import _resolve
-    from anymask.cli import build_parser
-
-    args = build_parser().parse_args(["bench", "--device", "cpu", "--grid", "gpu", "--masks", "causal", "--passes", "fwd+bwd"])
-    gpu = {(c.dtype, c.seq, c.heads, c.kv_heads) for c in _resolve(args)[2]}
+    gpu = {(c.dtype, c.seq, c.heads, c.kv_heads)
+           for c in _resolved_cases(["--grid", "gpu", "--masks", "causal", "--passes", "fwd+bwd"])}
     assert gpu == {("bf16", 4096, 16, 16), ("fp32", 4096, 16, 16), ("bf16", 16384, 16, 16), ("bf16", 4096, 32, 8)}
     assert ("causal", 1024, 4, 1, "fwd+bwd") in _cases(["--grid", "cpu", "--masks", "causal", "--passes", "fwd+bwd"])

@@ -98,11 +98,14 @@ def test_truncated_embedding_query_is_all_prompt(tiny_model_dir, tmp_path):  # n
     assert query.prompt_len == len(query.ids) == 16
 
 
-def test_eval_every_without_eval_data_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("flags, message", [
+    (("--max-steps", "2", "--eval-every", "1"), "--eval-every 1 needs eval data"),
+    (("--max-steps", "1", "--eval-fraction", "0.001"), "--eval-fraction 0.001 holds out none of the 8 examples"),
+], ids=["eval_every_without_eval_data", "eval_fraction_that_holds_out_nothing"])
+def test_eval_settings_without_eval_examples_exit_2(flags, message, tiny_model_dir, tmp_path, capsys):  # noqa: F811
     data = _data(tmp_path, "sft", 8)
-    code = _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "2", "--eval-every", "1")
-    assert code == 2
-    assert "--eval-every 1 needs eval data" in capsys.readouterr().err
+    assert _train_sft(tiny_model_dir, data, tmp_path, *flags) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_load_adapter_takes_the_task_it_was_trained_for(tiny_model_dir, tmp_path):  # noqa: F811
@@ -160,13 +163,6 @@ def test_parallel_without_torchrun_exits_2(tmp_path, capsys, monkeypatch):
     assert code == 2
     assert "--parallel ddp needs a launcher that starts the processes: torchrun --nproc-per-node" in \
         capsys.readouterr().err
-
-
-def test_eval_fraction_that_holds_out_nothing_exits_2(tiny_model_dir, tmp_path, capsys):  # noqa: F811
-    data = _data(tmp_path, "sft", 8)
-    code = _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--eval-fraction", "0.001")
-    assert code == 2
-    assert "--eval-fraction 0.001 holds out none of the 8 examples" in capsys.readouterr().err
 
 
 def test_load_adapter_takes_a_model_path_and_an_adapter_that_exists(tiny_model_dir, tmp_path):  # noqa: F811
