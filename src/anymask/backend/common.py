@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import masks as M
 from .._identity_cache import IdentityLRU
@@ -22,6 +24,25 @@ def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
     out: [B, H, Sq, D]; row_has_key: bool broadcastable to [B, H, Sq, 1].
     """
     return torch.where(row_has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+_NOT_CUDNN = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def masked_sdpa(q, k, v, attn_mask, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with an explicit ``attn_mask``, kept off PyTorch's cuDNN
+    attention kernel on CUDA (memory-efficient, flash or math instead).
+
+    PyTorch 2.11+ puts its cuDNN kernel first on Hopper and Blackwell, and with a mask tensor its
+    backward has returned wrong dQ: NaN for key lengths ``% 128 == 64`` when a row's logsumexp is very
+    negative (pytorch/pytorch#196678), and dQ off by ~5x the bf16 bound on an H100 for a sliding
+    window at 300 keys after earlier GPU work had run (tests/test_cudnn.py, 2026-12-07).  No mask
+    tensor (``is_causal``, none) keeps PyTorch's own choice.
+    """
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+    with sdpa_kernel(_NOT_CUDNN):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
 
 class PerMaskCache:

@@ -3,7 +3,8 @@
 Native forms: no mask (full), ``is_causal`` (square causal), bottom-right causal
 (``causal_lower_right`` when ``q_len < kv_len``).  Everything else becomes a dense bool mask:
 O(S^2) memory, and no tile skipping.  Rows that see no key are unmasked before the call (SDPA
-would return NaN or garbage there) and zeroed after it.
+would return NaN or garbage there) and zeroed after it.  Calls with a mask tensor stay off PyTorch's
+cuDNN attention kernel on CUDA (see :func:`.common.masked_sdpa`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Backend
-from .common import dense_mask, expand_kv, zero_rows
+from .common import dense_mask, expand_kv, masked_sdpa, zero_rows
 
 
 def native_form(p) -> str:
@@ -44,5 +45,5 @@ class Sdpa(Backend):
             k, v = expand_kv(k, p.q_heads), expand_kv(v, p.q_heads)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p.scale)
         dense = dense_mask(p)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense.unmasked_empty_rows, scale=p.scale, **gqa)
+        out = masked_sdpa(q, k, v, dense.unmasked_empty_rows, scale=p.scale, **gqa)
         return out if dense.row_has_key is None else zero_rows(out, dense.row_has_key)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .. import segments as seg
 from .._optional import probe
 from .base import Backend
-from .common import PerMaskCache
+from .common import PerMaskCache, masked_sdpa
 
 
 @lru_cache(maxsize=None)
@@ -217,4 +217,4 @@ def _attend(qs, ks, vs, p, lq, lk):
         mask &= j >= i - left
     if right >= 0:
         mask &= j <= i + right
-    return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=p.scale, **gqa)
+    return masked_sdpa(qs, ks, vs, mask, scale=p.scale, **gqa)

@@ -1,0 +1,60 @@
+"""The ``sdpa`` backend on CUDA with a mask tensor: gradients exact where PyTorch's cuDNN attention
+kernel has been wrong (anymask keeps calls with a mask tensor off it, ``common.masked_sdpa``)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import anymask
+from anymask import masks as M
+
+from .tolerances import assert_close_to_reference, sdpa_error
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _memory_efficient(q, k, v, mask):
+    """The peer: SDPA's memory-efficient kernel forced, with the mask as a dense bool tensor."""
+    B, H, S, _ = q.shape
+    dense = mask.to_dense(B, 1, S, S, device=q.device)  # [B, 1, S, S]
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+
+
+def _check_sdpa_against_float64(q, k, v, mask, g):
+    """anymask sdpa on bf16 copies vs float64 eager, bounded by the memory-efficient kernel's error
+    (eager at bf16 rounds logits of -120 to 0.5 and is no peer for the first test)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = anymask.attention(*leaves, mask, backend="eager")
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    outs = {}
+    runs = {"sdpa": lambda *t: anymask.attention(*t, mask, backend="sdpa"),
+            "peer": lambda *t: _memory_efficient(*t, mask)}
+    for name, run in runs.items():
+        low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+        out = run(*low)
+        outs[name] = (out, *torch.autograd.grad(out, low, g.bfloat16()))
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        ref_i = ref if i == 0 else ref_grads[i - 1]
+        assert_close_to_reference(outs["sdpa"][i], ref_i, sdpa_error(outs["peer"][i], ref_i), what=f"sdpa {what}")
+
+
+def test_very_negative_logits_at_704_keys():
+    """pytorch/pytorch#196678: key length % 128 == 64 and every logit ~ -120 gave NaN dQ through
+    cuDNN with any mask tensor (prefix-LM reaches SDPA as a dense bool mask)."""
+    L, D = 704, 64
+    kw = dict(device="cuda", dtype=torch.float64)
+    q, k, v = torch.randn(1, 2, L, D, **kw) * 0.1, torch.randn(1, 2, L, D, **kw) * 0.1, torch.randn(1, 2, L, D, **kw)
+    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(D)  # every logit ~ -120: each row's logsumexp < ln(FLT_MAX)
+    _check_sdpa_against_float64(q, k, v, M.prefix_lm(64), torch.randn(1, 2, L, D, **kw))
+
+
+def test_sliding_window_bshd_grouped_heads():
+    """The H100 case whose dQ was ~5 off float64 after earlier GPU tests had left memory dirty."""
+    B, S, D = 3, 300, 64
+    kw = dict(device="cuda", dtype=torch.float64)
+    q, k, v, g = (torch.randn(B, S, h, D, **kw).transpose(1, 2) for h in (4, 2, 2, 4))  # [B, H, S, D] views
+    _check_sdpa_against_float64(q, k, v, M.window(37) & M.causal(), g)
