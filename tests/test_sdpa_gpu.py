@@ -1,8 +1,6 @@
 """The ``sdpa`` backend on CUDA with a mask tensor: gradients exact where PyTorch's cuDNN attention
 kernel has been wrong (anymask keeps calls with a mask tensor off it, ``common.masked_sdpa``)."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,13 +18,16 @@ def _memory_efficient(q, k, v, mask):
     """The peer: SDPA's memory-efficient kernel forced, with the mask as a dense bool tensor."""
     B, H, S, _ = q.shape
     dense = mask.to_dense(B, 1, S, S, device=q.device)  # [B, 1, S, S]
+    k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))  # [B, H, S, D]: it takes no GQA
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
 
 
 def _check_sdpa_against_float64(q, k, v, mask, g):
     """anymask sdpa on bf16 copies vs float64 eager, bounded by the memory-efficient kernel's error
-    (eager at bf16 rounds logits of -120 to 0.5 and is no peer for the first test)."""
+    (eager at bf16 rounds logits of -120 to 0.5 and is no peer for the first test).  The inputs are
+    rounded to bf16 first, so the reference sees what the kernels see."""
+    q, k, v, g = (t.bfloat16().double() for t in (q, k, v, g))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     ref = anymask.attention(*leaves, mask, backend="eager")
     ref_grads = torch.autograd.grad(ref, leaves, g)
@@ -47,8 +48,11 @@ def test_very_negative_logits_at_704_keys():
     cuDNN with any mask tensor (prefix-LM reaches SDPA as a dense bool mask)."""
     L, D = 704, 64
     kw = dict(device="cuda", dtype=torch.float64)
-    q, k, v = torch.randn(1, 2, L, D, **kw) * 0.1, torch.randn(1, 2, L, D, **kw) * 0.1, torch.randn(1, 2, L, D, **kw)
-    q[..., 0], k[..., 0] = 1.0, -120 * math.sqrt(D)  # every logit ~ -120: each row's logsumexp < ln(FLT_MAX)
+    # Every logit ~ (1 * -15 * 64) / sqrt(64) = -120: each row's logsumexp < -ln(FLT_MAX).  (One huge
+    # column instead would amplify bf16's rounding of dQ's cancelling sum past any bound.)
+    q = 1.0 + 0.1 * torch.randn(1, 2, L, D, **kw)
+    k = -15.0 + 0.1 * torch.randn(1, 2, L, D, **kw)
+    v = torch.randn(1, 2, L, D, **kw)
     _check_sdpa_against_float64(q, k, v, M.prefix_lm(64), torch.randn(1, 2, L, D, **kw))
 
 

@@ -37,10 +37,13 @@ def masked_sdpa(q, k, v, attn_mask, **kwargs) -> torch.Tensor:
     backward has returned wrong dQ: NaN for key lengths ``% 128 == 64`` when a row's logsumexp is very
     negative (pytorch/pytorch#196678), and dQ off by ~5x the bf16 bound on an H100 for a sliding
     window at 300 keys after earlier GPU work had run (tests/test_cudnn.py, 2026-12-07).  No mask
-    tensor (``is_causal``, none) keeps PyTorch's own choice.
+    tensor (``is_causal``, none) keeps PyTorch's own choice.  Grouped K/V heads are repeated first:
+    the memory-efficient kernel takes no ``enable_gqa``, and math would be the only kernel left.
     """
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+    if kwargs.pop("enable_gqa", False):  # the memory-efficient kernel takes no GQA: math would
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])  # [B, Hq, Skv, D]
     with sdpa_kernel(_NOT_CUDNN):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
