@@ -19,8 +19,9 @@ def private_cache(tmp_path, monkeypatch):
 def dirty_gpu_memory(request):
     """Before a CUDA test, fill the caching allocator's free blocks with large finite values, so a
     kernel that reads past a tensor's end (padding of a last tile) or uses memory it never wrote
-    fails here instead of passing on a fresh process's zeroed memory.  (On an H100 a bf16 SDPA dQ
-    was 4-5 off only after earlier tests had run.)  No-op without CUDA or for CPU-only tests."""
+    fails here instead of passing on a fresh process's zeroed memory.  No-op without CUDA or for
+    CPU-only tests.  (Added while chasing an order-dependent SDPA dQ error on an H100; dirty memory
+    turned out not to be its cause, see benchmarks/results/nvidia-h100/checks-2026-12-07b.)"""
     import torch
 
     on_gpu = request.node.get_closest_marker("gpu") is not None or "cuda" in request.node.name
