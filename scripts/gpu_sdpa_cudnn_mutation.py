@@ -7,6 +7,6 @@ from torch.nn.attention import SDPBackend
 
 import anymask.backend.common as common
 
-common._NOT_CUDNN = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                     SDPBackend.MATH]
+common._enabled_without_cudnn = lambda: [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                        SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_sdpa_gpu.py", *sys.argv[1:]]))

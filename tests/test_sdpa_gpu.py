@@ -1,5 +1,8 @@
 """The ``sdpa`` backend on CUDA with a mask tensor: gradients exact where PyTorch's cuDNN attention
-kernel has been wrong (anymask keeps calls with a mask tensor off it, ``common.masked_sdpa``)."""
+kernel has been wrong (anymask keeps calls with a mask tensor off it, ``common.masked_sdpa``).
+
+``scripts/gpu_sdpa_cudnn_mutation.py`` runs this file with that guard undone: the flag test fails on
+any GPU, the 704-key test where PyTorch prefers cuDNN (Hopper/Blackwell, torch 2.11+)."""
 
 import pytest
 import torch
@@ -57,8 +60,31 @@ def test_very_negative_logits_at_704_keys():
 
 
 def test_sliding_window_bshd_grouped_heads():
-    """The H100 case whose dQ was ~5 off float64 after earlier GPU tests had left memory dirty."""
+    """The H100 case whose SDPA dQ was 5.2 off float64 once in a full run of tests/test_cudnn.py
+    (it passes alone, with or without the guard): kept as a plain check of the guarded path with
+    [B, S, H, D] views and grouped heads."""
     B, S, D = 3, 300, 64
     kw = dict(device="cuda", dtype=torch.float64)
     q, k, v, g = (torch.randn(B, S, h, D, **kw).transpose(1, 2) for h in (4, 2, 2, 4))  # [B, H, S, D] views
     _check_sdpa_against_float64(q, k, v, M.window(37) & M.causal(), g)
+
+
+def test_masked_calls_leave_cudnn_off_and_keep_the_callers_choice(monkeypatch):
+    """On any CUDA GPU (not only where PyTorch prefers cuDNN): while anymask's SDPA call with a mask
+    tensor runs, cuDNN's kernel is off, a kernel the caller turned off stays off, and the caller's
+    flags are back afterwards."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        cuda = torch.backends.cuda
+        seen.append((kwargs.get("attn_mask") is not None, cuda.cudnn_sdp_enabled(), cuda.math_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # GQA 4:2
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):  # math off, cuDNN on
+        anymask.attention(q, k, v, M.prefix_lm(16), backend="sdpa")
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+    assert seen == [(True, False, False)]

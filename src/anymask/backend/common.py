@@ -26,26 +26,34 @@ def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
     return torch.where(row_has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
-_NOT_CUDNN = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-
-
 def masked_sdpa(q, k, v, attn_mask, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with an explicit ``attn_mask``, kept off PyTorch's cuDNN
-    attention kernel on CUDA (memory-efficient, flash or math instead).
+    attention kernel on CUDA: the SDPA kernels the caller has enabled, cuDNN's left out (memory-efficient
+    for bf16/fp16/fp32; math for what it refuses; flash takes no mask).
 
     PyTorch 2.11+ puts its cuDNN kernel first on Hopper and Blackwell, and with a mask tensor its
     backward has returned wrong dQ: NaN for key lengths ``% 128 == 64`` when a row's logsumexp is very
-    negative (pytorch/pytorch#196678), and dQ off by ~5x the bf16 bound on an H100 for a sliding
-    window at 300 keys after earlier GPU work had run (tests/test_cudnn.py, 2026-12-07).  No mask
-    tensor (``is_causal``, none) keeps PyTorch's own choice.  Grouped K/V heads are repeated first:
-    the memory-efficient kernel takes no ``enable_gqa``, and math would be the only kernel left.
+    negative (pytorch/pytorch#196678, reproduced through this backend on an H100), and once dQ ~30x
+    past the bf16 bound in a full GPU test run (300 keys, sliding window; not reproduced alone).  No
+    mask tensor (``is_causal``, none) keeps PyTorch's own choice.  Grouped K/V heads are repeated
+    first: the memory-efficient kernel takes no ``enable_gqa``.  If the caller enabled only cuDNN,
+    their choice stands.  (``sdpa_kernel`` flags are process-wide, as in PyTorch itself.)
     """
-    if not q.is_cuda:
+    kernels = _enabled_without_cudnn() if q.is_cuda else []
+    if not kernels:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
-    if kwargs.pop("enable_gqa", False):  # the memory-efficient kernel takes no GQA: math would
+    if kwargs.pop("enable_gqa", False):
         k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])  # [B, Hq, Skv, D]
-    with sdpa_kernel(_NOT_CUDNN):
+    with sdpa_kernel(kernels):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+
+
+def _enabled_without_cudnn() -> list:
+    """The CUDA SDPA kernels enabled now, cuDNN's left out (``sdpa_kernel`` would enable any it lists)."""
+    cuda = torch.backends.cuda
+    enabled = ((SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+               (SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()), (SDPBackend.MATH, cuda.math_sdp_enabled()))
+    return [kernel for kernel, on in enabled if on]
 
 
 class PerMaskCache:

@@ -13,7 +13,8 @@ Kernels, first that fits (see :func:`kernel`):
                ``window_size=(left, right)``; 2.12+ add ``enable_gqa``.  Read at run time.
     flash_attn ``flash_attn.flash_attn_varlen_func`` when flash-attn imports (same limits).
     sdpa       segments of equal (query, key) length batched into one SDPA call each: any device,
-               any float dtype, GQA via ``enable_gqa``; backward through autograd.
+               any float dtype, GQA via ``enable_gqa`` (repeated K/V for windowed segments on CUDA,
+               which stay off PyTorch's cuDNN kernel: ``common.masked_sdpa``); backward through autograd.
 """
 
 from __future__ import annotations

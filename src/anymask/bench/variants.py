@@ -143,6 +143,8 @@ def _raw_sdpa(mask: Mask, inputs: InputSets, p: Problem) -> Prepared:
     dense = dense | ~dense.any(dim=-1, keepdim=True)  # rows with no key would give NaN
     _sync(p.device)
     gqa = {"enable_gqa": True} if p.is_gqa else {}
+    # What a user hand-rolls: PyTorch picks the kernel, its cuDNN one included (anymask's ``sdpa``
+    # backend keeps masked calls off that one: ``backend.common.masked_sdpa``).
     f = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=p.scale, **gqa))
     return Prepared(_runner(f, inputs, p.requires_grad), "sdpa(dense mask)", time.perf_counter() - t0, True)
 
