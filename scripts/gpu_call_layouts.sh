@@ -13,7 +13,9 @@ for l in sys.stdin:
   except Exception: print(l.rstrip()[:300])
 "; }
 M=documents_causal,documents,padding
-checks() {  # every backend vs float64 on cuda, and cuDNN's gpu tests
+checks() {  # masked SDPA's guard (and the tests with it undone), every backend vs float64 on cuda, cuDNN's gpu tests
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_sdpa_gpu.py 2>&1 | tee $OUT/sdpa_gpu_tests.log | tail -1
+  timeout 60 python3 scripts/gpu_sdpa_cudnn_mutation.py 2>&1 | tee $OUT/sdpa_gpu_tests_cudnn_allowed.log | tail -1
   OUT=$OUT CORE_TIMEOUT=${CHECK_TIMEOUT:-300} bash scripts/gpu_core_check.sh | tail -5
   timeout ${CHECK_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cudnn.py 2>&1 | tee $OUT/cudnn_gpu_tests.log | tail -3
 }
