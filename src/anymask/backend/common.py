@@ -27,7 +27,8 @@ def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sdpa(q, k, v, attn_mask, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` with an explicit ``attn_mask``, kept off PyTorch's cuDNN
+    """``F.scaled_dot_product_attention`` with an explicit ``attn_mask`` (a tensor, or SDPA's own
+    ``CausalBias``, which becomes a tensor when flash and efficient refuse), kept off PyTorch's cuDNN
     attention kernel on CUDA: the SDPA kernels the caller has enabled, cuDNN's left out (memory-efficient
     for bf16/fp16/fp32; math for what it refuses; flash takes no mask).
 

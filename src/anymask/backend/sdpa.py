@@ -43,7 +43,7 @@ class Sdpa(Backend):
 
             bias = causal_lower_right(p.q_len, p.kv_len)
             k, v = expand_kv(k, p.q_heads), expand_kv(v, p.q_heads)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p.scale)
+            return masked_sdpa(q, k, v, bias, scale=p.scale)  # SDPA builds a mask tensor if flash/efficient refuse
         dense = dense_mask(p)
         out = masked_sdpa(q, k, v, dense.unmasked_empty_rows, scale=p.scale, **gqa)
         return out if dense.row_has_key is None else zero_rows(out, dense.row_has_key)
