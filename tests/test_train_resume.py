@@ -48,21 +48,24 @@ def test_epoch_step_counts_differ_under_the_small_window(tiny_model_dir, tmp_pat
     assert stream.steps_in_epoch(0) < stream.steps_in_epoch(1)
 
 
-def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # noqa: F811
+def _first_step_checkpoint(tiny_model_dir, tmp_path):
+    """A 2-step sft run under ``tmp_path / "a"`` saving every step: its data and step-1 checkpoint."""
     data = _data(tmp_path, "sft", 20)
     train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=2, save_every=1))
+    return data, str(tmp_path / "a" / "checkpoint-000001")
+
+
+def test_resume_with_another_lora_rank_is_refused(tiny_model_dir, tmp_path):  # noqa: F811
+    data, saved = _first_step_checkpoint(tiny_model_dir, tmp_path)
     with pytest.raises(ConfigError, match=r"cannot resume .*lora_r 8 -> 4"):
-        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=3, lora_r=4,
-                     resume=str(tmp_path / "a" / "checkpoint-000001")))
+        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=3, lora_r=4, resume=saved))
     relative = train(config(os.path.relpath(tiny_model_dir), "sft", data, tmp_path / "d", max_steps=2,
-                            resume=str(tmp_path / "a" / "checkpoint-000001")))  # the same model, spelled otherwise
+                            resume=saved))  # the same model, spelled otherwise
     assert [h["step"] for h in relative.history] == [2]
     with pytest.warns(UserWarning, match=r"lr 0.005 -> 0.5\).*schedule .* stays the checkpoint's"):
-        train(config(tiny_model_dir, "sft", data, tmp_path / "e", max_steps=2, lr=0.5,
-                     resume=str(tmp_path / "a" / "checkpoint-000001")))
+        train(config(tiny_model_dir, "sft", data, tmp_path / "e", max_steps=2, lr=0.5, resume=saved))
     with pytest.warns(UserWarning, match=r"changed settings \(lora_alpha 16 -> 32\)"):
-        train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=2, lora_alpha=32,
-                     resume=str(tmp_path / "a" / "checkpoint-000001")))
+        train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=2, lora_alpha=32, resume=saved))
 
 
 def _logged_lrs(out) -> dict[int, float]:
@@ -93,8 +96,6 @@ def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path)
 
 
 def test_resumed_run_says_weight_decay_stays_the_checkpoints(tiny_model_dir, tmp_path):  # noqa: F811
-    data = _data(tmp_path, "sft", 20)
-    train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=2, save_every=1))
+    data, saved = _first_step_checkpoint(tiny_model_dir, tmp_path)
     with pytest.warns(UserWarning, match=r"weight_decay stays the checkpoint's 0.0 \(the optimizer state keeps it\)"):
-        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=2, weight_decay=0.1,
-                     resume=str(tmp_path / "a" / "checkpoint-000001")))
+        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=2, weight_decay=0.1, resume=saved))
