@@ -120,3 +120,41 @@ def test_config_file_syntax_error_names_the_file_line_and_column(tmp_path, capsy
         with pytest.raises(SystemExit):
             bench_main(["bench", "--config", str(toml), "--out", str(tmp_path)])
         assert f"anymask bench: error: {toml}: invalid TOML: " in capsys.readouterr().err
+
+
+def _timed(mask: str, variant: str, ms: float):
+    from anymask.bench.runner import Row
+
+    return Row(mask=mask, kind=mask, batch=1, seq=64, heads=2, kv_heads=2, head_dim=16, dtype="bf16",
+               mode="fwd+bwd", variant=variant, backend=variant, status="ok", median_ms=ms, tflops=1 / ms,
+               eligible=not variant.startswith("raw_") or None)
+
+
+def test_best_vs_peer_counts_hand_rolled_calls_only():
+    """The bar's ratio: best forced backend against dense-mask SDPA / compiled flex, plus SDPA's own
+    call on full and causal (there the sdpa backend is that call); FA4 hand-rolled is not a peer."""
+    from anymask.bench import report
+
+    rows = [_timed("padding", "cudnn", 1.0), _timed("padding", "sdpa", 1.1), _timed("padding", "raw_flex", 1.5),
+            _timed("padding", "raw_sdpa_dense", 3.0), _timed("padding", "raw_fa4", 0.5),
+            _timed("causal", "fa4", 1.0), _timed("causal", "sdpa", 1.2), _timed("causal", "raw_flex", 2.0),
+            _timed("documents", "triton", 2.0), _timed("documents", "raw_flex", 2.4)]
+    cases = {c["mask"]: c for c in report.case_summaries(rows)}
+    assert (cases["padding"]["best_peer"], cases["padding"]["best_vs_peer"]) == ("raw_flex", 1.5)
+    assert (cases["causal"]["best_peer"], cases["causal"]["best_vs_peer"]) == ("sdpa", 1.2)
+    assert cases["documents"]["best_vs_peer"] == pytest.approx(1.2)
+    minima = report.summary(rows, list(cases.values()), "x")["structured_best_vs_peer_min"]
+    assert minima == {"bf16 fwd+bwd": {"ratio": 1.2, "case": cases["documents"]["case"]}}  # causal is no structured mask
+    assert "best/peer" in report.summary_table(list(cases.values())).splitlines()[1]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_summary_line_states_the_structured_minimum_against_hand_rolled(tmp_path, capsys):
+    args = [a if a != "causal" else "padding" for a in SMALL]
+    assert bench_main(["bench", *args, "--backends", "sdpa,eager,raw_sdpa_dense", "--no-plot", "--out", str(tmp_path)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    ms = {r["variant"]: r["median_ms"] for r in doc["rows"] if r["status"] == "ok"}
+    best = min(ms[v] for v in ("sdpa", "eager") if v in ms)
+    [(key, worst)] = line["structured_best_vs_peer_min"].items()
+    assert key == "fp32 fwd" and worst["ratio"] == round(ms["raw_sdpa_dense"] / best, 3)
