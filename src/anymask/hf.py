@@ -42,8 +42,10 @@ Which rule applies, first match wins: ``anymask_mask=`` on the call, ``set_mask`
 ``attention_mask`` given to the model is taken as given (transformers skips mask creation then).
 Sliding-window layers (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers) keep their window
 ``w`` as ``|q - kv| < w`` on top of any rule (``kv <= q`` already bounds it on the right when
-causal).  Attention dropout and logit soft-capping are refused with a clear error (Gemma 2 runs
-with ``attn_logit_softcapping=None``).
+causal), or as ``|q - kv| <= w`` where transformers' own mask for the layer is its inclusive
+bidirectional one (ModernBERT's local layers, ``config.is_causal=False``).  Attention dropout,
+logit soft-capping (Gemma 2 runs with ``attn_logit_softcapping=None``) and attention sinks
+(``s_aux``, GPT-OSS) are refused with a clear error.
 
 Not read: the overlays transformers composes into its own ``mask_function`` (image-token blocks of
 vision-language models, ``block_sequence_ids``): describe those with a Mask.  Chunked attention
@@ -85,6 +87,10 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     if kwargs.get("softcap") is not None:
         raise ValueError("anymask attention does not support attention logit soft-capping "
                          "(Gemma 2's attn_logit_softcapping); set it to None or use another implementation")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"anymask attention does not support attention sinks (s_aux, the learned per-head "
+                         f"logit of {type(module).__name__}, e.g. GPT-OSS): they change every softmax; use "
+                         "attn_implementation='eager' or 'sdpa' for this model")
     spec, backend = _call_policy(module, kwargs)
     keys = attention_mask if isinstance(attention_mask, LayerKeys) else _keys_from_tensor(attention_mask, key)
     if isinstance(keys, LayerKeys) and keys.q_offset > 0 and spec == "bidirectional":
@@ -93,9 +99,8 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         mask = masks.dense(keys)
     else:
         key, value, keys = _trim_static_cache(key, value, keys, query.shape[-2])
-        window = _window(module, keys, kwargs)
-        mask = build_mask(spec, keys, query.shape[-2], key.shape[-2], query.shape[0], window=window,
-                          training=module.training, kwargs=kwargs)
+        mask = build_mask(spec, keys, query.shape[-2], key.shape[-2], query.shape[0],
+                          reach=_window_reach(module, keys, kwargs), training=module.training, kwargs=kwargs)
     out = _attend(query, key, value, mask, backend=backend, scale=scaling)  # [B, Hq, Sq, D]
     return out.transpose(1, 2).contiguous(), None
 
@@ -106,8 +111,9 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
                            q_length: int | None = None, q_offset=None, **kwargs) -> LayerKeys:
     """transformers mask function: describe this layer's keys instead of building a 4-D mask.
 
-    ``mask_function`` (transformers' own causal / sliding / packed rule) is deliberately ignored:
-    the attention function decides the rule from ``set_mask`` and the call.  Accepts the 4.56
+    ``mask_function`` (transformers' own causal / sliding / packed rule) is deliberately not
+    followed: the attention function decides the rule from ``set_mask`` and the call.  Only the
+    edge of a sliding window is read from it (see :func:`_sees_window_edge`).  Accepts the 4.56
     signature (``cache_position``) and the 5.x one (``q_length``, ``q_offset``).
     """
     if isinstance(attention_mask, LayerKeys):  # prepared in advance by generate (static cache)
@@ -135,7 +141,36 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
             valid = torch.nn.functional.pad(valid, (0, end - valid.shape[-1]))
         valid = valid[:, kv_offset:end]
         padding = None if bool(valid.all()) else valid
-    return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size)
+    inclusive = local_size is not None and mask_function is not None and _sees_window_edge(
+        mask_function, batch_size, q_offset, q_length, kv_offset, int(kv_length), int(local_size))
+    return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive)
+
+
+def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, kv_offset: int,
+                      kv_length: int, local_size: int) -> bool:
+    """Whether transformers' ``mask_function`` lets some query see a key exactly ``local_size`` away.
+
+    Its bidirectional sliding mask (``create_bidirectional_sliding_window_mask``) keeps
+    ``|q - kv| <= w``, its causal one (and Gemma 3's bidirectional overlay) ``q - kv < w``.  Every
+    pair at that distance in this call is asked, on every row; where none is seen (or none exists:
+    short inputs, packed documents shorter than ``w``), the two rules give the same mask.
+    """
+    q = torch.arange(q_offset, q_offset + q_length)  # [q_len] absolute query positions
+    rows = torch.arange(batch).view(batch, 1)
+    head = torch.zeros((), dtype=torch.long)
+    for kv in (q - local_size, q + local_size):
+        present = (kv >= kv_offset) & (kv < kv_offset + kv_length)
+        if not bool(present.any()):
+            continue
+        try:
+            seen = mask_function(rows, head, q[present].view(1, -1), kv[present].view(1, -1))  # [B, pairs]
+        except Exception as err:  # a model's own overlay that takes no index tensors
+            warnings.warn(f"could not ask transformers' mask function where this sliding window ends ({err!r}); "
+                          f"anymask keeps |q - kv| < {local_size}", stacklevel=3)
+            return False
+        if bool(torch.as_tensor(seen).any()):
+            return True
+    return False
 
 
 def register() -> None:
@@ -268,15 +303,19 @@ def _keys_from_tensor(attention_mask, key):
     raise ValueError(f"unexpected attention_mask of shape {list(attention_mask.shape)}")
 
 
-def _window(module, keys: LayerKeys | None, kwargs) -> int | None:
-    """Sliding window (tokens, self included) of this layer, or None for full attention."""
+def _window_reach(module, keys: LayerKeys | None, kwargs) -> int | None:
+    """The farthest key (``|q - kv|``) a query of this sliding layer sees, or None (full attention).
+
+    A window of ``w`` tokens, self included, reaches ``w - 1``; ``w`` where transformers' own rule
+    for the layer is its inclusive bidirectional one (``LayerKeys.local_inclusive``).
+    """
     if keys is not None and keys.local_size is not None:
-        return int(keys.local_size)
+        return int(keys.local_size) - (0 if keys.local_inclusive else 1)
     if "sliding_window" in kwargs:
         w = kwargs["sliding_window"]
     else:
         w = getattr(module, "sliding_window", None)
-    return int(w) if w is not None else None
+    return int(w) - 1 if w is not None else None
 
 
 def _trim_static_cache(key, value, keys: LayerKeys | None, q_len: int):

@@ -40,7 +40,15 @@ class LayerKeys:
     when nothing is padded.  ``q_offset`` / ``kv_offset``: absolute positions of the first query and
     the first key (a sliding-window cache drops old keys, so ``kv_offset`` can be > 0).
     ``local_size``: the sliding window (in tokens, self included) when transformers built this
-    mask for a sliding layer.
+    mask for a sliding layer.  ``local_inclusive``: transformers' own rule for this layer lets a
+    query see keys exactly ``local_size`` away (its bidirectional sliding mask, ``|q - kv| <= w``:
+    ModernBERT's local layers, decoders with ``config.is_causal=False``) instead of at most
+    ``local_size - 1`` (causal windows, Gemma 3's bidirectional one)::
+
+        w = 2, bidirectional     |q - kv| < w           |q - kv| <= w (local_inclusive)
+                                 # # . . .              # # # . .
+                                 # # # . .              # # # # .
+                                 . # # # .              # # # # #
     """
 
     padding: torch.Tensor | None
@@ -50,6 +58,7 @@ class LayerKeys:
     q_offset: int
     kv_offset: int
     local_size: int | None = None
+    local_inclusive: bool = False
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -76,12 +85,14 @@ _PER_CALL = ("position_ids", "cu_seq_lens_k", "prefix_lengths", "token_type_ids"
 _BUILT = IdentityLRU(4)  # recent masks by what they were built from: full + sliding layers, and room
 
 
-def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int, *, window: int | None,
+def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int, *, reach: int | None,
                training: bool, kwargs: dict) -> masks.Mask:
     """The mask of one attention call (see module docstring).
 
     ``kv_len``/``q_len``: the sizes of this call's keys and queries (after any static-cache trim).
-    ``window``: sliding window in tokens (self included), or None.  ``kwargs``: the attention
+    ``reach``: a sliding layer's window as the farthest key a query sees on either side,
+    ``|q - kv| <= reach`` (``w - 1`` for transformers' usual window of ``w`` tokens, self included),
+    or None.  ``kwargs``: the attention
     function's keyword arguments (``position_ids``, ``cu_seq_lens_k``, ``token_type_ids``,
     ``prefix_lengths``).
 
@@ -90,22 +101,21 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
     then do it once per forward, not once per layer.
     """
     if keys is None:
-        return _build(spec, keys, q_len, kv_len, batch, window, training, kwargs)
+        return _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs)
     anchors = (keys, spec, *(kwargs.get(name) for name in _PER_CALL))
     versions = tuple(version(a) if isinstance(a, torch.Tensor) else None for a in anchors)
-    return _BUILT.get(anchors, (versions, q_len, kv_len, batch, window, training),
-                      lambda: _build(spec, keys, q_len, kv_len, batch, window, training, kwargs))
+    return _BUILT.get(anchors, (versions, q_len, kv_len, batch, reach, training),
+                      lambda: _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs))
 
 
-def _build(spec, keys, q_len, kv_len, batch, window, training, kwargs) -> masks.Mask:
+def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.Mask:
     first_key = keys.kv_offset if keys is not None else 0  # absolute position of key 0
     no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
     valid = _fit_padding(keys.padding, kv_len) if keys is not None and keys.padding is not None else None
     ids = _document_ids(kwargs, q_len, kv_len, batch, valid)
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
-    if window is not None:
-        # transformers' window: q - window < kv (and kv < q + window when bidirectional)
-        mask = mask & masks.window(window - 1, window - 1)
+    if reach is not None:  # |q - kv| <= reach (kv <= q already bounds it on the right when causal)
+        mask = mask & masks.window(reach, reach)
     if ids is not None:
         mask = mask & masks.documents(ids)
     if valid is not None:
