@@ -123,9 +123,12 @@ def test_split_path_runs_contiguous_segments_of_useful_length(monkeypatch):
     assert calls == [1]  # a document with a hole is not a run
 
 
-def test_every_query_padded():
+@pytest.mark.parametrize("garbage", [0.0, float("nan"), float("inf")])
+def test_every_query_padded(garbage):
     mask = M.padding(torch.zeros(2, S)) & M.causal()
-    q, k, v = (torch.randn(2, 2, S, 8, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, S, 8) for _ in range(3))
+    k[:, :, -1] = garbage  # what an uninitialised cache slot may hold: every slot here is padded
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     out = anymask.attention(q, k, v, mask, backend="varlen")
     assert (out == 0).all()
     out.sum().backward()
@@ -207,6 +210,9 @@ def test_reasons():
     assert "holes" in why(M.documents(torch.tensor([[0, 0, 1, 1, 1, 0, 0, 0]])) & M.window(2) & M.causal())[0]
     assert "holes" in why(M.padding(torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1]])) & M.window(2))[0]
     assert why(M.padding(torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])) & M.window(2)) == []
+    recurring_negative = torch.tensor([[-1, -1, -2, -2, -1, -1, -1, -2]])  # ids are any integers
+    assert "holes" in why(M.documents(recurring_negative) & M.window(1) & M.causal())[0]
+    assert why(M.documents(recurring_negative.sort().values) & M.window(1) & M.causal()) == []
     assert "prefix-LM" in why(M.prefix_lm(3))[0]
     assert "custom" in why(M.causal() & M.custom(lambda b, h, q, kv: q != kv))[0]
 

@@ -115,10 +115,12 @@ def has_holes(s: Structure, batch: int, kv_len: int) -> bool:
     if s.documents is None and s.valid is None:
         return False
     ids, valid = _ids_and_valid(s, batch, kv_len, _device_of(s))
-    ids = torch.where(valid, ids, torch.full_like(ids, -1))  # padded tokens in no segment
-    changes = (ids[:, 1:] != ids[:, :-1]) & (ids[:, 1:] >= 0)  # a segment (re)starts here
-    starts = changes.sum(1) + (ids[:, 0] >= 0).long()  # [B] runs of valid same-id positions
-    distinct = torch.tensor([row[row >= 0].unique().numel() for row in ids], device=ids.device)
+    # a segment (re)starts at a valid token after padding, or after a token of another document
+    # (any id, negative ones too: padding is ``valid``, not an id value)
+    starts_here = valid.clone()  # [B, S]
+    starts_here[:, 1:] &= ~valid[:, :-1] | (ids[:, 1:] != ids[:, :-1])
+    starts = starts_here.sum(1)  # [B] runs of valid same-id positions
+    distinct = torch.tensor([row[ok].unique().numel() for row, ok in zip(ids, valid)], device=ids.device)
     return bool((starts != distinct).any())
 
 

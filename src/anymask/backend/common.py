@@ -18,6 +18,27 @@ def expand_kv(t: torch.Tensor, q_heads: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
+class _NothingVisible(torch.autograd.Function):
+    """Attention in which no query sees any key: output 0 and zero gradients, whatever q, k, v hold
+    (``0 * q.sum()`` would turn a NaN in a padded slot into a NaN output)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.inputs = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])  # [B, Hq, Sq, Dv]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) if needed else None
+                     for (shape, dtype, device), needed in zip(ctx.inputs, ctx.needs_input_grad))
+
+
+def nothing_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The output of a call where every query is padded: zeros ``[B, Hq, Sq, Dv]``, still in the
+    autograd graph of q, k and v (their gradients are zero)."""
+    return _NothingVisible.apply(q, k, v)
+
+
 def zero_rows(out: torch.Tensor, row_has_key: torch.Tensor) -> torch.Tensor:
     """Zero the output of query rows that see no key (zero gradient flows back through them).
 

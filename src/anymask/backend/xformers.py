@@ -26,6 +26,7 @@ from .. import segments as seg
 from .._optional import probe
 from ..structure import Structure
 from .base import Backend
+from .common import nothing_visible
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,7 +159,7 @@ class Xformers(Backend):
             return out.transpose(1, 2)
         lay = desc.layout
         if lay.num_segments == 0:  # every query padded
-            return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
+            return nothing_visible(q, k, v)
         qp, kp, vp = (seg.unpad(t, i)[None] for t, i in ((q, lay.q_index), (k, lay.k_index), (v, lay.k_index)))
         out = _call(xops, qp, kp, vp, bias, p)  # [1, Tq, Hq, D]
         return seg.repad(out[0], lay.q_index, p.batch, p.q_len)
