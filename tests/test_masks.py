@@ -440,6 +440,26 @@ def test_custom_mask_sees_edits_through_containers_and_objects(kind):
     assert not torch.allclose(first, second)
 
 
+_REBOUND = None  # a module global that a mask_mod reads and the test rebinds
+
+
+def test_custom_mask_sees_a_global_rebound_to_a_new_tensor_at_the_same_address():
+    """The new tensor reuses the old one's memory and version count (the allocator hands freed
+    blocks out again): only its identity tells the cached mask is stale."""
+    global _REBOUND
+    raw = bytearray(b"\x01" * 6)
+    _REBOUND = torch.frombuffer(raw, dtype=torch.bool)
+    m = M.custom(lambda b, h, q, kv: _REBOUND[kv] & (kv <= q))
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    first = anymask.attention(q, k, v, m, backend="sdpa")
+    raw[:2] = b"\x00\x00"  # not through a tensor: no version bump
+    _REBOUND = torch.frombuffer(raw, dtype=torch.bool)
+    second = anymask.attention(q, k, v, m, backend="sdpa")
+    fresh = M.custom(lambda b, h, q, kv: _REBOUND.clone()[kv] & (kv <= q))
+    torch.testing.assert_close(second, anymask.attention(q, k, v, fresh, backend="eager"))
+    assert not torch.allclose(first, second)
+
+
 def test_custom_mask_reading_an_inference_tensor_warns_once():
     from anymask.masks import _warn_unversioned
 

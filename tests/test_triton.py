@@ -193,6 +193,24 @@ def test_lowering_matches_dense_oracle(name, q_len, kv_len):
             assert sorted(col_order[r].tolist()) == list(range(cols.shape[1]))
 
 
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("q_len,kv_len", LOWERING_SIZES)
+def test_live_slots_are_those_the_dense_oracle_uses(name, q_len, kv_len):
+    """Keys some row sees, exactly; rows that see a key, exactly (a row whose interval holds only
+    scattered padding may count as live: that only widens the fp16x3 scale's view)."""
+    B = 3
+    mask = MASKS[name](B, kv_len)
+    bounds = MB.build(analyse(mask), q_len, kv_len, "cpu")
+    dense = mask.to_dense(B, 1, q_len, kv_len)[:, 0]  # [B, Sq, Skv]
+    rows, keys = MB.live(bounds)
+    rows, keys = rows.expand(B, q_len).bool(), keys.expand(B, kv_len).bool()
+    assert torch.equal(keys, dense.any(1)), name
+    if bounds.kvalid is None:
+        assert torch.equal(rows, dense.any(2)), name
+    else:
+        assert not (dense.any(2) & ~rows).any(), name
+
+
 def test_lowering_orders_heaviest_tiles_first():
     bounds = MB.build(analyse(M.causal()), 256, 256, "cpu")
     tiles, order = MB.row_tiles(bounds, 64, 64)
@@ -451,7 +469,8 @@ def test_split_scales_are_powers_of_two_per_kv_group(delegated):
     q = torch.randn(2, 4, 9, 16, dtype=torch.float32, device=DEVICE)
     q[0, 2:] *= 1e-7  # the second kv group of row 0
     q[1] = 0  # row 1 all zero
-    sc = split16.scales([q, None], kv_heads=2)  # [B, Hkv, 2]
+    every_row = torch.ones(1, 9, dtype=torch.int8, device=DEVICE)
+    sc = split16.scales([q, None], kv_heads=2, live=[every_row, None])  # [B, Hkv, 2]
     top = q.abs().unflatten(1, (2, 2)).amax(dim=(2, 3, 4))  # [B, Hkv]
     scaled = top * sc[..., 0]
     nonzero = top > 0
@@ -460,7 +479,11 @@ def test_split_scales_are_powers_of_two_per_kv_group(delegated):
     mantissa, _ = torch.frexp(sc)
     assert (mantissa == 0.5).all()  # exact powers of two: scaling loses nothing
     q[0, 0, 0, 0], q[0, 3, 1, 1] = float("inf"), float("nan")  # non-finite entries do not count
-    assert torch.equal(split16.scales([q, None], kv_heads=2), sc)
+    assert torch.equal(split16.scales([q, None], kv_heads=2, live=[every_row, None]), sc)
+    q[:, :, 8] = 1e30  # nor anything in a row no result reads
+    not_last = every_row.clone()
+    not_last[:, 8] = 0
+    assert torch.equal(split16.scales([q, None], kv_heads=2, live=[not_last, None]), sc)
 
 
 @needs_triton
@@ -519,6 +542,32 @@ def test_fp16x3_nan_in_a_padded_row_stays_local(delegated):
     real = valid.to(DEVICE)[:, None, :, None].expand_as(out)  # [B, H, S, D]
     assert torch.isfinite(out[real]).all()
     torch.testing.assert_close(out[real].double(), ref[real], atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("garbage", [1e9, 1e12, 1e30, -3e38])
+@pytest.mark.parametrize("name", ["padded_queries_full", "left_padding_causal", "scattered_padding",
+                                  "documents_padding"])
+def test_fp16x3_huge_finite_values_in_unused_slots_change_nothing(delegated, name, garbage):
+    """Padded q, k, v and dO rows holding huge finite values (an uninitialised cache, an upstream
+    overflow) leave every real row's output and gradients as in float64: they neither set the
+    fp16 scales nor turn into inf times a zero probability."""
+    if delegated:
+        return
+    B, H, Hkv, S, D = 2, 4, 2, 37, 16
+    mask = MASKS[name](B, S)
+    dense = mask.to_dense(B, 1, S, S)[:, 0].to(DEVICE)  # [B, Sq, Skv]
+    real_q, real_k = dense.any(2), dense.any(1)  # [B, S] each
+    q, k, v = _inputs(B, H, Hkv, S, S, D)
+    grad_out = torch.randn(B, H, S, D, dtype=torch.float64, device=DEVICE)
+    for t, real in ((q, real_q), (k, real_k), (v, real_k), (grad_out, real_q)):
+        t.masked_fill_(~real[:, None, :, None], garbage)
+    ref, ref_grads = _run(q, k, v, mask, "eager", torch.float64, grad_out)
+    out, grads = _with_precision("fp16x3", lambda: _run(q, k, v, mask, "triton", torch.float32, grad_out), D)
+    for what, got, want, real in (("out", out, ref, real_q), ("dq", grads[0], ref_grads[0], real_q),
+                                  ("dk", grads[1], ref_grads[1], real_k), ("dv", grads[2], ref_grads[2], real_k)):
+        sel = real[:, None, :, None].expand_as(got)
+        torch.testing.assert_close(got[sel].double(), want[sel], atol=2e-5, rtol=2e-5, msg=what)
 
 
 @needs_triton

@@ -228,14 +228,31 @@ def expand_mask_mod_output(mask: Mask, out, shape: tuple[int, int, int, int]) ->
 
 
 def stamp(mask: Mask) -> tuple:
-    """Storage and version counter of every tensor ``mask`` holds or its custom ``mask_mod`` reads:
-    caches of what is derived from a mask key on it, so in-place edits of those tensors are seen."""
+    """Identity, storage and version counter of every tensor ``mask`` holds or its custom
+    ``mask_mod`` reads: caches of what is derived from a mask key on it, so in-place edits of those
+    tensors are seen, and so is a global the ``mask_mod`` reads being rebound to a new tensor (even
+    one the allocator put at a freed tensor's address, with the same version count)."""
     from ._identity_cache import version
 
     read = [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
     if any(t.is_inference() for t in read):
         _warn_unversioned()
-    return tuple((_address(t), version(t)) for t in list(_tensors(mask)) + read)
+    return tuple((_token(t), _address(t), version(t)) for t in list(_tensors(mask)) + read)
+
+
+_TOKENS = itertools.count()
+
+
+def _token(t: torch.Tensor) -> int:
+    """A number for this tensor object, never given to another (``id`` is, once the object dies)."""
+    token = getattr(t, "_anymask_token", None)
+    if token is None:
+        token = next(_TOKENS)
+        try:
+            t._anymask_token = token
+        except (AttributeError, RuntimeError):  # a tensor type that takes no attributes: its id
+            return id(t)
+    return token
 
 
 def _address(t: torch.Tensor):

@@ -128,6 +128,25 @@ def col_tiles(b: MaskBounds, block_m: int, block_n: int):
     return b.views[key]
 
 
+def live(b: MaskBounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows [Bm, Sq], keys [Bm, Skv])`` int8, cached on ``b``: 1 where a query row sees some key,
+    1 where some query row sees the key.  The other slots (padding, keys no row reaches) are never
+    read into a result, so what they hold must not set the fp16x3 scales (:mod:`split16`)."""
+    if "live" not in b.views:
+        rows = b.lo <= b.hi  # [Bm, Sq]
+        kv_len = b.kv_len
+        starts = torch.where(rows, b.lo.long(), kv_len).clamp(0, kv_len)
+        stops = torch.where(rows, b.hi.long() + 1, kv_len).clamp(0, kv_len)
+        edges = torch.zeros(b.batch, kv_len + 1, dtype=torch.int32, device=b.lo.device)
+        ones = torch.ones_like(starts, dtype=torch.int32)
+        edges.scatter_add_(1, starts, ones).scatter_add_(1, stops, -ones)
+        keys = edges[:, :kv_len].cumsum(1) > 0  # [Bm, Skv] inside some row's interval
+        if b.kvalid is not None:
+            keys &= b.kvalid.bool()
+        b.views["live"] = (rows.to(torch.int8).contiguous(), keys.to(torch.int8).contiguous())
+    return b.views["live"]
+
+
 def _row_tiles(b: MaskBounds, block_m: int, block_n: int):
     """Row view for q tiles of ``block_m`` rows and kv tiles of ``block_n`` keys.
 

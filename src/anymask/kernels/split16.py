@@ -10,8 +10,9 @@ fp16 has a narrow exponent range (normal from 2**-14, at most 65504), so every o
 into ``[2**13, 2**14)`` at its largest before it is split, and the product scaled back:
 
 - q, k, v and dO by one power of two per (batch row, kv head) (:func:`scales`, from the largest
-  finite ``|x|``, one Triton pass before the kernels; exact; up to 2**+-126, so the kernels divide by
-  one scale at a time);
+  finite ``|x|`` over the live slots: query rows that see a key, keys that some row sees; one
+  Triton pass before the kernels; exact; up to 2**+-126, so the kernels divide by one scale at a
+  time);
 - probabilities in the forward (at most 1) by ``2**14``;
 - dS, and P in the dK/dV kernel, by one factor per row of the tile (its largest entry), taken back on
   the product's rows.
@@ -21,7 +22,10 @@ stays below ``2**-38`` of that largest entry, far under fp32's rounding of the s
 Only entries more than ~2**17 below their group's largest lose bits: a packed document whose v is a
 million times smaller than its neighbours' gets ~3e-6 relative error where fp32 gives ~3e-7.  The
 scales ignore NaN and inf, so a non-finite entry (say, garbage in a padded row) stays as local as in
-fp32.  Gradients accumulate in true units, never in scaled ones that could overflow.
+fp32.  A finite value in a slot no result reads (an uninitialised padded row may hold 1e12) is
+not part of the scales either, and is clamped to ``+-2**15`` (once scaled) when split
+(:func:`split_operand`, in the tiles that can hold such slots): it stays finite, and a zero
+probability times it stays zero, as in fp32.  Gradients accumulate in true units, never in scaled ones that could overflow.
 """
 
 from __future__ import annotations
@@ -39,6 +43,18 @@ def split(x):
     hi = x.to(tl.float16)
     lo = (x - hi.to(tl.float32)).to(tl.float16)
     return hi, lo
+
+
+@triton.jit
+def split_operand(x, scale, CLAMP: tl.constexpr):
+    """:func:`split` of a q, k, v or dO tile ``x`` times its ``scale``; with ``CLAMP`` (tiles that may
+    hold slots outside every visible pair, whose values did not set the scale) finite values are
+    first clamped to ``+-2**15 / scale``, so they stay finite, scaled and in fp16.  NaN and inf are
+    kept, as fp32 keeps them."""
+    if CLAMP:
+        top = 32768.0 / scale  # inf for scales of 2**-113 and below: nothing finite can overflow then
+        x = tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(x, -top), top), x)
+    return split(x * scale)
 
 
 @triton.jit
@@ -65,12 +81,15 @@ def split_rows(x):
     return hi, lo, top * (1.0 / 16384.0)
 
 
-def scales(tensors: list[torch.Tensor | None], kv_heads: int, into: torch.Tensor | None = None) -> torch.Tensor:
+def scales(tensors: list[torch.Tensor | None], kv_heads: int, live: list[torch.Tensor | None],
+           into: torch.Tensor | None = None) -> torch.Tensor:
     """Powers of two ``[B, kv_heads, len(tensors)]`` (fp32) that scale each tensor's largest magnitude
     per (batch row, kv head group) into ``[2**13, 2**14)``; 1 for an all-zero group, and for a
     ``None`` entry 1 or, given ``into`` (earlier scales, not modified), its value there.
 
     tensors: ``[B, H, S, D]`` each, H a multiple of ``kv_heads`` (the q heads of a group share one).
+    live: per tensor, ``[Bm, S]`` int8 (Bm 1 or B): only positions marked 1 count (see
+    :func:`~anymask.kernels.mask_bounds.live`).
     """
     first = next(t for t in tensors if t is not None)
     B = first.shape[0]
@@ -79,7 +98,7 @@ def scales(tensors: list[torch.Tensor | None], kv_heads: int, into: torch.Tensor
     for i, t in enumerate(tensors):
         if t is None:
             continue
-        top = _finite_absmax(t, kv_heads)  # [B, Hkv]
+        top = _finite_absmax(t, kv_heads, live[i])  # [B, Hkv]
         _, exp = torch.frexp(top)  # top < 2**exp
         exp = torch.where(top > 0, exp, torch.full_like(exp, _TOP)).clamp(_TOP - 126, _TOP + 126)
         out[:, :, i] = torch.ldexp(torch.ones_like(top, dtype=torch.float32), _TOP - exp)
@@ -87,9 +106,10 @@ def scales(tensors: list[torch.Tensor | None], kv_heads: int, into: torch.Tensor
 
 
 @triton.jit
-def _finite_absmax_kernel(X, OUT, HKV, G, S, sxb, sxh, sxs, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """``OUT[b * HKV + hk] = max |x|`` over the finite entries of one block of (q head, row) pairs of
-    kv group ``hk``; NaN and inf count as 0."""
+def _finite_absmax_kernel(X, LIVE, OUT, HKV, G, S, sxb, sxh, sxs, s_live,
+                          BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``OUT[b * HKV + hk] = max |x|`` over the finite entries of the live positions (``LIVE``
+    ``[Bm, S]``) of one block of (q head, row) pairs of kv group ``hk``; the rest count as 0."""
     bh = tl.program_id(0)
     b = bh // HKV
     hk = bh % HKV
@@ -98,21 +118,25 @@ def _finite_absmax_kernel(X, OUT, HKV, G, S, sxb, sxh, sxs, BLOCK_R: tl.constexp
     s = r % S
     offs_d = tl.arange(0, HEAD_DIM)
     ptrs = X + b.to(tl.int64) * sxb + h.to(tl.int64)[:, None] * sxh + s.to(tl.int64)[:, None] * sxs + offs_d[None, :]
-    a = tl.abs(tl.load(ptrs, mask=(r < G * S)[:, None], other=0.0).to(tl.float32))  # [R, D]
-    a = tl.where(a < float("inf"), a, 0.0)  # NaN compares false
+    in_rows = r < G * S
+    a = tl.abs(tl.load(ptrs, mask=in_rows[:, None], other=0.0).to(tl.float32))  # [R, D]
+    is_live = tl.load(LIVE + b * s_live + s, mask=in_rows, other=0) != 0  # [R]
+    a = tl.where(is_live[:, None] & (a < float("inf")), a, 0.0)  # NaN compares false
     tl.atomic_max(OUT + bh, tl.max(tl.max(a, 1), 0))
 
 
-def _finite_absmax(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``max |x|`` over the finite entries of ``t`` [B, H, S, D] per (B, kv head group): [B, Hkv] fp32.
+def _finite_absmax(t: torch.Tensor, kv_heads: int, live: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` over the finite entries of ``t`` [B, H, S, D] at the positions ``live`` [Bm, S]
+    (int8, Bm 1 or B) marks, per (B, kv head group): [B, Hkv] fp32.
 
-    One read, no copy.  A NaN or inf (say, garbage in a padded row) must not set the scale of its whole
-    group: it stays as local as in fp32.
+    One read, no copy.  A NaN or inf, or a huge finite value in a slot no result reads (say,
+    garbage in a padded row), must not set the scale of its whole group.
     """
     B, H, S, D = t.shape
     out = torch.zeros(B, kv_heads, dtype=torch.float32, device=t.device)
     G = H // kv_heads
     rows = 64
     _finite_absmax_kernel[(B * kv_heads, triton.cdiv(G * S, rows))](
-        t, out, kv_heads, G, S, t.stride(0), t.stride(1), t.stride(2), BLOCK_R=rows, HEAD_DIM=D)
+        t, live, out, kv_heads, G, S, t.stride(0), t.stride(1), t.stride(2),
+        live.stride(0) if live.shape[0] > 1 else 0, BLOCK_R=rows, HEAD_DIM=D)
     return out

@@ -55,7 +55,7 @@ def _fwd_tile(acc, m_i, l_i, q, q_lo, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, 
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     if SPLIT:
-        k_hi, k_lo = split16.split(k * k_scale)
+        k_hi, k_lo = split16.split_operand(k, k_scale, MASKED)
         s = split16.dot3(q, q_lo, tl.trans(k_hi), tl.trans(k_lo)) * qk_scale  # [BM, BN], log2 units
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -71,7 +71,7 @@ def _fwd_tile(acc, m_i, l_i, q, q_lo, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, 
     l_i = l_i * alpha + tl.sum(p, 1)
     if SPLIT:
         p_hi, p_lo = split16.split(p * 16384.0)  # probabilities <= 1, scaled by 2**14
-        v_hi, v_lo = split16.split(v * v_scale)
+        v_hi, v_lo = split16.split_operand(v, v_scale, MASKED)
         acc = acc * alpha[:, None] + split16.dot3(p_hi, p_lo, v_hi, v_lo)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -110,7 +110,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
     q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)  # [BM, D]
     q_lo = q
     if SPLIT:
-        q, q_lo = split16.split(q * q_scale)
+        q, q_lo = split16.split_operand(q, q_scale, True)
         qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
@@ -177,7 +177,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
     per_b = bounds.batch > 1
     n_m = tiles.shape[1]
     split = cfg.precision == "fp16x3"
-    scales = split16.scales([q, k, v, None], Hkv) if split else None  # [B, Hkv, 4]
+    scales = None
+    if split:
+        rows, keys = mask_bounds.live(bounds)  # [Bm, Sq], [Bm, Skv]
+        scales = split16.scales([q, k, v, None], Hkv, [rows, keys, keys, None])  # [B, Hkv, 4]
     _fwd_kernel[(B * H, n_m)](
         q, k, v, o, lse, bounds.lo, bounds.hi, kvalid, tiles, order, lse if scales is None else scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
