@@ -384,6 +384,18 @@ def test_dense_mask_sees_in_place_edits_of_its_tensor(backend):
     assert not torch.allclose(first[:, :, 3:], second[:, :, 3:])
 
 
+def test_device_copy_of_a_dense_mask_follows_in_place_edits():
+    """``dense`` keeps the caller's tensor: its copy on another device (meta here, CUDA in use) is
+    made again after an edit, and reused while there is none."""
+    table = torch.ones(4, 4, dtype=torch.bool)
+    m = M.dense(table)
+    first = m.to("meta")
+    assert m.to("meta") is first
+    table[0, 1:] = False
+    second = m.to("meta")
+    assert second is not first and m.to("meta") is second
+
+
 @pytest.mark.parametrize("backend", ["eager", "sdpa", "flex"])  # varlen declines custom masks
 def test_custom_mask_sees_in_place_edits_of_the_tensors_it_reads(backend):
     table = torch.ones(6, dtype=torch.bool)

@@ -299,19 +299,22 @@ def _flatten(kind, terms) -> tuple[Mask, ...]:
 
 
 class _TensorMask(Mask):
-    """A term holding tensors; ``to(device)`` copies once per device and caches the copy."""
+    """A term holding tensors; ``to(device)`` copies once per device and caches the copy until a
+    tensor it holds is edited in place (a ``dense`` mask keeps the caller's tensor)."""
 
     def to(self, device):
         device = torch.device(device)
         if all(t.device == device for t in _tensors(self)):
             return self
         cache = self.__dict__.setdefault("_device_cache", {})
-        if device not in cache:
+        now = stamp(self)
+        held = cache.get(device)
+        if held is None or held[0] != now:
             clone = object.__new__(type(self))
             clone.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                                    for k, v in vars(self).items() if k != "_device_cache"})
-            cache[device] = clone
-        return cache[device]
+            held = cache[device] = (now, clone)
+        return held[1]
 
 
 # leaves -----------------------------------------------------------------------------------------
