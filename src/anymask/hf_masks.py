@@ -92,9 +92,8 @@ def build_mask(spec, keys: LayerKeys | None, q_len: int, kv_len: int, batch: int
     ``kv_len``/``q_len``: the sizes of this call's keys and queries (after any static-cache trim).
     ``reach``: a sliding layer's window as the farthest key a query sees on either side,
     ``|q - kv| <= reach`` (``w - 1`` for transformers' usual window of ``w`` tokens, self included),
-    or None.  ``kwargs``: the attention
-    function's keyword arguments (``position_ids``, ``cu_seq_lens_k``, ``token_type_ids``,
-    ``prefix_lengths``).
+    or None.  ``kwargs``: the attention function's keyword arguments (``position_ids``,
+    ``cu_seq_lens_k``, ``token_type_ids``, ``prefix_lengths``).
 
     Every layer of one forward gets the same ``keys`` object and the same keyword tensors, so the
     layers share one Mask object: backends that compile a mask (a dense tensor, a block mask)

@@ -133,17 +133,8 @@ def live(b: MaskBounds) -> tuple[torch.Tensor, torch.Tensor]:
     1 where some query row sees the key.  The other slots (padding, keys no row reaches) are never
     read into a result, so what they hold must not set the fp16x3 scales (:mod:`split16`)."""
     if "live" not in b.views:
-        rows = b.lo <= b.hi  # [Bm, Sq]
-        kv_len = b.kv_len
-        starts = torch.where(rows, b.lo.long(), kv_len).clamp(0, kv_len)
-        stops = torch.where(rows, b.hi.long() + 1, kv_len).clamp(0, kv_len)
-        edges = torch.zeros(b.batch, kv_len + 1, dtype=torch.int32, device=b.lo.device)
-        ones = torch.ones_like(starts, dtype=torch.int32)
-        edges.scatter_add_(1, starts, ones).scatter_add_(1, stops, -ones)
-        keys = edges[:, :kv_len].cumsum(1) > 0  # [Bm, Skv] inside some row's interval
-        if b.kvalid is not None:
-            keys &= b.kvalid.bool()
-        b.views["live"] = (rows.to(torch.int8).contiguous(), keys.to(torch.int8).contiguous())
+        _, _, keys = _rows_per_key(b)
+        b.views["live"] = ((b.lo <= b.hi).to(torch.int8).contiguous(), keys.to(torch.int8).contiguous())
     return b.views["live"]
 
 
@@ -181,12 +172,7 @@ def _col_tiles(b: MaskBounds, block_m: int, block_n: int):
     bm, n_n, skv = b.batch, _cdiv(b.kv_len, block_n), b.kv_len
     lo, hi = b.lo_mono, b.hi_mono  # [Bm, Sq] non-decreasing
     rs, re = b.row_span[:, :1], b.row_span[:, 1:]  # [Bm, 1]
-    keys = torch.arange(skv, device=lo.device).expand(bm, skv).contiguous()  # [Bm, Skv]
-    row_a = torch.searchsorted(hi, keys, side="left").clamp(min=rs)  # first row with hi >= kv
-    row_b = (torch.searchsorted(lo, keys, side="right") - 1).clamp(max=re)  # last row with lo <= kv
-    live = row_a <= row_b
-    if b.kvalid is not None:
-        live &= b.kvalid.bool()
+    row_a, row_b, live = _rows_per_key(b)  # [Bm, Skv] each
     pad = n_n * block_n - skv
     first_row = torch.nn.functional.pad(torch.where(live, row_a, b.q_len), (0, pad), value=b.q_len)
     last_row = torch.nn.functional.pad(torch.where(live, row_b, -1), (0, pad), value=-1)
@@ -200,6 +186,21 @@ def _col_tiles(b: MaskBounds, block_m: int, block_n: int):
     full_first = (full_a + block_m - 1) // block_m
     full_end = torch.where(stop < skv, (full_b + 1) // block_m, 0)
     return _pack(first, full_first, full_end, end, b.kvalid is not None)
+
+
+def _rows_per_key(b: MaskBounds):
+    """Per key ``[Bm, Skv]``: the first and last query row that may see it, and whether one does
+    (padded keys and keys outside every row's interval do not).  Uses that the unpadded intervals
+    are non-decreasing in the row."""
+    lo, hi = b.lo_mono, b.hi_mono  # [Bm, Sq] non-decreasing
+    rs, re = b.row_span[:, :1], b.row_span[:, 1:]  # [Bm, 1]
+    keys = torch.arange(b.kv_len, device=lo.device).expand(b.batch, b.kv_len).contiguous()  # [Bm, Skv]
+    row_a = torch.searchsorted(hi, keys, side="left").clamp(min=rs)  # first row with hi >= kv
+    row_b = (torch.searchsorted(lo, keys, side="right") - 1).clamp(max=re)  # last row with lo <= kv
+    live = row_a <= row_b
+    if b.kvalid is not None:
+        live &= b.kvalid.bool()
+    return row_a, row_b, live
 
 
 _CACHE: "weakref.WeakKeyDictionary[M.Mask, dict]" = weakref.WeakKeyDictionary()

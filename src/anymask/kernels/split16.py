@@ -25,7 +25,8 @@ scales ignore NaN and inf, so a non-finite entry (say, garbage in a padded row) 
 fp32.  A finite value in a slot no result reads (an uninitialised padded row may hold 1e12) is
 not part of the scales either, and is clamped to ``+-2**15`` (once scaled) when split
 (:func:`split_operand`, in the tiles that can hold such slots): it stays finite, and a zero
-probability times it stays zero, as in fp32.  Gradients accumulate in true units, never in scaled ones that could overflow.
+probability times it stays zero, as in fp32.  Gradients accumulate in true units, never in scaled
+ones that could overflow.
 """
 
 from __future__ import annotations
