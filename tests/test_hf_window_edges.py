@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_hf_common import VOCAB, last_hidden, twin
+from .test_hf_common import _TINY, VOCAB, WINDOW, last_hidden, twin
 
 transformers = pytest.importorskip("transformers")
-
-WINDOW = 4
-_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, attention_dropout=0.0)
 
 
 def _bidirectional_windowed(kind: str):
