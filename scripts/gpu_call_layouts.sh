@@ -19,9 +19,12 @@ checks() {  # masked SDPA's guard (and the tests with it undone), every backend 
   OUT=$OUT CORE_TIMEOUT=${CHECK_TIMEOUT:-300} bash scripts/gpu_core_check.sh | tail -5
   timeout ${CHECK_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cudnn.py 2>&1 | tee $OUT/cudnn_gpu_tests.log | tail -3
 }
-if [[ $name == *H200* ]]; then
+gqa_bench() {  # GQA 32:8, contiguous [B, H, S, D], bf16 fwd+bwd on the masks short of the bar
   OUT=$OUT/gqa_bhsd BENCH_TIMEOUT=${BENCH_TIMEOUT:-250} bash scripts/gpu_bench.sh --layout bhsd --heads 32:8 --dtypes bf16 --seqlens 4096 \
     --passes fwd+bwd --masks $M --backends sdpa,cudnn,triton,auto,raw_flex --deadline ${DEADLINE:-190} 2>&1 | tail -12
+}
+if [[ $name == *H200* ]]; then
+  gqa_bench
   [[ ${CHECKS:-0} == 1 ]] && checks  # CHECKS=1: the correctness checks after the bench
   [[ ${PROFILE:-1} == 1 ]] || exit 0  # PROFILE=0: the bench alone, when little device time is left
   mkdir -p $OUT/h32_8
