@@ -209,6 +209,9 @@ def test_live_slots_are_those_the_dense_oracle_uses(name, q_len, kv_len):
         assert torch.equal(rows, dense.any(2)), name
     else:
         assert not (dense.any(2) & ~rows).any(), name
+    all_live = bool(dense.any(2).all()) and bool(dense.any(1).all())
+    if bounds.kvalid is None or not dense.any(1).all():  # rows exact, or a dead key decides it
+        assert MB.split_level(bounds) == (1 if all_live else 2), name  # 1: the kernels clamp nothing
 
 
 def test_lowering_orders_heaviest_tiles_first():

@@ -138,6 +138,15 @@ def live(b: MaskBounds) -> tuple[torch.Tensor, torch.Tensor]:
     return b.views["live"]
 
 
+def split_level(b: MaskBounds) -> int:
+    """The fp16x3 kernels' ``SPLIT``: 1 when every slot is :func:`live` (each value set its scale, so
+    nothing needs clamping), 2 when some are dead.  Cached on ``b`` (one device sync, once)."""
+    if "split_level" not in b.views:
+        rows, keys = live(b)
+        b.views["split_level"] = 1 if bool(rows.all()) and bool(keys.all()) else 2
+    return b.views["split_level"]
+
+
 def _row_tiles(b: MaskBounds, block_m: int, block_n: int):
     """Row view for q tiles of ``block_m`` rows and kv tiles of ``block_n`` keys.
 

@@ -47,14 +47,16 @@ def split(x):
 
 
 @triton.jit
-def split_operand(x, scale, CLAMP: tl.constexpr):
-    """:func:`split` of a q, k, v or dO tile ``x`` times its ``scale``; with ``CLAMP`` (tiles that may
-    hold slots outside every visible pair, whose values did not set the scale) finite values are
+def split_operand(x, scale, MAY_HOLD_DEAD: tl.constexpr, SPLIT: tl.constexpr):
+    """:func:`split` of a q, k, v or dO tile ``x`` times its ``scale``.  ``SPLIT`` is 1 when every
+    slot of the problem is live (its value set the scale), 2 when some are dead (padded rows, keys no
+    row sees); with 2 and ``MAY_HOLD_DEAD`` (partial tiles, once-per-program loads) finite values are
     first clamped to ``+-2**15 / scale``, so they stay finite, scaled and in fp16.  NaN and inf are
     kept, as fp32 keeps them."""
-    if CLAMP:
-        top = 32768.0 / scale  # inf for scales of 2**-113 and below: nothing finite can overflow then
-        x = tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(x, -top), top), x)
+    if MAY_HOLD_DEAD:
+        if SPLIT == 2:
+            top = 32768.0 / scale  # inf for scales of 2**-113 and below: nothing finite can overflow then
+            x = tl.where(tl.abs(x) < float("inf"), tl.minimum(tl.maximum(x, -top), top), x)
     return split(x * scale)
 
 

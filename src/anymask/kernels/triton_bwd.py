@@ -68,8 +68,8 @@ def _dkdv_step(dk, dv, k, k_lo, v, v_lo, offs_n, k_ok, m, q_base, do_base, lse_b
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
     if SPLIT:
-        q, q_lo = split16.split_operand(q, q_scale, MASKED)
-        do, do_lo = split16.split_operand(do, do_scale, MASKED)
+        q, q_lo = split16.split_operand(q, q_scale, MASKED, SPLIT)
+        do, do_lo = split16.split_operand(do, do_scale, MASKED, SPLIT)
         s_t = split16.dot3(k, k_lo, tl.trans(q), tl.trans(q_lo)) * qk_scale  # [BN, BM]
     else:
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -125,8 +125,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LO, HI, KVALID, TILES, ORDER, 
     dp_scale = 1.0
     if SPLIT:
         q_scale, k_scale, v_scale, do_scale = split16.load_scales(SCALES, bhk)
-        k, k_lo = split16.split_operand(k, k_scale, True)
-        v, v_lo = split16.split_operand(v, v_scale, True)
+        k, k_lo = split16.split_operand(k, k_scale, True, SPLIT)
+        v, v_lo = split16.split_operand(v, v_scale, True, SPLIT)
         qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
         dp_scale = 1.0 / do_scale / v_scale
     k_ok = in_kv
@@ -199,8 +199,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LO, HI, KVALID, TILES, ORDER, SCALES
     dp_scale = 1.0
     if SPLIT:
         q_scale, k_scale, v_scale, do_scale = split16.load_scales(SCALES, b * (H // GROUPS) + hk)
-        q, q_lo = split16.split_operand(q, q_scale, True)
-        do, do_lo = split16.split_operand(do, do_scale, True)
+        q, q_lo = split16.split_operand(q, q_scale, True, SPLIT)
+        do, do_lo = split16.split_operand(do, do_scale, True, SPLIT)
         qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
         dp_scale = 1.0 / do_scale / v_scale
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
@@ -246,7 +246,7 @@ def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kval
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     if SPLIT:
-        k, k_lo = split16.split_operand(k, k_scale, MASKED)
+        k, k_lo = split16.split_operand(k, k_scale, MASKED, SPLIT)
         s = split16.dot3(q, q_lo, tl.trans(k), tl.trans(k_lo)) * qk_scale  # [BM, BN]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -257,7 +257,7 @@ def _dq_step(dq, q, q_lo, do, do_lo, lse, delta, lo, hi, n, k_base, v_base, kval
             ok = ok & (tl.load(kvalid + offs_n, mask=in_kv, other=0) != 0)[None, :]
         p = tl.where(ok, p, 0.0)
     if SPLIT:
-        v_hi, v_lo = split16.split_operand(v, v_scale, MASKED)
+        v_hi, v_lo = split16.split_operand(v, v_scale, MASKED, SPLIT)
         dp = split16.dot3(do, do_lo, tl.trans(v_hi), tl.trans(v_lo)) * dp_scale  # [BM, BN]
         ds = p * (dp - delta[:, None])
         ds_hi, ds_lo, ds_back = split16.split_rows(ds)
@@ -298,6 +298,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         scales = split16.scales([None, None, None, do] if qkv_scales is not None else [q, k, v, do], Hkv,
                                 [rows, keys, keys, rows], into=qkv_scales)
 
+    level = mask_bounds.split_level(bounds) if split else 0  # SPLIT: 0 none, 1 all slots live, 2 clamp
     dk = empty_in_layout(k)  # gradients in the inputs' layouts, so autograd copies nothing on the way back
     dv = torch.empty_like(dk)  # the dk/dv kernel writes both with dk's strides
     tiles, order = mask_bounds.col_tiles(bounds, cfg_dkdv.block_m, cfg_dkdv.block_n)  # [Bm, nN, 4]
@@ -310,7 +311,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_n * 4 if per_b else 0, n_n if per_b else 0,
         Hkv, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dkdv.block_m, BLOCK_N=cfg_dkdv.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged, SPLIT=split,
+        PRECISION=cfg_dkdv.precision, MERGED=cfg_dkdv.merged, SPLIT=level,
         num_warps=cfg_dkdv.num_warps, num_stages=cfg_dkdv.num_stages)
 
     dq = empty_in_layout(q)
@@ -324,6 +325,6 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, scale, scale * LOG2E,
         BLOCK_M=cfg_dq.block_m, BLOCK_N=cfg_dq.block_n, HEAD_DIM=D, KPAD=kpad,
-        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged, SPLIT=split,
+        PRECISION=cfg_dq.precision, MERGED=cfg_dq.merged, SPLIT=level,
         num_warps=cfg_dq.num_warps, num_stages=cfg_dq.num_stages)
     return dq, dk, dv

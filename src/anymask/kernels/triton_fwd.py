@@ -55,7 +55,7 @@ def _fwd_tile(acc, m_i, l_i, q, q_lo, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, 
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
     if SPLIT:
-        k_hi, k_lo = split16.split_operand(k, k_scale, MASKED)
+        k_hi, k_lo = split16.split_operand(k, k_scale, MASKED, SPLIT)
         s = split16.dot3(q, q_lo, tl.trans(k_hi), tl.trans(k_lo)) * qk_scale  # [BM, BN], log2 units
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -71,7 +71,7 @@ def _fwd_tile(acc, m_i, l_i, q, q_lo, k_ptrs, v_ptrs, kv0, lo, hi, KVALID, Skv, 
     l_i = l_i * alpha + tl.sum(p, 1)
     if SPLIT:
         p_hi, p_lo = split16.split(p * 16384.0)  # probabilities <= 1, scaled by 2**14
-        v_hi, v_lo = split16.split_operand(v, v_scale, MASKED)
+        v_hi, v_lo = split16.split_operand(v, v_scale, MASKED, SPLIT)
         acc = acc * alpha[:, None] + split16.dot3(p_hi, p_lo, v_hi, v_lo)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -110,7 +110,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LO, HI, KVALID, TILES, ORDER, SCALES,
     q = tl.load(q_ptrs, mask=in_q[:, None], other=0.0)  # [BM, D]
     q_lo = q
     if SPLIT:
-        q, q_lo = split16.split_operand(q, q_scale, True)
+        q, q_lo = split16.split_operand(q, q_scale, True, SPLIT)
         qk_scale = qk_scale / q_scale / k_scale  # one at a time: each scale may be up to 2**126
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
@@ -188,6 +188,6 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: mask_boun
         Sq if per_b else 0, Skv if per_b else 0, n_m * 4 if per_b else 0, n_m if per_b else 0,
         H, H // Hkv, Sq, Skv, n_m, scale * LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, KPAD=bounds.kvalid is not None,
-        PRECISION=cfg.precision, MERGED=cfg.merged, SPLIT=split,
+        PRECISION=cfg.precision, MERGED=cfg.merged, SPLIT=mask_bounds.split_level(bounds) if split else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse, scales
