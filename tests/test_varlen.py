@@ -31,6 +31,9 @@ def _random_ids(B, S):
     return torch.randint(0, 3, (B, S))
 
 
+HASHES = torch.tensor([-2**63, 2**63 - 1, 7])  # document ids may be any int64, e.g. 64-bit hashes
+
+
 CASES = {
     "documents": lambda B: M.documents(lengths=[5, 12, 20]),
     "documents_causal": lambda B: M.documents(lengths=[7, 1, 29]) & M.causal(),
@@ -43,6 +46,7 @@ CASES = {
     "window2_documents": lambda B: M.documents(lengths=[9, 28]) & M.window(3, 2),
     "holes_causal": lambda B: M.documents(_random_ids(B, S)) & M.padding(torch.rand(B, S) > 0.3) & M.causal(),
     "fully_padded_row": lambda B: M.padding(_valid([(0, 0), (4, 20)])) & M.causal(),
+    "int64_hash_ids": lambda B: M.documents(HASHES[_random_ids(B, S)]) & M.causal(),
 }
 
 SHAPES = {  # B, Hq, Hkv, Sq, Skv, D
@@ -181,6 +185,14 @@ def test_layout_is_what_the_oracle_implies(trial):
     assert lay.max_seqlen_k == max(lay.k_lengths, default=0)
     square = seg.layout(analyse(mask), B, Skv, Skv)
     assert seg.has_holes(analyse(mask), B, Skv) == (not square.contiguous)
+
+
+def test_ids_spanning_int64_stay_apart_across_rows():
+    """Ids at both ends of int64 in every row: one segment per (row, document), never merged (an
+    id span computed in int64 overflowed and joined documents of different rows)."""
+    ids = torch.tensor([[-2**63] * 4 + [2**63 - 1] * 4]).expand(3, 8)
+    lay = seg.layout(analyse(M.documents(ids)), 3, 8, 8)
+    assert lay.k_lengths == (4,) * 6 and lay.k_index.tolist() == list(range(24))
 
 
 def test_contiguous_documents_give_runs():

@@ -70,11 +70,9 @@ def layout(s: Structure, batch: int, q_len: int, kv_len: int, device=None) -> La
     flat = valid.reshape(-1).nonzero().squeeze(1)  # [n] ascending flat positions of valid tokens
     row, pos = flat // kv_len, flat % kv_len  # [n] each
     tok_ids = ids.reshape(-1)[flat]  # [n]
-    if flat.numel():
-        span = int(tok_ids.max() - tok_ids.min()) + 1
-        key = row * span + (tok_ids - tok_ids.min())  # [n] one value per (row, document)
-    else:
-        key = row
+    # Ids are ranked before any arithmetic: they may span the whole int64 range (64-bit hashes).
+    _, id_rank = torch.unique(tok_ids, return_inverse=True)  # [n] in [0, n)
+    key = row * (flat.numel() + 1) + id_rank  # [n] one value per (row, document); < B * S * (n + 1)
     groups, inverse = torch.unique(key, return_inverse=True)  # group of each token
     # Order groups by their first position, so contiguous documents come out left to right.
     first = torch.full((groups.numel(),), batch * kv_len, dtype=torch.long, device=device)
