@@ -158,3 +158,39 @@ def test_summary_line_states_the_structured_minimum_against_hand_rolled(tmp_path
     best = min(ms[v] for v in ("sdpa", "eager") if v in ms)
     [(key, worst)] = line["structured_best_vs_peer_min"].items()
     assert key == "fp32 fwd" and worst["ratio"] == round(ms["raw_sdpa_dense"] / best, 3)
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_wrong_auto_is_flagged_not_counted_within_5pct(tmp_path, monkeypatch, capsys):
+    """auto's result is held to the forced backends' float64 bound: an auto whose output is off
+    (here its call is made 1% off on purpose) is named WRONG, listed in the summary line, and never
+    counted as within 5% of the best."""
+    from anymask.bench import variants
+    from anymask.attention import attention
+
+    def off_when_auto(q, k, v, mask, backend="auto", scale=None):
+        out = attention(q, k, v, mask, backend=backend, scale=scale)
+        return out * 1.01 if backend == "auto" else out
+
+    monkeypatch.setattr(variants, "attention", off_when_auto)
+    assert bench_main(["bench", *SMALL, "--backends", "sdpa,eager,auto", "--no-plot", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = json.loads(lines[-1])
+    wrong, = line["auto_wrong_cases"]
+    assert wrong.startswith("causal ")
+    assert line["auto_within_5pct"] is False
+    assert any(l.lstrip().startswith("auto") and "WRONG: output error" in l for l in lines)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    auto, = [r for r in doc["rows"] if r["variant"] == "auto"]
+    assert auto["eligible"] is False
+
+
+def test_a_right_auto_is_checked_too():
+    from anymask.bench import report
+
+    from dataclasses import replace
+
+    rows = [_timed("padding", "sdpa", 1.0), replace(_timed("padding", "auto", 1.0), auto_vs_best=1.0, eligible=True)]
+    cases = report.case_summaries(rows)
+    line = report.summary(rows, cases, "x")
+    assert line["auto_wrong_cases"] == [] and line["auto_within_5pct"] is True

@@ -127,11 +127,14 @@ def run_case(case: Case, mask, base: InputSets, ref: Reference, pairs: int, name
                             describe_problem(p))
             tuning.remember(p, dict(choice.entry(), source="anymask bench --tune"))
         if "auto" in names:
-            rows.append(_auto_row(case, kind, mask, inputs, ref, p, prepared.get(best), best, settings, common))
+            rows.append(_auto_row(case, kind, mask, inputs, ref, p, prepared.get(best), best, settings, common,
+                                  contenders))
     return rows
 
 
-def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, common) -> Row:
+def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, common, contenders) -> Row:
+    """auto timed beside the best forced backend, and its error held to the forced backends' bound
+    (``eligible`` False and the reason when it is off; None when no forced backend set a bound)."""
     auto = variants.prepare("auto", mask, inputs, p)
     fns = {"auto": auto.fn}
     if best_prep is not None:
@@ -141,10 +144,11 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
     if not isinstance(t, Timing):
         return _row(case, kind, "auto", auto.backend, "failed", reason=t, **common)
     err = errors(outputs["auto"], ref)
+    why = rejections({**contenders, "auto": err}, ref, p.dtype)["auto"] if contenders else None
     tb = timings.get("best")
     ratio = paired_ratio(t, tb) if isinstance(tb, Timing) else None
-    return _row(case, kind, "auto", auto.backend, "ok", timing=t, setup_s=0.0, err=err, auto_vs_best=ratio,
-                best=best or "", **common)
+    return _row(case, kind, "auto", auto.backend, "ok", reason=why or "", timing=t, setup_s=0.0, err=err,
+                eligible=(why is None) if contenders else None, auto_vs_best=ratio, best=best or "", **common)
 
 
 def run(cases: list[Case], *, device, names: list[str], settings: Settings, tune: bool = False,
