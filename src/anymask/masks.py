@@ -697,8 +697,7 @@ def dense(tensor: torch.Tensor) -> Mask:
 CATALOGUE: dict[str, Callable[[int, int], Mask]] = {
     "full": lambda batch, seq: full(),
     "causal": lambda batch, seq: causal(),
-    "padding": lambda batch, seq: padding(torch.arange(seq).expand(batch, seq)
-                                          < torch.linspace(seq, seq * 0.35, batch).round().long()[:, None]),
+    "padding": lambda batch, seq: padding(torch.arange(seq).expand(batch, seq) < _padded_lengths(batch, seq)[:, None]),
     "documents": lambda batch, seq: documents(lengths=_doc_lengths(seq)),
     "documents_causal": lambda batch, seq: documents(lengths=_doc_lengths(seq)) & causal(),
     "prefix_lm": lambda batch, seq: prefix_lm(max(1, seq // 4)),
@@ -722,6 +721,13 @@ def _packed_prefix_lm(seq: int, prompt_share: float = 0.4) -> Mask:
     pos = torch.arange(seq)
     group = torch.where(pos - start < prompt, doc, -1 - pos)  # [S]
     return documents(lengths=lengths) & (causal() | documents(group))
+
+
+def _padded_lengths(batch: int, seq: int) -> torch.Tensor:
+    """Real tokens per row of the catalogue's padding: 100% down to 35% of ``seq`` across the batch;
+    one row keeps the middle, 67.5% (its first version gave a lone row all 100%: nothing padded)."""
+    fill = torch.linspace(1.0, 0.35, batch) if batch > 1 else torch.tensor([0.675])  # [B]
+    return (fill * seq).round().long().clamp(min=1)
 
 
 def _doc_lengths(seq: int) -> list[int]:
