@@ -33,6 +33,7 @@ def test_mask_is_required():
     (lambda: (qkv(D=8)[0],) + qkv()[1:], ValueError, "head dim"),
     (lambda: qkv(Sq=9, Skv=8), ValueError, "must not exceed kv_len"),
     (lambda: ("q",) + qkv()[1:], TypeError, "q must be a torch.Tensor"),
+    (lambda: (qkv()[0].to_sparse(),) + qkv()[1:], TypeError, "q must be a dense"),
 ])
 def test_bad_tensors(args, error, match):
     with pytest.raises(error, match=match):

@@ -45,7 +45,7 @@ def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64,
     print("error = max |backend - eager float64|; time = median forward ms\n")
     for name, make in M.CATALOGUE.items():
         mask = make(batch, seq)
-        print(f"== {name}: {mask!r}")
+        print(f"== {name}: {mask!r}  (at {seq} tokens; drawn below at 12, last batch row)")
         print(_indent(catalogue_picture(name, 12)))
         q, k, v = (torch.randn(batch, heads, seq, head_dim, device=device, dtype=torch.float64) for _ in range(3))
         ref = attention(q, k, v, mask, backend="eager")

@@ -59,6 +59,9 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
             raise ValueError(f"{name} must have shape [B, H, S, D] (4 dims), got {list(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; "
+                            "call .to_dense() first")
     if not isinstance(mask, Mask):
         raise TypeError(f"mask must be an anymask Mask (e.g. anymask.masks.causal()), got {type(mask).__name__}")
     if not (q.dtype == k.dtype == v.dtype):
