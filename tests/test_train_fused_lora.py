@@ -10,6 +10,7 @@ import torch
 from anymask.train import fused_lora, model as M, tasks
 
 from .test_train_fused import _err, _row, tiny_llama
+from .test_train_helpers import config, tiny_model_dir  # noqa: F401  (fixture)
 
 TASKS = ("sft", "prefix_lm", "embedding", "diffusion")
 
@@ -89,3 +90,52 @@ def test_other_cases_run_peft_forward(case, monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         assert fused_lora._plain_adapter(layer, x) is None
         layer(x)  # peft's forward, not the fused one
+
+
+def test_bf16_model_trains_fp32_master_adapters_through_the_fused_path():
+    """A bf16 model keeps fp32 adapters (AdamW's small updates would round away in bf16); the fused
+    LoRA takes them, computing in bf16, and its loss and fp32 gradients stay within 2x peft's own bf16
+    error against float64."""
+    task = tasks.make("sft", mask_token_id=511)
+
+    def run(dtype: str, fused: bool):
+        model = tiny_llama(512, hidden_size=128, intermediate_size=256)
+        peft_model = M.prepare(model, task, attn="sdpa", dtype=dtype, lora_r=8, seed=1)
+        gen = torch.Generator().manual_seed(2)
+        for name, p in sorted(peft_model.named_parameters()):
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        if fused:
+            assert fused_lora.apply(peft_model) == 14
+        module = M.TaskModel(peft_model, task, "sdpa")
+        loss = module(_row(512, "cpu"))
+        loss.backward()
+        trainable = [p for _, p in sorted(peft_model.named_parameters()) if p.requires_grad]
+        assert {p.dtype for p in trainable} == {torch.float32} and {p.grad.dtype for p in trainable} == {torch.float32}
+        return loss.item(), [p.grad.double() for p in trainable], peft_model
+
+    loss32, g32, _ = run("fp32", False)
+    loss16, g16, peft16 = run("bf16", False)
+    loss16_f, g16_f, _ = run("bf16", True)
+    assert peft16.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert abs(loss16_f - loss32) <= 2 * abs(loss16 - loss32) + 1e-3 * abs(loss32)
+    assert _err(g16_f, g32) <= 2 * _err(g16, g32) + 1e-3
+
+
+def test_bf16_adapters_take_updates_far_below_a_bf16_step(tiny_model_dir, tmp_path):  # noqa: F811
+    """Three steps at a small learning rate on a bf16 model: every lora_A entry moves between the
+    checkpoints of steps 2 and 3 (with bf16 adapters most updates rounded away)."""
+    from safetensors.torch import load_file
+
+    from anymask.train import train
+
+    from .test_train_checkpoint import _data
+
+    data = _data(tmp_path, "sft", 12)
+    train(config(tiny_model_dir, "sft", data, tmp_path / "out", dtype="bf16", lr=2e-5, max_steps=3, save_every=1))
+    a, b = (load_file(tmp_path / "out" / f"checkpoint-00000{s}" / "adapter" / "adapter_model.safetensors") for s in (2, 3))
+    keys = [k for k in a if "lora_A" in k]
+    assert keys and all(a[k].dtype == torch.float32 for k in keys)
+    changed = sum(int((a[k] != b[k]).sum()) for k in keys) / sum(a[k].numel() for k in keys)
+    assert changed > 0.99

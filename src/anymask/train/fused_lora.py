@@ -12,7 +12,8 @@ base's ``dx`` the same way::
               dB  = s * dy^T (x A^T),   dA = (s * dy B)^T x               [out, r], [r, in]
 
 Only the plain case is taken over: one active adapter, not merged, no dropout, no DoRA or other
-variant, a frozen ``nn.Linear`` base, no autocast, inputs in the adapter's dtype; anything else
+variant, a frozen ``nn.Linear`` base, no autocast, inputs in the base's dtype and adapters in it or
+fp32 (master weights: cast to the input's dtype per call, gradients back in fp32); anything else
 (checked at every call) runs peft's own forward.  Same parameters, same adapters on disk.
 """
 
@@ -65,7 +66,8 @@ def _plain_adapter(layer, x: torch.Tensor) -> str | None:
              and type(a) is torch.nn.Linear and type(b) is torch.nn.Linear and a.bias is None and b.bias is None
              and isinstance(layer.lora_dropout[name], torch.nn.Identity)
              and name not in getattr(layer, "lora_variant", {}) and not getattr(layer, "use_dora", {}).get(name, False)
-             and x.dtype == a.weight.dtype == base.weight.dtype)
+             and x.dtype == base.weight.dtype and a.weight.dtype == b.weight.dtype
+             and a.weight.dtype in (x.dtype, torch.float32))  # fp32 master adapters compute in x's dtype
     return name if plain else None
 
 
@@ -74,8 +76,9 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
     base = self.base_layer
-    return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                             float(self.scaling[name]))
+    lora_a = self.lora_A[name].weight.to(x.dtype)  # [r, in]; autograd takes dA back to the master's dtype
+    lora_b = self.lora_B[name].weight.to(x.dtype)  # [out, r]
+    return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]))
 
 
 def apply(peft_model) -> int:

@@ -71,7 +71,12 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
             gradient_checkpointing: bool = False, seed: int = 0, liger: bool = False, fused_lora: bool = False):
     """Set the mask policy, swap in Liger's RMSNorm/SwiGLU when ``liger`` (see
     :mod:`anymask.train.fused`), add LoRA adapters (initialised from ``seed``; with the fused
-    forward of :mod:`anymask.train.fused_lora` when ``fused_lora``); returns the peft model."""
+    forward of :mod:`anymask.train.fused_lora` when ``fused_lora``); returns the peft model.
+
+    The adapters are fp32 on a bf16/fp16 model (as peft makes them by default): AdamW's updates at a
+    decayed learning rate are below half a bf16 step of the weights they change, and bf16 adapters
+    lost them (a third to nine tenths of ``lora_A`` unchanged per step).  They compute in the model's
+    dtype (the fused LoRA casts them per call; peft's own forward casts its input to them)."""
     peft = require("peft")
     model = model.to(DTYPES[dtype])
     if liger:
@@ -95,9 +100,9 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = peft.get_peft_model(model, config)
-    for p in peft_model.parameters():  # adapters train in the model's dtype
-        if p.requires_grad and p.dtype != DTYPES[dtype]:
-            p.data = p.data.to(DTYPES[dtype])
+    for p in peft_model.parameters():  # adapters keep fp32 master weights; they compute in the model's dtype
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if fused_lora:
         from . import fused_lora as FL
 
@@ -144,6 +149,12 @@ def load_adapter(model_path: str | Path, adapter_dir: str | Path, *, task: str |
     ``task`` picks the mask: ``sft`` causal, ``embedding``/``diffusion`` bidirectional,
     ``prefix_lm`` prefix-LM (bidirectional prompt, causal continuation).  By default it is the task
     the adapter was trained for, as ``anymask train`` recorded it; passing another one is an error.
+
+    A ``prefix_lm`` model reads the prompt's length from each call: ``prefix_lengths=[P]`` (or
+    ``token_type_ids``); a call without either is all prompt (bidirectional), as ``generate``'s
+    prefill is, so scoring prompt + completion in one forward needs ``prefix_lengths``::
+
+        model(input_ids=ids, prefix_lengths=[P])   # P: the prompt's token count
     """
     from . import checkpoint
     from .config import TASKS
