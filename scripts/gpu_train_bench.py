@@ -67,7 +67,9 @@ def make_row(task: str, tokens: int, seed: int, vocab: int):
 
     rng = random.Random(seed)
     lengths = doc_lengths(rng, tokens)
-    if task == "embedding" and len(lengths) % 2:  # query/positive pairs: an even number of documents
+    # query/positive pairs: an even number of documents, and two pairs at least (in-batch negatives;
+    # a row of one pair has no loss unit, and its step would update nothing)
+    while task == "embedding" and (len(lengths) % 2 or len(lengths) < 4):
         i = max(range(len(lengths)), key=lengths.__getitem__)
         lengths[i:i + 1] = [lengths[i] // 2, lengths[i] - lengths[i] // 2]
     g = torch.Generator().manual_seed(seed)

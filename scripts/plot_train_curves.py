@@ -16,7 +16,7 @@ def main(runs: Path, out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = [json.loads(line) for line in (runs / task / "metrics.jsonl").read_text().splitlines() if line]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]  # null: no loss unit
         evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         if train:
             ax.plot(*zip(*train), label="train", alpha=0.6)

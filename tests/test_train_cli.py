@@ -108,3 +108,40 @@ def test_model_path_with_a_tilde_is_expanded_and_a_hub_name_is_not_checked(tmp_p
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Org").mkdir()
     assert check_model_path("Org/Some-Model") == "Org/Some-Model"  # a hub name, even beside a folder Org/
+
+
+def test_output_dir_that_cannot_be_created_exits_2_saying_so(tmp_path, capsys):
+    """Not "cannot load MODEL": the output dir is made (and written to) before anything loads."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = main(_train("no-such-model", "no-such.jsonl", tmp_path, "--output-dir", str(blocker / "out")))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"anymask train: error: cannot create --output-dir {str(blocker / 'out')!r}: Not a directory" in err
+    assert "cannot load" not in err
+
+
+def test_output_file_that_cannot_be_written_exits_2_saying_so(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "out" / "metrics.jsonl").mkdir(parents=True)  # a directory where the run writes a file
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "one two", "completion": "three"}] * 4)
+    assert main(_train(tiny_model_dir, data, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"anymask train: cannot write to --output-dir {str(tmp_path / 'out')!r}: [Errno 21] Is a directory" in err
+    assert "metrics.jsonl" in err and "cannot load" not in err
+
+
+def test_seed_outside_64_bits_exits_2(tmp_path, capsys):
+    assert main(_train("no-such-model", "no-such.jsonl", tmp_path, "--seed", "99999999999999999999")) == 2
+    err = capsys.readouterr().err
+    assert "anymask train: error: seed must be a 64-bit integer" in err and "Traceback" not in err
+
+
+def test_summary_leaves_out_steps_without_a_loss():
+    from anymask.train.cli import summary
+    from anymask.train.loop import TrainResult
+
+    result = TrainResult(history=[{"loss": None}, {"loss": 2.5}, {"loss": None}, {"loss": 1.25}, {"loss": None}],
+                         adapter_dir="out/adapter", kernels="none")
+    assert summary(result) == "trained 5 steps: loss 2.5000 -> 1.2500; adapter in out/adapter; kernels: none"
+    result.history = [{"loss": None}]
+    assert summary(result).startswith("trained 1 steps: none had a loss unit;")

@@ -54,6 +54,17 @@ def test_empty_and_missing_file(tmp_path):
         read_records(str(tmp_path / "nope.jsonl"), "sft")
 
 
+def test_utf8_byte_order_mark_is_skipped(tmp_path):
+    """Some editors start UTF-8 files with a BOM: it is not part of the first line's JSON."""
+    bom = "\ufeff".encode("utf-8")
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(bom + b'{"prompt": "abc", "completion": "de"}\n{"prompt": "x", "completion": "y"}\n')
+    assert [r.texts for r in read_records(str(path), "sft")] == [("abc", "de"), ("x", "y")]
+    path.write_bytes(bom + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bom.jsonl:1: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        read_records(str(path), "diffusion")
+
+
 def test_too_long_needs_truncate(tmp_path):
     rows = [GOOD, {"prompt": "x" * 30, "completion": "y" * 30}]
     records = read_records(write_jsonl(tmp_path / "d.jsonl", rows), "sft")

@@ -36,6 +36,11 @@ def _train_sft(model, data, tmp_path, *extra) -> int:
     ({"backend": "foo"}, "unknown backend 'foo'; known: auto, eager, sdpa"),
     ({"backend": "foo", "attn": "sdpa"}, "unknown backend 'foo'"),
     ({"backend": "eager", "attn": "sdpa"}, "--backend eager picks a backend of anymask's attention, but --attn sdpa"),
+    ({"eval_data": "e.jsonl", "eval_fraction": 0.1}, "--eval-fraction 0.1 holds out part of --data for eval, but "
+     "--eval-data e.jsonl is the eval data: drop one of them"),
+    ({"seed": 2 ** 63}, "seed must be a 64-bit integer, from -9223372036854775808 to 9223372036854775807, got "
+     "9223372036854775808"),
+    ({"seed": -(2 ** 63) - 1}, "seed must be a 64-bit integer"),
 ])
 def test_settings_that_cannot_train_are_refused(setting, message):
     cfg = TrainConfig(model="m", task="sft", data="d.jsonl", **setting)
@@ -177,3 +182,50 @@ def test_load_adapter_takes_a_model_path_and_an_adapter_that_exists(tiny_model_d
 def test_temperature_outside_embedding_exits_2(tmp_path, capsys):
     assert _train_sft("no-such-model", "no-such.jsonl", tmp_path, "--temperature", "0.1") == 2
     assert "--temperature is for --task embedding (its InfoNCE loss); --task sft has none" in capsys.readouterr().err
+
+
+def _idle_embedding_data(tmp_path) -> str:
+    """Four long (query, positive) pairs that each fill a 256-token row alone, and two short ones that share one."""
+    long = " ".join(["alpha beta gamma delta"] * 20)
+    rows = [{"query": f"q{i} " + long, "positive": f"p{i} " + long} for i in range(4)]
+    rows += [{"query": "dog sound", "positive": "The dog barks."}, {"query": "cat sound", "positive": "The cat meows."}]
+    return write_jsonl(tmp_path / "idle.jsonl", rows)
+
+
+def _adapter(out, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / f"checkpoint-{step:06d}" / "adapter" / "adapter_model.safetensors"))
+
+
+def test_embedding_step_without_a_loss_unit_updates_nothing(tiny_model_dir, tmp_path):  # noqa: F811
+    """A step whose rows are all one pair alone has no loss: logged as null, not 0.0; the adapter stays as it
+    was (no AdamW momentum step), the lr schedule goes on, and a run resumed at such a step matches."""
+    import json
+
+    data = _idle_embedding_data(tmp_path)
+    full = train(config(tiny_model_dir, "embedding", data, tmp_path / "a", max_steps=10, save_every=1))
+    idle = [h["step"] for h in full.history if h["loss"] is None]
+    assert len(idle) == 8 and all(loss > 0 for loss in full.losses if loss is not None)
+    for step in idle[1:]:
+        before, after = _adapter(tmp_path / "a", step - 1), _adapter(tmp_path / "a", step)
+        assert all(torch.equal(before[k], after[k]) for k in before), f"step {step} moved the adapter"
+    logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in logged if "lr" in r] == [h["loss"] is None for h in full.history]
+    lrs = [r["lr"] for r in logged if "lr" in r]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 10  # one scheduler step per step
+    resume_at = next(s for s in idle if any(h["loss"] is not None for h in full.history[s:]))
+    resumed = train(config(tiny_model_dir, "embedding", data, tmp_path / "b", max_steps=10,
+                           resume=str(tmp_path / "a" / f"checkpoint-{resume_at:06d}")))
+    assert [x is None for x in resumed.losses] == [x is None for x in full.losses[resume_at:]]
+    assert [x for x in resumed.losses if x is not None] == \
+        pytest.approx([x for x in full.losses[resume_at:] if x is not None], rel=1e-5, abs=1e-6)
+
+
+def test_embedding_eval_without_a_loss_unit_is_skipped(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """--eval-fraction 0.05 of 20 examples holds out one pair, alone in its row: no eval loss (not 0.0), a note."""
+    data = _data(tmp_path, "embedding", 20)
+    result = train(config(tiny_model_dir, "embedding", data, tmp_path / "out", max_steps=1, eval_fraction=0.05))
+    assert result.evals == []
+    assert "eval_loss" not in (tmp_path / "out" / "metrics.jsonl").read_text()
+    assert "anymask train: no eval micro-batch has a loss unit" in capsys.readouterr().err

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +103,98 @@ def test_resumed_run_says_weight_decay_stays_the_checkpoints(tiny_model_dir, tmp
     data, saved = _first_step_checkpoint(tiny_model_dir, tmp_path)
     with pytest.warns(UserWarning, match=r"weight_decay stays the checkpoint's 0.0 \(the optimizer state keeps it\)"):
         train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=2, weight_decay=0.1, resume=saved))
+
+
+def test_fresh_run_into_an_earlier_runs_checkpoints_is_refused(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """A fresh run would leave them beside its own, and --resume auto would later pick the newest step,
+    whichever run wrote it: refused, before anything is written; resuming there still works."""
+    from anymask.train.cli import main
+
+    data, _ = _first_step_checkpoint(tiny_model_dir, tmp_path)
+    metrics = (tmp_path / "a" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"'.*a' holds checkpoints of an earlier run \(checkpoint-000001, "
+                       r"checkpoint-000002\): pass --resume auto .* choose another --output-dir"):
+        train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=2))
+    assert main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "a"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "anymask train: error: --output-dir" in err and "Traceback" not in err
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == metrics
+    with pytest.warns(UserWarning, match=r"checkpoint-000002 with changed settings \(max_steps 2 -> 3\)"):
+        resumed = train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=3, resume="auto"))
+    assert [h["step"] for h in resumed.history] == [3]
+
+
+def _resume_warnings(tiny_model_dir, data, out, saved) -> list[str]:
+    """The resume warnings of a run from checkpoint ``saved`` on ``data`` into ``out``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config(tiny_model_dir, "sft", data, out, max_steps=2, resume=saved))
+    return [str(w.message) for w in caught if "resuming from" in str(w.message)]
+
+
+def test_resume_tells_data_edited_in_place_from_a_copy(tiny_model_dir, tmp_path):  # noqa: F811
+    """Checkpoints record the data file's size and sha256: the same contents elsewhere resume quietly, the
+    same path with other contents warns; a checkpoint saved before the fingerprint compares the path."""
+    data, saved = _first_step_checkpoint(tiny_model_dir, tmp_path)
+    assert json.loads((Path(saved) / "state.json").read_text())["data_fingerprint"]["size"] == Path(data).stat().st_size
+    copy = str(shutil.copy(data, tmp_path / "copy.jsonl"))
+    assert _resume_warnings(tiny_model_dir, copy, tmp_path / "b", saved) == []
+    lines = Path(data).read_text().splitlines()
+    Path(data).write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # reordered: the same size
+    assert any(re.search(r"changed settings \(data '.*sft.jsonl' changed since the checkpoint \((\d+) -> \1 bytes, "
+                         r"sha256 \w+\.\.\. -> \w+\.\.\.\)\)", w)
+               for w in _resume_warnings(tiny_model_dir, data, tmp_path / "c", saved))
+    old = shutil.copytree(saved, tmp_path / "old" / "checkpoint-000001")
+    state = json.loads((old / "state.json").read_text())
+    del state["data_fingerprint"]
+    (old / "state.json").write_text(json.dumps(state))
+    assert _resume_warnings(tiny_model_dir, data, tmp_path / "d", str(old)) == []
+
+
+def _sft_examples(tiny_model_dir, tmp_path):
+    """The first 30 sft examples, tokenized to at most 96 tokens, and their tokenizer."""
+    from transformers import AutoTokenizer
+
+    from anymask.train import data as D
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    return D.tokenize(D.read_records(_data(tmp_path, "sft", 30), "sft"), tok, "sft", 96, truncate=True), tok
+
+
+def _stream(examples, grad_accum: int, seed: int):
+    from anymask.train.distributed import Dist
+    from anymask.train.stream import Stream
+
+    import torch
+
+    return Stream({0: examples}, 96, grad_accum, seed, Dist(0, 1, torch.device("cpu"), "none"))
+
+
+def test_a_later_epoch_too_small_for_a_step_is_skipped(tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """--grad-accum as large as epoch 0's micro-batch count: a later epoch that packs into fewer has no step,
+    and the run (and a resumed one) goes on with the next epoch that has one."""
+    monkeypatch.setattr(packing, "WINDOW", 8)  # small packing windows: epochs pack to different row counts
+    examples, tok = _sft_examples(tiny_model_dir, tmp_path)
+    seed = next(s for s in range(50) if min(len(_stream(examples, 1, s).rows(e)) for e in (1, 2, 3)) <
+                len(_stream(examples, 1, s).rows(0)))
+    rows = len(_stream(examples, 1, seed).rows(0))
+    kw = dict(tokens_per_batch=96, truncate=True, grad_accum=rows, max_steps=4, seed=seed, save_every=3)
+    full = train(config(tiny_model_dir, "sft", "unused", tmp_path / "a", **kw), examples=examples, tokenizer=tok)
+    assert [h["step"] for h in full.history] == [1, 2, 3, 4]
+    assert "packed into too few micro-batches for a step (--grad-accum" in capsys.readouterr().err
+    resumed = train(config(tiny_model_dir, "sft", "unused", tmp_path / "a", resume="auto", **kw), examples=examples,
+                    tokenizer=tok)
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5, abs=1e-6)
+
+
+def test_epochs_run_every_step_of_each_epoch(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--epochs 2 runs epoch 0's steps and then epoch 1's, however many each packs to."""
+    monkeypatch.setattr(packing, "WINDOW", 8)  # epochs pack to 5 and 6 steps
+    examples, tok = _sft_examples(tiny_model_dir, tmp_path)
+    stream = _stream(examples, 1, 0)
+    steps = [stream.steps_in_epoch(e) for e in (0, 1)]
+    assert steps[0] != steps[1], "precondition: the epochs pack to different step counts"
+    result = train(config(tiny_model_dir, "sft", "unused", tmp_path / "out", tokens_per_batch=96, truncate=True,
+                          max_steps=None, epochs=2), examples=examples, tokenizer=tok)
+    assert len(result.history) == sum(steps)

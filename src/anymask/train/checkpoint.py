@@ -158,28 +158,31 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def check_config(path: Path, config: dict, schedule: dict, total: int) -> None:
+def check_config(path: Path, config: dict, schedule: dict, total: int, data_fingerprint: dict | None = None) -> None:
     """Compare the run's ``config`` with the one the checkpoint at ``path`` was saved with: a
     :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run,
-    saying what the checkpoint's lr ``schedule`` does over this run's ``total`` steps."""
+    saying what the checkpoint's lr ``schedule`` does over this run's ``total`` steps.  The training
+    data is compared by content where both runs recorded its ``data_fingerprint`` (see
+    :func:`anymask.train.data.fingerprint`), else by path."""
     from .config import ConfigError
 
-    saved = json.loads((Path(path) / "state.json").read_text()).get("config") or {}
+    state = json.loads((Path(path) / "state.json").read_text())
+    saved = state.get("config") or {}
     config = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
 
     def differs(key):
         if key not in saved or saved[key] == config.get(key):
             return False
-        if key in ("model", "data") and isinstance(saved[key], str) and isinstance(config.get(key), str):
-            a, b = Path(saved[key]), Path(config[key])
-            return not (a.exists() and b.exists() and a.resolve() == b.resolve())  # one path spelled two ways
+        if key == "model" and isinstance(saved[key], str) and isinstance(config.get(key), str):
+            return not _same_file(saved[key], config[key])
         return True
 
     wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in MUST_MATCH if differs(k)]
     if wrong:
         raise ConfigError(f"cannot resume from {path}: it was saved with other settings ({'; '.join(wrong)})")
-    changed_keys = [k for k in CHANGES_THE_RUN if differs(k)]
-    changed = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed_keys]
+    data = _data_change(saved, config, state.get("data_fingerprint"), data_fingerprint)
+    changed_keys = [k for k in CHANGES_THE_RUN if k != "data" and differs(k)]
+    changed = ([data] if data else []) + [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in changed_keys]
     moved = any(k in changed_keys for k in SCHEDULE) or total != schedule["total_steps"]
     if not changed and moved:  # same settings, another length (e.g. epochs over another number of ranks)
         changed = [f"this run has {total} steps, the checkpoint's {schedule['total_steps']}"]
@@ -189,6 +192,30 @@ def check_config(path: Path, config: dict, schedule: dict, total: int) -> None:
             kept.append(f"weight_decay stays the checkpoint's {saved['weight_decay']!r} (the optimizer state keeps it)")
         warnings.warn(f"resuming from {path} with changed settings ({'; '.join(changed)}): the rest of the run "
                       "differs from an uninterrupted one" + "".join(f"; {k}" for k in kept), stacklevel=2)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one existing file (one path spelled two ways)."""
+    a, b = Path(a), Path(b)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def _data_change(saved: dict, config: dict, saved_print: dict | None, new_print: dict | None) -> str | None:
+    """How this run's training data differs from the checkpoint's, or None.  Where both fingerprints
+    are known the contents decide (a copy elsewhere is the same data, a file edited in place is
+    not); else (a checkpoint saved before it recorded one, or examples given in Python) the path."""
+    if "data" not in saved:
+        return None
+    old, new = saved["data"], config.get("data")
+    moved = old != new and not (isinstance(old, str) and isinstance(new, str) and _same_file(old, new))
+    if saved_print is None or new_print is None:  # no contents to compare: the path decides
+        return f"data {old!r} -> {new!r}" if moved else None
+    if saved_print == new_print:
+        return None
+    if moved:
+        return f"data {old!r} -> {new!r} (other contents)"
+    return (f"data {new!r} changed since the checkpoint ({saved_print.get('size')} -> {new_print.get('size')} bytes, "
+            f"sha256 {str(saved_print.get('sha256'))[:12]}... -> {str(new_print.get('sha256'))[:12]}...)")
 
 
 def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
@@ -226,11 +253,17 @@ def _read_adapter(adapter_dir: Path, peft_model) -> dict:
     return out
 
 
-def latest(output_dir: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
+def complete(output_dir: Path) -> list[Path]:
+    """The complete ``checkpoint-N`` directories in ``output_dir`` (those with a ``state.json``), oldest first."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
              if (m := _CKPT.match(p.name)) and (p / "state.json").exists()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest(output_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` in ``output_dir``, or None."""
+    found = complete(output_dir)
+    return found[-1] if found else None
 
 
 def _rng_state() -> dict:

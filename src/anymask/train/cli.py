@@ -31,11 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="anymask-train", help="checkpoints, final adapter, metrics.jsonl")
     p.add_argument("--eval-data", help="JSONL eval data (default: --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval "
-                   "when no --eval-data (0: no eval)")
+                   "(0: no eval; not with --eval-data)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load weights and tokenizer from")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the weights and the LoRA adapters "
-                   "(the same default on CPU and GPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the model's weights and compute; "
+                   "LoRA adapters keep fp32 master weights (the same default on CPU and GPU)")
     p.add_argument("--attn", default="anymask", help="attention implementation (anymask, or a transformers "
                    "one with an explicit mask: sdpa, flex_attention, eager)")
     p.add_argument("--backend", default="auto", help="anymask backend under --attn anymask (auto: dispatch picks)")
@@ -60,7 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "backward (less memory, more time)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: final adapter only)")
     p.add_argument("--resume", help="checkpoint directory to resume from, or 'auto' (newest in --output-dir); "
-                   "its learning-rate schedule and weight decay go on (default: start at step 0)")
+                   "its learning-rate schedule and weight decay go on (default: start at step 0, in an --output-dir "
+                   "without checkpoints)")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order and diffusion masks")
     p.add_argument("--parallel", choices=PARALLEL, default="none", help="ddp or fsdp2 under torchrun "
                    "(torchrun --nproc-per-node N -m anymask train ...)")
@@ -108,16 +109,34 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"anymask train: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # model or data path that cannot be read (transformers raises OSError)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"anymask train: cannot load {config.model!r} or its files: {first}", file=sys.stderr)
+    except OSError as exc:  # a model that cannot load (transformers raises OSError), or an output write
+        print(f"anymask train: {describe_os_error(exc, config)}", file=sys.stderr)
         return 2
-    losses = result.losses
-    if losses and os.environ.get("RANK", "0") == "0":
-        print(f"trained {len(losses)} steps: loss {losses[0]:.4f} -> {losses[-1]:.4f}"
-              + (f", eval loss {result.evals[-1]['eval_loss']:.4f}" if result.evals else "")
-              + f"; adapter in {result.adapter_dir}; kernels: {result.kernels}")
+    if result.history and os.environ.get("RANK", "0") == "0":
+        print(summary(result))
     return 0
+
+
+def describe_os_error(exc: OSError, config: TrainConfig) -> str:
+    """One line for an ``OSError`` out of a run: a file in ``--output-dir`` that cannot be written,
+    else the model (or its files) that cannot be loaded."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    out = os.path.abspath(config.output_dir)
+    for name in (exc.filename, exc.filename2):
+        if isinstance(name, (str, os.PathLike)) and os.path.commonpath([os.path.abspath(name), out]) == out:
+            return f"cannot write to --output-dir {config.output_dir!r}: {first}"
+    return f"cannot load {config.model!r} or its files: {first}"
+
+
+def summary(result) -> str:
+    """The line a finished run prints: steps, first and last loss (of the steps that had a loss
+    unit), the last eval loss, where the adapter is and which kernels ran."""
+    losses = [x for x in result.losses if x is not None]
+    text = f"trained {len(result.history)} steps: " + (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses
+                                                       else "none had a loss unit")
+    if result.evals:
+        text += f", eval loss {result.evals[-1]['eval_loss']:.4f}"
+    return text + f"; adapter in {result.adapter_dir}; kernels: {result.kernels}"
 
 
 def register(subparsers) -> argparse.ArgumentParser:

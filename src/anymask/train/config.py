@@ -10,6 +10,7 @@ TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
 KERNELS = ("auto", "liger+lora", "liger", "lora", "none")
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # what torch.manual_seed takes as a signed 64-bit integer
 
 
 class ConfigError(ValueError):
@@ -33,7 +34,7 @@ class TrainConfig:
     data: str
     output_dir: str = "anymask-train"
     eval_data: str | None = None
-    eval_fraction: float = 0.0  # hold out this fraction of ``data`` when no ``eval_data``
+    eval_fraction: float = 0.0  # hold out this fraction of ``data`` (only without ``eval_data``)
     gguf_file: str | None = None  # load ``model`` from this GGUF file inside the model dir
     dtype: str = "bf16"
     attn: str = "anymask"  # or a transformers implementation (sdpa, flex_attention, eager)
@@ -81,6 +82,11 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_data is not None:
+            raise ConfigError(f"--eval-fraction {self.eval_fraction} holds out part of --data for eval, but "
+                              f"--eval-data {self.eval_data} is the eval data: drop one of them")
+        if not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise ConfigError(f"seed must be a 64-bit integer, from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}")
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,6 +1,7 @@
 """JSONL training data: read, validate (errors name the line), tokenize into examples.
 
-One JSON object per line; blank lines are skipped.  Fields per task::
+One JSON object per line, UTF-8 (a leading byte-order mark is skipped); blank lines are skipped.
+Fields per task::
 
     sft, prefix_lm   {"prompt": "...", "completion": "..."}
     embedding        {"query": "...", "positive": "..."}
@@ -13,6 +14,8 @@ two documents: query, then positive).  Every error is a :class:`DataError` that 
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -65,6 +68,8 @@ def read_records(path: str, task: str) -> list[Record]:
         raise DataError(f"{path}: cannot read the data file ({exc.strerror})") from None
     with handle:
         for number, line in enumerate(handle, start=1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)  # what some editors write first
             try:
                 raw = line.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -76,6 +81,17 @@ def read_records(path: str, task: str) -> list[Record]:
     if not out:
         raise DataError(f"{path}: no examples (the file is empty)")
     return out
+
+
+def fingerprint(path: str) -> dict:
+    """``{"size", "sha256"}`` of the file at ``path``: checkpoints record it, so a resumed run can
+    tell a data file edited in place (hashing costs far less than the parsing every run does)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": digest.hexdigest()}
 
 
 def _validate(path: str, number: int, raw: str, fields: tuple[str, ...], task: str) -> tuple[str, ...]:

@@ -2,8 +2,10 @@
 
 Per step and rank: ``grad_accum`` packed micro-batches; each micro-batch's loss sum is divided by
 the number of loss units in the *global* batch (all ranks), so every unit weighs the same whatever
-the packing, the accumulation or the world size.  Rank 0 shows a progress bar (loss, tokens/s),
-appends to ``output_dir/metrics.jsonl``, and writes checkpoints and the final adapter.
+the packing, the accumulation or the world size; a step whose global batch has no loss unit
+updates nothing (its loss is None, ``null`` in ``metrics.jsonl``).  Rank 0 shows a progress bar
+(loss, tokens/s), appends to ``output_dir/metrics.jsonl``, and writes checkpoints and the final
+adapter.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import math
 import signal
 import sys
+import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +42,8 @@ class TrainResult:
     kernels: str = ""  # which fused kernels ran, or why none did
 
     @property
-    def losses(self) -> list[float]:
+    def losses(self) -> list[float | None]:
+        """The loss of each step; None for a step with no loss unit (it updated nothing)."""
         return [h["loss"] for h in self.history]
 
 
@@ -78,10 +83,7 @@ def _sigterm_as_interrupt():
 
 
 def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> TrainResult:
-    out_dir = Path(cfg.output_dir)
-    if d.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_partial(out_dir)
+    out_dir = _prepare_output_dir(cfg, d)
     _check_attention(cfg, d.device)
     torch.manual_seed(cfg.seed)
     if tokenizer is None and (examples is None or cfg.task == "diffusion" and cfg.mask_token_id is None):
@@ -90,9 +92,10 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
                       mask_token_id=cfg.mask_token_id)
     count = cfg.data_shards or d.world
     mine = local_shards(count, d)
-    failure, stream, eval_rows = None, None, []
+    failure, stream, eval_rows, fingerprint = None, None, [], None
     try:
         train_ex, eval_ex = _examples(cfg, tokenizer, examples, eval_examples, mine, count, d)
+        fingerprint = None if examples is not None else data.fingerprint(cfg.data)
         stream = Stream(split(train_ex, mine, count), cfg.tokens_per_batch, cfg.grad_accum, cfg.seed, d)
         eval_rows = pack(eval_ex, cfg.tokens_per_batch, seed=cfg.seed, shuffle=False)
     except Exception as exc:  # every rank must hear about a data error, or the others wait forever
@@ -102,6 +105,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         raise ConfigError(f"--eval-every {cfg.eval_every} needs eval data: --eval-data FILE, --eval-fraction F "
                           "large enough to hold out at least one example, or eval_examples= (Python API, when "
                           "examples= is given)")
+    eval_rows = _eval_rows_with_units(eval_rows, task, d)
 
     if base is None:
         base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
@@ -125,8 +129,8 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     idle, rows = int(d.sum(sum(u == 0 for u in units))), int(d.sum(len(units)))
     if idle and d.main:
         print(f"anymask train: {idle} of {rows} packed micro-batches of epoch 0 have no loss unit and teach nothing "
-              f"({task.units})", file=sys.stderr)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+              f"({task.units}); a step with none in any micro-batch updates nothing (loss null)", file=sys.stderr)
+    total = cfg.max_steps or _steps_for_epochs(stream, cfg.epochs)
 
     start = 0
     resume = checkpoint.latest(out_dir) if cfg.resume == "auto" else cfg.resume
@@ -136,7 +140,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total}
     if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
         schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
-        checkpoint.check_config(Path(resume), asdict(cfg), schedule, total)
+        checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint)
     optimizer = torch.optim.AdamW(params, lr=schedule["lr"], weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(schedule["warmup_steps"],
                                                                        schedule["total_steps"]))
@@ -147,8 +151,10 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     bar = _progress(cfg, d, total, start)
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")
-    epoch, index = _position(stream, start)
-    steps_per_epoch = stream.steps_in_epoch(epoch)  # epochs pack differently: count the one resumed in
+    ckpt_state = {"config": asdict(cfg), "schedule": schedule}  # what each checkpoint's state.json adds
+    if fingerprint is not None:
+        ckpt_state["data_fingerprint"] = fingerprint
+    epoch, index, steps_per_epoch = _position(stream, start)  # epochs pack differently: count the one resumed in
     _trim_metrics(out_dir, d, start)
     wrapped.train()  # from_pretrained gives eval mode: LoRA dropout and gradient checkpointing need train mode
     if start == 0:
@@ -157,11 +163,13 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         torch.cuda.reset_peak_memory_stats(d.device)
     try:
         for step in range(start + 1, total + 1):
+            if index == steps_per_epoch:  # the epoch is used up
+                epoch, index, steps_per_epoch = _next_epoch(stream, epoch, bar, d)
             micro = [b.to(d.device) for b in stream.step(epoch, index)]
             lr = scheduler.get_last_lr()[0]
             t0 = time.perf_counter()
             loss = train_step(wrapped, micro, task, optimizer, scheduler, params, cfg, d)
-            if not math.isfinite(loss):
+            if loss is not None and not math.isfinite(loss):
                 raise FloatingPointError(f"step {step}: the loss is {loss}; stopping before it reaches the adapter "
                                          f"(lower --lr, or check the data; the last checkpoint is in {out_dir})")
             if d.device.type == "cuda":
@@ -172,17 +180,15 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
             result.history.append(record)
             _log(out_dir, d, record)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / seconds:,.0f}")
                 bar.update(1)
             index += 1
-            if index >= steps_per_epoch:
-                epoch, index = epoch + 1, 0
-                steps_per_epoch = stream.steps_in_epoch(epoch)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 _eval(wrapped, eval_rows, task, d, step, result, out_dir, bar)
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint.save(out_dir / f"checkpoint-{step:06d}", peft_model, optimizer, scheduler, step, d,
-                                {"config": asdict(cfg), "schedule": schedule})
+                                ckpt_state)
     finally:
         if bar is not None:
             bar.close()
@@ -194,6 +200,51 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     result.adapter_dir = str(out_dir / "adapter")
     result.model = peft_model
     return result
+
+
+def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
+    """``cfg.output_dir``, created and checked writable by rank 0, temporary dirs of a killed run
+    removed; a fresh run (no ``resume``) refuses a directory that holds checkpoints.  Every rank
+    raises when rank 0 does."""
+    out_dir = Path(cfg.output_dir)
+    failure = None
+    if d.main:
+        try:
+            if cfg.resume is None:
+                _refuse_earlier_checkpoints(out_dir)
+            _make_writable_dir(out_dir)
+            checkpoint.clean_partial(out_dir)
+        except ConfigError as exc:
+            failure = exc
+    d.agree(failure)
+    return out_dir
+
+
+def _refuse_earlier_checkpoints(out_dir: Path) -> None:
+    """A fresh run beside an earlier run's checkpoints would leave them there, and ``--resume auto``
+    would later pick the newest step whichever run wrote it: refuse, naming them."""
+    found = checkpoint.complete(out_dir)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found) if len(found) <= 3 else \
+        f"{found[0].name} to {found[-1].name}, {len(found)} in all"
+    raise ConfigError(f"--output-dir {str(out_dir)!r} holds checkpoints of an earlier run ({names}): pass --resume "
+                      "auto to go on from the newest, or --resume PATH from one of them; to start afresh, choose "
+                      "another --output-dir or delete them")
+
+
+def _make_writable_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and write a file in it: a :class:`ConfigError` saying which failed, not
+    an ``OSError`` that reads like a model that cannot load."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --output-dir {str(out_dir)!r}: {exc.strerror or exc}") from None
+    try:
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write in --output-dir {str(out_dir)!r}: {exc.strerror or exc}") from None
 
 
 def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
@@ -242,10 +293,18 @@ def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):
     return train_ex, eval_ex
 
 
-def train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params, cfg, d) -> float:
-    """One optimizer step over this rank's micro-batches; returns the global mean loss."""
+def train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params, cfg, d) -> float | None:
+    """One optimizer step over this rank's micro-batches; returns the global mean loss.
+
+    When no micro-batch of the global batch has a loss unit (embedding rows of one pair) there is
+    nothing to learn: no forward, no optimizer step (AdamW would still move the weights by its
+    momentum and weight decay); returns None.  The scheduler steps all the same, so its count stays
+    the step number, like the data position, and a resumed run lines up with an uninterrupted one."""
     units = d.sum(sum(task.count(b) for b in micro))  # loss units in the global batch
-    scale = d.world / max(units, 1.0)  # DDP / FSDP average gradients over ranks; undo that
+    if units == 0:
+        _step_scheduler_alone(scheduler)
+        return None
+    scale = d.world / units  # DDP / FSDP average gradients over ranks; undo that
     total = torch.zeros((), device=d.device)
     for j, batch in enumerate(micro):
         with distributed.no_sync(wrapped, d, skip=j < len(micro) - 1):
@@ -257,7 +316,25 @@ def train_step(wrapped, micro: list[Packed], task, optimizer, scheduler, params,
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return d.sum(total.item()) / max(units, 1.0)
+    return d.sum(total.item()) / units
+
+
+def _step_scheduler_alone(scheduler) -> None:
+    """``scheduler.step()`` for a step whose optimizer did not step (on purpose: no torch warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
+
+
+def _eval_rows_with_units(rows: list[Packed], task, d) -> list[Packed]:
+    """``rows``, or none (with a note) when no eval row of any rank has a loss unit: their mean
+    loss would be 0 / 0, not a number to log."""
+    if d.sum(len(rows)) == 0 or d.sum(sum(task.count(r) for r in rows)) > 0:
+        return rows
+    if d.main:
+        print(f"anymask train: no eval micro-batch has a loss unit ({task.units}): no eval loss is computed",
+              file=sys.stderr)
+    return []
 
 
 @torch.no_grad()
@@ -290,15 +367,39 @@ def _dummy() -> Packed:
     return Packed(z, torch.arange(2).unsqueeze(0), z, torch.tensor([[True, False]]), (1, 1), 0)
 
 
-def _position(stream: Stream, step: int) -> tuple[int, int]:
-    """(epoch, index within epoch) of the step after ``step`` completed steps."""
-    epoch = 0
-    while True:
-        n = stream.steps_in_epoch(epoch)
-        if step < n:
-            return epoch, step
+def _position(stream: Stream, step: int) -> tuple[int, int, int]:
+    """(epoch, index within it, its step count) after ``step`` completed steps; the index equals
+    the count when the last step ended the epoch (the next one is looked up when needed)."""
+    epoch, n = 0, stream.steps_in_epoch(0)
+    while step > n:
         step -= n
-        epoch += 1
+        epoch, n = stream.next_epoch(epoch)
+    return epoch, step, n
+
+
+def _next_epoch(stream: Stream, epoch: int, bar, d) -> tuple[int, int, int]:
+    """(epoch, index 0, its step count) of the epoch after ``epoch`` that has a step; says which
+    epochs in between packed into too few micro-batches for one and are skipped."""
+    later, steps = stream.next_epoch(epoch)
+    if later > epoch + 1 and d.main:
+        skipped = f"epoch {epoch + 1}" if later == epoch + 2 else f"epochs {epoch + 1}-{later - 1}"
+        text = (f"anymask train: {skipped} packed into too few micro-batches for a step (--grad-accum "
+                f"{stream.grad_accum}): skipped")
+        if bar is None:
+            print(text, file=sys.stderr)
+        else:
+            bar.write(text, file=sys.stderr)
+    return later, 0, steps
+
+
+def _steps_for_epochs(stream: Stream, epochs: float) -> int:
+    """The steps of ``epochs`` passes over the data: every step of each whole epoch (each packs to
+    its own step count), then the fraction of the next one's, rounded up."""
+    whole = int(epochs)
+    steps = sum(stream.steps_in_epoch(e) for e in range(whole))
+    if epochs > whole:
+        steps += math.ceil((epochs - whole) * stream.steps_in_epoch(whole))
+    return max(1, steps)
 
 
 def _schedule(warmup: int, total: int):

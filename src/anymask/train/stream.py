@@ -8,6 +8,8 @@ rank, round-robin over its shards::
     data_shards 2, grad_accum 1, two processes    step s: rank 0 shard0[s] | rank 1 shard1[s]
 
 An epoch ends when the first shard (over all ranks) runs out; every rank agrees on the count.
+Epochs pack anew, so their step counts differ a little; an epoch that packs into fewer than a
+step's micro-batches has no step and is skipped (:meth:`Stream.next_epoch`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .config import ConfigError
 from .data import Example
 from .distributed import Dist
 from .packing import Packed, pack, shard
+
+MAX_EMPTY_EPOCHS = 8  # epochs in a row without a step before the data counts as too small for one
 
 
 class Stream:
@@ -27,6 +31,7 @@ class Stream:
             raise ConfigError(f"grad_accum ({grad_accum}) must be a multiple of the data shards per rank "
                              f"({len(self.shards)})")
         self.per_shard = grad_accum // len(self.shards)  # micro-batches per shard per step
+        self.grad_accum = grad_accum
         self.max_tokens, self.seed, self.d = max_tokens, seed, d
         self._epoch, self._rows = None, {}
 
@@ -34,6 +39,18 @@ class Stream:
         self._load(epoch)
         local = min(len(rows) for rows in self._rows.values()) // self.per_shard
         return int(self.d.min(local))
+
+    def next_epoch(self, epoch: int) -> tuple[int, int]:
+        """The first epoch after ``epoch`` with at least one step, and its step count.  Epochs in
+        between pack into too few micro-batches for a step and are skipped; :class:`ConfigError`
+        after ``MAX_EMPTY_EPOCHS`` of them in a row."""
+        for later in range(epoch + 1, epoch + 1 + MAX_EMPTY_EPOCHS):
+            steps = self.steps_in_epoch(later)
+            if steps:
+                return later, steps
+        raise ConfigError(f"epochs {epoch + 1}-{epoch + MAX_EMPTY_EPOCHS} each pack into too few micro-batches for "
+                          f"a step (every rank needs --grad-accum {self.grad_accum} of them): lower --grad-accum, "
+                          "or --tokens-per-batch for more micro-batches")
 
     def step(self, epoch: int, index: int) -> list[Packed]:
         """The micro-batches of step ``index`` of ``epoch`` on this rank."""
