@@ -194,3 +194,17 @@ def test_a_right_auto_is_checked_too():
     cases = report.case_summaries(rows)
     line = report.summary(rows, cases, "x")
     assert line["auto_wrong_cases"] == [] and line["auto_within_5pct"] is True
+
+
+def test_auto_checked_right_is_not_a_contender_for_best():
+    """auto's row, eligible once its error is checked and timed in its own pairing, never becomes the
+    case's best (its ratios would be the best backend against itself)."""
+    from dataclasses import replace
+
+    from anymask.bench import report
+
+    rows = [_timed("padding", "sdpa", 1.0), _timed("padding", "raw_flex", 1.5),
+            replace(_timed("padding", "auto", 0.8), backend="sdpa", auto_vs_best=1.0, eligible=True)]
+    case, = report.case_summaries(rows)
+    assert case["best"] == "sdpa" and case["best_vs_peer"] == pytest.approx(1.5)
+    assert report.summary(rows, [case], "x")["auto_picked_best_cases"] == "1/1"

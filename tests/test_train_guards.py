@@ -38,14 +38,19 @@ def _train_sft(model, data, tmp_path, *extra) -> int:
     ({"backend": "eager", "attn": "sdpa"}, "--backend eager picks a backend of anymask's attention, but --attn sdpa"),
     ({"eval_data": "e.jsonl", "eval_fraction": 0.1}, "--eval-fraction 0.1 holds out part of --data for eval, but "
      "--eval-data e.jsonl is the eval data: drop one of them"),
-    ({"seed": 2 ** 63}, "seed must be a 64-bit integer, from -9223372036854775808 to 9223372036854775807, got "
-     "9223372036854775808"),
+    ({"seed": 2 ** 64}, "seed must be a 64-bit integer \\(a Python int\\), from -9223372036854775808 to "
+     "18446744073709551615, got 18446744073709551616"),
     ({"seed": -(2 ** 63) - 1}, "seed must be a 64-bit integer"),
 ])
 def test_settings_that_cannot_train_are_refused(setting, message):
     cfg = TrainConfig(model="m", task="sft", data="d.jsonl", **setting)
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_seeds_torch_takes_are_taken():
+    for seed in (-(2 ** 63), 0, 2 ** 63, 2 ** 64 - 1):
+        TrainConfig(model="m", task="sft", data="d.jsonl", seed=seed).validate()
 
 
 def test_layers_train_in_train_mode_without_eval_data(tiny_model_dir, tmp_path):  # noqa: F811
@@ -220,6 +225,15 @@ def test_embedding_step_without_a_loss_unit_updates_nothing(tiny_model_dir, tmp_
     assert [x is None for x in resumed.losses] == [x is None for x in full.losses[resume_at:]]
     assert [x for x in resumed.losses if x is not None] == \
         pytest.approx([x for x in full.losses[resume_at:] if x is not None], rel=1e-5, abs=1e-6)
+    # Saving before the first optimizer step leaves the run as it was: torch fills an empty AdamW
+    # state with a zero step to save it, which made the first real update count as AdamW's second.
+    assert idle[0] == 1
+    unsaved = train(config(tiny_model_dir, "embedding", data, tmp_path / "c", max_steps=10))
+    assert unsaved.losses == full.losses
+    from safetensors.torch import load_file
+
+    final, final_unsaved = (load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in "ac")
+    assert all(torch.equal(final[k], final_unsaved[k]) for k in final)
 
 
 def test_embedding_eval_without_a_loss_unit_is_skipped(tiny_model_dir, tmp_path, capsys):  # noqa: F811

@@ -198,3 +198,15 @@ def test_epochs_run_every_step_of_each_epoch(tiny_model_dir, tmp_path, monkeypat
     result = train(config(tiny_model_dir, "sft", "unused", tmp_path / "out", tokens_per_batch=96, truncate=True,
                           max_steps=None, epochs=2), examples=examples, tokenizer=tok)
     assert len(result.history) == sum(steps)
+
+
+def test_fractional_epochs_round_like_the_decimal_they_name():
+    """--epochs 1.6 over epochs of 5 steps is 8 steps: 1.6 - 1 is 0.6000000000000001 in floats,
+    whose ceil(x * 5) gave 9."""
+    from anymask.train import loop
+
+    class FiveStepEpochs:  # what the step count reads of a Stream
+        def steps_in_epoch(self, epoch):
+            return 5
+
+    assert [loop._steps_for_epochs(FiveStepEpochs(), e) for e in (1.6, 2.2, 3.6, 1.5, 0.01, 2.0)] == [8, 11, 18, 8, 1, 10]

@@ -64,7 +64,7 @@ def case_summaries(rows: list[Row]) -> list[dict]:
         if group[0].variant == "*":  # never started (time budget)
             continue
         ok = {r.variant: r for r in group if r.status == "ok"}
-        forced = [r for r in ok.values() if r.eligible]
+        forced = [r for r in ok.values() if r.eligible and r.variant != "auto"]  # auto's own verdict is no contender
         best = min(forced, key=lambda r: r.median_ms) if forced else None
         auto = ok.get("auto")
         raw_sdpa, raw_flex, raw_fa4 = ok.get("raw_sdpa_dense"), ok.get("raw_flex"), ok.get("raw_fa4")

@@ -107,12 +107,16 @@ def save(path: Path, peft_model, optimizer, scheduler, step: int, d: Dist, extra
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     state = adapter_state(peft_model)
+    fresh = not optimizer.state  # no optimizer step yet (every step so far had no loss unit)
     optim = get_optimizer_state_dict(peft_model, optimizer, options=_options())
+    if fresh:  # torch filled the state by a zero step to save it: AdamW's first real step would count as its second
+        optimizer.state.clear()
     rngs = d.gather(_rng_state())
     with atomic_dir(path, d) as tmp:
         if d.main:
             peft_model.save_pretrained(str(tmp / "adapter"), state_dict=state)
-            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "optimizer_fresh": fresh},
+                       tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "world": d.world, **extra}, indent=1))
 
@@ -228,6 +232,8 @@ def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
     set_model_state_dict(peft_model, adapter, options=_options(strict=False))
     blob = torch.load(path / "optimizer.pt", weights_only=False)
     set_optimizer_state_dict(peft_model, optimizer, blob["optimizer"], options=_options())
+    if blob.get("optimizer_fresh"):  # saved before any optimizer step: go on without one, as the saving run did
+        optimizer.state.clear()
     scheduler.load_state_dict(blob["scheduler"])
     rngs = torch.load(path / "rng.pt", weights_only=False)
     if len(rngs) == d.world:

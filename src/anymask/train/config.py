@@ -10,7 +10,7 @@ TASKS = ("sft", "embedding", "diffusion", "prefix_lm")
 PARALLEL = ("none", "ddp", "fsdp2")
 DTYPES = ("bf16", "fp32")
 KERNELS = ("auto", "liger+lora", "liger", "lora", "none")
-SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # what torch.manual_seed takes as a signed 64-bit integer
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what torch.manual_seed takes
 
 
 class ConfigError(ValueError):
@@ -86,7 +86,8 @@ class TrainConfig:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} holds out part of --data for eval, but "
                               f"--eval-data {self.eval_data} is the eval data: drop one of them")
         if not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
-            raise ConfigError(f"seed must be a 64-bit integer, from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}")
+            raise ConfigError(f"seed must be a 64-bit integer (a Python int), from {SEED_MIN} to {SEED_MAX}, "
+                              f"got {self.seed!r}")
         for name in ("eval_every", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -398,7 +398,7 @@ def _steps_for_epochs(stream: Stream, epochs: float) -> int:
     whole = int(epochs)
     steps = sum(stream.steps_in_epoch(e) for e in range(whole))
     if epochs > whole:
-        steps += math.ceil((epochs - whole) * stream.steps_in_epoch(whole))
+        steps += math.ceil(round((epochs - whole) * stream.steps_in_epoch(whole), 9))  # 1.6 - 1 is 0.6000000000000001
     return max(1, steps)
 
 

@@ -75,8 +75,9 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
 
     The adapters are fp32 on a bf16/fp16 model (as peft makes them by default): AdamW's updates at a
     decayed learning rate are below half a bf16 step of the weights they change, and bf16 adapters
-    lost them (a third to nine tenths of ``lora_A`` unchanged per step).  They compute in the model's
-    dtype (the fused LoRA casts them per call; peft's own forward casts its input to them)."""
+    lost them (a third to nine tenths of ``lora_A`` unchanged per step).  The fused LoRA computes with
+    them in the model's dtype (it casts them per call); peft's own forward (``--kernels none``, or
+    dropout) casts its input to fp32 and computes the LoRA branch there."""
     peft = require("peft")
     model = model.to(DTYPES[dtype])
     if liger:
