@@ -1,0 +1,30 @@
+# One device call (carry .whl and build/ab_prev) for what 2026-12-07 could not measure:
+# 1. fine-tuning throughput before/after fp32 master LoRA adapters (d686132): gpu_train_bench.py,
+#    sft and embedding, anymask:auto beside sdpa:none, build/ab_prev/src (e943b14, bf16 adapters) then
+#    this tree's src, twice in turn;
+# 2. bf16 fwd+bwd padding at S=16384, B=1 (the catalogue's one-row padding padded nothing before):
+#    every backend beside hand-rolled SDPA and flex;
+# 3. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change).
+# Make the old tree first:  mkdir -p build/ab_prev && git archive e943b14 src | tar -x -C build/ab_prev
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+name=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu_name.txt)
+echo "$name"
+if [[ -d build/ab_prev/src ]]; then
+  for round in 1 2; do
+    for tree in build/ab_prev/src src; do
+      tag=$([[ $tree == src ]] && echo head || echo prev)_$round
+      mkdir -p $OUT/train/$tag
+      PYTHONPATH=/tmp/site:$tree timeout ${TRAIN_TIMEOUT:-75} python3 scripts/gpu_train_bench.py --tasks sft,embedding \
+        --arms anymask:auto,sdpa:none --steps 4 --warmup 2 --budget-s 60 --out $OUT/train/$tag --commit $tag \
+        >$OUT/train/$tag/log.txt 2>&1
+      echo "== $tag"; tail -1 $OUT/train/$tag/log.txt | cut -c1-600
+    done
+  done
+fi
+export PYTHONPATH=/tmp/site:src
+OUT=$OUT/padding16k BENCH_TIMEOUT=${PAD_TIMEOUT:-120} bash scripts/gpu_bench.sh --seqlens 16384 --heads 16 --dtypes bf16 \
+  --passes fwd+bwd --masks padding --deadline 60 2>&1 | tail -4
+if [[ $name == *H200* ]]; then
+  source <(sed -n '/^M=/p;/^gqa_bench() {/,/^}/p' scripts/gpu_call_layouts.sh)
+  BENCH_TIMEOUT=${GQA_TIMEOUT:-200} DEADLINE=${GQA_DEADLINE:-150} gqa_bench
+fi
