@@ -137,6 +137,8 @@ def run_one(task_name: str, arm: str, args) -> dict:
         with prof:
             losses.append(train_step(module, [row], task, opt, sched, params, tcfg, d))
             sync()
+        if losses[-1] is None:  # no loss unit: the step did nothing, and timing it would flatter the arm
+            raise ValueError(f"{task_name} row {i} has no loss unit ({task.units})")
         if i >= args.warmup and not profiling:
             times.append(time.perf_counter() - t0)
         if profiling:
