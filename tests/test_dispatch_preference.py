@@ -84,3 +84,23 @@ def test_cpu_packed_preference_depends_on_length(kv_len, order):
 def test_cpu_structured_preference_depends_on_length(mask, kv_len, order):
     q = torch.zeros(1, 1, kv_len, 8)
     assert dispatch.static_preference(describe(q, q, q, mask, None)) == (*order, "eager")
+
+
+def test_auto_decides_again_after_an_in_place_edit_takes_its_backend_away():
+    """auto's per-mask decision is keyed on the mask's tensors' versions: a hole punched in place into
+    the padding of a windowed mask takes varlen (auto's CPU pick at 512 keys) away, and auto must not
+    run it again (it did: error 2.1 against float64)."""
+    import anymask
+
+    S = 512
+    valid = torch.ones(1, S, dtype=torch.bool)
+    mask = M.padding(valid) & M.window(2) & M.causal()
+    q, k, v = (torch.randn(1, 1, S, 8, dtype=torch.float64) for _ in range(3))
+    assert anymask.which_backend(q, k, v, mask) == "varlen"  # precondition: the backend the edit breaks
+    anymask.attention(q, k, v, mask)
+    mask.terms[0].valid[0, 100] = False  # the copy the mask holds (constructors copy their input)
+    assert anymask.backends(q, k, v, mask)["varlen"]["reasons"]
+    assert anymask.which_backend(q, k, v, mask) != "varlen"
+    want = anymask.attention(q, k, v, M.padding(mask.terms[0].valid.clone()) & M.window(2) & M.causal(),
+                             backend="eager")
+    torch.testing.assert_close(anymask.attention(q, k, v, mask), want)

@@ -64,6 +64,7 @@ import os
 import torch
 
 from . import backend as B
+from . import masks as M
 from ._identity_cache import IdentityLRU
 from .problem import Problem
 
@@ -158,13 +159,16 @@ _AUTO = IdentityLRU(64, weak=True)
 
 
 def _auto_key(p: Problem) -> tuple:
+    """Shapes, dtype, device, grad, tuning state, and the mask's :func:`~anymask.masks.stamp`: an
+    in-place edit of a tensor the mask holds can take a backend's support away (padding holes under
+    a window: varlen), so the decision is made again."""
     try:
         from . import tuning
         state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), os.environ.get(tuning.ENV_AUTOTUNE))
     except ImportError:
         state = None
     return (p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
-            p.requires_grad, state)
+            p.requires_grad, state, M.stamp(p.mask))
 
 
 def remember(p: Problem, name: str) -> None:
