@@ -1,5 +1,6 @@
 """Masks: exact grids for every constructor, composition, structure analysis, bad input."""
 
+import types
 import warnings
 
 import pytest
@@ -432,12 +433,21 @@ def _custom_reading_through(kind, table):
     if kind == "object_attribute":
         holder = _Table(table)
         return M.custom(lambda b, h, q, kv: holder.allowed[kv] & (kv <= q))
+    if kind == "python_module":  # e.g. a config module: ``state.allowed``
+        state = types.ModuleType("state")
+        state.allowed = table
+        return M.custom(lambda b, h, q, kv: state.allowed[kv] & (kv <= q))
+    if kind == "class_attribute":
+        class Config:
+            allowed = table
+        return M.custom(lambda b, h, q, kv: Config.allowed[kv] & (kv <= q))
     module = torch.nn.Module()
     module.register_buffer("allowed", table)
     return M.custom(lambda b, h, q, kv: module.allowed[kv] & (kv <= q))
 
 
-@pytest.mark.parametrize("kind", ["list", "dict", "callable_object", "object_attribute", "module_buffer"])
+@pytest.mark.parametrize("kind", ["list", "dict", "callable_object", "object_attribute", "module_buffer",
+                                  "python_module", "class_attribute"])
 def test_custom_mask_sees_edits_through_containers_and_objects(kind):
     table = torch.ones(6, dtype=torch.bool)
     m = _custom_reading_through(kind, table)

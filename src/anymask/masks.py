@@ -167,7 +167,11 @@ def _captured(fn, depth: int = 0, budget: list | None = None):
         except ValueError:  # an empty cell
             pass
     code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
-    values += [scope[n] for n in (code.co_names if code else ()) if n in scope]
+    names = code.co_names if code else ()
+    values += [scope[n] for n in names if n in scope]
+    # A module or class it reads is not searched whole; the attributes the code names are (``state.ids``).
+    values += [vars(v)[n] for v in list(values) if isinstance(v, (types.ModuleType, type))
+               for n in names if n in vars(v)]
     values.append(getattr(fn, "__self__", None))  # a bound method's object
     if isinstance(fn, functools.partial):
         values.append(fn.func)
