@@ -100,10 +100,7 @@ def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", 
                              target_modules=lora_targets, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        peft_model = peft.get_peft_model(model, config)
-    for p in peft_model.parameters():  # adapters keep fp32 master weights; they compute in the model's dtype
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        peft_model = peft.get_peft_model(model, config, autocast_adapter_dtype=True)  # fp32 adapters on bf16
     if fused_lora:
         from . import fused_lora as FL
 
