@@ -11,12 +11,7 @@ echo "$name"
 timeout ${TRITON_TIMEOUT:-170} python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_triton.py 2>&1 | tee $OUT/triton_gpu_tests.log | tail -4
 OUT=$OUT/fp32 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash scripts/gpu_bench.sh --dtypes fp32 --seqlens 4096 --heads 16 \
   --passes fwd+bwd --masks padding,documents_causal --backends triton,sdpa,raw_flex --deadline ${DEADLINE:-150} 2>&1 | tail -8
-if [[ -d build/ab_old/src ]]; then  # carry build/ab_old (git archive <commit> src): its triton beside, same masks
-  mkdir -p $OUT/fp32_old && (cd build/ab_old && ANYMASK_CACHE_DIR=/tmp/ab-cache PYTHONPATH=/tmp/site:src timeout ${OLD_TIMEOUT:-100} \
-    python3 -m anymask.bench bench --grid gpu --no-plot --out $OUT/fp32_old --tag gpu --dtypes fp32 --seqlens 4096 --heads 16 \
-    --passes fwd+bwd --masks padding,documents_causal --backends triton --deadline ${OLD_DEADLINE:-70} >$OUT/fp32_old/table.txt 2>&1)
-  tail -4 $OUT/fp32_old/table.txt
-fi
+[[ -d build/ab_old/src ]] && ROUNDS=1 CASE_TIMEOUT=${OLD_TIMEOUT:-100} bash scripts/gpu_ab_triton.sh build/ab_old
 source <(sed -n '/^M=/p;/^checks() {/,/^}/p;/^gqa_bench() {/,/^}/p' scripts/gpu_call_layouts.sh)
 if [[ $name == *H200* && ${GQA:-1} == 1 ]]; then BENCH_TIMEOUT=${GQA_TIMEOUT:-220} DEADLINE=${GQA_DEADLINE:-170} gqa_bench; fi
 [[ ${CHECKS:-1} == 1 ]] && CHECK_TIMEOUT=${CHECK_TIMEOUT:-90} checks
