@@ -4,7 +4,9 @@
 #    this tree's src, twice in turn;
 # 2. bf16 fwd+bwd padding at S=16384, B=1 (the catalogue's one-row padding padded nothing before):
 #    every backend beside hand-rolled SDPA and flex;
-# 3. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change).
+# 3. auto's host cost per call (its decision keyed on the mask's stamp since 96cf21a):
+#    gpu_auto_host_probe.py on both trees;
+# 4. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change).
 # Make the old tree first:  mkdir -p build/ab_prev && git archive e943b14 src | tar -x -C build/ab_prev
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu_name.txt)
@@ -19,6 +21,11 @@ if [[ -d build/ab_prev/src ]]; then
         >$OUT/train/$tag/log.txt 2>&1
       echo "== $tag"; tail -1 $OUT/train/$tag/log.txt | cut -c1-600
     done
+  done
+  for tree in build/ab_prev/src src; do
+    tag=$([[ $tree == src ]] && echo head || echo prev)
+    echo "== auto host cost, $tag"
+    PYTHONPATH=/tmp/site:$tree timeout 60 python3 scripts/gpu_auto_host_probe.py 2>&1 | tee $OUT/auto_host_$tag.jsonl | cut -c1-300
   done
 fi
 export PYTHONPATH=/tmp/site:src
