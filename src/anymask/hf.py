@@ -48,8 +48,12 @@ logit soft-capping (Gemma 2 runs with ``attn_logit_softcapping=None``) and atten
 (``s_aux``, GPT-OSS) are refused with a clear error.
 
 Not read: the overlays transformers composes into its own ``mask_function`` (image-token blocks of
-vision-language models, ``block_sequence_ids``): describe those with a Mask.  Chunked attention
-(Llama 4) is refused.
+vision-language models, ``block_sequence_ids``): describe those with a Mask.  Where the model's
+default rule would drop one (transformers' mask lets a causal model's query see the next key, or a
+bidirectional model's neighbours see each other one way only: Gemma 3 with images, PaliGemma), the
+call is refused.  Also refused: chunked attention (Llama 4), encoder-decoder models (BART, Whisper:
+nothing in the call says which layer is cross-attention), and attention modules that do not say
+whether they are causal (no ``is_causal``: Mllama's cross-attention).
 
 Supported: transformers >= 4.56 (tested with 4.56.2, 4.57.6, 5.0.0 and 5.24.0), Llama, Mistral,
 Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` the same way.
@@ -91,8 +95,15 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise ValueError(f"anymask attention does not support attention sinks (s_aux, the learned per-head "
                          f"logit of {type(module).__name__}, e.g. GPT-OSS): they change every softmax; use "
                          "attn_implementation='eager' or 'sdpa' for this model")
-    spec, backend = _call_policy(module, kwargs)
+    if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+        raise NotImplementedError(
+            f"anymask.hf does not support encoder-decoder models ({type(module).__name__}): their cross-attention "
+            "queries are not the last positions of its keys, and nothing in the call says which layer is "
+            "cross-attention; use attn_implementation='sdpa' or 'eager' for this model")
+    spec, backend, default = _call_policy(module, kwargs)
     keys = attention_mask if isinstance(attention_mask, LayerKeys) else _keys_from_tensor(attention_mask, key)
+    if default and isinstance(keys, LayerKeys):
+        _refuse_overlay(module, spec, keys.own_rule)
     if isinstance(keys, LayerKeys) and keys.q_offset > 0 and spec == "bidirectional":
         _warn_cached_bidirectional()
     if isinstance(keys, torch.Tensor):  # an explicit 4-D mask passed to the model: take it as given
@@ -143,7 +154,65 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
         padding = None if bool(valid.all()) else valid
     inclusive = local_size is not None and mask_function is not None and _sees_window_edge(
         mask_function, batch_size, q_offset, q_length, kv_offset, int(kv_length), int(local_size))
-    return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive)
+    own_rule = frozenset() if mask_function is None else _own_rule(mask_function, batch_size, q_offset, q_length,
+                                                                   kv_offset, int(kv_length))
+    return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive,
+                     own_rule)
+
+
+def _ask(mask_function, batch: int, q: torch.Tensor, kv: torch.Tensor, what: str) -> torch.Tensor | None:
+    """``[B, pairs]`` bool: which (query, key) pairs (absolute positions, ``[pairs]`` each)
+    transformers' ``mask_function`` lets attend, on every row; None (with a warning) where it cannot
+    take index tensors."""
+    rows = torch.arange(batch).view(batch, 1)
+    head = torch.zeros((), dtype=torch.long)
+    try:
+        seen = mask_function(rows, head, q.view(1, -1), kv.view(1, -1))
+    except Exception as err:  # a model's own overlay that takes no index tensors
+        warnings.warn(f"could not ask transformers' mask function {what} ({err!r})", stacklevel=4)
+        return None
+    return torch.as_tensor(seen, dtype=torch.bool).expand(batch, q.numel())
+
+
+def _own_rule(mask_function, batch: int, q_offset: int, q_length: int, kv_offset: int,
+              kv_length: int) -> frozenset[str]:
+    """What transformers' ``mask_function`` does between neighbouring tokens of this call, asked on
+    every row: ``"sees-later"`` (some query sees the key right after it: not causal) and
+    ``"one-way"`` (some neighbouring pair is seen one way only: not bidirectional).  Documents and
+    windows only remove pairs, both ways; an overlay shows::
+
+        image-token block (Gemma 3)        prefix block, causal rest (PaliGemma)
+        # . . . .                          # # # . .
+        # # . . .                          # # # . .
+        # # # # .   <- sees a later key    # # # . .
+        # # # # .                          # # # # .   <- sees the key before it,
+        # # # # #                          # # # # #      not the one after
+    """
+    q = torch.arange(max(q_offset, kv_offset), min(q_offset + q_length, kv_offset + kv_length) - 1)  # [pairs]
+    if q.numel() == 0:
+        return frozenset()
+    later = _ask(mask_function, batch, q, q + 1, "whether it adds an overlay")
+    earlier = None if later is None else _ask(mask_function, batch, q + 1, q, "whether it adds an overlay")
+    if later is None or earlier is None:
+        return frozenset()
+    return frozenset(name for name, found in (("sees-later", bool(later.any())),
+                                              ("one-way", bool((later != earlier).any()))) if found)
+
+
+def _refuse_overlay(module, spec: str, own_rule: frozenset[str]) -> None:
+    """Raise where the model's default policy (``spec``, from ``is_causal``) would drop an overlay
+    transformers adds to it (image tokens, a prompt block)."""
+    if spec == "causal" and "sees-later" in own_rule:
+        shape = "lets queries see later keys"
+    elif spec == "bidirectional" and "one-way" in own_rule:
+        shape = "is causal in places"
+    else:
+        return
+    raise ValueError(
+        f"anymask.hf: transformers' mask for {type(module).__name__} {shape} (an overlay such as image-token "
+        f"blocks or a prompt block), which anymask does not read; its default policy here, {spec!r}, would "
+        "drop it. Describe the mask with anymask.hf.set_mask(model, ...) (an anymask Mask, or 'prefix_lm' "
+        "with prefix_lengths= on each call) or use attn_implementation='sdpa'")
 
 
 def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, kv_offset: int,
@@ -156,19 +225,15 @@ def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, k
     short inputs, packed documents shorter than ``w``), the two rules give the same mask.
     """
     q = torch.arange(q_offset, q_offset + q_length)  # [q_len] absolute query positions
-    rows = torch.arange(batch).view(batch, 1)
-    head = torch.zeros((), dtype=torch.long)
     for kv in (q - local_size, q + local_size):
         present = (kv >= kv_offset) & (kv < kv_offset + kv_length)
         if not bool(present.any()):
             continue
-        try:
-            seen = mask_function(rows, head, q[present].view(1, -1), kv[present].view(1, -1))  # [B, pairs]
-        except Exception as err:  # a model's own overlay that takes no index tensors
-            warnings.warn(f"could not ask transformers' mask function where this sliding window ends ({err!r}); "
-                          f"anymask keeps |q - kv| < {local_size}", stacklevel=3)
+        seen = _ask(mask_function, batch, q[present], kv[present],
+                    f"where this sliding window ends; anymask keeps |q - kv| < {local_size}")
+        if seen is None:
             return False
-        if bool(torch.as_tensor(seen).any()):
+        if bool(seen.any()):
             return True
     return False
 
@@ -264,17 +329,24 @@ def _ensure_anymask(model) -> None:
 
 
 def _call_policy(module, kwargs):
-    """``(spec, backend)``: ``anymask_mask=`` > ``set_mask`` > ``is_causal`` kwarg > ``module.is_causal``."""
+    """``(spec, backend, default)``: ``anymask_mask=`` > ``set_mask`` > ``is_causal`` kwarg >
+    ``module.is_causal``; ``default`` when the spec came from the model (the last two), not the user."""
     spec, backend = getattr(module, _POLICY_ATTR, None) or (None, "auto")
     override = kwargs.get("anymask_mask")
     if override is not None:
         check_spec(override)
         spec = override
-    if spec is None:
-        is_causal = kwargs.get("is_causal")
-        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        spec = "causal" if is_causal else "bidirectional"
-    return spec, backend
+    if spec is not None:
+        return spec, backend, False
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        if not hasattr(module, "is_causal"):
+            raise ValueError(
+                f"anymask.hf: {type(module).__name__} does not say whether it is causal (no is_causal attribute "
+                "or keyword), so anymask cannot tell its mask (cross-attention, as in Mllama, is not supported); "
+                "use attn_implementation='sdpa' for this model")
+        is_causal = module.is_causal
+    return ("causal" if is_causal else "bidirectional"), backend, True
 
 
 _BLOCKED = -1e4  # an additive mask value at or below this hides the key

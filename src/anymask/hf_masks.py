@@ -49,6 +49,10 @@ class LayerKeys:
                                  # # . . .              # # # . .
                                  # # # . .              # # # # .
                                  . # # # .              # # # # #
+
+    ``own_rule``: what transformers' own rule for this call does between neighbouring tokens
+    (``"sees-later"``, ``"one-way"``; see ``anymask.hf._own_rule``): an overlay on a causal or
+    bidirectional rule (image-token blocks, a prompt block) shows there.
     """
 
     padding: torch.Tensor | None
@@ -59,6 +63,7 @@ class LayerKeys:
     kv_offset: int
     local_size: int | None = None
     local_inclusive: bool = False
+    own_rule: frozenset[str] = frozenset()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
