@@ -6,6 +6,8 @@ itself is held to eager at the same dtype, and the peer's own error is capped: `
 Inputs are fresh random tensors on every run.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -262,3 +264,31 @@ def test_head_dependent_custom_mask(backend):
     head0 = anymask.attention(q[:, :1], k[:, :1], v[:, :1], M.causal(), backend="eager")
     head1 = anymask.attention(q[:, 1:], k[:, 1:], v[:, 1:], M.full(), backend="eager")
     torch.testing.assert_close(out, torch.cat([head0, head1], dim=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["eager", *BACKENDS, "auto"])
+def test_a_mask_first_used_under_inference_mode_then_trains(backend, device):
+    """An eval pass under ``torch.inference_mode`` caches what backends derive from the mask; the
+    training step after it must not get those tensors (autograd cannot save inference tensors:
+    sdpa raised, and auto fell back and pinned another backend)."""
+    B, H, S, D = 2, 2, 17, 16
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, 10:] = False
+    mask = M.padding(valid) & M.causal()
+    q, k, v = make_inputs(B, H, H, S, S, D, device, requires_grad=False)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    training = [t.requires_grad_() for t in (q32.clone(), k32.clone(), v32.clone())]
+    if backend != "auto" and anymask.backends(*training, mask)[backend]["reasons"]:
+        pytest.skip(f"{backend} cannot train on this mask here")
+    with torch.inference_mode():
+        anymask.attention(q32, k32, v32, mask, backend=backend)
+    grad_out = torch.randn(B, H, S, D, dtype=torch.float64, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto falling back warns
+        out, grads = run_with_grads(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mask, backend,
+                                    torch.float32, grad_out)
+    fresh, fresh_grads = run_with_grads(q, k, v, M.padding(valid) & M.causal(), backend, torch.float32, grad_out)
+    torch.testing.assert_close(out, fresh)
+    for got, want in zip(grads, fresh_grads):
+        torch.testing.assert_close(got, want)

@@ -6,6 +6,9 @@ a packed layout, a compiled plan, auto's decision — is looked up by ``id()`` p
 (shapes, device).  An ``id`` can be reused once its object dies, so each entry keeps its anchor
 objects: strongly (the default: the id stays taken while cached), or weakly (``weak=True``: the
 entry stops matching when they die; for anchors too large to keep alive).
+
+Values are built outside ``torch.inference_mode``: a mask first used in an eval pass under it is
+used for training later, and autograd cannot save inference tensors for backward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from typing import Callable
+
+import torch
 
 
 class IdentityLRU:
@@ -33,7 +38,8 @@ class IdentityLRU:
         if hit is not None and all(self._alive(held) is a for held, a in zip(hit[0], anchors)):
             self._entries.move_to_end(full)
             return hit[1]
-        value = build()
+        with torch.inference_mode(False):
+            value = build()
         self.put(anchors, key, value)
         return value
 
