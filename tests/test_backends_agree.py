@@ -170,8 +170,9 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(B.get(first), "run", broken)
-    with pytest.warns(RuntimeWarning, match="kernel exploded"):
+    with pytest.warns(RuntimeWarning, match="kernel exploded") as record:
         out = anymask.attention(q, k, v, mask)
+    assert [w.filename for w in record if "kernel exploded" in str(w.message)] == [__file__]  # the caller's line
     torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
     with pytest.raises(RuntimeError, match="kernel exploded"):
         anymask.attention(q, k, v, mask, backend=first)

@@ -49,7 +49,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
             warnings.warn(f"anymask: backend {chosen.name!r} failed on this call ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to {rest[0]!r}. "
                           f"Force a backend with backend=... to see the full error.", RuntimeWarning,
-                          stacklevel=2)
+                          stacklevel=3)  # the caller's line: past torch.compiler.disable's wrapper
             chosen = B.get(rest[0])
             continue
         if tried and not transient:  # out of memory may pass: do not pin the fallback for it

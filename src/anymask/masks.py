@@ -576,6 +576,15 @@ def _as_int(value) -> int | None:
         return None
 
 
+def _dense_layout(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` when it is an ordinary (strided) tensor; a sparse or other layout is a ``TypeError`` here,
+    not a failure deep inside a backend."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: expected an ordinary (strided) tensor, got layout {t.layout}; "
+                        "convert it with .to_dense()")
+    return t
+
+
 def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
               lengths: Sequence[int] | Sequence[Sequence[int]] | None = None) -> Mask:
     """Same-document only.  ``documents(lengths=[2, 3])`` (ids ``[0 0 1 1 1]``)::
@@ -593,7 +602,7 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
         raise ValueError("documents: give exactly one of ids or lengths")
     if lengths is not None:
         ids = _ids_from_lengths(lengths)
-    ids = torch.as_tensor(ids)
+    ids = _dense_layout("documents", torch.as_tensor(ids))
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
         raise TypeError(f"documents: ids must be an integer tensor, got {ids.dtype}")
     if ids.dim() == 1:
@@ -629,7 +638,7 @@ def padding(valid: torch.Tensor) -> Mask:
         # # # .
         . . . .      <- a padded query sees nothing and outputs 0
     """
-    valid = torch.as_tensor(valid)
+    valid = _dense_layout("padding", torch.as_tensor(valid))
     if valid.dim() != 2:
         raise ValueError(f"padding: valid must have shape [B, S], got {list(valid.shape)}")
     if valid.dtype != torch.bool:
@@ -648,7 +657,9 @@ def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
         # # . .
         # # . .
     """
-    lengths = torch.as_tensor(lengths)
+    lengths = _dense_layout("prefix", torch.as_tensor(lengths))
+    if lengths.numel() == 0:
+        raise ValueError("prefix: lengths must not be empty (one int, or one per batch row)")
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
         raise TypeError(f"prefix: lengths must be integers, got {lengths.dtype}")
     if lengths.dim() > 1:
@@ -691,6 +702,7 @@ def dense(tensor: torch.Tensor) -> Mask:
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"dense: expected a torch.Tensor, got {type(tensor).__name__}")
+    _dense_layout("dense", tensor)
     if tensor.dtype != torch.bool:
         raise TypeError(f"dense: mask must be a bool tensor, got {tensor.dtype}")
     if tensor.dim() > 4 or tensor.dim() < 2:
