@@ -208,3 +208,67 @@ def test_auto_checked_right_is_not_a_contender_for_best():
     case, = report.case_summaries(rows)
     assert case["best"] == "sdpa" and case["best_vs_peer"] == pytest.approx(1.5)
     assert report.summary(rows, [case], "x")["auto_picked_best_cases"] == "1/1"
+
+
+@pytest.mark.parametrize("tag", ["sub/x", "..", ""])
+def test_a_tag_that_is_not_a_file_name_is_refused_before_the_run(tmp_path, capsys, tag):
+    """A tag with a folder crashed after the whole run and every result was lost."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--tag", tag])
+    assert exit_.value.code == 2 and "plain file name" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_out_folder_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path / "taken")])
+    assert exit_.value.code == 2 and "cannot create --out" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_plot_only_with_out_leaves_its_input_alone(tmp_path):
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot", "--out", str(tmp_path / "run")]) == 0
+    doc = json.loads((tmp_path / "run" / "bench.json").read_text())
+    del doc["summary"]["auto_within_5pct"]  # as an older anymask wrote it
+    (tmp_path / "run" / "bench.json").write_text(json.dumps(doc))
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    assert bench_main(["bench", "--plot-only", str(tmp_path / "run"), "--out", str(tmp_path / "again"),
+                       "--no-plot"]) == 0
+    assert {f.name: f.read_bytes() for f in (tmp_path / "run").iterdir()} == before
+    assert "auto_within_5pct" in json.loads((tmp_path / "again" / "bench.json").read_text())["summary"]
+    assert (tmp_path / "again" / "bench.csv").exists()
+
+
+@pytest.mark.parametrize("extra", [["--masks", "full"], ["--plot-only", "x.json"], ["--tune"], ["--layout", "bshd"]])
+def test_merge_refuses_options_it_would_ignore(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["bench", "--merge", "a.json", "--out", str(tmp_path), *extra])
+    assert exit_.value.code == 2 and "runs nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"masks": ["causal"], "passes": ["fwd", 3]}, "passes takes names"),
+    ({"dtypes": [32]}, "dtypes takes names"),
+    ({"grid": ["cpu"]}, "grid takes one value"),
+    ({"backends": 5}, "backends takes names"),
+    ({"backends": [5]}, "backends takes names"),
+    ({"seqlens": [[64]]}, "seqlens takes numbers"),
+    ({"heads": [{"q": 4}]}, "heads takes numbers"),
+])
+@pytest.mark.parametrize("command", ["bench", "tune"])
+def test_config_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, config, match, command):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_:
+        bench_main([command, "--config", str(path), "--no-progress"])
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_tune_refuses_a_config_naming_backends(tmp_path, capsys):
+    """tune measured every backend whatever the config's backends said."""
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"masks": ["causal"], "backends": ["eager"]}))
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["tune", "--config", str(path), "--no-progress"])
+    assert exit_.value.code == 2 and "backends is a bench option" in capsys.readouterr().err

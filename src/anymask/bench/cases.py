@@ -255,7 +255,32 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a text file (a config file is JSON or TOML)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a table/object of options")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    for key, value in data.items():
+        _check_type(path, key, value)
+    return data
+
+
+_NAMES = ("grid", "backends", "masks", "dtypes", "passes")  # options whose values are names
+_SINGLE = ("grid", "batch", "tokens")  # one value, not a list
+
+
+def _check_type(path: Path, key: str, value) -> None:
+    """A config value of the wrong type (a number where a name goes, a list for ``grid``) is a
+    ``ValueError`` naming the file and option."""
+    items = [value] if key in _SINGLE or not isinstance(value, list) else value
+    if key in _SINGLE and isinstance(value, list):
+        raise ValueError(f"{path}: {key} takes one value, got a list")
+    for item in items:
+        if key in _NAMES:
+            ok = isinstance(item, str)
+        elif key == "heads":
+            ok = isinstance(item, (str, int)) or (isinstance(item, list) and all(isinstance(x, int) for x in item))
+        else:
+            ok = isinstance(item, (str, int, float)) and not isinstance(item, bool)
+        if not ok:
+            what = "names (strings)" if key in _NAMES else "numbers"
+            raise ValueError(f"{path}: {key} takes {what}, got {item!r}")
 
 
 def _parse_config(path: Path, text: str):

@@ -48,7 +48,8 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--masks", help="comma list of catalogue masks (full,causal,padding,documents,...)")
     p.add_argument("--seqlens", help="comma list of sequence lengths")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
-    p.add_argument("--passes", help="comma list of fwd,fwd+bwd")
+    p.add_argument("--passes", help="comma list of fwd,fwd+bwd (bwd or train: fwd+bwd, a backward is timed "
+                                    "with its forward)")
     p.add_argument("--head-dims", dest="head_dims", help="comma list of head dims")
     p.add_argument("--heads", help="comma list of query heads, or q:kv for GQA (e.g. 16,32:8)")
     p.add_argument("--batch", type=positive_int, help="batch size (default: tokens // seq)")
@@ -146,8 +147,9 @@ def _read_results(file: Path) -> dict:
     return doc if bench_rows else {}  # training results and others share the rows/meta shape
 
 
-def _plot_only(path: Path) -> int:
-    """Plots, CSV and the summaries again from an earlier run's JSON rows: ``--plot-only DIR_OR_JSON``."""
+def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> int:
+    """Plots, CSV and the summaries again from an earlier run's JSON rows: ``--plot-only DIR_OR_JSON``,
+    written beside each JSON (which is rewritten with today's summaries), or into ``out_dir``."""
     from . import report
     from .runner import Row
 
@@ -160,14 +162,16 @@ def _plot_only(path: Path) -> int:
         raise SystemExit(f"anymask bench --plot-only: no bench results (JSON with rows and meta) in {path}")
     for file, doc in docs.items():
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
-        out = file.parent / file.stem if len(docs) > 1 else file.parent
-        out.mkdir(parents=True, exist_ok=True)
-        _plot(rows, out, doc["meta"])
+        folder = out_dir or file.parent
+        out = _made_dir(folder / file.stem if len(docs) > 1 else folder)
+        target = file if out_dir is None else out / file.name
+        if plots:
+            _plot(rows, out, doc["meta"])
         cases = report.case_summaries(rows)
         keep = {k: v for k, v in doc["summary"].items() if k in ("device", "grid", "seconds")}
         line = report.summary(rows, cases, doc["summary"].get("out", str(file.parent)), **keep)
-        report.write_csv(rows, file.with_suffix(".csv"))
-        report.write_json(rows, cases, doc["meta"], line, file)
+        report.write_csv(rows, target.with_suffix(".csv"))
+        report.write_json(rows, cases, doc["meta"], line, target)
         print(report.summary_table(cases))
         print(json.dumps(line))
     return 0
@@ -177,7 +181,7 @@ _SOFTWARE = ("torch", "triton", "anymask", "cuda", "cudnn", "settings", "input_s
 _CASE_FIELDS = ("mask", "batch", "seq", "heads", "kv_heads", "head_dim", "dtype", "pass")
 
 
-def _merge(files: list[str], out: Path, tag: str) -> int:
+def _merge(files: list[str], out: Path, tag: str, plots: bool = True) -> int:
     """One result from the parts of a grid run separately (e.g. one part per GPU): rows
     concatenated, meta of the first part with every part's grid options, date and commit.  A case
     measured in several parts keeps the rows of the last one, so a re-run of some cases (after a
@@ -216,21 +220,58 @@ def _merge(files: list[str], out: Path, tag: str) -> int:
     rows = [r for i, d in enumerate(docs) for r in d["rows"] if owner[case(r)] == i]
     summary = dict(docs[0]["summary"], seconds=round(sum(d["summary"].get("seconds", 0) for d in docs), 1),
                    out=str(out))
-    out.mkdir(parents=True, exist_ok=True)
     merged = out / f"{tag}.json"
     merged.write_text(json.dumps({"meta": meta, "summary": summary, "cases": [], "rows": rows}))
-    return _plot_only(merged)
+    return _plot_only(merged, plots=plots)
+
+
+def _check_tag(tag: str) -> None:
+    """``--tag`` names files in ``--out``: a plain name, checked before a long run, not after it."""
+    if not tag or tag in (".", "..") or any(sep in tag for sep in ("/", "\\")):
+        raise _usage_error("bench", f"--tag {tag!r}: a plain file name stem (no folders; --out DIR chooses the folder)")
+
+
+def _made_dir(path: Path) -> Path:
+    """``path`` created (parents too) before any work; a file in the way or no permission is a usage error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _usage_error("bench", f"cannot create --out {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+_RUN_OPTIONS = ("grid", "quick", "config", "masks", "seqlens", "dtypes", "passes", "head_dims", "heads", "batch",
+                "tokens", "device", "threads", "backends", "tune", "budget", "deadline")
+
+
+def _refuse_run_options(args) -> None:
+    """``--merge`` and ``--plot-only`` run nothing: options of a run (and each other) are usage errors,
+    not silently ignored."""
+    given = [name for name in _RUN_OPTIONS if getattr(args, name, None) not in (None, False)]
+    if args.layout != "bhsd":
+        given.append("layout")
+    if args.merge and args.plot_only:
+        given.append("plot_only")
+    if given:
+        which = "--merge" if args.merge else "--plot-only"
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise _usage_error("bench", f"{which} runs nothing; {flags} would be ignored (only --out, --tag and "
+                                    "--no-plot apply)")
 
 
 def _bench(args) -> int:
     from . import env, report, runner, variants
 
+    _check_tag(args.tag)
+    if args.merge or args.plot_only:
+        _refuse_run_options(args)
     if args.merge:
         if not args.out:
             raise _usage_error("bench", "--merge needs --out DIR: the folder for the merged result")
-        return _merge(args.merge, Path(args.out), args.tag)
+        return _merge(args.merge, _made_dir(Path(args.out)), args.tag, plots=not args.no_plot)
     if args.plot_only:
-        return _plot_only(Path(args.plot_only))
+        return _plot_only(Path(args.plot_only), _made_dir(Path(args.out)) if args.out else None,
+                          plots=not args.no_plot)
     start = time.perf_counter()
     name, grids, cases, config, device = _resolve(args)
     backends = args.backends or config.get("backends")
@@ -248,12 +289,10 @@ def _bench(args) -> int:
     settings = SETTINGS[name]
     if args.budget is not None:
         settings = dataclasses.replace(settings, budget_s=args.budget)
-    out = Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _made_dir(Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device))
     tag = args.tag
     if not args.out and (any(out.glob("*.json")) or any(out.glob("*.png"))):
-        out = out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())  # the default place holds results: keep them
-        out.mkdir(parents=True, exist_ok=True)
+        out = _made_dir(out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()))  # keep the results there
         print(f"anymask bench: {out.parent} holds results; writing to {out} (--out DIR to choose)", file=sys.stderr)
     meta = env.metadata(device)
     _, unavailable = variants.available()
@@ -288,7 +327,10 @@ def _tune(args) -> int:
     from .cases import bench_mask
     from .inputs import make_inputs
 
-    _, _, cases, _, device = _resolve(args)
+    _, _, cases, config, device = _resolve(args)
+    if "backends" in config:
+        raise _usage_error("tune", f"{args.config}: backends is a bench option; tune measures every backend "
+                                   "(anymask bench --tune --backends ... stores the fastest of a subset)")
     print(f"anymask tune: {len(cases)} cases -> {tuning.cache_path()}", file=sys.stderr)
     results = []
     for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
@@ -332,7 +374,9 @@ def register(subparsers) -> None:
                        help="start no new problem after S seconds (the rest is reported as skipped)")
     bench.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     bench.add_argument("--plot-only", metavar="PATH", help="no run: plots, CSV and summaries again from earlier "
-                                                         "JSON results (a file, or every *.json in a directory)")
+                                                         "JSON results (a file, or every *.json in a directory), "
+                                                         "rewritten in place with today's summaries, or written "
+                                                         "into --out DIR")
     bench.add_argument("--merge", nargs="+", metavar="JSON", help="no run: one result (<out>/<tag>.json, CSV, "
                        "plots, summaries) from several JSON results of the same device, e.g. a grid split over GPUs; a case "
                        "in several parts keeps the last part's rows")
