@@ -31,6 +31,7 @@ def test_mask_is_required():
     (lambda: (qkv()[0].to("meta"),) + qkv()[1:], ValueError, "one device"),
     (lambda: (qkv()[0],) + qkv(B=2)[1:], ValueError, "batch"),
     (lambda: (qkv(D=8)[0],) + qkv()[1:], ValueError, "head dim"),
+    (lambda: qkv()[:2] + (qkv(D=8)[2],), ValueError, "value head dim other than the key's"),
     (lambda: qkv(Sq=9, Skv=8), ValueError, "must not exceed kv_len"),
     (lambda: ("q",) + qkv()[1:], TypeError, "q must be a torch.Tensor"),
     (lambda: (qkv()[0].to_sparse(),) + qkv()[1:], TypeError, "q must be a dense"),

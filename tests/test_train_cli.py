@@ -69,7 +69,11 @@ def test_model_dir_without_tokenizer_exits_2(tiny_model_dir, tmp_path, capsys): 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "one two three"}] * 4)
     code = main(_train(str(bare), data, tmp_path))
     assert code == 2
-    assert str(bare) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(bare) in err and "--gguf-file" not in err
+    (bare / "model.Q4.gguf").write_bytes(b"")  # a GGUF model dir named without --gguf-file
+    assert main(_train(str(bare), data, tmp_path)) == 2
+    assert "it holds a GGUF file: name it with --gguf-file" in capsys.readouterr().err
 
 
 def test_help_shows_the_defaults(capsys):
@@ -144,4 +148,4 @@ def test_summary_leaves_out_steps_without_a_loss():
                          adapter_dir="out/adapter", kernels="none")
     assert summary(result) == "trained 5 steps: loss 2.5000 -> 1.2500; adapter in out/adapter; kernels: none"
     result.history = [{"loss": None}]
-    assert summary(result).startswith("trained 1 steps: none had a loss unit;")
+    assert summary(result).startswith("trained 1 step: none had a loss unit;")

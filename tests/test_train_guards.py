@@ -130,6 +130,39 @@ def test_load_adapter_takes_the_task_it_was_trained_for(tiny_model_dir, tmp_path
         load_adapter(tiny_model_dir, result.adapter_dir, task="sft")
     with pytest.raises(ConfigError, match="unknown task 'embeding'"):
         load_adapter(tiny_model_dir, result.adapter_dir, task="embeding")
+    with pytest.raises(ConfigError, match="holds no adapter; anymask train saves it in .*out/adapter"):
+        load_adapter(tiny_model_dir, str(tmp_path / "out"))  # the output dir, not its adapter/
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_adapter_and_metrics(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """Without checkpoints a second fresh run replaced the first one's adapter without a word."""
+    data = _data(tmp_path, "sft", 8)
+    assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1") == 0
+    adapter = (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--seed", "1") == 2
+    assert "holds an earlier run's adapter and metrics.jsonl" in capsys.readouterr().err
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_warmup_past_the_last_step_is_said(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    data = _data(tmp_path, "sft", 8)
+    assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "2", "--warmup-steps", "4") == 0
+    err = capsys.readouterr().err
+    assert "--warmup-steps 4 is not below the run's 2 steps: the learning rate never reaches --lr" in err
+    assert "(it ends at 50% of it)" in err
+
+
+def test_train_prints_warnings_as_one_line_each():
+    import warnings
+
+    from anymask.train.cli import _one_line_warnings
+
+    with _one_line_warnings():
+        assert warnings.formatwarning("resuming from x", UserWarning, "/a/loop.py", 143) == \
+            "anymask train: warning: resuming from x\n"
+        assert warnings.formatwarning("old", FutureWarning, "/a/b.py", 1, "code") == "anymask train: FutureWarning: old\n"
+    assert "/a/loop.py:143" in warnings.formatwarning("resuming from x", UserWarning, "/a/loop.py", 143)
 
 
 def test_micro_batches_without_a_loss_unit_are_counted(tiny_model_dir, tmp_path, capsys):  # noqa: F811

@@ -79,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="every mask on every backend, checked and timed; then a model")
     demo.add_argument("--seq", type=positive_int, default=512, help="sequence length (default 512)")
-    demo.add_argument("--batch", type=positive_int, default=2)
-    demo.add_argument("--heads", type=positive_int, default=4)
-    demo.add_argument("--head-dim", type=positive_int, default=64)
+    demo.add_argument("--batch", type=positive_int, default=2, help="batch size (default 2)")
+    demo.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
+    demo.add_argument("--head-dim", type=positive_int, default=64, help="head dim (default 64)")
     demo.add_argument("--no-model", action="store_true", help="skip the Hugging Face model part")
     demo.set_defaults(func=_demo)
-    info = sub.add_parser("info", help="the backends on this machine, and why not")
+    info = sub.add_parser("info", help="the backends on this machine, and why not",
+                          description="Every anymask backend: available on this machine, or the reasons it is not "
+                                      "(a missing package with its install hint, no GPU, ...).")
     info.set_defaults(func=_info)
     draw = sub.add_parser("draw", help="print a catalogue mask as an ASCII grid",
                           description="Print a catalogue mask as an ASCII grid (# may attend, . may not): the second "

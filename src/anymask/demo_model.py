@@ -128,6 +128,9 @@ def run_model_demo(console_print=print, use_weights: bool = True) -> None:
     import anymask.hf
 
     t0 = time.perf_counter()
+    gguf = smollm2_gguf() if use_weights else None
+    if gguf is not None:
+        console_print(f"loading SmolLM2-135M-Instruct from {gguf.name} (de-quantising: 15-45 s on a laptop CPU) ...")
     loaded = load_smollm2() if use_weights else None
     real = loaded is not None
     if real:

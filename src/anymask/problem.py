@@ -70,7 +70,9 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Sq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
+        why = (" (a value head dim other than the key's, as in DeepSeek's MLA, is not supported)"
+               if k.shape[:-1] == v.shape[:-1] else "")
+        raise ValueError(f"k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}{why}")
     Bk, Hkv, Skv, Dk = k.shape
     if Bk != B:
         raise ValueError(f"k/v batch ({Bk}) differs from q batch ({B})")

@@ -383,7 +383,10 @@ def register(subparsers) -> None:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
-    tune = subparsers.add_parser("tune", help="measure the grid's problems and cache each one's fastest backend")
+    tune = subparsers.add_parser("tune", help="measure the grid's problems and cache each one's fastest backend",
+                                 description="Time every backend that can run each case of the grid (options as "
+                                             "for bench) and store the fastest correct one in the tuning cache, "
+                                             "where auto reads it for problems of the same signature.")
     _add_grid_options(tune)
     tune.add_argument("--force", action="store_true", help="re-measure signatures already in the cache")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -31,6 +31,8 @@ def _num(x, fmt: str, none: str = "-") -> str:
         return none
     if isinstance(x, float) and math.isnan(x):
         return "nan"
+    if fmt == "8.3f" and isinstance(x, float) and 0 < abs(x) < 0.01:  # tiny CPU TFLOP/s: not 0.000
+        fmt = "8.1e"
     return format(x, fmt)
 
 
@@ -158,7 +160,8 @@ def full_table(rows: list[Row]) -> str:
 
 
 def summary_table(cases: list[dict]) -> str:
-    head = (f"{'case':<44} {'best':<10} {'TFLOP/s':>8} {'auto':<10} {'auto/best':>9} "
+    width = max([44, *(len(c["case"]) for c in cases)])
+    head = (f"{'case':<{width}} {'best':<10} {'TFLOP/s':>8} {'auto':<10} {'auto/best':>9} "
             f"{'raw sdpa':>8} {'raw flex':>8} {'raw fa4':>8} {'best/sdpa':>9} {'best/peer':>9}")
     lines = ["summary: TFLOP/s over visible pairs; best = fastest forced backend that agrees with float64; "
              "auto/best = p20 time ratio over interleaved calls; best/peer = against the fastest hand-rolled "
@@ -166,7 +169,7 @@ def summary_table(cases: list[dict]) -> str:
              "float64 bound", head]
     for c in cases:
         ratio = c["best_vs_raw_sdpa"]
-        lines.append(f"{c['case']:<44} {c['best'] or '-':<10} {_num(c['best_tflops'], '8.3f'):>8} "
+        lines.append(f"{c['case']:<{width}} {c['best'] or '-':<10} {_num(c['best_tflops'], '8.3f'):>8} "
                      f"{(c['auto'] or '-') + ('!' if c.get('auto_wrong') else ''):<10} {_num(c['auto_vs_best'], '9.3f'):>9} "
                      f"{_num(c['raw_sdpa_tflops'], '8.3f'):>8} {_num(c['raw_flex_tflops'], '8.3f'):>8} "
                      f"{_num(c.get('raw_fa4_tflops'), '8.3f'):>8} "

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 
 from .config import DTYPES, KERNELS, PARALLEL, TASKS, TrainConfig
 
@@ -88,12 +90,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    with _one_line_warnings():
+        return _run(args, config)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings as ``anymask train: warning: ...`` lines, not Python's file:line and source."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *rest, **kw: (
+        f"anymask train: warning: {message}\n" if category is UserWarning else
+        f"anymask train: {category.__name__}: {message}\n")
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
+def _run(args: argparse.Namespace, config) -> int:
     from .._optional import MissingDependency
     from .config import ConfigError
     from .data import DataError
     from .loop import train
 
-    config = config_from_args(args)
     try:
         if args.temperature is not None and args.task != "embedding":
             raise ConfigError(f"--temperature is for --task embedding (its InfoNCE loss); --task {args.task} "
@@ -132,7 +152,8 @@ def summary(result) -> str:
     """The line a finished run prints: steps, first and last loss (of the steps that had a loss
     unit), the last eval loss, where the adapter is and which kernels ran."""
     losses = [x for x in result.losses if x is not None]
-    text = f"trained {len(result.history)} steps: " + (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses
+    steps = len(result.history)
+    text = f"trained {steps} step{'' if steps == 1 else 's'}: " + (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses
                                                        else "none had a loss unit")
     if result.evals:
         text += f", eval loss {result.evals[-1]['eval_loss']:.4f}"

@@ -138,6 +138,10 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         print(f"anymask train: no checkpoint in {out_dir} (checkpoints come with --save-every N); starting at step 0",
               file=sys.stderr)
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total}
+    if cfg.warmup_steps >= total and not resume and d.main:
+        print(f"anymask train: --warmup-steps {cfg.warmup_steps} is not below the run's {total} steps: the learning "
+              f"rate never reaches --lr {cfg.lr:g} (it ends at {min(total, cfg.warmup_steps) / cfg.warmup_steps:.0%} "
+              "of it)", file=sys.stderr)
     if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
         schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
         checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint)
@@ -222,9 +226,15 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
 
 def _refuse_earlier_checkpoints(out_dir: Path) -> None:
     """A fresh run beside an earlier run's checkpoints would leave them there, and ``--resume auto``
-    would later pick the newest step whichever run wrote it: refuse, naming them."""
+    would later pick the newest step whichever run wrote it; over its adapter and metrics, it would
+    replace them: refuse, naming them."""
     found = checkpoint.complete(out_dir)
     if not found:
+        results = [name for name, file in (("adapter", "adapter/adapter_config.json"), ("metrics.jsonl", "metrics.jsonl"))
+                   if (out_dir / file).is_file()]
+        if results:
+            raise ConfigError(f"--output-dir {str(out_dir)!r} holds an earlier run's {' and '.join(results)}: a fresh "
+                              "run would replace them; choose another --output-dir or delete them")
         return
     names = ", ".join(p.name for p in found) if len(found) <= 3 else \
         f"{found[0].name} to {found[-1].name}, {len(found)} in all"

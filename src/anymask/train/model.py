@@ -48,7 +48,9 @@ def load_tokenizer(path: str, gguf_file: str | None = None):
     try:
         return transformers.AutoTokenizer.from_pretrained(path, **kwargs)
     except ValueError as exc:  # e.g. a model directory without tokenizer files
-        raise ConfigError(f"cannot load a tokenizer from {path!r}: {str(exc).splitlines()[0]}") from exc
+        hint = ("" if gguf_file or not any(Path(path).glob("*.gguf")) else
+                "; it holds a GGUF file: name it with --gguf-file")
+        raise ConfigError(f"cannot load a tokenizer from {path!r}: {' '.join(str(exc).split())}{hint}") from exc
 
 
 def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_file: str | None = None,
@@ -162,6 +164,11 @@ def load_adapter(model_path: str | Path, adapter_dir: str | Path, *, task: str |
                         f"name (it loads the model with anymask's attention), not a {type(model_path).__name__}")
     if not Path(adapter_dir).is_dir():
         raise ConfigError(f"adapter directory {str(adapter_dir)!r} not found")
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        inside = Path(adapter_dir) / "adapter"
+        hint = (f"; anymask train saves it in {str(inside)!r}" if (inside / "adapter_config.json").is_file()
+                else " (no adapter_config.json)")
+        raise ConfigError(f"{str(adapter_dir)!r} holds no adapter{hint}")
     saved = checkpoint.saved_task(Path(adapter_dir))
     if task is None and saved is None:
         raise ConfigError(f"{adapter_dir} does not say which task it was trained for; pass task= "
