@@ -12,7 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu_name.txt)
 echo "$name"
 if [[ -d build/ab_prev/src ]]; then
-  for round in 1 2; do
+  for round in $(seq ${TRAIN_ROUNDS:-2}); do
     for tree in build/ab_prev/src src; do
       tag=$([[ $tree == src ]] && echo head || echo prev)_$round
       mkdir -p $OUT/train/$tag
