@@ -240,7 +240,8 @@ def test_plot_only_with_out_leaves_its_input_alone(tmp_path):
     assert (tmp_path / "again" / "bench.csv").exists()
 
 
-@pytest.mark.parametrize("extra", [["--masks", "full"], ["--plot-only", "x.json"], ["--tune"], ["--layout", "bshd"]])
+@pytest.mark.parametrize("extra", [["--masks", "full"], ["--plot-only", "x.json"], ["--tune"], ["--layout", "bshd"],
+                                   ["--sets", "5"]])
 def test_merge_refuses_options_it_would_ignore(tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exit_:
         bench_main(["bench", "--merge", "a.json", "--out", str(tmp_path), *extra])
@@ -255,6 +256,7 @@ def test_merge_refuses_options_it_would_ignore(tmp_path, capsys, extra):
     ({"backends": [5]}, "backends takes names"),
     ({"seqlens": [[64]]}, "seqlens takes numbers"),
     ({"heads": [{"q": 4}]}, "heads takes numbers"),
+    ({"heads": [True]}, "heads takes numbers"),
 ])
 @pytest.mark.parametrize("command", ["bench", "tune"])
 def test_config_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, config, match, command):

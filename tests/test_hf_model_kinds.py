@@ -61,6 +61,42 @@ def test_encoder_decoder_models_are_refused():
         model(input_ids=ids, decoder_input_ids=ids[:, :6])
 
 
+def test_the_encoder_of_an_encoder_decoder_model_still_runs():
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                  decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    eager = _eager(transformers.BartModel(cfg)).get_encoder()
+    ours = twin(eager, "anymask")
+    ids = torch.randint(3, VOCAB, (2, 12))
+    valid = torch.ones_like(ids)
+    valid[1, :4] = 0  # left padding
+    with torch.no_grad():
+        got = ours(input_ids=ids, attention_mask=valid).last_hidden_state
+        want = eager(input_ids=ids, attention_mask=valid).last_hidden_state
+    _close(got[valid.bool()], want[valid.bool()])
+
+
+def test_the_overlay_probe_asks_on_the_device_of_transformers_tensors():
+    """transformers 4.56-5.0 index CUDA token types inside ``torch.where``: CPU probe indices raised
+    there, the probe was skipped with a warning, and the overlay dropped.  ``meta`` stands in for a
+    second device."""
+    from transformers.masking_utils import causal_mask_function
+
+    devices = []
+
+    def rule(b, h, q, kv):  # sees nothing, recording where its index tensors live
+        devices.append((b.device.type, q.device.type, kv.device.type))
+        return torch.tensor(False)
+
+    keys = anymask.hf.anymask_mask_interface(batch_size=1, q_length=6, kv_length=6, q_offset=0, mask_function=rule,
+                                             device=torch.device("meta"))
+    assert devices and set(devices) == {("meta", "meta", "meta")} and keys.own_rule == frozenset()
+    plain = anymask.hf.anymask_mask_interface(batch_size=1, q_length=6, kv_length=6, q_offset=0,
+                                              mask_function=causal_mask_function)
+    assert plain.own_rule == frozenset()
+
+
 def test_an_attention_module_without_is_causal_is_refused():
     """Mllama's text cross-attention has no ``is_causal``: anymask would have guessed causal."""
     cfg = transformers.MllamaTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -140,8 +140,9 @@ def test_a_fresh_run_refuses_an_earlier_runs_adapter_and_metrics(tiny_model_dir,
     assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1") == 0
     adapter = (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes()
     capsys.readouterr()
-    assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--seed", "1") == 2
-    assert "holds an earlier run's adapter and metrics.jsonl" in capsys.readouterr().err
+    for resume in ([], ["--resume", "auto"]):  # auto with no checkpoint to resume from is a fresh run
+        assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "1", "--seed", "1", *resume) == 2
+        assert "holds an earlier run's adapter and metrics.jsonl" in capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
 
 
@@ -149,7 +150,7 @@ def test_warmup_past_the_last_step_is_said(tiny_model_dir, tmp_path, capsys):  #
     data = _data(tmp_path, "sft", 8)
     assert _train_sft(tiny_model_dir, data, tmp_path, "--max-steps", "2", "--warmup-steps", "4") == 0
     err = capsys.readouterr().err
-    assert "--warmup-steps 4 is not below the run's 2 steps: the learning rate never reaches --lr" in err
+    assert "--warmup-steps 4 is more than the run's 2 steps: the learning rate never reaches --lr" in err
     assert "(it ends at 50% of it)" in err
 
 

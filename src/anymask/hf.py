@@ -49,11 +49,13 @@ logit soft-capping (Gemma 2 runs with ``attn_logit_softcapping=None``) and atten
 
 Not read: the overlays transformers composes into its own ``mask_function`` (image-token blocks of
 vision-language models, ``block_sequence_ids``): describe those with a Mask.  Where the model's
-default rule would drop one (transformers' mask lets a causal model's query see the next key, or a
-bidirectional model's neighbours see each other one way only: Gemma 3 with images, PaliGemma), the
-call is refused.  Also refused: chunked attention (Llama 4), encoder-decoder models (BART, Whisper:
-nothing in the call says which layer is cross-attention), and attention modules that do not say
-whether they are causal (no ``is_causal``: Mllama's cross-attention).
+default rule would drop one that opens pairs (transformers' mask lets a causal model's query see
+the next key, or a bidirectional model's neighbours see each other one way only: Gemma 3 with
+images, PaliGemma), the call is refused; one that only hides pairs both ways (a model's own
+``and_mask_function``, such as ESM's chain ids) is not detected.  Also refused: chunked attention
+(Llama 4), the decoder of encoder-decoder models (BART, Whisper: nothing in the call says which
+layer is cross-attention; their encoders run), and attention modules that do not say whether they
+are causal (no ``is_causal``: Mllama's cross-attention).
 
 Supported: transformers >= 4.56 (tested with 4.56.2, 4.57.6, 5.0.0 and 5.24.0), Llama, Mistral,
 Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` the same way.
@@ -95,11 +97,12 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         raise ValueError(f"anymask attention does not support attention sinks (s_aux, the learned per-head "
                          f"logit of {type(module).__name__}, e.g. GPT-OSS): they change every softmax; use "
                          "attn_implementation='eager' or 'sdpa' for this model")
-    if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+    if getattr(getattr(module, "config", None), "is_encoder_decoder", False) and getattr(module, "is_decoder", True):
         raise NotImplementedError(
-            f"anymask.hf does not support encoder-decoder models ({type(module).__name__}): their cross-attention "
-            "queries are not the last positions of its keys, and nothing in the call says which layer is "
-            "cross-attention; use attn_implementation='sdpa' or 'eager' for this model")
+            f"anymask.hf does not support the decoder of encoder-decoder models ({type(module).__name__}): its "
+            "cross-attention queries are not the last positions of its keys, and nothing in the call says which "
+            "layer is cross-attention; use attn_implementation='sdpa' or 'eager' for this model (its encoder "
+            "alone runs with anymask)")
     spec, backend, default = _call_policy(module, kwargs)
     keys = attention_mask if isinstance(attention_mask, LayerKeys) else _keys_from_tensor(attention_mask, key)
     if default and isinstance(keys, LayerKeys):
@@ -152,30 +155,33 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
             valid = torch.nn.functional.pad(valid, (0, end - valid.shape[-1]))
         valid = valid[:, kv_offset:end]
         padding = None if bool(valid.all()) else valid
+    # the probes' index tensors go where transformers' own tensors (token types, packed ids) live
+    device = kwargs.get("device") or next((t.device for t in (attention_mask, cache_position) if t is not None),
+                                          torch.device("cpu"))
     inclusive = local_size is not None and mask_function is not None and _sees_window_edge(
-        mask_function, batch_size, q_offset, q_length, kv_offset, int(kv_length), int(local_size))
+        mask_function, batch_size, q_offset, q_length, kv_offset, int(kv_length), int(local_size), device)
     own_rule = frozenset() if mask_function is None else _own_rule(mask_function, batch_size, q_offset, q_length,
-                                                                   kv_offset, int(kv_length))
+                                                                   kv_offset, int(kv_length), device)
     return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive,
                      own_rule)
 
 
 def _ask(mask_function, batch: int, q: torch.Tensor, kv: torch.Tensor, what: str) -> torch.Tensor | None:
-    """``[B, pairs]`` bool: which (query, key) pairs (absolute positions, ``[pairs]`` each)
-    transformers' ``mask_function`` lets attend, on every row; None (with a warning) where it cannot
-    take index tensors."""
-    rows = torch.arange(batch).view(batch, 1)
-    head = torch.zeros((), dtype=torch.long)
+    """``[B, pairs]`` bool: which (query, key) pairs (absolute positions, ``[pairs]`` each, on the
+    device of transformers' tensors) its ``mask_function`` lets attend, on every row; None (with a
+    warning) where it cannot take index tensors."""
+    rows = torch.arange(batch, device=q.device).view(batch, 1)
+    head = torch.zeros((), dtype=torch.long, device=q.device)
     try:
         seen = mask_function(rows, head, q.view(1, -1), kv.view(1, -1))
     except Exception as err:  # a model's own overlay that takes no index tensors
-        warnings.warn(f"could not ask transformers' mask function {what} ({err!r})", stacklevel=4)
+        warnings.warn(f"could not ask transformers' mask function {what} ({err!r})", stacklevel=5)
         return None
     return torch.as_tensor(seen, dtype=torch.bool).expand(batch, q.numel())
 
 
 def _own_rule(mask_function, batch: int, q_offset: int, q_length: int, kv_offset: int,
-              kv_length: int) -> frozenset[str]:
+              kv_length: int, device: torch.device) -> frozenset[str]:
     """What transformers' ``mask_function`` does between neighbouring tokens of this call, asked on
     every row: ``"sees-later"`` (some query sees the key right after it: not causal) and
     ``"one-way"`` (some neighbouring pair is seen one way only: not bidirectional).  Documents and
@@ -188,7 +194,13 @@ def _own_rule(mask_function, batch: int, q_offset: int, q_length: int, kv_offset
         # # # # .                          # # # # .   <- sees the key before it,
         # # # # #                          # # # # #      not the one after
     """
-    q = torch.arange(max(q_offset, kv_offset), min(q_offset + q_length, kv_offset + kv_length) - 1)  # [pairs]
+    import transformers.masking_utils as rules
+
+    if any(mask_function is getattr(rules, name, None) for name in ("causal_mask_function",
+                                                                  "bidirectional_mask_function")):
+        return frozenset()  # the plain rules: nothing added
+    q = torch.arange(max(q_offset, kv_offset), min(q_offset + q_length, kv_offset + kv_length) - 1,
+                     device=device)  # [pairs]
     if q.numel() == 0:
         return frozenset()
     later = _ask(mask_function, batch, q, q + 1, "whether it adds an overlay")
@@ -216,7 +228,7 @@ def _refuse_overlay(module, spec: str, own_rule: frozenset[str]) -> None:
 
 
 def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, kv_offset: int,
-                      kv_length: int, local_size: int) -> bool:
+                      kv_length: int, local_size: int, device: torch.device) -> bool:
     """Whether transformers' ``mask_function`` lets some query see a key exactly ``local_size`` away.
 
     Its bidirectional sliding mask (``create_bidirectional_sliding_window_mask``) keeps
@@ -224,7 +236,7 @@ def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, k
     pair at that distance in this call is asked, on every row; where none is seen (or none exists:
     short inputs, packed documents shorter than ``w``), the two rules give the same mask.
     """
-    q = torch.arange(q_offset, q_offset + q_length)  # [q_len] absolute query positions
+    q = torch.arange(q_offset, q_offset + q_length, device=device)  # [q_len] absolute query positions
     for kv in (q - local_size, q + local_size):
         present = (kv >= kv_offset) & (kv < kv_offset + kv_length)
         if not bool(present.any()):

@@ -275,7 +275,7 @@ def _check_type(path: Path, key: str, value) -> None:
         if key in _NAMES:
             ok = isinstance(item, str)
         elif key == "heads":
-            ok = isinstance(item, (str, int)) or (isinstance(item, list) and all(
+            ok = (isinstance(item, (str, int)) and not isinstance(item, bool)) or (isinstance(item, list) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in item))
         else:
             ok = isinstance(item, (str, int, float)) and not isinstance(item, bool)

@@ -248,8 +248,7 @@ def _refuse_run_options(args) -> None:
     """``--merge`` and ``--plot-only`` run nothing: options of a run (and each other) are usage errors,
     not silently ignored."""
     given = [name for name in _RUN_OPTIONS if getattr(args, name, None) not in (None, False)]
-    if args.layout != "bhsd":
-        given.append("layout")
+    given += [name for name, default in (("layout", "bhsd"), ("sets", 3)) if getattr(args, name) != default]
     if args.merge and args.plot_only:
         given.append("plot_only")
     if given:

@@ -138,10 +138,9 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         print(f"anymask train: no checkpoint in {out_dir} (checkpoints come with --save-every N); starting at step 0",
               file=sys.stderr)
     schedule = {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps, "total_steps": total}
-    if cfg.warmup_steps >= total and not resume and d.main:
-        print(f"anymask train: --warmup-steps {cfg.warmup_steps} is not below the run's {total} steps: the learning "
-              f"rate never reaches --lr {cfg.lr:g} (it ends at {min(total, cfg.warmup_steps) / cfg.warmup_steps:.0%} "
-              "of it)", file=sys.stderr)
+    if cfg.warmup_steps > total and not resume and d.main:
+        print(f"anymask train: --warmup-steps {cfg.warmup_steps} is more than the run's {total} steps: the learning "
+              f"rate never reaches --lr {cfg.lr:g} (it ends at {total / cfg.warmup_steps:.0%} of it)", file=sys.stderr)
     if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
         schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
         checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint)
@@ -214,8 +213,8 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
     failure = None
     if d.main:
         try:
-            if cfg.resume is None:
-                _refuse_earlier_checkpoints(out_dir)
+            if cfg.resume is None or (cfg.resume == "auto" and not checkpoint.complete(out_dir)):
+                _refuse_earlier_checkpoints(out_dir)  # --resume auto with nothing to resume is a fresh run
             _make_writable_dir(out_dir)
             checkpoint.clean_partial(out_dir)
         except ConfigError as exc:
