@@ -236,12 +236,12 @@ def _sees_window_edge(mask_function, batch: int, q_offset: int, q_length: int, k
     pair at that distance in this call is asked, on every row; where none is seen (or none exists:
     short inputs, packed documents shorter than ``w``), the two rules give the same mask.
     """
-    q = torch.arange(q_offset, q_offset + q_length, device=device)  # [q_len] absolute query positions
+    q = torch.arange(q_offset, q_offset + q_length)  # [q_len] absolute query positions, on the host
     for kv in (q - local_size, q + local_size):
         present = (kv >= kv_offset) & (kv < kv_offset + kv_length)
         if not bool(present.any()):
             continue
-        seen = _ask(mask_function, batch, q[present], kv[present],
+        seen = _ask(mask_function, batch, q[present].to(device), kv[present].to(device),
                     f"where this sliding window ends; anymask keeps |q - kv| < {local_size}")
         if seen is None:
             return False
