@@ -207,8 +207,8 @@ def _own_rule(mask_function, batch: int, q_offset: int, q_length: int, kv_offset
     earlier = None if later is None else _ask(mask_function, batch, q + 1, q, "whether it adds an overlay")
     if later is None or earlier is None:
         return frozenset()
-    return frozenset(name for name, found in (("sees-later", bool(later.any())),
-                                              ("one-way", bool((later != earlier).any()))) if found)
+    found = torch.stack([later.any(), (later != earlier).any()]).tolist()  # one host sync for both
+    return frozenset(name for name, hit in zip(("sees-later", "one-way"), found) if hit)
 
 
 def _refuse_overlay(module, spec: str, own_rule: frozenset[str]) -> None:
