@@ -268,10 +268,9 @@ _SINGLE = ("grid", "batch", "tokens")  # one value, not a list
 def _check_type(path: Path, key: str, value) -> None:
     """A config value of the wrong type (a number where a name goes, a list for ``grid``) is a
     ``ValueError`` naming the file and option."""
-    items = [value] if key in _SINGLE or not isinstance(value, list) else value
     if key in _SINGLE and isinstance(value, list):
         raise ValueError(f"{path}: {key} takes one value, got a list")
-    for item in items:
+    for item in value if isinstance(value, list) else [value]:
         if key in _NAMES:
             ok = isinstance(item, str)
         elif key == "heads":

@@ -207,14 +207,17 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
 
 def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
     """``cfg.output_dir``, created and checked writable by rank 0, temporary dirs of a killed run
-    removed; a fresh run (no ``resume``) refuses a directory that holds checkpoints.  Every rank
+    removed; a fresh run (no ``resume``) refuses a directory that holds checkpoints, and a fresh run
+    or ``--resume auto`` with nothing to resume one that holds an earlier run's results.  Every rank
     raises when rank 0 does."""
     out_dir = Path(cfg.output_dir)
     failure = None
     if d.main:
         try:
+            if cfg.resume is None:
+                _refuse_earlier_checkpoints(out_dir)
             if cfg.resume is None or (cfg.resume == "auto" and not checkpoint.complete(out_dir)):
-                _refuse_earlier_checkpoints(out_dir)  # --resume auto with nothing to resume is a fresh run
+                _refuse_earlier_results(out_dir)
             _make_writable_dir(out_dir)
             checkpoint.clean_partial(out_dir)
         except ConfigError as exc:
@@ -225,21 +228,24 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
 
 def _refuse_earlier_checkpoints(out_dir: Path) -> None:
     """A fresh run beside an earlier run's checkpoints would leave them there, and ``--resume auto``
-    would later pick the newest step whichever run wrote it; over its adapter and metrics, it would
-    replace them: refuse, naming them."""
+    would later pick the newest step whichever run wrote it: refuse, naming them."""
     found = checkpoint.complete(out_dir)
     if not found:
-        results = [name for name, file in (("adapter", "adapter/adapter_config.json"), ("metrics.jsonl", "metrics.jsonl"))
-                   if (out_dir / file).is_file()]
-        if results:
-            raise ConfigError(f"--output-dir {str(out_dir)!r} holds an earlier run's {' and '.join(results)}: a fresh "
-                              "run would replace them; choose another --output-dir or delete them")
         return
     names = ", ".join(p.name for p in found) if len(found) <= 3 else \
         f"{found[0].name} to {found[-1].name}, {len(found)} in all"
     raise ConfigError(f"--output-dir {str(out_dir)!r} holds checkpoints of an earlier run ({names}): pass --resume "
                       "auto to go on from the newest, or --resume PATH from one of them; to start afresh, choose "
                       "another --output-dir or delete them")
+
+
+def _refuse_earlier_results(out_dir: Path) -> None:
+    """A fresh run would replace an earlier run's adapter and metrics: refuse, naming them."""
+    results = [name for name, file in (("adapter", "adapter/adapter_config.json"), ("metrics.jsonl", "metrics.jsonl"))
+               if (out_dir / file).is_file()]
+    if results:
+        raise ConfigError(f"--output-dir {str(out_dir)!r} holds an earlier run's {' and '.join(results)}: a fresh "
+                          "run would replace them; choose another --output-dir or delete them")
 
 
 def _make_writable_dir(out_dir: Path) -> None:
