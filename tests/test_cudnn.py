@@ -422,6 +422,67 @@ def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
         assert out.transpose(1, 2).is_contiguous()  # the copies' [B, S, H, D] memory
 
 
+
+def _dense_graphs_writing_lengths_only(monkeypatch):
+    """Real ``G.forward`` / ``G.backward`` (their allocations) with dense graphs that write o and dq
+    only on rows ``< seq_q`` and dk, dv only on rows ``< seq_kv`` of each batch row when they have
+    lengths (a kernel skipping tiles past them may); ``torch.empty*`` return NaN garbage.  Returns
+    the specs seen."""
+    seen = []
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def garbage(real):
+        def make(*args, **kwargs):
+            t = real(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return make
+
+    def write(buf, values, lengths):
+        for b in range(buf.shape[0]):
+            rows = buf.shape[2] if lengths is None else int(lengths[b])
+            buf[b, :, :rows] = values[b, :, :rows].to(buf.dtype)
+
+    def execute(built, spec, pack, what, device):
+        assert not spec.ragged
+        seen.append(spec)
+        meta = G.Meta(pack.get(G._SEQ_Q), pack.get(G._SEQ_KV))
+        leaves = [pack[u].detach().requires_grad_() for u in (G._Q, G._K, G._V)]
+        with torch.enable_grad():
+            res = _fake_math(spec, *leaves, meta)  # [B, Hq, Sq, D] float64
+        if what == "forward":
+            write(pack[G._O], res.detach(), meta.seq_q)
+            if G._STATS in pack:
+                pack[G._STATS].zero_()
+            return
+        grads = torch.autograd.grad(res, leaves, pack[G._DO].double())
+        for uid, g, lengths in zip((G._DQ, G._DK, G._DV), grads, (meta.seq_q, meta.seq_kv, meta.seq_kv)):
+            write(pack[uid], g, lengths)
+
+    monkeypatch.setattr(torch, "empty", garbage(real_empty))
+    monkeypatch.setattr(torch, "empty_like", garbage(real_empty_like))
+    monkeypatch.setattr(G, "_get", lambda key, build: G._Built(None, 0))
+    monkeypatch.setattr(G, "_execute", execute)
+    return seen
+
+
+@pytest.mark.parametrize("prefix", [[0, 130, 299], [75], [128], [20, 40, 300]])
+def test_prefix_blocks_with_lengths_leave_no_garbage(prefix, monkeypatch):
+    """Prefix-LM block A runs with per-batch lengths unless the prefix is one multiple of 128; its
+    dq / dk / dv views are added whole by autograd, so rows cuDNN need not write must start at 0."""
+    seen = _dense_graphs_writing_lengths_only(monkeypatch)
+    mask = M.prefix_lm(torch.tensor(prefix))
+    q = torch.randn(B, 4, S, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, 2, S, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, 2, S, 16, dtype=torch.float64, requires_grad=True)
+    p = describe(q, k, v, mask, None)
+    out = C.Cudnn().run(q, k, v, p)
+    ref = anymask.attention(q, k, v, mask, backend="eager")
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, r, msg=f"d{n}")
+    assert any(s.lengths for s in seen) == (prefix != [128])
+
 def test_in_place_entries_and_buckets():
     """``heads``: entries (row, head, segment) in memory order, offsets into [B * H * S, 1, D];
     ``tokens``: one per segment into [B * S, H, D]; length-0 entries fill the power-of-two bucket."""

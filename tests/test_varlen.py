@@ -234,6 +234,37 @@ def test_cpu_kernel_is_sdpa():
     assert V.kernel(describe(q, k, v, M.documents(lengths=[3, 5]), None)) == "sdpa"
 
 
+
+@pytest.mark.parametrize("flash", ["bare", "old"])
+def test_kernel_takes_flash_attn_only_where_its_backend_runs(flash, monkeypatch):
+    """A ``flash_attn`` that imports is not enough: flash-attn-4's bare package has no varlen
+    function, and one older than 2.3 has no ``window_size``; both run batched SDPA instead."""
+    import sys
+    import types
+
+    import anymask.backend as backends
+    from anymask._optional import probe
+    from anymask.backend.flash_attn import FlashAttn
+
+    fake = types.ModuleType("flash_attn")
+    if flash == "old":
+        fake.__version__ = "2.2.0"
+        fake.flash_attn_func = fake.flash_attn_varlen_func = lambda *a, **kw: None
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    probe.cache_clear()
+    monkeypatch.setattr(backends, "_INSTANCES", {})
+    monkeypatch.setattr(FlashAttn, "_machine_reasons", lambda self: [] if flash == "old" else ["bare"])
+    monkeypatch.setattr(V, "_fused_ok", lambda p: True)
+    monkeypatch.setattr(V, "torch_varlen", lambda: None)
+    try:
+        q = k = v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+        docs = describe(q, k, v, M.documents(lengths=[3, 5]) & M.causal(), None)
+        window = describe(q, k, v, M.documents(lengths=[3, 5]) & M.window(2) & M.causal(), None)
+        assert V.kernel(docs) == ("flash_attn" if flash == "old" else "sdpa")
+        assert V.kernel(window) == "sdpa"
+    finally:
+        probe.cache_clear()
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", list(CASES))

@@ -59,9 +59,20 @@ def kernel(p) -> str:
         _, params = found
         if "window_size" in params or p.structure.base in ("full", "causal"):
             return "torch"
-    if not isinstance(probe("flash_attn"), str):
+    if _flash_attn_runs(p):
         return "flash_attn"
     return "sdpa"
+
+
+def _flash_attn_runs(p) -> bool:
+    """flash-attn 2 works on this machine (not flash-attn-4's bare package, not a broken or pre-2.1
+    build: the ``flash_attn`` backend's own checks) and has ``window_size`` where ``p`` needs it."""
+    from . import get
+    from .flash_attn import _version
+
+    if get("flash_attn").machine_reasons:
+        return False
+    return p.structure.base != "window" or _version(probe("flash_attn")) >= (2, 3)
 
 
 _LAYOUTS = PerMaskCache()  # the packed layout costs host syncs: once per mask, not once per layer

@@ -88,6 +88,15 @@ class Meta:
 _MAX_HOLE_FILLS = 8
 
 
+def _outputs_like(spec: Spec, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Dense outputs laid out like ``tensors``: zeroed when the graph has per-batch lengths, whose
+    rows past ``seq_q`` / ``seq_kv`` cuDNN need not write (a kernel may skip tiles there), uninitialised
+    otherwise (every row written).  Prefix-LM's block A has lengths whenever the prefix differs across
+    rows or is not a multiple of 128, and autograd adds its whole dq / dk / dv views."""
+    make = torch.zeros_like if spec.lengths else torch.empty_like
+    return tuple(make(t) for t in tensors)
+
+
 def alloc(shape, dtype: torch.dtype, device: torch.device, holes: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """An uninitialised tensor whose rows in ``holes`` (runs along dim 0) are zero.
 
@@ -319,8 +328,14 @@ def _build_backward(spec: Spec) -> _Built:
 
 
 def _with_fallback(build, spec: Spec, *args) -> _Built:
-    """Build; an unmasked graph that cuDNN declines is retried with a band that hides nothing
+    """Build on the spec's device (current while planning: a model split over GPUs calls from
+    another); an unmasked graph that cuDNN declines is retried with a band that hides nothing
     (``right_bound = kv_len``: every key is visible), which takes cuDNN's banded path."""
+    with torch.cuda.device(spec.device):
+        return _build_or_widen(build, spec, *args)
+
+
+def _build_or_widen(build, spec: Spec, *args) -> _Built:
     try:
         return build(spec, *args)
     except CudnnGraphError as first:
@@ -362,6 +377,12 @@ _raw_launch_works = [True]  # False after the raw call refused its arguments: gr
 
 
 def _execute(built: _Built, spec: Spec, pack: dict, what: str, device: torch.device) -> None:
+    """Run on ``device`` made current (cuDNN launches on the current device's context)."""
+    with torch.cuda.device(device):
+        _execute_here(built, spec, pack, what, device)
+
+
+def _execute_here(built: _Built, spec: Spec, pack: dict, what: str, device: torch.device) -> None:
     workspace = torch.empty(max(built.workspace, 1), dtype=torch.uint8, device=device)
     h = handle(spec.device)
     try:
@@ -388,7 +409,7 @@ def forward(spec: Spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta:
     if out is not None:
         o = out
     elif spec.keep_layout:
-        o = torch.empty_like(q)  # [B, Hq, Sq, D] with q's strides
+        o = _outputs_like(spec, q)[0]  # [B, Hq, Sq, D] with q's strides
     else:
         o = alloc(q.shape if spec.ragged else (spec.batch, spec.q_heads, spec.q_len, spec.head_dim),
                   q.dtype, q.device, meta.holes_q)
@@ -408,7 +429,9 @@ def backward(spec: Spec, q, k, v, o, do, stats, meta: Meta, out: tuple | None = 
     if out is not None:
         dq, dk, dv = out
     elif spec.keep_layout:
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq, dk, dv = _outputs_like(spec, q, k, v)
+    elif spec.lengths and not spec.ragged:
+        dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     else:
         dq, dk, dv = (alloc(t.shape, t.dtype, t.device, holes)
                       for t, holes in ((q, meta.holes_q), (k, meta.holes_kv), (v, meta.holes_kv)))
