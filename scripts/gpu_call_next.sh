@@ -6,11 +6,19 @@
 #    every backend beside hand-rolled SDPA and flex;
 # 3. auto's host cost per call (its decision keyed on the mask's stamp since 96cf21a):
 #    gpu_auto_host_probe.py on both trees;
-# 4. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change).
+# 4. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change);
+# 5. (first) gpu_nan_memory_probe.py on both trees: what cuDNN leaves unwritten or reads past its buffers.
 # Make the old tree first:  mkdir -p build/ab_prev && git archive e943b14 src | tar -x -C build/ab_prev
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu_name.txt)
 echo "$name"
+for tree in build/ab_prev/src src; do  # 5. cuDNN on NaN-filled memory: before/after c1a98e3's zeroed block-A gradients
+  [[ -d $tree ]] || continue
+  tag=$([[ $tree == src ]] && echo head || echo prev)
+  echo "== NaN-memory probe, $tag"
+  dir=$OUT/nan_$tag; mkdir -p $dir
+  PYTHONPATH=/tmp/site:$tree OUT=$dir timeout 90 python3 scripts/gpu_nan_memory_probe.py 2>&1 | tee $dir/log.txt | cut -c1-200
+done
 if [[ -d build/ab_prev/src ]]; then
   for round in $(seq ${TRAIN_ROUNDS:-2}); do
     for tree in build/ab_prev/src src; do
