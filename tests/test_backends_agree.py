@@ -158,7 +158,10 @@ def test_problem_records_grad_and_structure():
         assert not describe(q, k, v, M.full(), None).requires_grad
 
 
-def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, TypeError, AttributeError, ValueError])
+def test_auto_falls_back_when_a_backend_fails_at_run_time(error, monkeypatch):
+    """Whatever a backend raises once the inputs are validated (a kernel error; a library's API
+    drift: an unexpected keyword, a missing attribute; its own input checks) moves ``auto`` on."""
     from anymask import backend as B
     from anymask.dispatch import candidates
 
@@ -167,14 +170,14 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(monkeypatch):
     first = candidates(describe(q, k, v, mask, None))[0]
 
     def broken(*args, **kwargs):
-        raise RuntimeError("kernel exploded")
+        raise error("kernel exploded")
 
     monkeypatch.setattr(B.get(first), "run", broken)
     with pytest.warns(RuntimeWarning, match="kernel exploded") as record:
         out = anymask.attention(q, k, v, mask)
     assert [w.filename for w in record if "kernel exploded" in str(w.message)] == [__file__]  # the caller's line
     torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
-    with pytest.raises(RuntimeError, match="kernel exploded"):
+    with pytest.raises(error, match="kernel exploded"):
         anymask.attention(q, k, v, mask, backend=first)
 
 
