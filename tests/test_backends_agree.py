@@ -181,6 +181,26 @@ def test_auto_falls_back_when_a_backend_fails_at_run_time(error, monkeypatch):
         anymask.attention(q, k, v, mask, backend=first)
 
 
+
+@pytest.mark.parametrize("mask", [M.documents(lengths=[5, 11]) & M.causal(), M.window(3) & M.causal(), M.causal()],
+                         ids=["documents", "window", "causal"])
+def test_auto_does_not_fall_back_on_checkpointings_early_stop(mask):
+    """Non-reentrant checkpointing ends its recomputation by raising through the backend's ops;
+    ``auto`` lets it pass (no fallback warning, the same backend, exact gradients)."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (t.float().requires_grad_() for t in make_inputs(1, 2, 2, 16, 16, 8, "cpu", requires_grad=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = checkpoint(lambda *t: anymask.attention(*t, mask) * 2, q, k, v, use_reentrant=False)
+        out.sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    (anymask.attention(*leaves, mask, backend="eager") * 2).sum().backward()
+    for got, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+
 def test_auto_keeps_the_fallback_after_a_run_time_failure(monkeypatch):
     """The failing backend is not rebuilt and retried on every later call (every layer, every step),
     and ``which_backend`` names the backend that ran."""

@@ -537,3 +537,23 @@ def test_catalogue_padding_pads_at_every_batch_size(batch, seq):
     assert (fill < 1).any() and (fill >= 0.34).all()
     if batch > 1:
         assert fill.max() == 1 and fill.min() < 0.36  # 35-100% fill across the batch
+
+
+@pytest.mark.parametrize("make, name, value", [
+    (lambda: M.window(8), "left", 100),
+    (lambda: M.prefix(4), "lengths", torch.tensor([2])),
+    (lambda: M.causal() & M.window(8), "terms", (M.causal(),)),
+    (lambda: ~M.causal(), "term", M.full()),
+])
+def test_a_built_mask_cannot_change(make, name, value):
+    """Editing a setting after a call would keep the cached dense form / plan / choice of the old
+    one (a window widened in place ran with the old window, error 1.7): refused instead."""
+    mask = make()
+    q = k = v = torch.randn(1, 1, 12, 4)
+    before = anymask.attention(q, k, v, mask, backend="sdpa")
+    with pytest.raises(AttributeError, match="cannot change once the mask is built"):
+        setattr(mask, name, value)
+    with pytest.raises(AttributeError, match="fixed once built"):
+        delattr(mask, name)
+    torch.testing.assert_close(anymask.attention(q, k, v, mask, backend="sdpa"), before)
+

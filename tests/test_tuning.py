@@ -162,6 +162,35 @@ def test_autotune_env_measures_unseen_signature_once(monkeypatch, cache_dir):
     assert tuning.entries("cpu")[sig]["measured_at"] == stamp  # not measured again
 
 
+
+def test_autotune_inside_non_reentrant_checkpointing(monkeypatch):
+    """The measurement runs in its own thread: checkpoint's saved-tensor hooks do not record its
+    tensors (the recomputation, which does not measure, then saved fewer and backward raised)."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "1")
+    mask = M.window(6) & M.causal()
+    p, (q, k, v) = problem(mask, seq=24, grad=True)
+    out = checkpoint(lambda *t: anymask.attention(*t, mask), q, k, v, use_reentrant=False)
+    out.sum().backward()
+    assert tuning.signature(p) in tuning.entries("cpu")
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    anymask.attention(*leaves, mask, backend="eager").sum().backward()
+    for got, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_autotune_is_not_measured_under_the_callers_autocast(monkeypatch):
+    """A float32 signature is timed and checked in float32, not with the caller's bf16 autocast
+    (which stored bf16-sized errors, ~1e-2, and loosened the correctness check 10^4-fold)."""
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "1")
+    mask = M.window(6) & M.causal()
+    p, (q, k, v) = problem(mask, seq=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        anymask.attention(q, k, v, mask)
+    errors = tuning.entries("cpu")[tuning.signature(p)]["errors"]
+    assert errors and max(e for e in errors.values() if isinstance(e, float)) < 1e-4, errors
+
 def test_auto_remembers_its_choice_until_the_measured_choices_change(monkeypatch):
     mask = M.documents(lengths=[8, 8, 16]) & M.causal()
     p, (q, k, v) = problem(mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -39,8 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     while True:
         try:
             out = chosen.run(q, k, v, p)
-        except Exception as exc:  # inputs are validated by describe: what fails now is the backend
-            # (a run-time error, Triton's compile errors, a library's API drift: TypeError, AttributeError)
+        except _fallback_errors() as exc:
             transient = transient or isinstance(exc, torch.OutOfMemoryError)
             tried.append(chosen.name)
             rest = [n for n in candidates(p) if n not in tried]
@@ -55,6 +55,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
         if tried and not transient:  # out of memory may pass: do not pin the fallback for it
             remember(p, chosen.name)
         return out
+
+
+def _fallback_errors() -> tuple[type[BaseException], ...]:
+    """Failures after which ``auto`` tries the next backend (inputs are validated by ``describe``,
+    so these come from the backend): run-time errors, a library's API drift (``TypeError``,
+    ``AttributeError``), its own input checks and asserts (xformers, flash-attn-4), and (when Triton
+    is loaded) Triton's compile and out-of-resources errors.  Not every ``Exception``: non-reentrant
+    checkpointing stops its recomputation by raising one through the backend's ops."""
+    base = getattr(sys.modules.get("triton.errors"), "TritonError", None)
+    errors = (RuntimeError, NotImplementedError, ImportError, TypeError, AttributeError, ValueError, AssertionError)
+    return (*errors, base) if isinstance(base, type) else errors
 
 
 def which_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,

@@ -59,7 +59,23 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 
 class Mask:
-    """Base class of every mask term.  Build masks with the constructors below, not directly."""
+    """Base class of every mask term.  Build masks with the constructors below, not directly.
+
+    A mask's settings are fixed once built (``m.left = 100`` raises): its dense form, FlexAttention
+    plan and ``auto``'s choice are cached on it, and would silently keep the old window.  Tensors it
+    holds may be edited in place; the caches notice (their version counters are part of the key).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.__dict__:
+            raise AttributeError(
+                f"{type(self).__name__}.{name} cannot change once the mask is built: its caches (dense "
+                "form, plans, auto's choice) keep the old value. Build a new mask instead (e.g. "
+                "anymask.masks.window(100) for a wider window)")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__}.{name} cannot be removed: masks are fixed once built")
 
     def mask_mod(self, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """FlexAttention-style predicate on absolute positions; index tensors broadcast."""

@@ -342,16 +342,43 @@ def _autotune(p: Problem, machine: str) -> str | None:
 def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
     from .bench.choose import measure_problem
 
-    _BUSY.on = True
-    try:
+    def measure():
+        _BUSY.on = True
         with torch.set_grad_enabled(p.requires_grad):
-            choice = measure_problem(p, first=first)
-    finally:
-        _BUSY.on = False
+            return measure_problem(p, first=first)
+
+    choice = _in_a_fresh_thread(measure, p.device)
     if choice.winner is None:
         return None
     remember(p, choice.entry(), machine=machine, sig=sig)
     return choice.winner
+
+
+def _in_a_fresh_thread(fn, device: torch.device):
+    """``fn()`` run in a new thread, which starts with none of the caller's thread-local state: its
+    ``torch.autocast`` (a float32 call would be timed, and checked, with bf16 kernels), saved-tensor
+    hooks (non-reentrant checkpointing would record the measurement's tensors, and its recomputation
+    then fail; offloading would skew the timings), ``no_grad`` / ``inference_mode``.  On CUDA it runs
+    on the caller's device and stream, so it is ordered after the caller's pending work."""
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    box = {}
+
+    def work():
+        try:
+            if stream is None:
+                box["value"] = fn()
+                return
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                box["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="anymask-autotune")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def remember(p: Problem, entry: dict, *, machine: str | None = None, sig: str | None = None) -> None:
