@@ -82,10 +82,61 @@ def test_corrupt_file_warns_and_is_ignored(cache_dir):
     assert (cache_dir / "choices.json.corrupt").read_text() == "{ this is not json"
     tuning.reload()
     assert tuning.lookup(p) == "sdpa"
-    path.write_text(json.dumps({"machines": {"m": {"sig": {"no backend": 1}}}}))
+
+
+
+def test_a_malformed_entry_is_skipped_and_the_rest_kept(cache_dir):
+    """A hand edit or another version's entry drops only itself, not every machine's choices."""
+    p, _ = problem()
+    tuning.remember(p, {"backend": "sdpa"})
+    path = cache_dir / "choices.json"
+    data = json.loads(path.read_text())
+    data["machines"]["other-gpu"] = {"sig": {"backend": None}, "good": {"backend": "cudnn"}}
+    data["machines"]["broken"] = ["not", "a", "dict"]
+    path.write_text(json.dumps(data))
     tuning.reload()
-    with pytest.warns(UserWarning, match="corrupt"):
-        assert tuning.lookup(p) is None
+    with pytest.warns(UserWarning, match="skipping 2 malformed"):
+        assert tuning.lookup(p) == "sdpa"
+    tuning.remember(problem(M.full())[0], {"backend": "eager"})
+    kept = json.loads(path.read_text())["machines"]
+    assert kept["other-gpu"] == {"good": {"backend": "cudnn"}} and "broken" not in kept
+    assert not (cache_dir / "choices.json.corrupt").exists()
+
+
+def test_an_unwritable_cache_keeps_the_choice_in_memory(cache_dir, monkeypatch):
+    blocker = cache_dir / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("ANYMASK_CACHE_DIR", str(blocker / "cache"))  # its parent is a file
+    tuning.reload()
+    p, _ = problem()
+    with pytest.warns(UserWarning, match="cannot save the tuning cache"):
+        tuning.remember(p, {"backend": "sdpa"})
+    assert tuning.lookup(p) == "sdpa"
+
+
+def test_a_measurement_short_of_memory_is_not_kept(monkeypatch, cache_dir):
+    """Out of memory only while measuring (three input sets and a float64 reference) is no verdict
+    on a backend: nothing is stored, and this process does not measure the signature again."""
+    from anymask.bench import choose
+
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "1")
+    calls = []
+    real = choose.measure_problem
+
+    def short_of_memory(p, **kw):
+        calls.append(1)
+        choice = real(p, **kw)
+        loser = next(n for n in choice.ms if n != choice.winner)
+        choice.rejected[loser] = "out of memory"
+        return choice
+
+    monkeypatch.setattr(choose, "measure_problem", short_of_memory)
+    mask = M.window(6) & M.causal()
+    p, (q, k, v) = problem(mask, seq=24)
+    for _ in range(2):
+        out = anymask.attention(q, k, v, M.window(6) & M.causal())  # a new mask each call
+        torch.testing.assert_close(out, anymask.attention(q, k, v, mask, backend="eager"))
+    assert len(calls) == 1 and tuning.entries("cpu") == {}
 
 
 def test_concurrent_writers_keep_every_entry(cache_dir):

@@ -13,6 +13,7 @@ used for training later, and autograd cannot save inference tensors for backward
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from typing import Callable
@@ -30,14 +31,17 @@ class IdentityLRU:
         self.weak = weak
         self.at_most = at_most
         self._entries: "OrderedDict[tuple, tuple[tuple, object]]" = OrderedDict()
+        self._lock = threading.Lock()  # threads serving one model share it: no eviction mid-lookup
 
     def get(self, anchors: tuple, key: tuple, build: Callable[[], object]):
-        """The value cached for (these very ``anchors``, ``key``), else ``build()`` stored and returned."""
+        """The value cached for (these very ``anchors``, ``key``), else ``build()`` stored and returned
+        (built outside the lock: two threads missing at once both build, the last one is kept)."""
         full = (tuple(map(id, anchors)), key)
-        hit = self._entries.get(full)
-        if hit is not None and all(self._alive(held) is a for held, a in zip(hit[0], anchors)):
-            self._entries.move_to_end(full)
-            return hit[1]
+        with self._lock:
+            hit = self._entries.get(full)
+            if hit is not None and all(self._alive(held) is a for held, a in zip(hit[0], anchors)):
+                self._entries.move_to_end(full)
+                return hit[1]
         with torch.inference_mode(False):
             value = build()
         self.put(anchors, key, value)
@@ -47,25 +51,28 @@ class IdentityLRU:
         """Store ``value`` for (these very ``anchors``, ``key``), replacing what was there."""
         full = (tuple(map(id, anchors)), key)
         held = tuple(weakref.ref(a) for a in anchors) if self.weak else anchors
-        self._entries[full] = (held, value)
-        self._entries.move_to_end(full)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-        if self.at_most is not None:
-            predicate, n = self.at_most
-            matching = [k for k, (_, v) in self._entries.items() if predicate(v)]
-            for old in matching[:-n] if n else matching:
-                del self._entries[old]
+        with self._lock:
+            self._entries[full] = (held, value)
+            self._entries.move_to_end(full)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+            if self.at_most is not None:
+                predicate, n = self.at_most
+                matching = [k for k, (_, v) in self._entries.items() if predicate(v)]
+                for old in matching[:-n] if n else matching:
+                    del self._entries[old]
 
     def _alive(self, held):
         return held() if self.weak else held
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def values(self):
-        """``(anchors, value)`` per entry, oldest first (anchors as held: weak references if weak)."""
-        return self._entries.values()
+        """``(anchors, value)`` per entry, oldest first (anchors as held: weak references if weak): a copy."""
+        with self._lock:
+            return list(self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from .masks import stamp
 from .problem import Problem, describe
 
 ENV_DIR = "ANYMASK_CACHE_DIR"
@@ -170,14 +171,16 @@ def density(p: Problem) -> float:
 
     key = (p.batch, p.q_heads, p.q_len, p.kv_len, str(p.device))
     per_mask = _DENSITY.setdefault(p.mask, {})
-    if key not in per_mask:
+    now = stamp(p.mask)  # a tensor the mask holds edited in place: measured again
+    held = per_mask.get(key)
+    if held is None or held[0] != now:
         if is_structured(p.structure):
             pairs = visible_pairs(p.mask, p.batch, p.q_heads, p.q_len, p.kv_len, device=p.device,
                                   structure=p.structure)
-            per_mask[key] = pairs / (p.batch * p.q_heads * p.q_len * p.kv_len)
+            held = per_mask[key] = (now, pairs / (p.batch * p.q_heads * p.q_len * p.kv_len))
         else:
-            per_mask[key] = _sampled_density(p)
-    return per_mask[key]
+            held = per_mask[key] = (now, _sampled_density(p))
+    return held[1]
 
 
 def signature(p: Problem) -> str:
@@ -197,11 +200,19 @@ def _parse(text: str) -> dict:
     data = json.loads(text)
     if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
         raise ValueError("expected an object with a 'machines' object")
+    machines, skipped = {}, []
     for machine, entries in data["machines"].items():
-        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("backend"), str)
-                                                    for e in entries.values()):
-            raise ValueError(f"machine {machine!r}: expected signature -> {{'backend': name, ...}}")
-    return data["machines"]
+        if not isinstance(entries, dict):
+            skipped.append(f"machine {machine!r}")
+            continue
+        machines[machine] = {sig: e for sig, e in entries.items()
+                             if isinstance(e, dict) and isinstance(e.get("backend"), str)}
+        skipped += [f"{machine!r} {sig!r}" for sig in entries if sig not in machines[machine]]
+    if skipped:  # a hand edit or another version's format: the rest of the file still counts
+        warnings.warn(f"anymask: skipping {len(skipped)} malformed tuning cache entr"
+                      f"{'y' if len(skipped) == 1 else 'ies'} ({', '.join(skipped[:3])}; expected signature -> "
+                      "{'backend': name, ...}); the next store drops them", stacklevel=4)
+    return machines
 
 
 def _read(path: Path) -> tuple[dict, bool]:
@@ -288,13 +299,19 @@ def store(machine: str, sig: str, entry: dict) -> None:
     if not isinstance(entry.get("backend"), str):
         raise ValueError("entry needs a 'backend' name")
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path):
-        machines, corrupt = _read(path)
-        if corrupt:
-            os.replace(path, path.with_name(path.name + ".corrupt"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _file_lock(path):
+            machines, corrupt = _read(path)
+            if corrupt:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+            machines.setdefault(machine, {})[sig] = entry
+            _atomic_write(path, machines)
+    except OSError as exc:  # a read-only home (containers, CI): the choice still serves this process
+        warnings.warn(f"anymask: cannot save the tuning cache {path} ({exc}); keeping this choice in memory "
+                      f"only. Set {ENV_DIR} to a writable directory to keep it", stacklevel=3)
+        machines = {m: dict(e) for m, e in _machines().items()}
         machines.setdefault(machine, {})[sig] = entry
-        _atomic_write(path, machines)
     with _LOCK:
         _set_state(path, machines)
 
@@ -348,8 +365,12 @@ def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
             return measure_problem(p, first=first)
 
     choice = _in_a_fresh_thread(measure, p.device)
-    if choice.winner is None:
-        return None
+    if choice.winner is None or "out of memory" in choice.rejected.values():
+        # nothing won, or a backend lacked memory only while measuring (three input sets and a
+        # float64 reference beside the caller's tensors): not a verdict to keep on disk; this
+        # process does not measure the signature again
+        _FAILED.add((machine, sig))
+        return choice.winner
     remember(p, choice.entry(), machine=machine, sig=sig)
     return choice.winner
 
