@@ -75,6 +75,27 @@ def test_too_long_needs_truncate(tmp_path):
     assert out[1].docs[0].prompt_len == 15  # the prompt keeps its end, one completion token remains
 
 
+
+def test_embedding_truncation_gives_a_short_side_s_room_to_the_other():
+    from anymask.train.data import Record
+
+    out = tokenize([Record(1, ("ab", "x" * 40)), Record(2, ("q" * 40, "x" * 40))], CharTokenizer(), "embedding", 16,
+                   truncate=True)
+    assert [[len(d.ids) for d in e.docs] for e in out] == [[2, 14], [8, 8]]
+
+
+@pytest.mark.parametrize("task", ["sft", "prefix_lm", "diffusion"])
+def test_a_tokenizer_without_eos_is_refused(task):
+    from anymask.train.data import Record
+
+    class NoEos(CharTokenizer):
+        eos_token_id = None
+
+    texts = ("ab",) if task == "diffusion" else ("ab", "cd")
+    with pytest.raises(DataError, match="the tokenizer has no EOS token"):
+        tokenize([Record(1, texts)], NoEos(), task, 64)
+    assert tokenize([Record(1, ("ab", "cd"))], NoEos(), "embedding", 64)  # no EOS needed there
+
 def test_tokenize_layouts():
     tok = CharTokenizer()
     from anymask.train.data import Record

@@ -277,3 +277,28 @@ def test_embedding_eval_without_a_loss_unit_is_skipped(tiny_model_dir, tmp_path,
     assert result.evals == []
     assert "eval_loss" not in (tmp_path / "out" / "metrics.jsonl").read_text()
     assert "anymask train: no eval micro-batch has a loss unit" in capsys.readouterr().err
+
+
+def test_micro_batches_past_the_last_whole_step_are_reported(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+    """An epoch uses whole steps of --grad-accum micro-batches; what is left over is said, with counts."""
+    from anymask.train.distributed import Dist
+    from anymask.train.stream import Stream
+
+    data = _data(tmp_path, "sft", 24)
+    cfg = config(tiny_model_dir, "sft", data, tmp_path / "out", max_steps=1, tokens_per_batch=96, grad_accum=3,
+                 truncate=True)
+    train(cfg)
+    err = capsys.readouterr().err
+    examples = D.tokenize(D.read_records(data, "sft"), _tokenizer(tiny_model_dir), "sft", 96, truncate=True)
+    stream = Stream({0: examples}, 96, 3, cfg.seed, Dist(0, 1, torch.device("cpu"), "none"))
+    rows = len(stream.rows(0))
+    left = rows % 3
+    assert left, "the data should not fill whole steps exactly"
+    docs = sum(len(r.doc_lengths) for r in stream.rows(0)[rows - left:])
+    assert f"{left} of {rows} packed micro-batches of epoch 0 ({docs} documents) are past its last whole step" in err
+
+
+def _tokenizer(model_dir):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(model_dir)

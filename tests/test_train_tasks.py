@@ -76,3 +76,50 @@ def test_sft_targets_stay_inside_completions():
     pos = SFT.positions(row).tolist()
     # targets: completion tokens of the same document (doc lengths 5, 4, 3; prompts 3, 1, 2)
     assert pos == [2, 3, 5, 6, 7, 10]
+
+
+def test_embedding_leaves_out_duplicates_of_the_positive():
+    """A positive with the same tokens as a query's own positive is not its negative (the example
+    data repeats positives: 88% of queries had such a duplicate in their row)."""
+    import torch
+    import torch.nn.functional as F
+
+    from anymask.train.tasks import Embedding
+
+    texts = [(1, 2, 3), (7, 8), (4, 5), (9,), (6, 1), (7, 8)]  # pairs: positives 0 and 2 are the same text
+    row = pack([Example((Doc(texts[i], len(texts[i])), Doc(texts[i + 1])), i) for i in range(0, 6, 2)], 64,
+               shuffle=False)[0]
+    assert row.same_as == (0, 1, 2, 3, 4, 1)
+    emb = torch.randn(6, 8, dtype=torch.float64)
+
+    class Fixed(Embedding):
+        def embed(self, model, batch, attn_kwargs):
+            return emb
+
+    got = Fixed(temperature=0.1).loss_sum(None, row, {})
+    e = F.normalize(emb, dim=-1)
+    logits = e[0::2] @ e[1::2].T / 0.1  # [3, 3]
+    want = sum(-logits[i, i] + torch.logsumexp(logits[i, [j for j in range(3) if {i, j} != {0, 2}]], 0)
+               for i in range(3))
+    torch.testing.assert_close(got, want)
+    assert not torch.isclose(got, F.cross_entropy(logits, torch.arange(3), reduction="sum"))
+
+
+def test_diffusion_never_masks_with_the_eos_token(tiny_model_dir):  # noqa: F811
+    """Every diffusion document ends with EOS: a mask token equal to it would make a masked position
+    and a real end of document the same input.  SmolLM2's pad is its EOS (as Qwen 2.5's)."""
+    import transformers
+
+    from anymask.train.config import ConfigError
+    from anymask.train.tasks import resolve_mask_token
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert resolve_mask_token(tok) == tok.unk_token_id != tok.eos_token_id
+    with pytest.raises(ConfigError, match="is the EOS token"):
+        resolve_mask_token(tok, mask_token=tok.eos_token)
+    with pytest.raises(ConfigError, match="is the EOS token"):
+        resolve_mask_token(tok, mask_token_id=tok.eos_token_id)
+    tok.unk_token = None
+    assert tok.pad_token_id == tok.eos_token_id
+    with pytest.raises(ConfigError, match="no mask, unk or pad token other than its EOS"):
+        resolve_mask_token(tok)

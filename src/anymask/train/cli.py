@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="JSONL training data (fields depend on --task)")
     p.add_argument("--output-dir", default="anymask-train", help="checkpoints, final adapter, metrics.jsonl")
     p.add_argument("--eval-data", help="JSONL eval data (default: --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval "
-                   "(0: no eval; not with --eval-data)")
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="fraction of --data held out for eval: "
+                   "its last lines (0: no eval; not with --eval-data)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
     p.add_argument("--gguf-file", help="GGUF file inside --model to load weights and tokenizer from")
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="dtype of the model's weights and compute; "

@@ -120,11 +120,14 @@ def tokenize(records: list[Record], tokenizer, task: str, max_tokens: int, *, tr
              path: str = "data") -> list[Example]:
     """Token ids per record.  An example longer than ``max_tokens`` (the packing length) is an
     error naming its line, unless ``truncate`` (then it is cut to fit: completions from the end,
-    each embedding text to half the length)."""
+    an embedding pair half the length per text, a short side leaving the rest to the other)."""
     if not records:
         return []
     columns = list(zip(*(r.texts for r in records)))
     eos = tokenizer.eos_token_id
+    if eos is None and task != "embedding":  # every document ends with it
+        raise DataError(f"the tokenizer has no EOS token, which ends each {task} document; set one "
+                        "(tokenizer.eos_token = ..., saved with the tokenizer) or use a tokenizer that has it")
     if task in ("sft", "prefix_lm"):
         prompts = _encode(tokenizer, columns[0], special=True)
         completions = [ids + [eos] for ids in _encode(tokenizer, columns[1], special=False)]
@@ -164,8 +167,9 @@ def _prompt_doc(prompt: list[int], completion: list[int], max_tokens: int, trunc
 
 def _pair_docs(query: list[int], positive: list[int], max_tokens: int, truncate: bool) -> tuple[Doc, Doc]:
     """An embedding pair: the query (all of it the prompt) and its positive; under ``truncate`` a pair
-    longer than ``max_tokens`` keeps the first half of the length for each."""
+    longer than ``max_tokens`` gives each side half the length, and a side shorter than its half
+    leaves the rest to the other (a 10-token query beside a long positive keeps 502 of 512)."""
     if truncate and len(query) + len(positive) > max_tokens:
-        half = max_tokens // 2
-        query, positive = query[:half], positive[:max_tokens - half]
+        keep_q = min(len(query), max(max_tokens // 2, max_tokens - len(positive)))
+        query, positive = query[:keep_q], positive[:max_tokens - keep_q]
     return Doc(tuple(query), len(query)), Doc(tuple(positive))

@@ -130,6 +130,12 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if idle and d.main:
         print(f"anymask train: {idle} of {rows} packed micro-batches of epoch 0 have no loss unit and teach nothing "
               f"({task.units}); a step with none in any micro-batch updates nothing (loss null)", file=sys.stderr)
+    left_rows, left_docs = (int(d.sum(n)) for n in stream.left_out(0))
+    if left_rows and d.main:
+        print(f"anymask train: {left_rows} of {rows} packed micro-batches of epoch 0 ({left_docs} documents) are "
+              f"past its last whole step ({cfg.grad_accum} micro-batches per rank) and left out of it; each epoch "
+              "packs afresh, so later epochs leave out others (lower --grad-accum or --tokens-per-batch to use "
+              "more of each epoch)", file=sys.stderr)
     total = cfg.max_steps or _steps_for_epochs(stream, cfg.epochs)
 
     start = 0

@@ -37,6 +37,7 @@ class Packed:
     prompt: torch.Tensor  # [1, S] bool, prompt (sft/prefix_lm) or query (embedding) tokens
     doc_lengths: tuple[int, ...]
     seed: int
+    same_as: tuple[int, ...] = ()  # per document: the first document of the row with the same tokens
 
     @property
     def num_tokens(self) -> int:
@@ -87,17 +88,19 @@ def _first_fit_decreasing(items: list[int], examples: list[Example], max_tokens:
 
 
 def _row(examples: list[Example], seed: int) -> Packed:
-    ids, pos, doc, prompt, lengths = [], [], [], [], []
+    ids, pos, doc, prompt, lengths, first = [], [], [], [], [], {}
     for ex in examples:
         for d in ex.docs:
             n = len(d.ids)
+            first.setdefault(tuple(d.ids), len(lengths))
             ids.extend(d.ids)
             pos.extend(range(n))
             doc.extend([len(lengths)] * n)
             prompt.extend([True] * d.prompt_len + [False] * (n - d.prompt_len))
             lengths.append(n)
     row = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).unsqueeze(0)  # noqa: E731
-    return Packed(row(ids), row(pos), row(doc), row(prompt, torch.bool), tuple(lengths), seed)
+    same_as = tuple(first[tuple(d.ids)] for ex in examples for d in ex.docs)
+    return Packed(row(ids), row(pos), row(doc), row(prompt, torch.bool), tuple(lengths), seed, same_as)
 
 
 def _mix(*parts: int) -> int:

@@ -61,6 +61,13 @@ class Stream:
                 out.append(self._rows[s][index * self.per_shard + j])
         return out
 
+    def left_out(self, epoch: int) -> tuple[int, int]:
+        """``(micro-batches, documents)`` of ``epoch`` on this rank past its last whole step: each
+        step takes ``grad_accum`` micro-batches per rank (the same count on every rank)."""
+        used = self.steps_in_epoch(epoch) * self.per_shard
+        rest = [row for s in self.shards for row in self._rows[s][used:]]
+        return len(rest), sum(len(row.doc_lengths) for row in rest)
+
     def rows(self, epoch: int) -> list[Packed]:
         """Every micro-batch this rank packs for ``epoch`` (the steps use a prefix of them)."""
         self._load(epoch)

@@ -123,7 +123,14 @@ class Embedding(Task):
     """Bidirectional encoder: mean-pooled documents, InfoNCE with in-batch negatives.
 
     Documents come in pairs (query ``2k``, positive ``2k + 1``); the other positives of the
-    micro-batch are the negatives.  Similarities are cosines divided by ``temperature``.
+    packed row are the negatives, except those with the same tokens as the query's own positive
+    (a duplicate is no negative: counting it would push the query away from its own answer).
+    Similarities are cosines divided by ``temperature``::
+
+        positives  P0  P1  P2(= P0's text)
+        query 0    +   -   x        + positive, - negative, x left out
+        query 1    -   +   -
+        query 2    x   -   +
     """
 
     name, spec = "embedding", "bidirectional"
@@ -151,6 +158,10 @@ class Embedding(Task):
         queries, positives = emb[0::2], emb[1::2]  # [P, H] each
         logits = queries @ positives.T / self.temperature  # [P, P]
         labels = torch.arange(logits.shape[0], device=logits.device)
+        if batch.same_as:
+            key = torch.tensor(batch.same_as[1::2], device=logits.device)  # [P] positives' text ids
+            duplicate = (key[:, None] == key[None, :]) & (labels[:, None] != labels[None, :])  # [P, P]
+            logits = logits.masked_fill(duplicate, float("-inf"))
         return F.cross_entropy(logits, labels, reduction="sum") * (logits.shape[0] > 1)
 
 
@@ -201,19 +212,31 @@ def make(name: str, *, tokenizer=None, temperature: float = 0.05, mask_token: st
 
 
 def resolve_mask_token(tokenizer, mask_token: str | None = None, mask_token_id: int | None = None) -> int:
-    """The diffusion mask token: explicit id, explicit token, else the tokenizer's mask, unk, pad or
-    eos token (the first it has)."""
+    """The diffusion mask token: explicit id, explicit token, else the tokenizer's mask, unk or pad
+    token (the first it has).  Never the EOS token, which ends every document: a masked position
+    and a real end of document would be the same input (Llama 3 has none of the three; Qwen 2.5's
+    pad is its EOS)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
     if mask_token_id is not None:
-        return int(mask_token_id)
+        return _not_eos(int(mask_token_id), eos, f"mask_token_id {mask_token_id}")
     if tokenizer is None:
         raise ConfigError("diffusion needs a mask token: pass mask_token_id (or a tokenizer)")
     if mask_token is not None:
         ids = tokenizer.convert_tokens_to_ids([mask_token])
         if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id and mask_token != tokenizer.unk_token:
             raise ConfigError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary")
-        return int(ids[0])
-    for attr in ("mask_token_id", "unk_token_id", "pad_token_id", "eos_token_id"):
+        return _not_eos(int(ids[0]), eos, f"--mask-token {mask_token!r}")
+    for attr in ("mask_token_id", "unk_token_id", "pad_token_id"):
         value = getattr(tokenizer, attr, None)
-        if value is not None:
+        if value is not None and value != eos:
             return int(value)
-    raise ConfigError("the tokenizer has no mask/unk/pad/eos token; pass --mask-token")
+    raise ConfigError("the tokenizer has no mask, unk or pad token other than its EOS token (which ends every "
+                      "document, so it cannot also mark masked positions); pass --mask-token with a token the "
+                      "data never uses, e.g. a reserved special token such as '<|reserved_special_token_0|>'")
+
+
+def _not_eos(token_id: int, eos: int | None, what: str) -> int:
+    if token_id == eos:
+        raise ConfigError(f"{what} is the EOS token, which ends every diffusion document: masked positions and "
+                          "real ends of documents would look the same; pick a token the data never uses")
+    return token_id
