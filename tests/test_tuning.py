@@ -257,3 +257,18 @@ def test_auto_remembers_its_choice_until_the_measured_choices_change(monkeypatch
     assert anymask.which_backend(q, k, v, mask) == "eager"
     other = M.documents(lengths=[8, 8, 16]) & M.causal()  # an equal mask, another object: decided afresh
     assert anymask.which_backend(q, k, v, other) == "eager"
+
+
+def test_a_measured_eager_win_is_not_applied_past_eager_s_size_limit():
+    """Batch and heads are not in the signature: eager measured at B=2, H=4 must not materialise
+    the scores of a call 256x larger with the same signature (measurement itself refuses eager there)."""
+    from anymask.bench.variants import EAGER_LIMIT
+
+    mask = M.window(8) & M.causal()
+    small, (q, k, v) = problem(mask, seq=64)
+    tuning.remember(small, {"backend": "eager"})
+    assert anymask.which_backend(q, k, v, mask) == "eager"
+    qb, kb = torch.randn(64, 32, 64, 16), torch.randn(64, 16, 64, 16)  # [B, H, S, D]: 2^23 scores
+    assert 64 * 32 * 64 * 64 > EAGER_LIMIT["cpu"]
+    assert tuning.signature(describe(qb, kb, kb, mask, None)) == tuning.signature(small)
+    assert anymask.which_backend(qb, kb, kb, mask) != "eager"

@@ -194,4 +194,12 @@ def _measured_choice(p: Problem) -> str | None:
     backend = B.get(name, missing_ok=True)
     if backend is None or backend.not_supported_reasons(p):
         return None
+    if name == "eager" and _beyond_eager_limit(p):  # signatures leave out batch and heads: a win at B=1,
+        return None  # H=1 would materialise [B, H, Sq, Skv] scores at any size (measurement stops there)
     return name
+
+
+def _beyond_eager_limit(p: Problem) -> bool:
+    from .bench.variants import EAGER_LIMIT
+
+    return p.batch * p.q_heads * p.q_len * p.kv_len > EAGER_LIMIT.get(p.device_type, EAGER_LIMIT["cuda"])
