@@ -40,7 +40,7 @@ export PYTHONPATH=/tmp/site:src
 echo "== inference-mode cache test on CUDA"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_backends_agree.py -k "inference_mode and cuda" 2>&1 \
   | tee $OUT/inference_mode_cuda.log | tail -2
-OUT=$OUT/padding16k BENCH_TIMEOUT=${PAD_TIMEOUT:-120} bash scripts/gpu_bench.sh --seqlens 16384 --heads 16 --dtypes bf16 \
+[[ -n ${SKIP_PAD:-} ]] || OUT=$OUT/padding16k BENCH_TIMEOUT=${PAD_TIMEOUT:-120} bash scripts/gpu_bench.sh --seqlens 16384 --heads 16 --dtypes bf16 \
   --passes fwd+bwd --masks padding --deadline 60 2>&1 | tail -4
 if [[ $name == *H200* && -z ${SKIP_GQA:-} ]]; then
   source <(sed -n '/^M=/p;/^gqa_bench() {/,/^}/p' scripts/gpu_call_layouts.sh)
