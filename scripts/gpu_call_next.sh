@@ -19,6 +19,10 @@ for tree in build/ab_prev/src src; do  # 5. cuDNN on NaN-filled memory: before/a
   dir=$OUT/nan_$tag; mkdir -p $dir
   PYTHONPATH=/tmp/site:$tree OUT=$dir timeout 90 python3 scripts/gpu_nan_memory_probe.py 2>&1 | tee $dir/log.txt | cut -c1-200
 done
+echo "== inference-mode cache test, cuDNN and Liger GPU tests"
+PYTHONPATH=/tmp/site:src timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_cudnn.py \
+  tests/test_train_fused.py tests/test_backends_agree.py -k "gpu or (inference_mode and cuda)" 2>&1 \
+  | tee $OUT/gpu_tests.log | tail -3
 if [[ -d build/ab_prev/src ]]; then
   for round in $(seq ${TRAIN_ROUNDS:-2}); do
     for tree in build/ab_prev/src src; do
@@ -37,9 +41,6 @@ if [[ -d build/ab_prev/src ]]; then
   done
 fi
 export PYTHONPATH=/tmp/site:src
-echo "== inference-mode cache test on CUDA"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_backends_agree.py -k "inference_mode and cuda" 2>&1 \
-  | tee $OUT/inference_mode_cuda.log | tail -2
 [[ -n ${SKIP_PAD:-} ]] || OUT=$OUT/padding16k BENCH_TIMEOUT=${PAD_TIMEOUT:-120} bash scripts/gpu_bench.sh --seqlens 16384 --heads 16 --dtypes bf16 \
   --passes fwd+bwd --masks padding --deadline 60 2>&1 | tail -4
 if [[ $name == *H200* && -z ${SKIP_GQA:-} ]]; then
