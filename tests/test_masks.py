@@ -557,3 +557,13 @@ def test_a_built_mask_cannot_change(make, name, value):
         delattr(mask, name)
     torch.testing.assert_close(anymask.attention(q, k, v, mask, backend="sdpa"), before)
 
+
+
+def test_a_prefix_edited_in_place_is_validated_again():
+    """Prefix lengths are read once per version of their tensor: an edit past the keys is refused."""
+    mask = M.dense(torch.ones(1, 1, 8, 8, dtype=torch.bool)) & M.prefix(3)
+    prefix = next(leaf for leaf in M._leaves(mask) if isinstance(leaf, M.Prefix))
+    prefix.validate(1, 1, 8, 8)
+    prefix.lengths.fill_(9)
+    with pytest.raises(ValueError, match="prefix: length 9 exceeds kv_len=8"):
+        prefix.validate(1, 1, 8, 8)

@@ -79,18 +79,19 @@ def test_sft_targets_stay_inside_completions():
 
 
 def test_embedding_leaves_out_duplicates_of_the_positive():
-    """A positive with the same tokens as a query's own positive is not its negative (the example
-    data repeats positives: 88% of queries had such a duplicate in their row)."""
+    """A positive with the same tokens as a query's own positive, or whose query has the same
+    tokens, is not its negative (the example data repeats positives: 88% of queries had such a
+    duplicate in their row)."""
     import torch
     import torch.nn.functional as F
 
     from anymask.train.tasks import Embedding
 
-    texts = [(1, 2, 3), (7, 8), (4, 5), (9,), (6, 1), (7, 8)]  # pairs: positives 0 and 2 are the same text
-    row = pack([Example((Doc(texts[i], len(texts[i])), Doc(texts[i + 1])), i) for i in range(0, 6, 2)], 64,
+    texts = [(1, 2, 3), (7, 8), (4, 5), (9,), (6, 1), (7, 8), (4, 5), (2, 2)]  # positives 0, 2 and queries 1, 3 match
+    row = pack([Example((Doc(texts[i], len(texts[i])), Doc(texts[i + 1])), i) for i in range(0, 8, 2)], 64,
                shuffle=False)[0]
-    assert row.same_as == (0, 1, 2, 3, 4, 1)
-    emb = torch.randn(6, 8, dtype=torch.float64)
+    assert row.same_as == (0, 1, 2, 3, 4, 1, 2, 7)
+    emb = torch.randn(8, 8, dtype=torch.float64)
 
     class Fixed(Embedding):
         def embed(self, model, batch, attn_kwargs):
@@ -98,11 +99,12 @@ def test_embedding_leaves_out_duplicates_of_the_positive():
 
     got = Fixed(temperature=0.1).loss_sum(None, row, {})
     e = F.normalize(emb, dim=-1)
-    logits = e[0::2] @ e[1::2].T / 0.1  # [3, 3]
-    want = sum(-logits[i, i] + torch.logsumexp(logits[i, [j for j in range(3) if {i, j} != {0, 2}]], 0)
-               for i in range(3))
+    logits = e[0::2] @ e[1::2].T / 0.1  # [4, 4]
+    left_out = ({0, 2}, {1, 3})
+    want = sum(-logits[i, i] + torch.logsumexp(logits[i, [j for j in range(4) if {i, j} not in left_out]], 0)
+               for i in range(4))
     torch.testing.assert_close(got, want)
-    assert not torch.isclose(got, F.cross_entropy(logits, torch.arange(3), reduction="sum"))
+    assert not torch.isclose(got, F.cross_entropy(logits, torch.arange(4), reduction="sum"))
 
 
 def test_diffusion_never_masks_with_the_eos_token(tiny_model_dir):  # noqa: F811

@@ -60,11 +60,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
 def _fallback_errors() -> tuple[type[BaseException], ...]:
     """Failures after which ``auto`` tries the next backend (inputs are validated by ``describe``,
     so these come from the backend): run-time errors, a library's API drift (``TypeError``,
-    ``AttributeError``), its own input checks and asserts (xformers, flash-attn-4), and (when Triton
-    is loaded) Triton's compile and out-of-resources errors.  Not every ``Exception``: non-reentrant
-    checkpointing stops its recomputation by raising one through the backend's ops."""
+    ``AttributeError``), and (when Triton is loaded) Triton's compile and out-of-resources errors.
+    Not ``ValueError``: a setting the user got wrong (``ANYMASK_TRITON_FP32=fp16x33``) is said, not
+    worked around; not every ``Exception``: non-reentrant checkpointing stops its recomputation by
+    raising one through the backend's ops."""
     base = getattr(sys.modules.get("triton.errors"), "TritonError", None)
-    errors = (RuntimeError, NotImplementedError, ImportError, TypeError, AttributeError, ValueError, AssertionError)
+    errors = (RuntimeError, NotImplementedError, ImportError, TypeError, AttributeError)
     return (*errors, base) if isinstance(base, type) else errors
 
 

@@ -415,9 +415,13 @@ class Prefix(_TensorMask):
     def validate(self, batch, heads, q_len, kv_len):
         if self.lengths.shape[0] not in (1, batch):
             raise ValueError(f"prefix: {self.lengths.shape[0]} lengths given for batch {batch}")
-        longest = self.__dict__.get("_longest")
-        if longest is None:  # read once: on a GPU, reading it every call waits for the GPU every call
-            longest = self.__dict__["_longest"] = int(self.lengths.max())
+        from ._identity_cache import version
+
+        held = self.__dict__.get("_longest")  # (version, value): reading it every call would wait for
+        now = version(self.lengths)  # the GPU every call; read again after an in-place edit
+        if held is None or held[0] != now:
+            held = self.__dict__["_longest"] = (now, int(self.lengths.max()))
+        longest = held[1]
         if longest > kv_len:
             raise ValueError(f"prefix: length {longest} exceeds kv_len={kv_len}")
 

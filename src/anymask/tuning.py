@@ -365,11 +365,16 @@ def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
             return measure_problem(p, first=first)
 
     choice = _in_a_fresh_thread(measure, p.device)
-    if choice.winner is None or "out of memory" in choice.rejected.values():
-        # nothing won, or a backend lacked memory only while measuring (three input sets and a
-        # float64 reference beside the caller's tensors): not a verdict to keep on disk; this
-        # process does not measure the signature again
+    short = sorted(n for n, why in choice.rejected.items() if why == "out of memory")
+    if choice.winner is None or (short and first is None):
+        # nothing won, or (autotune, inside the user's step) a backend lacked memory only while
+        # measuring: three input sets and a float64 reference beside the caller's tensors; no
+        # verdict to keep on disk, and this process does not measure the signature again
         _FAILED.add((machine, sig))
+        if short:
+            warnings.warn(f"anymask: autotuning {sig}: {', '.join(short)} ran out of memory while measuring; "
+                          "nothing stored (run `anymask tune` or anymask.tune() outside training to keep a choice)",
+                          stacklevel=4)
         return choice.winner
     remember(p, choice.entry(), machine=machine, sig=sig)
     return choice.winner
@@ -394,12 +399,14 @@ def _in_a_fresh_thread(fn, device: torch.device):
         except BaseException as exc:  # handed to the caller's thread
             box["error"] = exc
 
-    thread = threading.Thread(target=work, name="anymask-autotune")
+    # a daemon: Ctrl-C in the caller's join leaves it to finish (or die at exit) without holding
+    # the interpreter's shutdown
+    thread = threading.Thread(target=work, name="anymask-autotune", daemon=True)
     thread.start()
     thread.join()
     if "error" in box:
-        raise box["error"]
-    return box["value"]
+        raise box.pop("error")  # popped: the box would otherwise hold the traceback's frames
+    return box.pop("value")
 
 
 def remember(p: Problem, entry: dict, *, machine: str | None = None, sig: str | None = None) -> None:

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-shards", type=int, help="data shards (default: the world size)")
     p.add_argument("--temperature", type=float,
                    help=f"embedding: InfoNCE temperature (default: {TrainConfig.temperature})")
-    p.add_argument("--mask-token", help="diffusion: mask token (default: the tokenizer's mask/unk/pad/eos)")
+    p.add_argument("--mask-token", help="diffusion: mask token (default: the tokenizer's mask, unk or pad token; "
+                   "never its EOS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -124,7 +124,8 @@ class Embedding(Task):
 
     Documents come in pairs (query ``2k``, positive ``2k + 1``); the other positives of the
     packed row are the negatives, except those with the same tokens as the query's own positive
-    (a duplicate is no negative: counting it would push the query away from its own answer).
+    or whose query has the same tokens as this one (a duplicate is no negative: counting it would
+    push the query away from its own answer).
     Similarities are cosines divided by ``temperature``::
 
         positives  P0  P1  P2(= P0's text)
@@ -159,8 +160,9 @@ class Embedding(Task):
         logits = queries @ positives.T / self.temperature  # [P, P]
         labels = torch.arange(logits.shape[0], device=logits.device)
         if batch.same_as:
-            key = torch.tensor(batch.same_as[1::2], device=logits.device)  # [P] positives' text ids
-            duplicate = (key[:, None] == key[None, :]) & (labels[:, None] != labels[None, :])  # [P, P]
+            text = torch.tensor(batch.same_as, device=logits.device)  # [2P] text id per document
+            same = lambda ids: ids[:, None] == ids[None, :]  # noqa: E731  [P, P]
+            duplicate = (same(text[1::2]) | same(text[0::2])) & (labels[:, None] != labels[None, :])
             logits = logits.masked_fill(duplicate, float("-inf"))
         return F.cross_entropy(logits, labels, reduction="sum") * (logits.shape[0] > 1)
 
