@@ -384,10 +384,11 @@ def _in_a_fresh_thread(fn, device: torch.device):
     """``fn()`` run in a new thread, which starts with none of the caller's thread-local state: its
     ``torch.autocast`` (a float32 call would be timed, and checked, with bf16 kernels), saved-tensor
     hooks (non-reentrant checkpointing would record the measurement's tensors, and its recomputation
-    then fail; offloading would skew the timings), ``no_grad`` / ``inference_mode``.  On CUDA it runs
-    on the caller's device and stream, so it is ordered after the caller's pending work."""
+    then fail; offloading would skew the timings), ``no_grad`` / ``inference_mode``, and also
+    ``torch.set_default_device``, dispatch modes and the profiler (the measurement names its device).
+    On CUDA it runs on the caller's device and stream, so it is ordered after the caller's pending work."""
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    box = {}
+    box, done = {}, threading.Event()
 
     def work():
         try:
@@ -398,12 +399,18 @@ def _in_a_fresh_thread(fn, device: torch.device):
                 box["value"] = fn()
         except BaseException as exc:  # handed to the caller's thread
             box["error"] = exc
+        finally:
+            done.set()
 
-    # a daemon: Ctrl-C in the caller's join leaves it to finish (or die at exit) without holding
-    # the interpreter's shutdown
-    thread = threading.Thread(target=work, name="anymask-autotune", daemon=True)
-    thread.start()
-    thread.join()
+    threading.Thread(target=work, name="anymask-autotune").start()
+    interrupted = None
+    while not done.is_set():  # Ctrl-C: the measurement ends first (torch ops do not stop midway;
+        try:  # left running, it would go on beside the caller's handler and hold the interpreter's exit)
+            done.wait()
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
     if "error" in box:
         raise box.pop("error")  # popped: the box would otherwise hold the traceback's frames
     return box.pop("value")
