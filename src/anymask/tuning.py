@@ -197,22 +197,29 @@ _BUSY = threading.local()
 
 
 def _parse(text: str) -> dict:
+    """The file's ``machines`` object, verbatim (entries it cannot use included: see :func:`_usable`)."""
     data = json.loads(text)
     if not isinstance(data, dict) or not isinstance(data.get("machines"), dict):
         raise ValueError("expected an object with a 'machines' object")
-    machines, skipped = {}, []
-    for machine, entries in data["machines"].items():
+    return data["machines"]
+
+
+def _usable(machines: dict, *, warn: bool) -> dict:
+    """The entries ``{signature: {"backend": name, ...}}`` of ``machines``; the others (a hand edit,
+    another anymask version's format) are skipped, with a warning, and kept in the file."""
+    usable, skipped = {}, []
+    for machine, entries in machines.items():
         if not isinstance(entries, dict):
             skipped.append(f"machine {machine!r}")
             continue
-        machines[machine] = {sig: e for sig, e in entries.items()
-                             if isinstance(e, dict) and isinstance(e.get("backend"), str)}
-        skipped += [f"{machine!r} {sig!r}" for sig in entries if sig not in machines[machine]]
-    if skipped:  # a hand edit or another version's format: the rest of the file still counts
-        warnings.warn(f"anymask: skipping {len(skipped)} malformed tuning cache entr"
-                      f"{'y' if len(skipped) == 1 else 'ies'} ({', '.join(skipped[:3])}; expected signature -> "
-                      "{'backend': name, ...}); the next store drops them", stacklevel=4)
-    return machines
+        usable[machine] = {sig: e for sig, e in entries.items()
+                           if isinstance(e, dict) and isinstance(e.get("backend"), str)}
+        skipped += [f"{machine!r} {sig!r}" for sig in entries if sig not in usable[machine]]
+    if skipped and warn:
+        warnings.warn(f"anymask: skipping {len(skipped)} tuning cache entr{'y' if len(skipped) == 1 else 'ies'} "
+                      f"it cannot use ({', '.join(skipped[:3])}; expected signature -> {{'backend': name, ...}}); "
+                      "the file keeps them", stacklevel=4)
+    return usable
 
 
 def _read(path: Path) -> tuple[dict, bool]:
@@ -248,7 +255,7 @@ def _machines() -> dict:
     if _STATE["path"] != path:
         with _LOCK:
             if _STATE["path"] != path:
-                _set_state(path, _read(path)[0])
+                _set_state(path, _usable(_read(path)[0], warn=True))
     return _STATE["machines"]
 
 
@@ -302,11 +309,14 @@ def store(machine: str, sig: str, entry: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path):
-            machines, corrupt = _read(path)
+            machines, corrupt = _read(path)  # verbatim: other versions' entries are written back as read
             if corrupt:
                 os.replace(path, path.with_name(path.name + ".corrupt"))
-            machines.setdefault(machine, {})[sig] = entry
+            if not isinstance(machines.get(machine), dict):
+                machines[machine] = {}
+            machines[machine][sig] = entry
             _atomic_write(path, machines)
+            machines = _usable(machines, warn=False)
     except OSError as exc:  # a read-only home (containers, CI): the choice still serves this process
         warnings.warn(f"anymask: cannot save the tuning cache {path} ({exc}); keeping this choice in memory "
                       f"only. Set {ENV_DIR} to a writable directory to keep it", stacklevel=3)
