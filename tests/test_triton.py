@@ -214,6 +214,22 @@ def test_live_slots_are_those_the_dense_oracle_uses(name, q_len, kv_len):
         assert MB.split_level(bounds) == (1 if all_live else 2), name  # 1: the kernels clamp nothing
 
 
+
+def test_live_keys_leave_out_a_padded_querys_document():
+    """Scattered padding (kept per key) where the only query of a document is padded: no row sees
+    that document's keys, so they must not set the fp16x3 scales (huge values there flushed every
+    real key to 0 in fp16: error 1.2)."""
+    ids = torch.tensor([[0] * 9 + [1] * 3])  # queries are positions 8..11: query 8 alone in document 0
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[0, 2] = valid[0, 8] = False  # a hole (padding not one run), and query 8 padded
+    mask = M.documents(ids) & M.padding(valid)
+    bounds = MB.build(analyse(mask), 4, 12, "cpu")
+    assert bounds.kvalid is not None
+    rows, keys = MB.live(bounds)
+    dense = mask.to_dense(1, 1, 4, 12)[0, 0]  # [Sq, Skv]
+    assert keys[0].bool().tolist() == dense.any(0).tolist() == [False] * 9 + [True] * 3
+    assert rows[0].bool().tolist() == dense.any(1).tolist()
+
 def test_lowering_orders_heaviest_tiles_first():
     bounds = MB.build(analyse(M.causal()), 256, 256, "cpu")
     tiles, order = MB.row_tiles(bounds, 64, 64)

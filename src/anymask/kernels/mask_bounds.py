@@ -133,8 +133,17 @@ def live(b: MaskBounds) -> tuple[torch.Tensor, torch.Tensor]:
     1 where some query row sees the key.  The other slots (padding, keys no row reaches) are never
     read into a result, so what they hold must not set the fp16x3 scales (:mod:`split16`)."""
     if "live" not in b.views:
-        _, _, keys = _rows_per_key(b)
-        b.views["live"] = ((b.lo <= b.hi).to(torch.int8).contiguous(), keys.to(torch.int8).contiguous())
+        seen = b.lo <= b.hi  # [Bm, Sq] padded query rows are empty
+        lo, hi = b.lo.long(), b.hi.long()
+        # the union of the rows' intervals, by a difference array: +1 at lo, -1 past hi (not
+        # _rows_per_key, whose row span would count a padded row between valid ones)
+        edges = torch.zeros(b.batch, b.kv_len + 1, dtype=torch.long, device=lo.device)  # [Bm, Skv + 1]
+        edges.scatter_add_(1, torch.where(seen, lo, b.kv_len), seen.long())
+        edges.scatter_add_(1, torch.where(seen, hi + 1, b.kv_len), -seen.long())
+        keys = edges.cumsum(1)[:, :b.kv_len] > 0  # [Bm, Skv]
+        if b.kvalid is not None:
+            keys &= b.kvalid.bool()
+        b.views["live"] = (seen.to(torch.int8).contiguous(), keys.to(torch.int8).contiguous())
     return b.views["live"]
 
 
