@@ -208,3 +208,25 @@ def test_attention_mask_shorter_than_the_input_is_refused():
     with pytest.raises(ValueError, match="attention_mask covers 5 positions but this call reaches position 9"):
         with torch.no_grad():
             model(ids, attention_mask=torch.ones(1, 5, dtype=torch.long))
+
+
+def test_position_resets_beside_an_attention_mask_split_with_a_warning():
+    """transformers splits packed rows by position_ids only without an attention_mask; anymask
+    splits beside one too (packed, then padded rows) and says that sdpa/eager would not."""
+    import warnings
+
+    import anymask.hf_masks as hm
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 9))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    hm._warn_split_beside_attention_mask.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed = last_hidden(model, input_ids=ids, position_ids=pos)  # no warning
+    sdpa = twin(model, "sdpa")  # transformers splits without a cache (anymask with one too)
+    torch.testing.assert_close(packed, last_hidden(sdpa, input_ids=ids, position_ids=pos, use_cache=False),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="split this call into packed documents"):
+        split = last_hidden(model, input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids))
+    torch.testing.assert_close(split, packed)

@@ -163,7 +163,7 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
     own_rule = frozenset() if mask_function is None else _own_rule(mask_function, batch_size, q_offset, q_length,
                                                                    kv_offset, int(kv_length), device)
     return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive,
-                     own_rule)
+                     own_rule, attention_mask is not None)
 
 
 def _ask(mask_function, batch: int, q: torch.Tensor, kv: torch.Tensor, what: str) -> torch.Tensor | None:
@@ -371,7 +371,7 @@ def _keys_from_tensor(attention_mask, key):
     if attention_mask.dim() == 2:  # [B, S] padding
         S = key.shape[-2]
         valid = attention_mask.bool()
-        return LayerKeys(None if bool(valid.all()) else valid, valid.shape[0], S, S, 0, 0)
+        return LayerKeys(None if bool(valid.all()) else valid, valid.shape[0], S, S, 0, 0, mask_given=True)
     if attention_mask.dim() == 4:  # [B, 1|H, Sq, Skv]: bool, or additive float (0 = attend)
         if attention_mask.dtype == torch.bool:
             return attention_mask

@@ -21,6 +21,9 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import weakref
 from dataclasses import dataclass
 
@@ -64,6 +67,7 @@ class LayerKeys:
     local_size: int | None = None
     local_inclusive: bool = False
     own_rule: frozenset[str] = frozenset()
+    mask_given: bool = False  # the call passed an attention_mask (transformers then splits no packed rows)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -117,6 +121,8 @@ def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.M
     no_past = (keys.q_offset == 0) if keys is not None else q_len == kv_len
     valid = _fit_padding(keys.padding, kv_len) if keys is not None and keys.padding is not None else None
     ids = _document_ids(kwargs, q_len, kv_len, batch, valid)
+    if ids is not None and keys is not None and keys.mask_given and kwargs.get("cu_seq_lens_k") is None:
+        _warn_split_beside_attention_mask()
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if reach is not None:  # |q - kv| <= reach (kv <= q already bounds it on the right when causal)
         mask = mask & masks.window(reach, reach)
@@ -125,6 +131,16 @@ def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.M
     if valid is not None:
         mask = mask & masks.padding(valid)
     return mask
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_split_beside_attention_mask() -> None:
+    warnings.warn(
+        "anymask.hf: position_ids that restart or jump split this call into packed documents, which attend "
+        "only within themselves; transformers' sdpa/eager split rows only when no attention_mask is passed "
+        "(and there is no cache), so with this attention_mask they would attend across them. For packed rows "
+        "this is what you want; for one sequence with gapped positions (PoSE), pass position_ids that step by 1 "
+        "and give the gaps another way, or use attn_implementation='sdpa'", stacklevel=6)
 
 
 def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids) -> masks.Mask:
