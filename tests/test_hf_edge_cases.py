@@ -230,3 +230,26 @@ def test_position_resets_beside_an_attention_mask_split_with_a_warning():
     with pytest.warns(UserWarning, match="split this call into packed documents"):
         split = last_hidden(model, input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids))
     torch.testing.assert_close(split, packed)
+
+
+def test_prefix_lm_prompt_in_chunks_warns():
+    """Without prefix_lengths=, prefix_lm's prefix is the first call's tokens: a chunked prefill makes
+    the later chunks causal, which is said."""
+    import warnings
+
+    import anymask.hf_masks as hm
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 12))
+
+    def generate(**kw):
+        with anymask.hf.using(model, "prefix_lm"), torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                  do_sample=False, pad_token_id=0, **kw)
+
+    hm._warn_prompt_in_chunks.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        generate()
+    with pytest.warns(UserWarning, match="prefix_lm without prefix_lengths= takes a call's tokens as the prefix"):
+        generate(prefill_chunk_size=4)

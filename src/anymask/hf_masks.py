@@ -143,6 +143,15 @@ def _warn_split_beside_attention_mask() -> None:
         "and give the gaps another way, or use attn_implementation='sdpa'", stacklevel=6)
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_prompt_in_chunks() -> None:
+    warnings.warn(
+        "anymask.hf: prefix_lm without prefix_lengths= takes a call's tokens as the prefix only when nothing is "
+        "cached; this call adds several tokens to a cache (a chunked prefill, generate() continuing from "
+        "past_key_values), so they run causally and the prefix ends where the first call ended. Send the whole "
+        "prompt in one call (no prefill_chunk_size) or pass prefix_lengths= to a forward", stacklevel=6)
+
+
 def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids) -> masks.Mask:
     if kwargs.get("prefix_lengths") is not None and spec != "prefix_lm":
         raise ValueError(f"prefix_lengths= applies to the 'prefix_lm' spec, but this call's spec is {spec!r}: "
@@ -172,6 +181,8 @@ def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
                              "(0 = prefix, 1 = continuation) to the model's forward")
         # Inference without an explicit prefix: the first call's tokens (the prompt) are the prefix,
         # later calls (decoding with a cache) continue causally.
+        if not no_past and q_len > 1:
+            _warn_prompt_in_chunks()
         return masks.full() if no_past else masks.causal()
     return masks.prefix_lm(prefix)
 
