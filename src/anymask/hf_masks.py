@@ -178,7 +178,8 @@ def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
         if training:
             raise ValueError("prefix_lm needs the prefix per call when training: pass prefix_lengths=[...] "
                              "(one per row, in tokens from the start of the row) or token_type_ids "
-                             "(0 = prefix, 1 = continuation) to the model's forward")
+                             "(0 = prefix, 1 = continuation) to the model's forward; to generate, call "
+                             "model.eval() first (the model is in training mode)")
         # Inference without an explicit prefix: the first call's tokens (the prompt) are the prefix,
         # later calls (decoding with a cache) continue causally.
         if not no_past and q_len > 1:
