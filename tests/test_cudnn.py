@@ -272,20 +272,23 @@ def _fake_backward(spec, q, k, v, o, do, stats, meta, out=None):
 def test_plumbing_matches_eager(name, shape, monkeypatch):
     monkeypatch.setattr(G, "forward", _fake_forward)
     monkeypatch.setattr(G, "backward", _fake_backward)
-    q_len, kv_len = SHAPES[shape]
-    mask = PLANNED[name]()
-    q = torch.randn(B, 4, q_len, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, 2, kv_len, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, 2, kv_len, 16, dtype=torch.float64, requires_grad=True)
-    p = describe(q, k, v, mask, None)
-    out = C.Cudnn().run(q, k, v, p)
+    _check_against_eager(PLANNED[name](), *SHAPES[shape])
+
+
+def _check_against_eager(mask, q_len: int, kv_len: int, inputs=None):
+    """``C.Cudnn().run`` (whatever the graphs are patched to) against eager in float64: output and
+    dq, dk, dv.  ``inputs``: (q, k, v), else contiguous [B, 4 | 2, S, 16].  Returns the output."""
+    if inputs is None:
+        inputs = (torch.randn(B, h, n, 16, dtype=torch.float64, requires_grad=True)
+                  for h, n in ((4, q_len), (2, kv_len), (2, kv_len)))
+    q, k, v = inputs
+    out = C.Cudnn().run(q, k, v, describe(q, k, v, mask, None))
     ref = anymask.attention(q, k, v, mask, backend="eager")
     torch.testing.assert_close(out, ref)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), g)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    for name_, a, r in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(a, r, msg=f"d{name_}")
+    g = torch.randn_like(ref)
+    for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, r, msg=f"d{n}")
+    return out
 
 
 def _bshd(batch, heads, seq, d, **kw):
@@ -407,12 +410,7 @@ def test_ragged_layouts_match_eager(name, shape, layout, monkeypatch):
     p = describe(q, k, v, mask, None)
     mode = C.layout_mode(q, k, v, p, C.plan(p).layout)
     assert mode == (LAYOUT_MODES[layout] if C.plan(p).layout.contiguous else "pack")
-    out = C.Cudnn().run(q, k, v, p)
-    ref = anymask.attention(q, k, v, mask, backend="eager")
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(ref)
-    for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, r, msg=f"d{n}")
+    out = _check_against_eager(mask, q_len, kv_len, (q, k, v))
     assert seen and all(s.q_heads == (1 if mode == "heads" else 4) for s in seen)
     calls = 2 if mode == "heads" and layout == "bhsd_gqa_heads" else 1  # graph calls per pass (fwd, bwd)
     assert len(seen) == 2 * calls
@@ -470,17 +468,7 @@ def test_prefix_blocks_with_lengths_leave_no_garbage(prefix, monkeypatch):
     """Prefix-LM block A runs with per-batch lengths unless the prefix is one multiple of 128; its
     dq / dk / dv views are added whole by autograd, so rows cuDNN need not write must start at 0."""
     seen = _dense_graphs_writing_lengths_only(monkeypatch)
-    mask = M.prefix_lm(torch.tensor(prefix))
-    q = torch.randn(B, 4, S, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(B, 2, S, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(B, 2, S, 16, dtype=torch.float64, requires_grad=True)
-    p = describe(q, k, v, mask, None)
-    out = C.Cudnn().run(q, k, v, p)
-    ref = anymask.attention(q, k, v, mask, backend="eager")
-    torch.testing.assert_close(out, ref)
-    g = torch.randn_like(ref)
-    for n, a, r in zip("qkv", torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        torch.testing.assert_close(a, r, msg=f"d{n}")
+    _check_against_eager(M.prefix_lm(torch.tensor(prefix)), S, S)
     assert any(s.lengths for s in seen) == (prefix != [128])
 
 def test_in_place_entries_and_buckets():

@@ -88,19 +88,18 @@ def _first_fit_decreasing(items: list[int], examples: list[Example], max_tokens:
 
 
 def _row(examples: list[Example], seed: int) -> Packed:
-    ids, pos, doc, prompt, lengths, first = [], [], [], [], [], {}
+    ids, pos, doc, prompt, lengths, same_as, first = [], [], [], [], [], [], {}
     for ex in examples:
         for d in ex.docs:
             n = len(d.ids)
-            first.setdefault(tuple(d.ids), len(lengths))
+            same_as.append(first.setdefault(d.ids, len(lengths)))  # the first document with these tokens
             ids.extend(d.ids)
             pos.extend(range(n))
             doc.extend([len(lengths)] * n)
             prompt.extend([True] * d.prompt_len + [False] * (n - d.prompt_len))
             lengths.append(n)
     row = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype).unsqueeze(0)  # noqa: E731
-    same_as = tuple(first[tuple(d.ids)] for ex in examples for d in ex.docs)
-    return Packed(row(ids), row(pos), row(doc), row(prompt, torch.bool), tuple(lengths), seed, same_as)
+    return Packed(row(ids), row(pos), row(doc), row(prompt, torch.bool), tuple(lengths), seed, tuple(same_as))
 
 
 def _mix(*parts: int) -> int:
