@@ -77,6 +77,27 @@ def test_the_encoder_of_an_encoder_decoder_model_still_runs():
     _close(got[valid.bool()], want[valid.bool()])
 
 
+def test_a_relative_position_bias_is_refused_not_dropped():
+    """T5's encoder hands its relative position bias to the attention function as ``position_bias``:
+    dropping it ran the encoder, wrong by 0.23 against eager."""
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = twin(_eager(transformers.T5EncoderModel(cfg)), "anymask")
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with pytest.raises(ValueError, match="score biases.*position_bias"), torch.no_grad():
+        model(input_ids=ids)
+
+
+def test_output_attentions_warns_that_no_weights_come_back(monkeypatch):
+    anymask.hf._warn_no_attention_weights.cache_clear()
+    torch.manual_seed(0)
+    model = twin(_eager(transformers.LlamaForCausalLM(transformers.LlamaConfig(**_TINY))), "anymask")
+    with pytest.warns(UserWarning, match="output_attentions=True returns no attention weights"), torch.no_grad():
+        out = model(torch.randint(3, VOCAB, (1, 8)), output_attentions=True)
+    assert all(a is None for a in out.attentions)
+
+
 def test_the_overlay_probe_asks_on_the_device_of_transformers_tensors():
     """transformers 4.56-5.0 index CUDA token types inside ``torch.where``: CPU probe indices raised
     there, the probe was skipped with a warning, and the overlay dropped.  ``meta`` stands in for a

@@ -44,8 +44,9 @@ Sliding-window layers (Mistral, Qwen2/3 sliding layers, Gemma 2/3 local layers) 
 ``w`` as ``|q - kv| < w`` on top of any rule (``kv <= q`` already bounds it on the right when
 causal), or as ``|q - kv| <= w`` where transformers' own mask for the layer is its inclusive
 bidirectional one (ModernBERT's local layers, ``config.is_causal=False``).  Attention dropout,
-logit soft-capping (Gemma 2 runs with ``attn_logit_softcapping=None``) and attention sinks
-(``s_aux``, GPT-OSS) are refused with a clear error.
+logit soft-capping (Gemma 2 runs with ``attn_logit_softcapping=None``), attention sinks
+(``s_aux``, GPT-OSS) and additive score biases (T5's ``position_bias``) are refused with a clear
+error; ``output_attentions=True`` warns once and returns no weights.
 
 Not read: the overlays transformers composes into its own ``mask_function`` (image-token blocks of
 vision-language models, ``block_sequence_ids``): describe those with a Mask.  Where the model's
@@ -88,15 +89,12 @@ def anymask_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     query: ``[B, Hq, Sq, D]``; key, value: ``[B, Hkv, Skv, D]`` (after the cache update).
     """
     if dropout:
-        raise ValueError(f"anymask attention has no attention dropout (got {dropout}); set "
-                         "config.attention_dropout = 0.0")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("anymask attention does not support attention logit soft-capping "
-                         "(Gemma 2's attn_logit_softcapping); set it to None or use another implementation")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"anymask attention does not support attention sinks (s_aux, the learned per-head "
-                         f"logit of {type(module).__name__}, e.g. GPT-OSS): they change every softmax; use "
-                         "attn_implementation='eager' or 'sdpa' for this model")
+        raise ValueError(f"anymask attention has no attention dropout (got {dropout} in training mode): set the "
+                         "config's attention dropout to 0 (attention_dropout, attn_pdrop or "
+                         "attention_probs_dropout_prob, by model) or call model.eval()")
+    _refuse_score_changes(module, kwargs)
+    if kwargs.get("output_attentions"):
+        _warn_no_attention_weights()
     if getattr(getattr(module, "config", None), "is_encoder_decoder", False) and getattr(module, "is_decoder", True):
         raise NotImplementedError(
             f"anymask.hf does not support the decoder of encoder-decoder models ({type(module).__name__}): its "
@@ -315,6 +313,33 @@ def using(model: torch.nn.Module, spec, backend: str = "auto"):
 
 
 # helpers ----------------------------------------------------------------------------------------
+
+
+def _refuse_score_changes(module: torch.nn.Module, kwargs: dict) -> None:
+    """Refuse what a model hands the attention function to change its scores: anymask computes
+    ``softmax(q k^T * scale + mask)`` exactly and nothing else."""
+    name = type(module).__name__
+    if kwargs.get("softcap") is not None:
+        raise ValueError("anymask attention does not support attention logit soft-capping "
+                         "(Gemma 2's attn_logit_softcapping); set it to None or use another implementation")
+    for sink in ("s_aux", "sinks"):
+        if kwargs.get(sink) is not None:
+            raise ValueError(f"anymask attention does not support attention sinks ({sink}, the learned per-head "
+                             f"logit of {name}, e.g. GPT-OSS): they change every softmax; use "
+                             "attn_implementation='eager' or 'sdpa' for this model")
+    biases = [key for key, value in kwargs.items() if isinstance(value, torch.Tensor)
+              and value.is_floating_point() and value.dim() == 4]  # [B, H, Sq, Skv]-like: added to the scores
+    if biases:
+        raise ValueError(f"anymask attention does not add score biases ({', '.join(biases)} given to {name}: "
+                         "relative position biases of T5, LayoutLMv3 and the like); use attn_implementation="
+                         "'eager' or 'sdpa' for this model")
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_attention_weights() -> None:
+    """Once per process: ``output_attentions=True`` gets no weights from anymask."""
+    warnings.warn("anymask.hf: output_attentions=True returns no attention weights (anymask never forms the "
+                  "attention matrix); load the model with attn_implementation='eager' to get them", stacklevel=3)
 
 
 @functools.lru_cache(maxsize=1)
