@@ -20,7 +20,7 @@ for tree in build/ab_prev/src src; do  # 5. cuDNN on NaN-filled memory: before/a
   PYTHONPATH=/tmp/site:$tree OUT=$dir timeout 90 python3 scripts/gpu_nan_memory_probe.py 2>&1 | tee $dir/log.txt | cut -c1-200
 done
 echo "== inference-mode cache test, cuDNN and Liger GPU tests"
-PYTHONPATH=/tmp/site:src timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_cudnn.py \
+PYTHONPATH=/tmp/site:src timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_cudnn.py tests/test_triton.py \
   tests/test_train_fused.py tests/test_backends_agree.py -k "gpu or (inference_mode and cuda)" 2>&1 \
   | tee $OUT/gpu_tests.log | tail -3
 if [[ -d build/ab_prev/src ]]; then

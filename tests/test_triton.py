@@ -338,6 +338,15 @@ def test_rows_that_see_nothing_output_zero_with_zero_grad(delegated, name):
 
 
 @needs_triton
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (too large for the interpreter)")
+def test_more_than_65535_batch_heads_on_gpu():
+    """Batch x heads past 65535, the limit of a CUDA grid's second axis (the backward's first
+    kernel once put it there): a batch of short rows, as embedding models run."""
+    _check(MASKS["padding"](4097, 16), (4097, 16, 16, 16, 16, 16), torch.float16)
+
+
+@needs_triton
 def test_backward_is_deterministic(delegated):
     if delegated:
         return

@@ -25,10 +25,10 @@ from .triton_fwd import LOG2E, empty_in_layout, partial_count, partial_tile
 @triton.jit
 def _delta_kernel(O, DO, DELTA, Sq, H, sob, soh, som, sdb, sdh, sdm,
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # grid axis 0 (up to 2**31 - 1 programs): batch x heads can pass 65535
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m < Sq
     o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_d[None, :],
@@ -282,7 +282,7 @@ def backward(do, q, k, v, o, lse, bounds: mask_bounds.MaskBounds, scale: float,
     if (Sq - 1) * do.stride(2) + D >= 2 ** 31:  # rows are stepped in 32 bits
         do = do.contiguous()
     delta = torch.empty_like(lse)  # [B, Hq, Sq] fp32
-    _delta_kernel[(triton.cdiv(Sq, 64), B * H)](
+    _delta_kernel[(B * H, triton.cdiv(Sq, 64))](
         o, do, delta, Sq, H, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         BLOCK_M=64, HEAD_DIM=D)
     kvalid = bounds.kvalid if bounds.kvalid is not None else bounds.lo
