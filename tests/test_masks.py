@@ -353,6 +353,17 @@ def test_dense_broadcast_over_keys_takes_whole_rows():
                           torch.randn(1, 2, 6, 8, dtype=torch.float64), m)
 
 
+@pytest.mark.parametrize("huge", [2 ** 62, 2 ** 63 - 1, 2 ** 63, 10 ** 30])
+def test_a_huge_window_bound_is_no_bound(huge):
+    """``q + right`` with ``right = sys.maxsize`` overflowed int64: 15 of 16 rows came out zero."""
+    q, k, v = (torch.randn(1, 1, 16, 8, dtype=torch.float64) for _ in range(3))
+    for wide, unbounded in ((M.window(None, huge), M.full()), (M.window(huge), M.causal())):
+        assert torch.equal(wide.to_dense(1, 1, 16, 16), unbounded.to_dense(1, 1, 16, 16))
+        for backend in ("eager", "sdpa"):
+            torch.testing.assert_close(anymask.attention(q, k, v, wide, backend=backend),
+                                       anymask.attention(q, k, v, unbounded, backend="eager"))
+
+
 def test_documents_lengths_as_tensor_or_array():
     np = pytest.importorskip("numpy")
     ref = M.documents(lengths=[1, 3]).to_dense(1, 1, 4, 4)

@@ -577,13 +577,20 @@ def window(left: int | None, right: int | None = 0) -> Mask:
         . . # #
 
     ``window(1, 1)`` is a band of width 3; ``window(n) & causal()`` is a causal sliding window.
+    A bound of ``2**62`` or more (``sys.maxsize``) reaches past any sequence: it is taken as ``None``,
+    so that ``q + right`` never overflows int64.
     """
     bounds = {}
     for name, value in (("left", left), ("right", right)):
         bounds[name] = None if value is None else _as_int(value)
         if value is not None and (bounds[name] is None or bounds[name] < 0):
             raise ValueError(f"window: {name} must be a non-negative int or None, got {value!r}")
+        if bounds[name] is not None and bounds[name] >= _UNBOUNDED_FROM:
+            bounds[name] = None
     return Window(bounds["left"], bounds["right"])
+
+
+_UNBOUNDED_FROM = 2 ** 62  # a window bound this wide is no bound: positions + it stays inside int64
 
 
 def _as_int(value) -> int | None:
@@ -633,8 +640,7 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
 
 
 def _ids_from_lengths(lengths) -> torch.Tensor:
-    if hasattr(lengths, "tolist"):  # a tensor or an array
-        lengths = lengths.tolist()
+    lengths = lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)  # a tensor, an array, a generator
     flat = all(_as_int(x) is not None for x in lengths)
     rows = [list(lengths)] if flat else [list(r) if isinstance(r, Iterable) else [r] for r in lengths]
     if not rows or any(not r for r in rows):
