@@ -28,6 +28,8 @@ GOOD = {"prompt": "abc", "completion": "de"}
 
 @pytest.mark.parametrize("line, message", [
     ('{"prompt": "abc", "completion": ', "invalid JSON"),
+    ('{"prompt": "abc", "completion": "de"', r"invalid JSON \(Expecting ',' delimiter at column 37\)"),
+    ('{"prompt": "a\\ud800b", "completion": "de"}', "field 'prompt' holds an unpaired surrogate"),
     ('["prompt", "completion"]', "expected a JSON object"),
     ('{"prompt": "abc"}', "missing field 'completion'"),
     ('{"prompt": "abc", "completion": "   "}', "field 'completion' is empty"),

@@ -97,7 +97,7 @@ def fingerprint(path: str) -> dict:
 def _validate(path: str, number: int, raw: str, fields: tuple[str, ...], task: str) -> tuple[str, ...]:
     where = f"{path}:{number}"
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw.rstrip("\r\n"))  # the line's end is not JSON: a column past it would read as 1
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
@@ -113,6 +113,11 @@ def _validate(path: str, number: int, raw: str, fields: tuple[str, ...], task: s
             raise DataError(f"{where}: field {f!r} must be a string, got {type(obj[f]).__name__}")
         if not obj[f].strip():
             raise DataError(f"{where}: field {f!r} is empty")
+        try:
+            obj[f].encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's \ud800 escapes allow half a surrogate pair: no tokenizer takes it
+            raise DataError(f"{where}: field {f!r} holds an unpaired surrogate {obj[f][exc.start]!r} at character "
+                            f"{exc.start + 1} (a broken \\uXXXX escape)") from None
     return tuple(obj[f] for f in fields)
 
 
