@@ -84,6 +84,9 @@ def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path)
     full = train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=4, warmup_steps=1, save_every=2))
     lrs = _logged_lrs(tmp_path / "a")
     assert [h["lr"] for h in full.history] == [lrs[s] for s in range(1, 5)]
+    state = json.loads((tmp_path / "a" / "checkpoint-000004" / "state.json").read_text())
+    assert state["schedule"] == {"lr": 5e-3, "warmup_steps": 1, "total_steps": 4}
+    shutil.rmtree(tmp_path / "a" / "checkpoint-000004")  # going on from step 2 beside it is refused (two runs' steps)
     with pytest.warns(UserWarning, match=r"warmup_steps 1 -> 3; max_steps 4 -> 7\).*\(peak lr 0.005, 1 warm-up "
                       r"step, cosine decay to 10% of the peak over 4 steps\) stays the checkpoint's: steps 5-7 of "
                       r"this run stay at its final lr 0.0005"):
@@ -95,8 +98,6 @@ def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path)
     assert [resumed[s] for s in range(5, 8)] == pytest.approx([5e-4] * 3, rel=1e-12)
     after_warmup = [resumed[s] for s in range(2, 8)]
     assert after_warmup == sorted(after_warmup, reverse=True)  # no jump back up
-    state = json.loads((tmp_path / "a" / "checkpoint-000004" / "state.json").read_text())
-    assert state["schedule"] == {"lr": 5e-3, "warmup_steps": 1, "total_steps": 4}
 
 
 def test_resumed_run_says_weight_decay_stays_the_checkpoints(tiny_model_dir, tmp_path):  # noqa: F811

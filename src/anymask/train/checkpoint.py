@@ -131,11 +131,33 @@ CHANGES_THE_RUN = ("data", "tokens_per_batch", "truncate", "grad_accum", "data_s
 SCHEDULE = ("lr", "warmup_steps", "max_steps", "epochs")
 
 
+def read_state(path: Path) -> dict:
+    """The checkpoint's ``state.json``; a :class:`ConfigError` when it cannot be read or is not one."""
+    from .config import ConfigError
+
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {Path(path) / 'state.json'} ({exc}): {_damaged(path)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{Path(path) / 'state.json'} is not a checkpoint's state (no step or config): "
+                          f"{_damaged(path)}")
+    return state
+
+
+def _damaged(path: Path) -> str:
+    """What to do about a checkpoint that cannot be read: the one before it, if any."""
+    path = Path(path)
+    earlier = [p for p in complete(path.parent) if p.name < path.name]
+    return (f"the checkpoint looks damaged; resume from an earlier one (--resume {earlier[-1]}) or delete it"
+            if earlier else "the checkpoint looks damaged; delete it to start afresh")
+
+
 def saved_schedule(path: Path, steps_per_epoch: int) -> dict:
     """The learning-rate schedule of the run that saved the checkpoint at ``path``: ``{"lr",
     "warmup_steps", "total_steps"}``, as ``state.json`` records it (or, in a checkpoint saved before
     it did, from its config, with the epochs counted at ``steps_per_epoch``)."""
-    state = json.loads((Path(path) / "state.json").read_text())
+    state = read_state(path)
     if "schedule" in state:
         return state["schedule"]
     saved = state.get("config") or {}
@@ -162,19 +184,26 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def check_config(path: Path, config: dict, schedule: dict, total: int, data_fingerprint: dict | None = None) -> None:
+def check_config(path: Path, config: dict, schedule: dict, total: int, data_fingerprint: dict | None = None,
+                 world: int = 1) -> None:
     """Compare the run's ``config`` with the one the checkpoint at ``path`` was saved with: a
     :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run,
     saying what the checkpoint's lr ``schedule`` does over this run's ``total`` steps.  The training
     data is compared by content where both runs recorded its ``data_fingerprint`` (see
-    :func:`anymask.train.data.fingerprint`), else by path."""
+    :func:`anymask.train.data.fingerprint`), else by path; ``data_shards`` unset is the number of
+    processes (``world`` now, the saved ``world`` then)."""
     from .config import ConfigError
 
-    state = json.loads((Path(path) / "state.json").read_text())
-    saved = state.get("config") or {}
+    state = read_state(path)
+    saved = dict(state["config"])
     config = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
+    if "data_shards" in saved:
+        saved["data_shards"] = saved["data_shards"] or state.get("world", 1)
+        config["data_shards"] = config.get("data_shards") or world
 
     def differs(key):
+        if key == "model" and state.get("model_path") and isinstance(config.get(key), str):
+            return state["model_path"] != model_path(config[key])  # where each spelling pointed when it ran
         if key not in saved or saved[key] == config.get(key):
             return False
         if key == "model" and isinstance(saved[key], str) and isinstance(config.get(key), str):
@@ -196,6 +225,13 @@ def check_config(path: Path, config: dict, schedule: dict, total: int, data_fing
             kept.append(f"weight_decay stays the checkpoint's {saved['weight_decay']!r} (the optimizer state keeps it)")
         warnings.warn(f"resuming from {path} with changed settings ({'; '.join(changed)}): the rest of the run "
                       "differs from an uninterrupted one" + "".join(f"; {k}" for k in kept), stacklevel=2)
+
+
+def model_path(model: str) -> str:
+    """``--model`` as the directory it names, links followed (a hub name as given): a checkpoint
+    records it, so a resumed run compares models, not spellings relative to where each ran."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -223,24 +259,33 @@ def _data_change(saved: dict, config: dict, saved_print: dict | None, new_print:
 
 
 def load(path: Path, peft_model, optimizer, scheduler, d: Dist) -> dict:
-    """Restore what :func:`save` wrote; returns ``state.json`` (with ``step``)."""
+    """Restore what :func:`save` wrote; returns ``state.json`` (with ``step``).  A file that is
+    missing or cannot be read is a :class:`ConfigError` naming it."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    from .config import ConfigError
+
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    adapter = _read_adapter(path / "adapter", peft_model)
+    state = read_state(path)
+    try:
+        adapter = _read_adapter(path / "adapter", peft_model)
+        blob = torch.load(path / "optimizer.pt", weights_only=False)
+        rngs = torch.load(path / "rng.pt", weights_only=False)
+    except ConfigError:
+        raise
+    except Exception as exc:  # torch's, safetensors' and peft's errors for missing or truncated files
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot read checkpoint {path} ({type(exc).__name__}: {first}): {_damaged(path)}") from None
     set_model_state_dict(peft_model, adapter, options=_options(strict=False))
-    blob = torch.load(path / "optimizer.pt", weights_only=False)
     set_optimizer_state_dict(peft_model, optimizer, blob["optimizer"], options=_options())
     if blob.get("optimizer_fresh"):  # saved before any optimizer step: go on without one, as the saving run did
         optimizer.state.clear()
     scheduler.load_state_dict(blob["scheduler"])
-    rngs = torch.load(path / "rng.pt", weights_only=False)
     if len(rngs) == d.world:
         _set_rng_state(rngs[d.rank])
     elif d.main:
         warnings.warn(f"{path} was saved by {len(rngs)} processes, this run has {d.world}: random states (LoRA "
-                      "dropout) start afresh; the data order is unchanged", stacklevel=2)
+                      "dropout) start afresh", stacklevel=2)
     return state
 
 
@@ -248,13 +293,19 @@ def _read_adapter(adapter_dir: Path, peft_model) -> dict:
     """The saved adapter weights, keyed like ``peft_model``'s own state dict."""
     from peft.utils import load_peft_weights
 
+    from .config import ConfigError
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"checkpoint adapter {adapter_dir} is missing: {_damaged(adapter_dir.parent)}")
+
     saved = load_peft_weights(str(adapter_dir), device="cpu")  # keys without the adapter name
     own = [k for k, p in peft_model.named_parameters() if p.requires_grad]
     out = {}
     for key in own:
         short = re.sub(r"\.default(?=\.)", "", key, count=1)
         if short not in saved:
-            raise KeyError(f"checkpoint adapter {adapter_dir} has no weight for {key}")
+            raise ConfigError(f"checkpoint adapter {adapter_dir} has no weight for {key}: it was trained on "
+                              "another model (same --model spelling, other files?)")
         out[key] = saved[short]
     return out
 

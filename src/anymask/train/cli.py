@@ -133,9 +133,24 @@ def _run(args: argparse.Namespace, config) -> int:
     except OSError as exc:  # a model that cannot load (transformers raises OSError), or an output write
         print(f"anymask train: {describe_os_error(exc, config)}", file=sys.stderr)
         return 2
-    if result.history and os.environ.get("RANK", "0") == "0":
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see loop._sigterm_as_interrupt)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"anymask train: interrupted; {_where_to_go_on(config)}", file=sys.stderr)
+        return 130
+    if result.adapter_dir and os.environ.get("RANK", "0") == "0":
         print(summary(result))
     return 0
+
+
+def _where_to_go_on(config: TrainConfig) -> str:
+    """After an interrupt: the newest checkpoint to resume from, or that there is none."""
+    from . import checkpoint
+
+    newest = checkpoint.latest(config.output_dir)
+    if newest is None:
+        return ("no checkpoint was saved" + ("" if config.save_every else " (--save-every N saves them)")
+                + "; to start again, delete --output-dir's metrics.jsonl or choose another --output-dir")
+    return f"the newest checkpoint is {newest}: go on with --resume auto"
 
 
 def describe_os_error(exc: OSError, config: TrainConfig) -> str:
@@ -154,8 +169,11 @@ def summary(result) -> str:
     unit), the last eval loss, where the adapter is and which kernels ran."""
     losses = [x for x in result.losses if x is not None]
     steps = len(result.history)
-    text = f"trained {steps} step{'' if steps == 1 else 's'}: " + (f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses
-                                                       else "none had a loss unit")
+    if not steps:
+        text = "nothing left to train (resumed at the run's last step)"
+    else:
+        text = f"trained {steps} step{'' if steps == 1 else 's'}: " + (
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "none had a loss unit")
     if result.evals:
         text += f", eval loss {result.evals[-1]['eval_loss']:.4f}"
     return text + f"; adapter in {result.adapter_dir}; kernels: {result.kernels}"

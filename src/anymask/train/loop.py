@@ -148,8 +148,12 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         print(f"anymask train: --warmup-steps {cfg.warmup_steps} is more than the run's {total} steps: the learning "
               f"rate never reaches --lr {cfg.lr:g} (it ends at {total / cfg.warmup_steps:.0%} of it)", file=sys.stderr)
     if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
+        saved_step = checkpoint.read_state(Path(resume))["step"]
+        if saved_step > total:
+            raise ConfigError(f"{resume} is at step {saved_step}, past this run's last step {total}: nothing to "
+                              "train; raise --max-steps (or --epochs), or resume from an earlier checkpoint")
         schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
-        checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint)
+        checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint, world=d.world)
     optimizer = torch.optim.AdamW(params, lr=schedule["lr"], weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(schedule["warmup_steps"],
                                                                        schedule["total_steps"]))
@@ -160,11 +164,12 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     bar = _progress(cfg, d, total, start)
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")
-    ckpt_state = {"config": asdict(cfg), "schedule": schedule}  # what each checkpoint's state.json adds
+    ckpt_state = {"config": asdict(cfg), "schedule": schedule,  # what each checkpoint's state.json adds
+                  "model_path": checkpoint.model_path(cfg.model)}
     if fingerprint is not None:
         ckpt_state["data_fingerprint"] = fingerprint
     epoch, index, steps_per_epoch = _position(stream, start)  # epochs pack differently: count the one resumed in
-    _trim_metrics(out_dir, d, start)
+    _trim_metrics(out_dir, d, start, total)
     wrapped.train()  # from_pretrained gives eval mode: LoRA dropout and gradient checkpointing need train mode
     if start == 0:
         _eval(wrapped, eval_rows, task, d, 0, result, out_dir, None)  # the loss before training
@@ -220,10 +225,13 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
     failure = None
     if d.main:
         try:
-            if cfg.resume is None:
-                _refuse_earlier_checkpoints(out_dir)
-            if cfg.resume is None or (cfg.resume == "auto" and not checkpoint.complete(out_dir)):
+            elsewhere = cfg.resume not in (None, "auto") and not _same_dir(Path(cfg.resume).parent, out_dir)
+            if cfg.resume is None or elsewhere:
+                _refuse_earlier_checkpoints(out_dir, elsewhere)
+            if cfg.resume is None or elsewhere or (cfg.resume == "auto" and not checkpoint.complete(out_dir)):
                 _refuse_earlier_results(out_dir)
+            if cfg.resume not in (None, "auto") and not elsewhere:
+                _refuse_later_checkpoints(out_dir, Path(cfg.resume))
             _make_writable_dir(out_dir)
             checkpoint.clean_partial(out_dir)
         except ConfigError as exc:
@@ -232,17 +240,37 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
     return out_dir
 
 
-def _refuse_earlier_checkpoints(out_dir: Path) -> None:
-    """A fresh run beside an earlier run's checkpoints would leave them there, and ``--resume auto``
-    would later pick the newest step whichever run wrote it: refuse, naming them."""
+def _refuse_earlier_checkpoints(out_dir: Path, elsewhere: bool = False) -> None:
+    """A fresh run (or one resumed from another directory's checkpoint) beside an earlier run's
+    checkpoints would leave them there, and ``--resume auto`` would later pick the newest step
+    whichever run wrote it: refuse, naming them."""
     found = checkpoint.complete(out_dir)
     if not found:
         return
-    names = ", ".join(p.name for p in found) if len(found) <= 3 else \
-        f"{found[0].name} to {found[-1].name}, {len(found)} in all"
-    raise ConfigError(f"--output-dir {str(out_dir)!r} holds checkpoints of an earlier run ({names}): pass --resume "
-                      "auto to go on from the newest, or --resume PATH from one of them; to start afresh, choose "
+    start = "resumed from another directory's checkpoint, this run" if elsewhere else "to start afresh"
+    raise ConfigError(f"--output-dir {str(out_dir)!r} holds checkpoints of an earlier run ({_names(found)}): pass "
+                      f"--resume auto to go on from the newest, or --resume PATH from one of them; {start}, choose "
                       "another --output-dir or delete them")
+
+
+def _refuse_later_checkpoints(out_dir: Path, resume: Path) -> None:
+    """Resuming from an older checkpoint of ``out_dir`` would leave the newer ones there, to be
+    mixed with this run's by a later ``--resume auto`` (and its metrics): refuse, naming them."""
+    step = checkpoint.read_state(resume)["step"]
+    later = [p for p in checkpoint.complete(out_dir) if checkpoint.read_state(p)["step"] > step]
+    if later:
+        raise ConfigError(f"--output-dir {str(out_dir)!r} holds checkpoints after {resume.name} ({_names(later)}): "
+                          "going on from an earlier one would mix two runs' checkpoints and metrics; delete them, "
+                          "or resume into another --output-dir")
+
+
+def _names(found: list[Path]) -> str:
+    return ", ".join(p.name for p in found) if len(found) <= 3 else \
+        f"{found[0].name} to {found[-1].name}, {len(found)} in all"
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def _refuse_earlier_results(out_dir: Path) -> None:
@@ -250,8 +278,10 @@ def _refuse_earlier_results(out_dir: Path) -> None:
     results = [name for name, file in (("adapter", "adapter/adapter_config.json"), ("metrics.jsonl", "metrics.jsonl"))
                if (out_dir / file).is_file()]
     if results:
-        raise ConfigError(f"--output-dir {str(out_dir)!r} holds an earlier run's {' and '.join(results)}: a fresh "
-                          "run would replace them; choose another --output-dir or delete them")
+        unsaved = "" if checkpoint.complete(out_dir) else " (and no checkpoint to resume from: a run stopped before " \
+                                                          "its first --save-every step leaves only metrics.jsonl)"
+        raise ConfigError(f"--output-dir {str(out_dir)!r} holds an earlier run's {' and '.join(results)}{unsaved}: a "
+                          "fresh run would replace them; choose another --output-dir or delete them")
 
 
 def _make_writable_dir(out_dir: Path) -> None:
@@ -441,9 +471,10 @@ def _progress(cfg, d, total: int, start: int):
     return tqdm(total=total, initial=start, desc=f"train {cfg.task}", unit="step", dynamic_ncols=True)
 
 
-def _trim_metrics(out_dir: Path, d, start: int) -> None:
+def _trim_metrics(out_dir: Path, d, start: int, total: int) -> None:
     """A fresh run starts ``metrics.jsonl`` anew; a resumed one keeps the records up to ``start``,
-    so steps run again after the checkpoint are not logged twice."""
+    so steps run again after the checkpoint are not logged twice (nor, resumed at its last step
+    ``total``, the closing eval)."""
     path = out_dir / "metrics.jsonl"
     if not d.main or not path.exists():
         return
@@ -454,7 +485,9 @@ def _trim_metrics(out_dir: Path, d, start: int) -> None:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= start and "peak_memory_bytes" not in record:
+            final = start == total and "loss" not in record  # a finished run's closing eval: run again
+            if record.get("step", 0) <= start and "peak_memory_bytes" not in record and not (
+                    final and record.get("step") == start):
                 kept.append(line + "\n")
     path.write_text("".join(kept), encoding="utf-8")
 
