@@ -79,7 +79,11 @@ def test_a_damaged_checkpoint_is_one_line_naming_an_earlier_one(tiny_model_dir, 
                  "--lora-r", "8", "--lora-alpha", "16", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
-    assert "damaged; resume from an earlier one (--resume " in err and "checkpoint-000001" in err, err
+    assert re.search(r"damaged; delete \(or move\) .*checkpoint-000002, then --resume auto goes on from the one "
+                     r"before it \(checkpoint-000001\)", err), err
+    shutil.move(newest, tmp_path / "damaged")  # as the error says
+    resumed = train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=3, resume="auto"))
+    assert [h["step"] for h in resumed.history] == [2, 3]
 
 
 def test_resuming_with_fewer_processes_says_the_data_shards_change(tiny_model_dir, tmp_path):  # noqa: F811
@@ -95,10 +99,17 @@ def test_resuming_with_fewer_processes_says_the_data_shards_change(tiny_model_di
     assert any("data_shards 2 -> 1" in str(w.message) for w in caught), [str(w.message) for w in caught]
 
 
-def test_the_model_is_compared_by_where_it_is_not_how_it_is_spelled(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
-    """Relative paths from another directory name the same model; one spelling from two directories
-    names two models."""
+def test_the_model_is_compared_by_its_files_not_how_it_is_spelled(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Relative paths from another directory name the same model, and so does a copy of it in a moved
+    project; one spelling from two directories (a link to another model) names two models."""
     data, _ = _first_step_checkpoint(tiny_model_dir, tmp_path)
+    for node in ("node_a", "node_b"):
+        shutil.copytree(tiny_model_dir, tmp_path / node / "model")
+    monkeypatch.chdir(tmp_path / "node_a")
+    train(config("model", "sft", data, tmp_path / "moved", max_steps=1, save_every=1))
+    monkeypatch.chdir(tmp_path / "node_b")
+    moved = train(config("model", "sft", data, tmp_path / "moved", max_steps=2, resume="auto"))
+    assert [h["step"] for h in moved.history] == [2]
     (tmp_path / "x").mkdir()
     monkeypatch.chdir(tmp_path / "x")
     train(config(os.path.relpath(tiny_model_dir), "sft", data, tmp_path / "r", max_steps=1, save_every=1))
@@ -110,7 +121,7 @@ def test_the_model_is_compared_by_where_it_is_not_how_it_is_spelled(tiny_model_d
     (tmp_path / "y").mkdir()
     os.symlink(tmp_path / "a" / "adapter", tmp_path / "y" / "m")  # another directory under the same spelling
     monkeypatch.chdir(tmp_path / "y")
-    with pytest.raises(ConfigError, match=r"saved with other settings \(model"):
+    with pytest.raises(ConfigError, match=r"saved with other settings \(model .* \(other files\)"):
         train(config("./m", "sft", data, tmp_path / "r", max_steps=3, resume="auto"))
 
 

@@ -327,11 +327,11 @@ def _refuse_score_changes(module: torch.nn.Module, kwargs: dict) -> None:
             raise ValueError(f"anymask attention does not support attention sinks ({sink}, the learned per-head "
                              f"logit of {name}, e.g. GPT-OSS): they change every softmax; use "
                              "attn_implementation='eager' or 'sdpa' for this model")
-    biases = [key for key, value in kwargs.items() if isinstance(value, torch.Tensor)
-              and value.is_floating_point() and value.dim() == 4]  # [B, H, Sq, Skv]-like: added to the scores
+    biases = [key for key, value in kwargs.items() if isinstance(value, torch.Tensor) and value.is_floating_point()
+              and (value.dim() == 4 or key in ("position_bias", "head_mask"))]  # [B, H, Sq, Skv]-like: on the scores
     if biases:
-        raise ValueError(f"anymask attention does not add score biases ({', '.join(biases)} given to {name}: "
-                         "relative position biases of T5, LayoutLMv3 and the like); use attn_implementation="
+        raise ValueError(f"anymask attention does not add score biases or head masks ({', '.join(biases)} given to "
+                         f"{name}: relative position biases of T5, LayoutLMv3 and the like); use attn_implementation="
                          "'eager' or 'sdpa' for this model")
 
 

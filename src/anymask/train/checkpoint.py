@@ -12,6 +12,7 @@ the same files come out of one process, DDP or FSDP2; rank 0 writes them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -146,11 +147,14 @@ def read_state(path: Path) -> dict:
 
 
 def _damaged(path: Path) -> str:
-    """What to do about a checkpoint that cannot be read: the one before it, if any."""
+    """What to do about a checkpoint that cannot be read: move it away, then the one before it."""
     path = Path(path)
-    earlier = [p for p in complete(path.parent) if p.name < path.name]
-    return (f"the checkpoint looks damaged; resume from an earlier one (--resume {earlier[-1]}) or delete it"
-            if earlier else "the checkpoint looks damaged; delete it to start afresh")
+    found = complete(path.parent)
+    earlier = found[:found.index(path)] if path in found else []
+    if earlier:
+        return (f"the checkpoint looks damaged; delete (or move) {path}, then --resume auto goes on from the one "
+                f"before it ({earlier[-1].name})")
+    return f"the checkpoint looks damaged; delete (or move) {path} to start afresh"
 
 
 def saved_schedule(path: Path, steps_per_epoch: int) -> dict:
@@ -202,15 +206,18 @@ def check_config(path: Path, config: dict, schedule: dict, total: int, data_fing
         config["data_shards"] = config.get("data_shards") or world
 
     def differs(key):
-        if key == "model" and state.get("model_path") and isinstance(config.get(key), str):
-            return state["model_path"] != model_path(config[key])  # where each spelling pointed when it ran
+        if key == "model" and state.get("model_files") and isinstance(config.get(key), str):
+            now = model_files(config[key])
+            if now is not None:  # both local: the files decide, not the spelling or where it ran
+                return now != state["model_files"]
         if key not in saved or saved[key] == config.get(key):
             return False
         if key == "model" and isinstance(saved[key], str) and isinstance(config.get(key), str):
             return not _same_file(saved[key], config[key])
         return True
 
-    wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" for k in MUST_MATCH if differs(k)]
+    wrong = [f"{k} {saved[k]!r} -> {config.get(k)!r}" + (" (other files)" if k == "model" else "")
+             for k in MUST_MATCH if differs(k)]
     if wrong:
         raise ConfigError(f"cannot resume from {path}: it was saved with other settings ({'; '.join(wrong)})")
     data = _data_change(saved, config, state.get("data_fingerprint"), data_fingerprint)
@@ -227,11 +234,19 @@ def check_config(path: Path, config: dict, schedule: dict, total: int, data_fing
                       "differs from an uninterrupted one" + "".join(f"; {k}" for k in kept), stacklevel=2)
 
 
-def model_path(model: str) -> str:
-    """``--model`` as the directory it names, links followed (a hub name as given): a checkpoint
-    records it, so a resumed run compares models, not spellings relative to where each ran."""
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def model_files(model: str) -> dict | None:
+    """What identifies a local ``--model`` directory: its ``config.json`` (sha256) and its weight
+    files' names and sizes; None for a hub name.  A checkpoint records it, so a resumed run compares
+    models, not spellings (a relative path from another directory, a link to another model)."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.exists() else model
+    if not path.is_dir():
+        return None
+    config = path / "config.json"
+    return {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+            "weights": sorted([f.name, f.stat().st_size] for f in path.iterdir() if f.suffix in _WEIGHTS)}
 
 
 def _same_file(a: str, b: str) -> bool:

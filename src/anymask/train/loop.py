@@ -165,7 +165,7 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")
     ckpt_state = {"config": asdict(cfg), "schedule": schedule,  # what each checkpoint's state.json adds
-                  "model_path": checkpoint.model_path(cfg.model)}
+                  "model_files": checkpoint.model_files(cfg.model)}
     if fingerprint is not None:
         ckpt_state["data_fingerprint"] = fingerprint
     epoch, index, steps_per_epoch = _position(stream, start)  # epochs pack differently: count the one resumed in
@@ -225,12 +225,13 @@ def _prepare_output_dir(cfg: TrainConfig, d) -> Path:
     failure = None
     if d.main:
         try:
-            elsewhere = cfg.resume not in (None, "auto") and not _same_dir(Path(cfg.resume).parent, out_dir)
-            if cfg.resume is None or elsewhere:
-                _refuse_earlier_checkpoints(out_dir, elsewhere)
-            if cfg.resume is None or elsewhere or (cfg.resume == "auto" and not checkpoint.complete(out_dir)):
+            if cfg.resume is None or (cfg.resume != "auto" and not _same_dir(Path(cfg.resume).parent, out_dir)):
+                _refuse_earlier_checkpoints(out_dir, elsewhere=cfg.resume is not None)
                 _refuse_earlier_results(out_dir)
-            if cfg.resume not in (None, "auto") and not elsewhere:
+            elif cfg.resume == "auto":
+                if not checkpoint.complete(out_dir):
+                    _refuse_earlier_results(out_dir)
+            else:
                 _refuse_later_checkpoints(out_dir, Path(cfg.resume))
             _make_writable_dir(out_dir)
             checkpoint.clean_partial(out_dir)
