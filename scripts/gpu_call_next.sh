@@ -8,7 +8,7 @@
 #    gpu_auto_host_probe.py on both trees;
 # 4. on an H200 only: the GQA 32:8 re-bench of gpu_call_layouts.sh (owed since the transpose change);
 # 5. (first) gpu_nan_memory_probe.py on both trees: what cuDNN leaves unwritten or reads past its buffers.
-# Make the old tree first:  mkdir -p build/ab_prev && git archive e943b14 src | tar -x -C build/ab_prev
+# SKIP_TRAIN=1, SKIP_PAD=1, SKIP_GQA=1 leave out 1, 2, 4.  Make the old tree first:  mkdir -p build/ab_prev && git archive e943b14 src | tar -x -C build/ab_prev
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu_name.txt)
 echo "$name"
@@ -23,7 +23,7 @@ echo "== inference-mode cache test, cuDNN and Liger GPU tests"
 PYTHONPATH=/tmp/site:src timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider -x tests/test_cudnn.py tests/test_triton.py \
   tests/test_train_fused.py tests/test_backends_agree.py -k "gpu or (inference_mode and cuda)" 2>&1 \
   | tee $OUT/gpu_tests.log | tail -3
-if [[ -d build/ab_prev/src ]]; then
+if [[ -d build/ab_prev/src && -z ${SKIP_TRAIN:-} ]]; then
   for round in $(seq ${TRAIN_ROUNDS:-2}); do
     for tree in build/ab_prev/src src; do
       tag=$([[ $tree == src ]] && echo head || echo prev)_$round
