@@ -123,6 +123,8 @@ def test_output_dir_that_cannot_be_created_exits_2_saying_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"anymask train: error: cannot create --output-dir {str(blocker / 'out')!r}: Not a directory" in err
     assert "cannot load" not in err
+    assert main(_train("no-such-model", "no-such.jsonl", tmp_path, "--output-dir", str(blocker))) == 2
+    assert f"cannot create --output-dir {str(blocker)!r}: it is a file" in capsys.readouterr().err
 
 
 def test_output_file_that_cannot_be_written_exits_2_saying_so(tiny_model_dir, tmp_path, capsys):  # noqa: F811

@@ -291,7 +291,8 @@ def _make_writable_dir(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create --output-dir {str(out_dir)!r}: {exc.strerror or exc}") from None
+        what = "it is a file" if out_dir.is_file() else exc.strerror or exc
+        raise ConfigError(f"cannot create --output-dir {str(out_dir)!r}: {what}") from None
     try:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
