@@ -191,14 +191,18 @@ def _count(n: int, noun: str) -> str:
 def check_config(path: Path, config: dict, schedule: dict, total: int, data_fingerprint: dict | None = None,
                  world: int = 1) -> None:
     """Compare the run's ``config`` with the one the checkpoint at ``path`` was saved with: a
-    :class:`ConfigError` for a setting its weights depend on, a warning for one that changes the run,
-    saying what the checkpoint's lr ``schedule`` does over this run's ``total`` steps.  The training
+    :class:`ConfigError` for a checkpoint past this run's ``total`` steps or a setting its weights
+    depend on, a warning for one that changes the run, saying what the checkpoint's lr ``schedule``
+    does over this run's ``total`` steps.  The training
     data is compared by content where both runs recorded its ``data_fingerprint`` (see
     :func:`anymask.train.data.fingerprint`), else by path; ``data_shards`` unset is the number of
     processes (``world`` now, the saved ``world`` then)."""
     from .config import ConfigError
 
     state = read_state(path)
+    if state["step"] > total:
+        raise ConfigError(f"{path} is at step {state['step']}, past this run's last step {total}: nothing to "
+                          "train; raise --max-steps (or --epochs), or resume from an earlier checkpoint")
     saved = dict(state["config"])
     config = json.loads(json.dumps(config))  # as it would be saved: tuples become lists
     if "data_shards" in saved:

@@ -148,10 +148,6 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
         print(f"anymask train: --warmup-steps {cfg.warmup_steps} is more than the run's {total} steps: the learning "
               f"rate never reaches --lr {cfg.lr:g} (it ends at {total / cfg.warmup_steps:.0%} of it)", file=sys.stderr)
     if resume:  # the checkpoint's schedule goes on: LambdaLR's state has its step and peak lr, not its shape
-        saved_step = checkpoint.read_state(Path(resume))["step"]
-        if saved_step > total:
-            raise ConfigError(f"{resume} is at step {saved_step}, past this run's last step {total}: nothing to "
-                              "train; raise --max-steps (or --epochs), or resume from an earlier checkpoint")
         schedule = checkpoint.saved_schedule(Path(resume), steps_per_epoch)
         checkpoint.check_config(Path(resume), asdict(cfg), schedule, total, fingerprint, world=d.world)
     optimizer = torch.optim.AdamW(params, lr=schedule["lr"], weight_decay=cfg.weight_decay)
