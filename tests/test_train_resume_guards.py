@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,55 @@ def test_the_model_is_compared_by_its_files_not_how_it_is_spelled(tiny_model_dir
     monkeypatch.chdir(tmp_path / "y")
     with pytest.raises(ConfigError, match=r"saved with other settings \(model .* \(other files\)"):
         train(config("./m", "sft", data, tmp_path / "r", max_steps=3, resume="auto"))
+
+
+def test_a_same_shaped_model_with_other_weights_is_refused(tiny_model_dir, tmp_path):  # noqa: F811
+    """Same config.json, same weight file names and sizes, one weight changed: it resumed silently."""
+    import torch
+    import transformers
+
+    data, _ = _first_step_checkpoint(tiny_model_dir, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
+    other = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, other)
+    model.save_pretrained(other)
+    assert [f.stat().st_size for f in sorted(other.glob("*.safetensors"))] == \
+        [f.stat().st_size for f in sorted(Path(tiny_model_dir).glob("*.safetensors"))]
+    with pytest.raises(ConfigError, match=r"saved with other settings \(model .* \(other files\)"):
+        train(config(str(other), "sft", data, tmp_path / "a", max_steps=3, resume="auto"))
+
+
+def test_a_checkpoint_that_recorded_no_weight_samples_still_resumes(tiny_model_dir, tmp_path):  # noqa: F811
+    """Checkpoints saved before the sampled hash existed compare what they recorded."""
+    data, _ = _first_step_checkpoint(tiny_model_dir, tmp_path)
+    state_file = tmp_path / "a" / "checkpoint-000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["model_files"]["weights_sampled_sha256"]
+    state_file.write_text(json.dumps(state))
+    resumed = train(config(tiny_model_dir, "sft", data, tmp_path / "a", max_steps=3, resume="auto"))
+    assert [h["step"] for h in resumed.history] == [3]
+
+
+def test_the_sampled_hash_sees_the_first_and_last_byte_of_a_large_file(tmp_path, monkeypatch):
+    from anymask.train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_SAMPLES", 4)
+    monkeypatch.setattr(checkpoint, "_WINDOW", 8)
+    f = tmp_path / "model.safetensors"
+    base = bytes(range(100))
+    f.write_bytes(base)
+    first = checkpoint._sampled_sha256([f])
+    for where in (0, 33, 99):
+        changed = bytearray(base)
+        changed[where] ^= 1
+        f.write_bytes(bytes(changed))
+        assert checkpoint._sampled_sha256([f]) != first, where
+    changed = bytearray(base)
+    changed[20] ^= 1  # between the windows at 0..7 and 30..37: not read, by design
+    f.write_bytes(bytes(changed))
+    assert checkpoint._sampled_sha256([f]) == first
 
 
 def test_ctrl_c_is_one_line_saying_where_to_go_on(tiny_model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811

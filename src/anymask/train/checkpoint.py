@@ -213,7 +213,7 @@ def check_config(path: Path, config: dict, schedule: dict, total: int, data_fing
         if key == "model" and state.get("model_files") and isinstance(config.get(key), str):
             now = model_files(config[key])
             if now is not None:  # both local: the files decide, not the spelling or where it ran
-                return now != state["model_files"]
+                return any(now.get(k) != v for k, v in state["model_files"].items())  # what it recorded
         if key not in saved or saved[key] == config.get(key):
             return False
         if key == "model" and isinstance(saved[key], str) and isinstance(config.get(key), str):
@@ -242,15 +242,38 @@ _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def model_files(model: str) -> dict | None:
-    """What identifies a local ``--model`` directory: its ``config.json`` (sha256) and its weight
-    files' names and sizes; None for a hub name.  A checkpoint records it, so a resumed run compares
-    models, not spellings (a relative path from another directory, a link to another model)."""
+    """What identifies a local ``--model`` directory: its ``config.json`` (sha256), its weight
+    files' names and sizes, and a sha256 of :data:`_SAMPLES` evenly spaced 1 MiB windows of each
+    weight file (a fine-tuned copy of the same shape differs there; reading all of a 15 GB model at
+    every save would not pay); None for a hub name.  A checkpoint records it, so a resumed run
+    compares models, not spellings (a relative path from another directory, a link to another
+    model)."""
     path = Path(model).expanduser()
     if not path.is_dir():
         return None
     config = path / "config.json"
+    weights = sorted(f for f in path.iterdir() if f.suffix in _WEIGHTS)
     return {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
-            "weights": sorted([f.name, f.stat().st_size] for f in path.iterdir() if f.suffix in _WEIGHTS)}
+            "weights": [[f.name, f.stat().st_size] for f in weights],
+            "weights_sampled_sha256": _sampled_sha256(weights)}
+
+
+_SAMPLES, _WINDOW = 64, 1 << 20
+
+
+def _sampled_sha256(files: list[Path]) -> str:
+    """sha256 over :data:`_SAMPLES` windows of :data:`_WINDOW` bytes spread evenly over each file
+    (all of a file smaller than that)."""
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        whole = size <= _SAMPLES * _WINDOW
+        starts = [0] if whole else [i * (size - _WINDOW) // (_SAMPLES - 1) for i in range(_SAMPLES)]
+        with f.open("rb") as handle:
+            for start in starts:
+                handle.seek(start)
+                digest.update(handle.read(size if whole else _WINDOW))
+    return digest.hexdigest()
 
 
 def _same_file(a: str, b: str) -> bool:
