@@ -104,3 +104,24 @@ def test_meta_tensors_are_refused_clearly():
     q, k, v = (t.to("meta") for t in qkv())
     with pytest.raises(ValueError, match="meta tensors"):
         anymask.attention(q, k, v, M.causal())
+
+
+class _Broken:
+    def __call__(self, b, h, q, kv):
+        return torch.arange(4).view(3)[0] + q >= kv  # RuntimeError: the user's own bug
+
+
+def _broken(b, h, q, kv):
+    return torch.arange(4).view(3)[0] + q >= kv
+
+
+@pytest.mark.parametrize("fn", [_broken, _Broken()], ids=["function", "callable"])
+def test_a_custom_mask_mods_own_error_is_raised_without_trying_every_backend(fn):
+    """auto warned 'backend sdpa failed ... falling back' once per backend, then raised the same error."""
+    import warnings
+
+    q, k, v = qkv()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match=r"shape '\[3\]' is invalid"):
+            anymask.attention(q, k, v, M.custom(fn) & M.causal())

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 
 import torch
 
 from . import backend as B
 from .dispatch import candidates, choose, remember
-from .masks import Mask
+from .masks import Custom, Mask, _leaves
 from .problem import describe
 
 
@@ -41,6 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
         try:
             out = chosen.run(q, k, v, p)
         except _fallback_errors() as exc:
+            if _raised_in_mask_mod(exc, mask):  # the user's code: every backend would fail alike
+                raise
             transient = transient or isinstance(exc, torch.OutOfMemoryError)
             tried.append(chosen.name)
             rest = [n for n in candidates(p) if n not in tried]
@@ -55,6 +58,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
         if tried and not transient:  # out of memory may pass: do not pin the fallback for it
             remember(p, chosen.name)
         return out
+
+
+def _raised_in_mask_mod(exc: BaseException, mask: Mask) -> bool:
+    """Whether ``exc`` came out of one of ``mask``'s custom ``mask_mod`` functions."""
+    fns = [leaf.fn for leaf in _leaves(mask) if isinstance(leaf, Custom)]  # functions, methods, callables
+    codes = {getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None) for f in fns} - {None}
+    return bool(codes) and any(frame.f_code in codes for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def _fallback_errors() -> tuple[type[BaseException], ...]:
