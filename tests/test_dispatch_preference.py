@@ -104,3 +104,35 @@ def test_auto_decides_again_after_an_in_place_edit_takes_its_backend_away():
     want = anymask.attention(q, k, v, M.padding(mask.terms[0].valid.clone()) & M.window(2) & M.causal(),
                              backend="eager")
     torch.testing.assert_close(anymask.attention(q, k, v, mask), want)
+
+
+def test_a_fallback_pinned_for_one_layout_leaves_the_other_alone(monkeypatch):
+    """A backend that failed on ``[B, S, H, D]`` views (as Llama-style models pass them) was skipped
+    for contiguous inputs too: auto's remembered fallback did not know the layout."""
+    import warnings
+
+    import anymask
+    from anymask import backend as B
+
+    mask = M.padding(torch.tensor([[True] * 12 + [False] * 4]))
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    first = anymask.which_backend(q, k, v, mask)
+    chosen = B.get(first)
+    real_run = chosen.run
+
+    def fails_on_seq_major(q, k, v, p):
+        if q.stride(2) > q.stride(1):
+            raise RuntimeError("this layout is not supported")
+        return real_run(q, k, v, p)
+
+    monkeypatch.setattr(chosen, "run", fails_on_seq_major)
+    dispatch.forget_choices()
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    with pytest.warns(RuntimeWarning, match=f"backend {first!r} failed"):
+        anymask.attention(q_t, k_t, v_t, mask)
+    assert anymask.which_backend(q_t, k_t, v_t, mask) != first
+    assert anymask.which_backend(q, k, v, mask) == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        anymask.attention(q, k, v, mask)
+    dispatch.forget_choices()

@@ -26,6 +26,9 @@ class Problem:
     scale: float
     mask: Mask = field(repr=False)
     structure: Structure = field(repr=False)
+    # per q, k, v: whether the sequence dim is outermost after batch (``[B, S, H, D]`` transposed
+    # views, as Llama-style models pass them); auto's remembered fallbacks are kept apart per layout
+    seq_major: tuple[bool, bool, bool] = (False, False, False)
 
     @property
     def is_gqa(self) -> bool:
@@ -93,4 +96,4 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
     mask.validate(B, Hq, Sq, Skv)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
-                   mask, analyse(mask.to(q.device)))
+                   mask, analyse(mask.to(q.device)), tuple(t.stride(2) > t.stride(1) for t in (q, k, v)))
