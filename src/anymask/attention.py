@@ -11,7 +11,7 @@ import torch
 from . import backend as B
 from .dispatch import candidates, choose, remember
 from .masks import Custom, Mask, _leaves
-from .problem import describe
+from .problem import autocast_device, autocast_inputs, describe
 
 
 @torch.compiler.disable(recursive=True)
@@ -20,9 +20,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     """Scaled dot-product attention where ``mask`` says what may attend to what.
 
     q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq`` a multiple of ``Hkv`` (GQA).
-    Returns ``[B, Hq, Sq, D]`` in q's dtype.  ``mask`` is required: there is no default, because
-    "no mask means causal" is exactly the silent bug this library exists to end.  Queries are the
-    last ``Sq`` of the ``Skv`` positions.  Rows that see no key output 0.
+    Returns ``[B, Hq, Sq, D]`` in q's dtype.  Under ``torch.autocast`` inputs are taken as
+    ``F.scaled_dot_product_attention`` takes them there (float16/bfloat16/float32 cast to autocast's
+    dtype, which the output then has) and the backend runs with autocast off.  ``mask`` is
+    required: there is no default, because "no mask means causal" is exactly the silent bug this
+    library exists to end.  Queries are the last ``Sq`` of the ``Skv`` positions.  Rows that see no
+    key output 0.
 
     ``backend="auto"`` picks the fastest backend that can run the call (measured where
     ``anymask tune`` has run, else a static preference); a named backend that cannot run the call
@@ -33,6 +36,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     compiled inside, Triton kernels are kernels).  Tracing into it gave a tiny Llama 23 graphs and
     an 8x slower compiled step than one break per call.
     """
+    autocast = autocast_device(q, k, v)
+    if autocast is not None:  # cast as autocast casts SDPA's inputs; backends then run without it
+        q, k, v = autocast_inputs(q, k, v)
+        with torch.autocast(autocast, enabled=False):
+            return attention(q, k, v, mask, backend=backend, scale=scale)
     p = describe(q, k, v, mask, scale)
     chosen = choose(p, backend)
     if backend != "auto":
@@ -84,6 +92,7 @@ def which_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask,
     """The name of the backend ``attention`` would use for these inputs.  Nothing is computed,
     unless ``ANYMASK_AUTOTUNE=1`` and this signature has no cached choice: then, as ``attention``
     would, every eligible backend is timed first and the winner stored (see :func:`tune`)."""
+    q, k, v = autocast_inputs(q, k, v)
     return choose(describe(q, k, v, mask, scale), backend).name
 
 
@@ -97,7 +106,7 @@ def backends(q: torch.Tensor | None = None, k: torch.Tensor | None = None, v: to
     given = [x is not None for x in (q, k, v, mask)]
     if any(given) and not all(given):
         raise TypeError("backends() takes no arguments, or all of q, k, v and mask")
-    p = describe(q, k, v, mask, None) if q is not None else None
+    p = describe(*autocast_inputs(q, k, v), mask, None) if q is not None else None
     out = {}
     for name in B._MODULES:
         backend = B.get(name, missing_ok=True)

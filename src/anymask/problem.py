@@ -53,6 +53,26 @@ def _check_scale(scale) -> float:
     return value
 
 
+def autocast_device(q, k, v) -> str | None:
+    """The device type whose ``torch.autocast`` is on for this call, or None."""
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None  # describe says what is wrong
+    try:
+        return q.device.type if torch.is_autocast_enabled(q.device.type) else None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+
+
+def autocast_inputs(q, k, v) -> tuple:
+    """``q, k, v`` as ``torch.autocast`` hands them to an op on its lower-precision list (SDPA):
+    floating point ones but float64 in its dtype; unchanged where autocast is off."""
+    device_type = autocast_device(q, k, v)
+    if device_type is None:
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
+
+
 def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float | None) -> Problem:
     """Validate the inputs of ``attention`` and describe the call; clear errors on bad input."""
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from .masks import stamp
-from .problem import Problem, describe
+from .problem import Problem, autocast_inputs, describe
 
 ENV_DIR = "ANYMASK_CACHE_DIR"
 ENV_AUTOTUNE = "ANYMASK_AUTOTUNE"
@@ -439,7 +439,9 @@ def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: floa
 
     Gradients are part of the signature: call it with inputs that require grad (and grad enabled)
     to tune training, without to tune inference.  ``q, k, v`` serve as one of the input sets.
+    Under ``torch.autocast`` they are cast as :func:`anymask.attention` casts them.
     """
+    q, k, v = autocast_inputs(q, k, v)
     p = describe(q, k, v, mask, scale)
     machine, sig = machine_key(str(p.device)), signature(p)
     if not force:
