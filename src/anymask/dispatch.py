@@ -147,28 +147,29 @@ def choose(p: Problem, requested: str = "auto") -> B.Backend:
                 f"(mask {p.structure.kind()}, {p.dtype}, {p.device}, grad={p.requires_grad}):\n  - "
                 + "\n  - ".join(reasons))
         return backend
-    name = _AUTO.get((p.mask,), _auto_key(p), lambda: _measured_choice(p) or next(_runnable(p)))
+    measured = (lambda: None) if p.transformed else (lambda: _measured_choice(p))  # nothing timed in a transform
+    name = _AUTO.get((p.mask,), _auto_key(p), lambda: measured() or next(_runnable(p)))
     return B.get(name)
 
 
-# auto's decision per (mask object, shapes, dtype, device, grad, layout, tuning state), holding the mask
-# weakly (a dense mask can be large).  Every layer of a model calls with the same mask, and a
-# decision costs ~0.1 ms of host time on a GPU machine (H200 host: 0.39 ms against 0.24 ms for a
-# forced flex call), which short calls cannot hide.
+# auto's decision per (mask object, shapes, dtype, device, grad, layout, transforms, tuning state),
+# holding the mask weakly (a dense mask can be large).  Every layer of a model calls with the same
+# mask, and a decision costs ~0.1 ms of host time on a GPU machine (H200 host: 0.39 ms against
+# 0.24 ms for a forced flex call), which short calls cannot hide.
 _AUTO = IdentityLRU(64, weak=True)
 
 
 def _auto_key(p: Problem) -> tuple:
-    """Shapes, dtype, device, grad, layout, tuning state, and the mask's :func:`~anymask.masks.stamp`: an
-    in-place edit of a tensor the mask holds can take a backend's support away (padding holes under
-    a window: varlen), so the decision is made again."""
+    """Shapes, dtype, device, grad, layout, torch.func transforms, tuning state, and the mask's
+    :func:`~anymask.masks.stamp`: an in-place edit of a tensor the mask holds can take a backend's
+    support away (padding holes under a window: varlen), so the decision is made again."""
     try:
         from . import tuning
         state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), os.environ.get(tuning.ENV_AUTOTUNE))
     except ImportError:
         state = None
     return (p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
-            p.requires_grad, p.seq_major, state, M.stamp(p.mask))
+            p.requires_grad, p.seq_major, p.transformed, state, M.stamp(p.mask))
 
 
 def remember(p: Problem, name: str) -> None:

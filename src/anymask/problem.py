@@ -29,6 +29,9 @@ class Problem:
     # per q, k, v: whether the sequence dim is outermost after batch (``[B, S, H, D]`` transposed
     # views, as Llama-style models pass them); auto's remembered fallbacks are kept apart per layout
     seq_major: tuple[bool, bool, bool] = (False, False, False)
+    # under a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD: only backends made of
+    # plain PyTorch ops run there (custom autograd Functions and compiled kernels do not)
+    transformed: bool = False
 
     @property
     def is_gqa(self) -> bool:
@@ -47,6 +50,9 @@ def _check_scale(scale) -> float:
     number = isinstance(scale, numbers.Real) or isinstance(scale, torch.Tensor) and scale.numel() == 1
     if isinstance(scale, bool) or not number:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        raise TypeError("scale is a tensor that requires grad: anymask takes a fixed scale and would drop its "
+                        "gradient; to learn a temperature, multiply q by it instead")
     value = float(scale)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"scale must be a finite number > 0, got {value}")
@@ -116,4 +122,15 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
     mask.validate(B, Hq, Sq, Skv)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
-                   mask, analyse(mask.to(q.device)), tuple(t.stride(2) > t.stride(1) for t in (q, k, v)))
+                   mask, analyse(mask.to(q.device)), tuple(t.stride(2) > t.stride(1) for t in (q, k, v)),
+                   _transformed(q, k, v))
+
+
+def _transformed(*tensors: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform wraps any of ``tensors``, or one carries a forward-mode
+    AD tangent."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and any(wrapped(t) for t in tensors):
+        return True
+    forward_ad = torch.autograd.forward_ad
+    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -16,6 +16,7 @@ from ..problem import Problem
 class Backend:
     name: str = ""
     summary: str = ""
+    runs_under_transforms: bool = False  # plain PyTorch ops only: torch.func transforms see through it
 
     @cached_property
     def machine_reasons(self) -> tuple[str, ...]:
@@ -30,7 +31,12 @@ class Backend:
         return []
 
     def not_supported_reasons(self, p: Problem) -> list[str]:
-        return list(self.machine_reasons) or self.problem_reasons(p)
+        if self.machine_reasons:
+            return list(self.machine_reasons)
+        if p.transformed and not self.runs_under_transforms:
+            return [f"{self.name} cannot run under torch.func transforms (grad, vmap, jvp, ...) or forward-mode "
+                    "AD: its custom autograd Functions or compiled kernels have no rules for them; eager and sdpa can"]
+        return self.problem_reasons(p)
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> torch.Tensor:
         raise NotImplementedError

@@ -11,6 +11,7 @@ from .common import dense_mask, expand_kv
 class Eager(Backend):
     name = "eager"
     summary = "plain PyTorch math in fp32/fp64; any mask; the reference"
+    runs_under_transforms = True
 
     def run(self, q, k, v, p):
         work = torch.float64 if q.dtype == torch.float64 else torch.float32

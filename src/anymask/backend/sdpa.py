@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .base import Backend
 from .common import dense_mask, expand_kv, masked_sdpa, zero_rows
@@ -30,8 +31,15 @@ def native_form(p) -> str:
 class Sdpa(Backend):
     name = "sdpa"
     summary = "torch SDPA: is_causal / lower-right causal / no mask natively, else a dense bool mask"
+    runs_under_transforms = True
 
     def run(self, q, k, v, p):
+        if p.transformed:  # the math kernel is plain ops, so jvp and vmap see through it (the fused ones: no forward AD)
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._run(q, k, v, p)
+        return self._run(q, k, v, p)
+
+    def _run(self, q, k, v, p):
         form = native_form(p)
         gqa = {"enable_gqa": True} if p.is_gqa else {}
         if form == "full":
