@@ -125,3 +125,32 @@ def test_a_custom_mask_mods_own_error_is_raised_without_trying_every_backend(fn)
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match=r"shape '\[3\]' is invalid"):
             anymask.attention(q, k, v, M.custom(fn) & M.causal())
+
+
+@pytest.mark.parametrize("mask", [
+    lambda: M.padding(torch.ones(1, 8, dtype=torch.bool, device="meta")),
+    lambda: M.documents(torch.zeros(1, 8, dtype=torch.long, device="meta")) & M.causal(),
+    lambda: M.dense(torch.ones(8, 8, dtype=torch.bool, device="meta")),
+], ids=["padding", "documents", "dense"])
+def test_a_mask_of_meta_tensors_is_refused_clearly(mask):
+    """It failed inside: ``Tensor.item() cannot be called on meta tensors``, ``Cannot copy out of meta tensor``."""
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="holds meta tensors"):
+        anymask.attention(q, k, v, mask())
+    with pytest.raises(ValueError, match="holds meta tensors"):
+        mask().to_dense(1, 1, 8, 8)
+
+
+def test_to_dense_sizes_take_any_integer_but_not_a_bool():
+    import numpy as np
+
+    assert M.causal().to_dense(np.int64(2), 1, np.int32(3), 4).shape == (2, 1, 3, 4)
+    with pytest.raises(ValueError, match="batch must be a positive int, got True"):
+        M.causal().to_dense(True, 1, 2, 2)
+
+
+def test_a_non_mask_on_the_left_of_and_or_gets_the_clear_error():
+    with pytest.raises(TypeError, match="cannot combine a Mask with int using '&'"):
+        3 & M.full()
+    with pytest.raises(TypeError, match="cannot combine a Mask with NoneType using '|'"):
+        None | M.full()

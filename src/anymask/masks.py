@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 import operator
 import types
 import warnings
@@ -100,13 +101,20 @@ class Mask:
         _check_mask(other, "|")
         return Or(_flatten(Or, (self, other)))
 
+    def __rand__(self, other) -> "Mask":  # ``3 & mask``: the clear TypeError of ``mask & 3``
+        return self & other
+
+    def __ror__(self, other) -> "Mask":
+        return self | other
+
     def __invert__(self) -> "Mask":
         return Not(self)
 
     # oracle ------------------------------------------------------------------------------
     def to_dense(self, batch: int, heads: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
         """The mask as a bool tensor ``[batch, heads, q_len, kv_len]`` (True = may attend)."""
-        _check_sizes(batch, heads, q_len, kv_len)
+        batch, heads, q_len, kv_len = _check_sizes(batch, heads, q_len, kv_len)
+        check_not_meta(self)
         self.validate(batch, heads, q_len, kv_len)
         device = torch.device(device) if device is not None else self._default_device()
         m = self.to(device)
@@ -159,6 +167,13 @@ def _check_drawn(name: str, index, size: int, why: str) -> None:
     """``picture``: a batch row or head outside the mask is a clear error, not a shape mismatch."""
     if _drawn_index(name, index) >= size:
         raise ValueError(f"picture: {name} {index} is out of range ({why})")
+
+
+def check_not_meta(mask: Mask) -> None:
+    """A clear error for a mask holding meta tensors (no values to read lengths or ids from)."""
+    if any(t.is_meta for t in _tensors(mask)):
+        raise ValueError(f"{mask!r} holds meta tensors: a mask needs its values (lengths, ids, valid "
+                         "flags); build it from real tensors")
 
 
 def _tensors(mask: Mask):
@@ -302,13 +317,16 @@ def _check_mask(other, op: str) -> None:
                         "build masks with anymask.masks constructors")
 
 
-def _check_sizes(batch: int, heads: int, q_len: int, kv_len: int) -> None:
+def _check_sizes(batch: int, heads: int, q_len: int, kv_len: int) -> tuple[int, int, int, int]:
+    """The four sizes as Python ints (NumPy and other integers taken; bools are not sizes)."""
     for name, value in (("batch", batch), ("heads", heads), ("q_len", q_len), ("kv_len", kv_len)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    batch, heads, q_len, kv_len = (int(x) for x in (batch, heads, q_len, kv_len))
     if q_len > kv_len:
         raise ValueError(f"q_len ({q_len}) must not exceed kv_len ({kv_len}): queries are the last "
                          "q_len of the kv_len positions")
+    return batch, heads, q_len, kv_len
 
 
 def _flatten(kind, terms) -> tuple[Mask, ...]:

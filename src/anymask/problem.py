@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .masks import Mask
+from .masks import Mask, check_not_meta
 from .structure import Structure, analyse
 
 
@@ -119,6 +119,7 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
         scale = _check_scale(scale)
     if q.is_meta:
         raise ValueError("q, k, v are meta tensors: attention needs their values (masks are analysed from data)")
+    check_not_meta(mask)
     mask.validate(B, Hq, Sq, Skv)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
