@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (``train`` and ``bench`` say more)
+        print(f"anymask {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

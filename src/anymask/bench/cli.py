@@ -10,8 +10,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +46,10 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--grid", choices=sorted(GRIDS), help="default grid (default: gpu with CUDA, else cpu)")
     which.add_argument("--quick", action="store_true", help="the tiny CI grid (under a minute on CPU): --grid quick")
-    p.add_argument("--config", metavar="FILE", help="JSON or (Python 3.11+) TOML file of grid options (same names as below)")
+    p.add_argument("--config", metavar="FILE",
+                   help="JSON or (Python 3.11+) TOML file of grid and the grid options below (masks, seqlens, "
+                        "dtypes, passes, head_dims, heads, batch, tokens; for bench also backends); "
+                        "command-line options override it")
     p.add_argument("--masks", help="comma list of catalogue masks (full,causal,padding,documents,...)")
     p.add_argument("--seqlens", help="comma list of sequence lengths")
     p.add_argument("--dtypes", help="comma list of bf16,fp16,fp32")
@@ -231,6 +236,15 @@ def _check_tag(tag: str) -> None:
         raise _usage_error("bench", f"--tag {tag!r}: a plain file name stem (no folders; --out DIR chooses the folder)")
 
 
+def _check_writable(command: str, directory: Path, what: str) -> None:
+    """A usage error, before any measuring, where ``directory`` (created if missing) takes no file."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise _usage_error(command, f"cannot write {what} in {str(directory)!r}: {exc.strerror or exc}") from None
+
+
 def _made_dir(path: Path) -> Path:
     """``path`` created (parents too) before any work; a file in the way or no permission is a usage error."""
     try:
@@ -288,11 +302,11 @@ def _bench(args) -> int:
     settings = SETTINGS[name]
     if args.budget is not None:
         settings = dataclasses.replace(settings, budget_s=args.budget)
-    out = _made_dir(Path(args.out) if args.out else Path("benchmarks") / "results" / env.device_slug(device))
     tag = args.tag
-    if not args.out and (any(out.glob("*.json")) or any(out.glob("*.png"))):
-        out = _made_dir(out / time.strftime("run-%Y%m%d-%H%M%S", time.gmtime()))  # keep the results there
-        print(f"anymask bench: {out.parent} holds results; writing to {out} (--out DIR to choose)", file=sys.stderr)
+    out = Path(args.out) if args.out else _default_out(Path("benchmarks") / "results" / env.device_slug(device), tag)
+    _check_writable("bench", _made_dir(out), "results")
+    if (out / f"{tag}.json").is_dir() or (out / f"{tag}.csv").is_dir():
+        raise _usage_error("bench", f"{out / tag}.json or .csv is a directory; choose another --out or --tag")
     meta = env.metadata(device)
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
@@ -308,14 +322,75 @@ def _bench(args) -> int:
     cases_summary = report.case_summaries(rows)
     line = report.summary(rows, cases_summary, str(out), device=meta["device"], grid=name,
                           seconds=round(time.perf_counter() - start, 1))
-    report.write_csv(rows, out / f"{tag}.csv")
-    report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
-    if not args.no_plot:
-        _plot(rows, out, meta)
     print(report.full_table(rows))
     print(report.summary_table(cases_summary))
+    try:
+        report.write_csv(rows, out / f"{tag}.csv")
+        report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
+        if not args.no_plot:
+            _plot(rows, out, meta)
+    except OSError as exc:
+        print(f"anymask bench: error: cannot write the results into {out} ({exc.strerror or exc}); "
+              "the tables above are all that is left of this run", file=sys.stderr)
+        return 1
     print(json.dumps(line))
+    return _bench_status(rows, line)
+
+
+def _bench_status(rows, line: dict) -> int:
+    """130 for a run stopped by Ctrl-C or SIGTERM, 1 where a variant failed or nothing was measured
+    (each said on stderr), else 0.  A deadline that cut cases short is a normal end."""
+    if any(r.variant == "*" and r.reason.endswith("interrupted") for r in rows):
+        n = line["not_started"]
+        print(f"anymask bench: interrupted; {n} case{'s' * (n != 1)} not started (results so far written)",
+              file=sys.stderr)
+        return 130
+    if line["failed"]:
+        print(f"anymask bench: {line['failed']} variant(s) failed (see 'failed' rows above)", file=sys.stderr)
+        return 1
+    if not any(r.status == "ok" for r in rows):
+        print("anymask bench: nothing was measured (every variant skipped; see the reasons above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _default_out(base: Path, tag: str) -> Path:
+    """``base`` (the device's results directory) if it holds no results and no other run is writing
+    there; else a new ``run-<UTC time>`` directory under it.  A run claims its directory with a
+    ``.<tag>.running`` file made exclusively, so two runs started together do not share one."""
+    claim = _claim(_made_dir(base), tag) if not (any(base.glob("*.json")) or any(base.glob("*.png"))) else None
+    if claim is not None:
+        return base
+    stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    for n in range(1, 1000):
+        out = base / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _usage_error("bench", f"cannot create {str(out)!r}: {exc.strerror or exc}") from None
+        _claim(out, tag)
+        print(f"anymask bench: {base} holds results (or another run is writing there); writing to {out} "
+              "(--out DIR to choose)", file=sys.stderr)
+        return out
+    raise _usage_error("bench", f"{base} holds 999 runs started this second; choose --out")
+
+
+def _claim(directory: Path, tag: str) -> Path | None:
+    """``directory/.<tag>.running``, made exclusively and removed when the process ends; None where
+    another run holds it."""
+    import atexit
+
+    path = directory / f".{tag}.running"
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise _usage_error("bench", f"cannot write results in {str(directory)!r}: {exc.strerror or exc}") from None
+    atexit.register(lambda: path.unlink(missing_ok=True))
+    return path
 
 
 def _tune(args) -> int:
@@ -330,25 +405,35 @@ def _tune(args) -> int:
     if "backends" in config:
         raise _usage_error("tune", f"{args.config}: backends is a bench option; tune measures every backend "
                                    "(anymask bench --tune --backends ... stores the fastest of a subset)")
+    _check_writable("tune", tuning.cache_path().parent, f"the tuning cache ({tuning.ENV_DIR} chooses where)")
     print(f"anymask tune: {len(cases)} cases -> {tuning.cache_path()}", file=sys.stderr)
-    results = []
-    for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
-        mask = bench_mask(case.mask, case.batch, case.seq)
-        sets = make_inputs(case.batch, case.heads, case.kv_heads, case.seq, case.seq, case.head_dim,
-                           case.torch_dtype, device, sets=1)
-        q, k, v = (t.detach().requires_grad_(case.grad) for t in (sets.q[0], sets.k[0], sets.v[0]))
-        with torch.set_grad_enabled(case.grad):
-            winner = tuning.tune(q, k, v, mask, force=args.force)
-            sig = tuning.signature(describe(q, k, v, mask, None))
-        entry = tuning.entries(device).get(sig, {})
-        results.append((case.label(), winner, entry.get("ms", {}), entry.get("rejected", {})))
-    for label, winner, ms, rejected in results:
+    results, interrupted = [], False
+    try:
+        for case in tqdm(cases, desc="anymask tune", unit="case", file=sys.stderr, disable=args.no_progress):
+            mask = bench_mask(case.mask, case.batch, case.seq)
+            sets = make_inputs(case.batch, case.heads, case.kv_heads, case.seq, case.seq, case.head_dim,
+                               case.torch_dtype, device, sets=1)
+            q, k, v = (t.detach().requires_grad_(case.grad) for t in (sets.q[0], sets.k[0], sets.v[0]))
+            with torch.set_grad_enabled(case.grad):
+                sig = tuning.signature(describe(q, k, v, mask, None))
+                cached = not args.force and sig in tuning.entries(device)
+                winner = tuning.tune(q, k, v, mask, force=args.force)
+            entry = tuning.entries(device).get(sig, {})
+            results.append((case.label(), winner, entry.get("ms", {}), entry.get("rejected", {}), cached))
+    except KeyboardInterrupt:
+        interrupted = True
+    for label, winner, ms, rejected, cached in results:
         times = "  ".join(f"{n} {t:.3f}" for n, t in sorted(ms.items(), key=lambda kv: kv[1]))
-        print(f"{label:<46} -> {winner or '-':<10} ms: {times}")
+        print(f"{label:<46} -> {winner or '-':<10} ms: {times}{'  (cached; --force re-measures)' if cached else ''}")
         for n, why in rejected.items():
             print(f"{'':<50}{n}: {why}")
     print(json.dumps({"tune": "anymask", "cases": len(results), "cache": str(tuning.cache_path()),
+                      "interrupted": interrupted,
                       "winners": {w: sum(r[1] == w for r in results) for w in {r[1] for r in results}}}))
+    if interrupted:
+        print(f"anymask tune: interrupted after {len(results)} of {len(cases)} cases (their choices are stored)",
+              file=sys.stderr)
+        return 130
     return 0
 
 
