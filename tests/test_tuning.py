@@ -279,3 +279,13 @@ def test_a_measured_eager_win_is_not_applied_past_eager_s_size_limit():
     assert 64 * 32 * 64 * 64 > EAGER_LIMIT["cpu"]
     assert tuning.signature(describe(qb, kb, kb, mask, None)) == tuning.signature(small)
     assert anymask.which_backend(qb, kb, kb, mask) != "eager"
+
+
+def test_a_junk_autotune_setting_is_said_not_taken_as_off(monkeypatch):
+    """``ANYMASK_AUTOTUNE=ture`` silently left measuring off."""
+    p, (q, k, v) = problem(M.documents(lengths=[8, 8, 16]) & M.causal())
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "ture")
+    with pytest.raises(ValueError, match="ANYMASK_AUTOTUNE='ture': use 1"):
+        anymask.attention(q, k, v, p.mask)
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "off")
+    anymask.attention(q, k, v, p.mask)

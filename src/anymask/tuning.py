@@ -330,7 +330,14 @@ def store(machine: str, sig: str, entry: dict) -> None:
 
 
 def _autotune_enabled() -> bool:
-    return os.environ.get(ENV_AUTOTUNE, "").strip().lower() in ("1", "true", "yes", "on")
+    """``ANYMASK_AUTOTUNE``: 1/true/yes/on, or 0/false/no/off/unset; anything else is a ValueError
+    (a typo must not silently leave measuring off)."""
+    value = os.environ.get(ENV_AUTOTUNE, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{ENV_AUTOTUNE}={os.environ[ENV_AUTOTUNE]!r}: use 1 (measure unseen problems) or 0")
 
 
 def lookup(p: Problem) -> str | None:
