@@ -16,23 +16,26 @@ from anymask import masks as M
 from .test_hf_common import VOCAB, tiny_model, twin
 
 MASK = M.documents(lengths=[[5, 11], [16]]) & M.causal()
-CPU_BACKENDS = [n for n, b in anymask.backends().items() if b["available"]]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = list(anymask.backends())
 
 
-def _qkv(dtype=torch.float32):
+def _qkv(dtype=torch.float32, device="cpu", head_dim=16):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(2, 4, 16, 16, generator=g, dtype=dtype) for _ in range(3)]
+    return [torch.randn(2, 4, 16, head_dim, generator=g, dtype=dtype).to(device) for _ in range(3)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_inputs_are_cast_to_autocasts_dtype_and_the_backend_runs_without_it(backend):
-    q, k, v = _qkv()
-    if anymask.backends(q.bfloat16(), k.bfloat16(), v.bfloat16(), MASK)[backend]["reasons"]:
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inputs_are_cast_to_autocasts_dtype_and_the_backend_runs_without_it(backend, device):
+    q, k, v = _qkv(device=device, head_dim=64)
+    mask = MASK.to(device)
+    if anymask.backends(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)[backend]["reasons"]:
         pytest.skip(f"{backend} cannot run this call in bf16 here")
-    want = anymask.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), MASK, backend=backend)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = anymask.attention(q, k, v.bfloat16(), MASK, backend=backend)  # mixed, as a Llama layer
-        assert anymask.which_backend(q, k, v.bfloat16(), MASK, backend=backend) == backend
+    want = anymask.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, backend=backend)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = anymask.attention(q, k, v.bfloat16(), mask, backend=backend)  # mixed, as a Llama layer
+        assert anymask.which_backend(q, k, v.bfloat16(), mask, backend=backend) == backend
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, want, atol=0, rtol=0)
 
@@ -46,14 +49,15 @@ def test_float64_stays_float64_and_exact_under_autocast():
     torch.testing.assert_close(out, want, atol=1e-13, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_a_float32_model_trains_under_autocast_like_sdpa(family):
-    theirs = tiny_model(family, "sdpa").train()
+def test_a_float32_model_trains_under_autocast_like_sdpa(family, device):
+    theirs = tiny_model(family, "sdpa").train().to(device)
     ours = twin(theirs, "anymask")
-    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1)).to(device)
     losses, grads = [], []
     for model in (theirs, ours):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())

@@ -23,13 +23,16 @@ MASKS = {
 }
 
 
-def _inputs():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _inputs(device="cpu", dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(4)]
+    return [torch.randn(B, H, S, D, generator=g, dtype=dtype).to(device) for _ in range(4)]
 
 
-def _transformed_calls(mask, backend):
-    q, k, v, t = _inputs()
+def _transformed_calls(mask, backend, device="cpu", dtype=torch.float64):
+    q, k, v, t = _inputs(device, dtype)
 
     def f(a):
         return anymask.attention(a, k, v, mask, backend=backend)
@@ -42,17 +45,18 @@ def _transformed_calls(mask, backend):
     return grad, tangent, batched, dual_tangent
 
 
+@pytest.mark.parametrize("device, dtype", [(d, t) for d in DEVICES for t in (torch.float64, torch.float32)])
 @pytest.mark.parametrize("name", MASKS)
-def test_auto_runs_every_transform_without_falling_back_and_leaves_plain_calls_alone(name):
-    mask = MASKS[name]
-    q, k, v, _ = _inputs()
+def test_auto_runs_every_transform_without_falling_back_and_leaves_plain_calls_alone(name, device, dtype):
+    mask = MASKS[name].to(device)
+    q, k, v, _ = _inputs(device, dtype)
     plain = anymask.which_backend(q, k, v, mask)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="anymask")
-        got = _transformed_calls(mask, "auto")
-    want = _transformed_calls(mask, "eager")
+        got = _transformed_calls(mask, "auto", device, dtype)
+    want = _transformed_calls(mask, "eager", device, dtype)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-12 if dtype == torch.float64 else 2e-5, rtol=0)
     assert anymask.which_backend(q, k, v, mask) == plain
 
 
