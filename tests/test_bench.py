@@ -114,6 +114,8 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit, match="not bench results"):
         bench_main(["bench", "--merge", str(out / "bench.csv").replace(".csv", ".json"), str(merged / "all.csv"),
                     "--out", str(merged)])
+    with pytest.raises(SystemExit, match="--merge: no such file: .*missing.json"):
+        bench_main(["bench", "--merge", str(parts[0]), str(tmp_path / "missing.json"), "--out", str(merged)])
 
 
 def _hand_pairs(kind, batch, seq):

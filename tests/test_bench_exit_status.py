@@ -114,3 +114,13 @@ def test_ctrl_c_in_demo_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(anymask.demo, "run_demo", interrupted)
     assert main(["demo", "--no-model"]) == 130
     assert capsys.readouterr().err.strip() == "anymask demo: interrupted"
+
+
+def test_a_case_that_never_started_says_so_in_the_table():
+    """Its header read ``(, density 0.000, 0 GFLOP)``."""
+    from anymask.bench import report
+    from anymask.bench.cases import GRIDS, expand
+
+    case = expand(GRIDS["quick"])[0]
+    rows = [runner._row(case, "", "*", "-", "skipped", reason="not started: interrupted")]
+    assert "(not started)" in report.full_table(rows).splitlines()[0]

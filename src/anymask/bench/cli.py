@@ -193,6 +193,9 @@ def _merge(files: list[str], out: Path, tag: str, plots: bool = True) -> int:
     change) replaces them in an earlier merged result: ``--merge old.json rerun.json`` (all of a
     case's rows: a re-run with fewer ``--backends`` drops the others).  Cases a part never started
     replace nothing."""
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"anymask bench --merge: no such file: {', '.join(missing)}")
     docs = [_read_results(Path(f)) for f in files]
     bad = [f for f, d in zip(files, docs) if not d]
     if bad:

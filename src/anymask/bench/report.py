@@ -138,7 +138,8 @@ def full_table(rows: list[Row]) -> str:
     for _, group in groupby(rows, key=_case_key):
         group = list(group)
         r0 = group[0]
-        lines.append(f"{_case_label(r0)}   ({r0.kind}, density {r0.density:.3f}, {r0.gflop:.3g} GFLOP)")
+        shape = f"{r0.kind}, density {r0.density:.3f}, {r0.gflop:.3g} GFLOP" if r0.kind else "not started"
+        lines.append(f"{_case_label(r0)}   ({shape})")
         lines.append(head)
         for r in group:
             if r.status != "ok":
