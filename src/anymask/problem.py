@@ -119,12 +119,16 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
         scale = _check_scale(scale)
     if q.is_meta:
         raise ValueError("q, k, v are meta tensors: attention needs their values (masks are analysed from data)")
-    check_not_meta(mask)
-    mask.validate(B, Hq, Sq, Skv)
+    try:
+        mask.validate(B, Hq, Sq, Skv)
+        structure = analyse(mask.to(q.device))
+    except (RuntimeError, NotImplementedError):
+        check_not_meta(mask)  # the clear error where that is the cause (checked only then: host time)
+        raise
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    seq_major = (q.stride(2) > q.stride(1), k.stride(2) > k.stride(1), v.stride(2) > v.stride(1))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
-                   mask, analyse(mask.to(q.device)), tuple(t.stride(2) > t.stride(1) for t in (q, k, v)),
-                   _transformed(q, k, v))
+                   mask, structure, seq_major, _transformed(q, k, v))
 
 
 def _transformed(*tensors: torch.Tensor) -> bool:
