@@ -154,3 +154,35 @@ def test_a_non_mask_on_the_left_of_and_or_gets_the_clear_error():
         3 & M.full()
     with pytest.raises(TypeError, match="cannot combine a Mask with NoneType using '|'"):
         None | M.full()
+
+
+def test_a_mask_mod_that_fails_only_when_traced_still_falls_back():
+    """Flex calls a mask_mod under vmap, where ``.item()`` fails; sdpa evaluates it on plain index
+    grids, where it runs.  The shortcut for the user's own errors raised ``unhashable type: 'dict'``
+    (compiled frames' code objects) instead of falling back."""
+    import warnings
+
+    q, k, v = qkv(Sq=512, Skv=512, D=16)
+    mask = M.custom(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + int(q_idx.min().item()) * 0)
+    if anymask.which_backend(q, k, v, mask) != "flex":
+        pytest.skip("auto does not start with flex here")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = anymask.attention(q, k, v, mask)
+    assert any("backend 'flex' failed" in str(w.message) and w.filename == __file__ for w in caught)
+    torch.testing.assert_close(out, anymask.attention(q, k, v, M.causal(), backend="eager"), atol=1e-5, rtol=0)
+
+
+def test_a_scale_tensor_that_requires_grad_is_fine_without_grad():
+    q, k, v = qkv()
+    with torch.no_grad():
+        anymask.attention(q, k, v, M.causal(), scale=torch.tensor(0.5, requires_grad=True))
+
+
+def test_tile_counts_take_numpy_sizes():
+    import numpy as np
+
+    from anymask import tiles
+
+    assert tiles.visible_pairs(M.custom(lambda b, h, q, k: k <= q), np.int64(1), np.int64(2), np.int64(4),
+                               np.int64(4)) == 20

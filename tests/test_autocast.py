@@ -65,3 +65,23 @@ def test_a_float32_model_trains_under_autocast_like_sdpa(family, device):
     torch.testing.assert_close(losses[1], losses[0], atol=1e-2, rtol=0)
     for mine, want in zip(*reversed(grads)):
         torch.testing.assert_close(mine, want, atol=5e-2 * want.abs().max().item() + 1e-6, rtol=0)
+
+
+def test_a_fallback_warning_under_autocast_names_the_callers_line(monkeypatch):
+    """The cast re-entered attention(), so the warning pointed inside anymask."""
+    from anymask import backend as B
+
+    q, k, v = _qkv()
+    first = anymask.which_backend(q.bfloat16(), k.bfloat16(), v.bfloat16(), MASK)
+
+    def broken(*args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(B.get(first), "run", broken)
+    from anymask import dispatch
+
+    dispatch.forget_choices()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(RuntimeWarning, match="kernel exploded") as caught:
+        anymask.attention(q, k, v, MASK)
+    assert caught[0].filename == __file__
+    dispatch.forget_choices()

@@ -282,8 +282,10 @@ def test_a_measured_eager_win_is_not_applied_past_eager_s_size_limit():
 
 
 def test_a_junk_autotune_setting_is_said_not_taken_as_off(monkeypatch):
-    """``ANYMASK_AUTOTUNE=ture`` silently left measuring off."""
+    """``ANYMASK_AUTOTUNE=ture`` silently left measuring off; said on every call, also one whose
+    decision is already made."""
     p, (q, k, v) = problem(M.documents(lengths=[8, 8, 16]) & M.causal())
+    anymask.attention(q, k, v, p.mask)
     monkeypatch.setenv("ANYMASK_AUTOTUNE", "ture")
     with pytest.raises(ValueError, match="ANYMASK_AUTOTUNE='ture': use 1"):
         anymask.attention(q, k, v, p.mask)

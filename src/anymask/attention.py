@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import traceback
 import warnings
@@ -39,40 +40,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
     autocast = autocast_device(q, k, v)
     if autocast is not None:  # cast as autocast casts SDPA's inputs; backends then run without it
         q, k, v = autocast_inputs(q, k, v)
-        with torch.autocast(autocast, enabled=False):
-            return attention(q, k, v, mask, backend=backend, scale=scale)
-    p = describe(q, k, v, mask, scale)
-    chosen = choose(p, backend)
-    if backend != "auto":
-        return chosen.run(q, k, v, p)
-    tried, transient = [], False
-    while True:
-        try:
-            out = chosen.run(q, k, v, p)
-        except _fallback_errors() as exc:
-            if _raised_in_mask_mod(exc, mask):  # the user's code: every backend would fail alike
-                raise
-            transient = transient or isinstance(exc, torch.OutOfMemoryError)
-            tried.append(chosen.name)
-            rest = [n for n in candidates(p) if n not in tried]
-            if not rest:
-                raise
-            warnings.warn(f"anymask: backend {chosen.name!r} failed on this call ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to {rest[0]!r}. "
-                          f"Force a backend with backend=... to see the full error.", RuntimeWarning,
-                          stacklevel=3)  # the caller's line: past torch.compiler.disable's wrapper
-            chosen = B.get(rest[0])
-            continue
-        if tried and not transient:  # out of memory may pass: do not pin the fallback for it
-            remember(p, chosen.name)
-        return out
+    with torch.autocast(autocast, enabled=False) if autocast else contextlib.nullcontext():
+        p = describe(q, k, v, mask, scale)
+        chosen = choose(p, backend)
+        if backend != "auto":
+            return chosen.run(q, k, v, p)
+        tried, transient = [], False
+        while True:
+            try:
+                out = chosen.run(q, k, v, p)
+            except _fallback_errors() as exc:
+                if not chosen.traces_mask_mod and _raised_in_mask_mod(exc, mask):  # the user's code, run
+                    raise  # on plain tensors: every backend that evaluates it so fails alike
+                transient = transient or isinstance(exc, torch.OutOfMemoryError)
+                tried.append(chosen.name)
+                rest = [n for n in candidates(p) if n not in tried]
+                if not rest:
+                    raise
+                warnings.warn(f"anymask: backend {chosen.name!r} failed on this call ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); falling back to {rest[0]!r}. "
+                              f"Force a backend with backend=... to see the full error.", RuntimeWarning,
+                              stacklevel=3)  # the caller's line: past torch.compiler.disable's wrapper
+                chosen = B.get(rest[0])
+                continue
+            if tried and not transient:  # out of memory may pass: do not pin the fallback for it
+                remember(p, chosen.name)
+            return out
 
 
 def _raised_in_mask_mod(exc: BaseException, mask: Mask) -> bool:
     """Whether ``exc`` came out of one of ``mask``'s custom ``mask_mod`` functions."""
     fns = [leaf.fn for leaf in _leaves(mask) if isinstance(leaf, Custom)]  # functions, methods, callables
-    codes = {getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None) for f in fns} - {None}
-    return bool(codes) and any(frame.f_code in codes for frame, _ in traceback.walk_tb(exc.__traceback__))
+    codes = [getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None) for f in fns]
+    return any(frame.f_code is code for frame, _ in traceback.walk_tb(exc.__traceback__) for code in codes
+               if code is not None)  # by identity: compiled frames' code objects may not hash
 
 
 def _fallback_errors() -> tuple[type[BaseException], ...]:

@@ -165,11 +165,11 @@ def _auto_key(p: Problem) -> tuple:
     support away (padding holes under a window: varlen), so the decision is made again."""
     try:
         from . import tuning
-        state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), os.environ.get(tuning.ENV_AUTOTUNE))
+        state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), tuning.autotune_enabled())
     except ImportError:
         state = None
     return (p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
-            p.requires_grad, p.seq_major, p.transformed, state, M.stamp(p.mask))
+            p.requires_grad, p.strides, p.transformed, state, M.stamp(p.mask))
 
 
 def remember(p: Problem, name: str) -> None:

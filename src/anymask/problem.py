@@ -26,9 +26,9 @@ class Problem:
     scale: float
     mask: Mask = field(repr=False)
     structure: Structure = field(repr=False)
-    # per q, k, v: whether the sequence dim is outermost after batch (``[B, S, H, D]`` transposed
-    # views, as Llama-style models pass them); auto's remembered fallbacks are kept apart per layout
-    seq_major: tuple[bool, bool, bool] = (False, False, False)
+    # q's, k's and v's strides: the layout (``[B, H, S, D]`` contiguous, or ``[B, S, H, D]`` viewed
+    # as it, as Llama-style models pass them); auto's remembered fallbacks are kept apart per layout
+    strides: tuple[tuple[int, ...], ...] = ()
     # under a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD: only backends made of
     # plain PyTorch ops run there (custom autograd Functions and compiled kernels do not)
     transformed: bool = False
@@ -50,7 +50,7 @@ def _check_scale(scale) -> float:
     number = isinstance(scale, numbers.Real) or isinstance(scale, torch.Tensor) and scale.numel() == 1
     if isinstance(scale, bool) or not number:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+    if isinstance(scale, torch.Tensor) and scale.requires_grad and torch.is_grad_enabled():
         raise TypeError("scale is a tensor that requires grad: anymask takes a fixed scale and would drop its "
                         "gradient; to learn a temperature, multiply q by it instead")
     value = float(scale)
@@ -126,9 +126,8 @@ def describe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scal
         check_not_meta(mask)  # the clear error where that is the cause (checked only then: host time)
         raise
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    seq_major = (q.stride(2) > q.stride(1), k.stride(2) > k.stride(1), v.stride(2) > v.stride(1))
     return Problem(B, Hq, Hkv, Sq, Skv, D, q.dtype, q.device, requires_grad, float(scale),
-                   mask, structure, seq_major, _transformed(q, k, v))
+                   mask, structure, (q.stride(), k.stride(), v.stride()), _transformed(q, k, v))
 
 
 def _transformed(*tensors: torch.Tensor) -> bool:
@@ -138,4 +137,4 @@ def _transformed(*tensors: torch.Tensor) -> bool:
     if wrapped is not None and any(wrapped(t) for t in tensors):
         return True
     forward_ad = torch.autograd.forward_ad
-    return forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return getattr(forward_ad, "_current_level", 0) >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)

@@ -179,7 +179,7 @@ def tile_classes(mask: M.Mask, batch: int, heads: int, q_len: int, kv_len: int,
     bq, bk = (block, block) if isinstance(block, int) else block
     if bq < 1 or bk < 1:
         raise ValueError(f"block sizes must be positive, got {(bq, bk)}")
-    M._check_sizes(batch, heads, q_len, kv_len)
+    batch, heads, q_len, kv_len = M._check_sizes(batch, heads, q_len, kv_len)
     mask.validate(batch, heads, q_len, kv_len)
     device = _device_of(mask, device)
     structure = analyse(mask) if structure is None else structure
@@ -192,7 +192,7 @@ def tile_classes(mask: M.Mask, batch: int, heads: int, q_len: int, kv_len: int,
 def visible_pairs(mask: M.Mask, batch: int, heads: int, q_len: int, kv_len: int, *,
                   device=None, structure: Structure | None = None) -> int:
     """Exact number of visible ``(b, h, q, kv)`` pairs: O(B * S) for structured masks."""
-    M._check_sizes(batch, heads, q_len, kv_len)
+    batch, heads, q_len, kv_len = M._check_sizes(batch, heads, q_len, kv_len)
     mask.validate(batch, heads, q_len, kv_len)
     device = _device_of(mask, device)
     structure = analyse(mask) if structure is None else structure

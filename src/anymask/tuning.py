@@ -329,15 +329,20 @@ def store(machine: str, sig: str, entry: dict) -> None:
 # lookup and tuning ------------------------------------------------------------------------------
 
 
-def _autotune_enabled() -> bool:
+def autotune_enabled() -> bool:
     """``ANYMASK_AUTOTUNE``: 1/true/yes/on, or 0/false/no/off/unset; anything else is a ValueError
-    (a typo must not silently leave measuring off)."""
-    value = os.environ.get(ENV_AUTOTUNE, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{ENV_AUTOTUNE}={os.environ[ENV_AUTOTUNE]!r}: use 1 (measure unseen problems) or 0")
+    (a typo must not silently leave measuring off).  ``auto`` reads it on every call."""
+    raw = os.environ.get(ENV_AUTOTUNE, "")
+    known = _AUTOTUNE_VALUES.get(raw)
+    if known is None:
+        value = raw.strip().lower()
+        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+            raise ValueError(f"{ENV_AUTOTUNE}={raw!r}: use 1 (measure unseen problems) or 0")
+        known = _AUTOTUNE_VALUES[raw] = value in ("1", "true", "yes", "on")
+    return known
+
+
+_AUTOTUNE_VALUES: dict[str, bool] = {}
 
 
 def lookup(p: Problem) -> str | None:
@@ -351,7 +356,7 @@ def lookup(p: Problem) -> str | None:
         entry = known.get(signature(p))
         if entry is not None:
             return entry["backend"]
-    if _autotune_enabled() and not getattr(_BUSY, "on", False):
+    if autotune_enabled() and not getattr(_BUSY, "on", False):
         return _autotune(p, machine)
     return None
 

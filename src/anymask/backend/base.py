@@ -17,6 +17,7 @@ class Backend:
     name: str = ""
     summary: str = ""
     runs_under_transforms: bool = False  # plain PyTorch ops only: torch.func transforms see through it
+    traces_mask_mod: bool = False  # calls a custom mask_mod under vmap/compile, not on plain index grids
 
     @cached_property
     def machine_reasons(self) -> tuple[str, ...]:

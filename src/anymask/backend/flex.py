@@ -167,6 +167,7 @@ def block_mask_from_tiles(classes: torch.Tensor, block: tuple[int, int], seq_len
 class Flex(Backend):
     name = "flex"
     summary = "FlexAttention, compiled once; BlockMask from the mask's tiles (skips empty tiles)"
+    traces_mask_mod = True
 
     def __init__(self, block: int = BLOCK):
         self.block = block
