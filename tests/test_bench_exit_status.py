@@ -62,15 +62,21 @@ def test_results_that_cannot_be_written_are_refused_before_measuring(tmp_path, m
     assert "is a directory" in capsys.readouterr().err
 
 
-def test_two_runs_into_the_default_folder_get_two_folders(tmp_path, monkeypatch):
+def test_two_runs_into_the_default_folder_get_two_folders(tmp_path):
     """Both wrote run-<same second>/bench.json; one run's results were lost."""
-    monkeypatch.chdir(tmp_path)
     base = tmp_path / "results"
-    first, second = bench_cli._default_out(base, "bench"), bench_cli._default_out(base, "bench")
-    assert first == base and second != first and second.parent == base
-    third = bench_cli._default_out(base, "bench")
-    assert third not in (first, second)
-    assert (first / ".bench.running").exists()
+    first, second, third = (bench_cli._default_out(base) for _ in range(3))
+    assert first == base and len({first, second, third}) == 3 and second.parent == third.parent == base
+    assert (first / ".anymask-bench.running").read_text() == str(os.getpid())
+
+
+def test_a_dead_runs_claim_is_taken_over(tmp_path):
+    import subprocess
+
+    dead = subprocess.run(["true"]).args and subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".anymask-bench.running").write_text(str(dead.pid))
+    assert bench_cli._default_out(tmp_path) == tmp_path
 
 
 def test_tune_with_an_unwritable_cache_is_refused_before_measuring(tmp_path, monkeypatch, capsys):

@@ -306,7 +306,7 @@ def _bench(args) -> int:
     if args.budget is not None:
         settings = dataclasses.replace(settings, budget_s=args.budget)
     tag = args.tag
-    out = Path(args.out) if args.out else _default_out(Path("benchmarks") / "results" / env.device_slug(device), tag)
+    out = Path(args.out) if args.out else _default_out(Path("benchmarks") / "results" / env.device_slug(device))
     _check_writable("bench", _made_dir(out), "results")
     if (out / f"{tag}.json").is_dir() or (out / f"{tag}.csv").is_dir():
         raise _usage_error("bench", f"{out / tag}.json or .csv is a directory; choose another --out or --tag")
@@ -357,12 +357,12 @@ def _bench_status(rows, line: dict) -> int:
     return 0
 
 
-def _default_out(base: Path, tag: str) -> Path:
-    """``base`` (the device's results directory) if it holds no results and no other run is writing
-    there; else a new ``run-<UTC time>`` directory under it.  A run claims its directory with a
-    ``.<tag>.running`` file made exclusively, so two runs started together do not share one."""
-    claim = _claim(_made_dir(base), tag) if not (any(base.glob("*.json")) or any(base.glob("*.png"))) else None
-    if claim is not None:
+def _default_out(base: Path) -> Path:
+    """``base`` (the device's results directory) if it holds no results and no other live run is
+    writing there; else a new ``run-<UTC time>`` directory under it.  A run claims its directory with
+    a ``.anymask-bench.running`` file (its PID) made exclusively, so two runs started together do not
+    share one, whatever their ``--tag`` (plots are named by mask)."""
+    if not (any(_made_dir(base).glob("*.json")) or any(base.glob("*.png"))) and _claim(base):
         return base
     stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
     for n in range(1, 1000):
@@ -373,27 +373,44 @@ def _default_out(base: Path, tag: str) -> Path:
             continue
         except OSError as exc:
             raise _usage_error("bench", f"cannot create {str(out)!r}: {exc.strerror or exc}") from None
-        _claim(out, tag)
+        _claim(out)
         print(f"anymask bench: {base} holds results (or another run is writing there); writing to {out} "
               "(--out DIR to choose)", file=sys.stderr)
         return out
     raise _usage_error("bench", f"{base} holds 999 runs started this second; choose --out")
 
 
-def _claim(directory: Path, tag: str) -> Path | None:
-    """``directory/.<tag>.running``, made exclusively and removed when the process ends; None where
-    another run holds it."""
+def _claim(directory: Path) -> bool:
+    """Make ``directory/.anymask-bench.running`` (this PID), removed when the process ends; False
+    where a live process holds it (a dead one's claim is taken over)."""
     import atexit
 
-    path = directory / f".{tag}.running"
+    path = directory / ".anymask-bench.running"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _holder_alive(path):
+                return False
+            path.unlink(missing_ok=True)  # a run killed before it could remove its claim
+            continue
+        except OSError as exc:
+            raise _usage_error("bench", f"cannot write results in {str(directory)!r}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(lambda: path.unlink(missing_ok=True))
+        return True
+    return False
+
+
+def _holder_alive(path: Path) -> bool:
+    """Whether the process whose PID ``path`` holds is running (an unreadable claim counts as live)."""
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return None
-    except OSError as exc:
-        raise _usage_error("bench", f"cannot write results in {str(directory)!r}: {exc.strerror or exc}") from None
-    atexit.register(lambda: path.unlink(missing_ok=True))
-    return path
+        pid = int(path.read_text())
+        os.kill(pid, 0)
+    except (ValueError, OSError) as exc:
+        return not isinstance(exc, ProcessLookupError)
+    return True
 
 
 def _tune(args) -> int:
