@@ -130,3 +130,21 @@ def test_a_case_that_never_started_says_so_in_the_table():
     case = expand(GRIDS["quick"])[0]
     rows = [runner._row(case, "", "*", "-", "skipped", reason="not started: interrupted")]
     assert "(not started)" in report.full_table(rows).splitlines()[0]
+
+
+def test_sigterm_in_demo_is_one_line_and_exit_130(monkeypatch, capsys):
+    """SIGTERM (``timeout``, a scheduler) killed demo and tune with status 143 and no word."""
+    import signal
+    import time
+
+    import anymask.demo
+
+    def terminated(**kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(anymask.demo, "run_demo", terminated)
+    assert main(["demo", "--no-model"]) == 130
+    assert capsys.readouterr().err.strip() == "anymask demo: interrupted"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from . import masks as M
 
@@ -60,6 +62,9 @@ def _draw(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a pipe or a log
+
     return run_demo(seq=args.seq, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                     model=not args.no_model)
 
@@ -98,13 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `timeout`, a scheduler: as Ctrl-C
     try:
         return args.func(args) or 0
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (``train`` and ``bench`` say more)
+    except KeyboardInterrupt:  # one line, not a traceback (``train`` and ``bench`` say more)
         print(f"anymask {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import statistics
 import time
 
@@ -40,8 +38,6 @@ def catalogue_picture(name: str, seq: int) -> str:
 def run_demo(seq: int = 512, batch: int = 2, heads: int = 4, head_dim: int = 64, model: bool = True) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a pipe or a log
     print(f"anymask demo: batch {batch}, {heads} heads, seq {seq}, head dim {head_dim}, {dtype}, {device}")
     machine = {name: entry["reasons"][0] for name, entry in backends().items() if not entry["available"]}
     for name, reason in machine.items():

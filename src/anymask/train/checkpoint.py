@@ -243,9 +243,9 @@ _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 def model_files(model: str) -> dict | None:
     """What identifies a local ``--model`` directory: its ``config.json`` (sha256), its weight
-    files' names and sizes, and a sha256 of :data:`_SAMPLES` evenly spaced 1 MiB windows of each
-    weight file (a fine-tuned copy of the same shape differs there; reading all of a 15 GB model at
-    every start and resume would not pay); None for a hub name.  A checkpoint records it, so a resumed run
+    files' names and sizes, and a sha256 of :data:`_SAMPLES` evenly spaced :data:`_WINDOW`-byte
+    windows of each weight file (a fine-tuned copy of the same shape differs there; reading all of a
+    15 GB model at every start and resume would not pay); None for a hub name.  A checkpoint records it, so a resumed run
     compares models, not spellings (a relative path from another directory, a link to another
     model)."""
     path = Path(model).expanduser()
@@ -258,7 +258,7 @@ def model_files(model: str) -> dict | None:
             "weights_sampled_sha256": _sampled_sha256(weights)}
 
 
-_SAMPLES, _WINDOW = 64, 1 << 20
+_SAMPLES, _WINDOW = 16, 1 << 18  # 4 MiB a file: a merged LoRA's changed projections lie in every layer
 
 
 def _sampled_sha256(files: list[Path]) -> str:
