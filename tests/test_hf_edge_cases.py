@@ -221,15 +221,34 @@ def test_position_resets_beside_an_attention_mask_split_with_a_warning():
     ids = torch.randint(1, VOCAB, (1, 9))
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
     hm._warn_split_beside_attention_mask.cache_clear()
+    hm._warn_split_where_the_cache_joins.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        packed = last_hidden(model, input_ids=ids, position_ids=pos)  # no warning
+        packed = last_hidden(model, input_ids=ids, position_ids=pos, use_cache=False)  # no warning
     sdpa = twin(model, "sdpa")  # transformers splits without a cache (anymask with one too)
     torch.testing.assert_close(packed, last_hidden(sdpa, input_ids=ids, position_ids=pos, use_cache=False),
                                atol=1e-5, rtol=1e-5)
     with pytest.warns(UserWarning, match="split this call into packed documents"):
         split = last_hidden(model, input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids))
     torch.testing.assert_close(split, packed)
+
+
+def test_position_resets_in_a_call_with_a_cache_split_with_a_warning():
+    """A plain forward makes a cache (use_cache defaults to True, also in train mode), and then
+    transformers does not split packed rows: sdpa attends across them.  anymask splits, which was
+    silent (a PoSE run in a custom loop got other losses than sdpa's without a word)."""
+    import anymask.hf_masks as hm
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (1, 10))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 20, 21, 22, 23, 24]])
+    hm._warn_split_where_the_cache_joins.cache_clear()
+    with pytest.warns(UserWarning, match="do not split here because the call has a cache"):
+        ours = last_hidden(model, input_ids=ids, position_ids=pos)
+    sdpa = twin(model, "sdpa")
+    assert (ours - last_hidden(sdpa, input_ids=ids, position_ids=pos)).abs().max() > 1e-3
+    torch.testing.assert_close(ours, last_hidden(sdpa, input_ids=ids, position_ids=pos, use_cache=False),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_lm_prompt_in_chunks_warns():

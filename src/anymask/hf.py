@@ -161,7 +161,7 @@ def anymask_mask_interface(batch_size: int, cache_position: torch.Tensor | None 
     own_rule = frozenset() if mask_function is None else _own_rule(mask_function, batch_size, q_offset, q_length,
                                                                    kv_offset, int(kv_length), device)
     return LayerKeys(padding, batch_size, q_length, int(kv_length), q_offset, kv_offset, local_size, inclusive,
-                     own_rule, attention_mask is not None)
+                     own_rule, attention_mask is not None, mask_function)
 
 
 def _ask(mask_function, batch: int, q: torch.Tensor, kv: torch.Tensor, what: str) -> torch.Tensor | None:

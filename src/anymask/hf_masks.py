@@ -25,7 +25,8 @@ import functools
 import warnings
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -68,6 +69,7 @@ class LayerKeys:
     local_inclusive: bool = False
     own_rule: frozenset[str] = frozenset()
     mask_given: bool = False  # the call passed an attention_mask (transformers then splits no packed rows)
+    rule: Callable | None = field(default=None, compare=False, repr=False)  # transformers' mask_function
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -123,6 +125,8 @@ def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.M
     ids = _document_ids(kwargs, q_len, kv_len, batch, valid)
     if ids is not None and keys is not None and keys.mask_given and kwargs.get("cu_seq_lens_k") is None:
         _warn_split_beside_attention_mask()
+    elif ids is not None and keys is not None and kwargs.get("cu_seq_lens_k") is None and _joined_by_rule(keys, ids):
+        _warn_split_where_the_cache_joins()
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if reach is not None:  # |q - kv| <= reach (kv <= q already bounds it on the right when causal)
         mask = mask & masks.window(reach, reach)
@@ -141,6 +145,36 @@ def _warn_split_beside_attention_mask() -> None:
         "(and there is no cache), so with this attention_mask they would attend across them. For packed rows "
         "this is what you want; for one sequence with gapped positions (PoSE), pass position_ids that step by 1 "
         "and give the gaps another way, or use attn_implementation='sdpa'", stacklevel=6)
+
+
+def _joined_by_rule(keys: LayerKeys, ids: torch.Tensor) -> bool:
+    """Whether transformers' own rule for this call lets the first query after a document boundary
+    see the key before it (it splits packed rows only where no attention_mask and no cache are
+    passed; a plain forward makes a cache: ``use_cache`` defaults to True)."""
+    if keys.rule is None:
+        return False
+    from .hf import _ask
+
+    q_start = ids.shape[-1] - keys.q_length  # first query's column in ids
+    starts = (ids[:, 1:] != ids[:, :-1]).nonzero()  # [n, 2]: (row, column - 1) of each document start
+    starts = starts[starts[:, 1] + 1 >= q_start]
+    if starts.numel() == 0:
+        return False
+    row, col = (int(x) for x in starts[0])
+    q = torch.tensor([keys.kv_offset + col + 1], device=ids.device)
+    seen = _ask(keys.rule, ids.shape[0], q, q - 1, "whether it splits packed rows")
+    return seen is not None and bool(seen[row, 0])
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_split_where_the_cache_joins() -> None:
+    warnings.warn(
+        "anymask.hf: position_ids that restart or jump split this call into packed documents, which attend "
+        "only within themselves; transformers' sdpa/eager do not split here because the call has a cache "
+        "(use_cache defaults to True, also in training; Trainer passes use_cache=False), so they attend across "
+        "them. For packed rows this is what you want (pass use_cache=False to make sdpa agree); for one sequence "
+        "with gapped positions (PoSE), pass position_ids that step by 1 and give the gaps another way, or use "
+        "attn_implementation='sdpa'", stacklevel=6)
 
 
 @functools.lru_cache(maxsize=1)
