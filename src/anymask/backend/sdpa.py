@@ -18,13 +18,20 @@ from .common import dense_mask, expand_kv, masked_sdpa, zero_rows
 
 
 def native_form(p) -> str:
-    """'full', 'causal', 'causal_lower_right' or 'dense': how SDPA will receive this mask."""
+    """'full', 'causal', 'causal_lower_right' or 'dense': how SDPA will receive this mask.
+
+    Causal with one query (a decoding step) sees every key: full.  Bottom-right causal with more
+    (a chunked prefill) is SDPA's ``CausalBias`` on CUDA, whose kernels align it natively; on CPU
+    that bias takes a slow path (0.4-0.8 ms a call on a tiny problem, against 0.04 for a bool
+    mask), so there it is a dense mask."""
     s = p.structure
     if s.is_structured and s.documents is None and s.valid is None:
-        if s.base == "full":
+        if s.base == "full" or (s.base == "causal" and p.q_len == 1):
             return "full"
         if s.base == "causal":
-            return "causal" if p.q_len == p.kv_len else "causal_lower_right"
+            if p.q_len == p.kv_len:
+                return "causal"
+            return "causal_lower_right" if p.device_type == "cuda" else "dense"
     return "dense"
 
 
