@@ -148,3 +148,13 @@ def test_sigterm_in_demo_is_one_line_and_exit_130(monkeypatch, capsys):
     assert main(["demo", "--no-model"]) == 130
     assert capsys.readouterr().err.strip() == "anymask demo: interrupted"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_config_value_the_command_line_overrides_is_not_read():
+    """``"batch": 0`` in the file was an error even with ``--batch 1``."""
+    from anymask.bench.cases import override_parts
+
+    parts = override_parts("quick", {"batch": 0, "seqlens": [16]}, {"batch": 1, "seqlens": None})
+    assert {g.batch for g in parts} == {1} and {g.seqlens for g in parts} == {(16,)}
+    with pytest.raises(ValueError, match="batch"):
+        override_parts("quick", {"batch": 0}, {"batch": None})

@@ -8,7 +8,6 @@ so that the passes of one problem are neighbours (they share inputs and the refe
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from dataclasses import asdict, dataclass, fields, replace
@@ -235,13 +234,13 @@ PART_VARIES: dict[str, tuple[tuple[str, ...], ...]] = {
 
 
 def override_parts(name: str, *layers: dict) -> tuple[Grid, ...]:
-    """Default grid ``name``'s parts with each dict of options in ``layers`` (a config file's, then
-    the command line's; ``None`` = keep) applied in turn.  A part is dropped when an option it exists
+    """Default grid ``name``'s parts with the options of ``layers`` (a config file's, then the
+    command line's; ``None`` = keep; a later layer's value replaces an earlier one's).  A part is dropped when an option it exists
     to vary (``PART_VARIES``) is set: ``--seqlens 64`` on the cpu grid gives S 64 only, not a GQA
     case at S 64 too; ``--passes fwd+bwd`` keeps it."""
-    given = {option for options in layers for option, value in options.items() if value is not None}
-    kept = (g for g, varies in zip(GRIDS[name], PART_VARIES[name], strict=True) if not given & set(varies))
-    return tuple(functools.reduce(lambda g, options: override(g, **options), layers, g) for g in kept)
+    given = {option: value for options in layers for option, value in options.items() if value is not None}
+    kept = (g for g, varies in zip(GRIDS[name], PART_VARIES[name], strict=True) if not given.keys() & set(varies))
+    return tuple(override(g, **given) for g in kept)  # the last layer's value only: an overridden one is not read
 
 
 def load_config(path: str | Path) -> dict:
