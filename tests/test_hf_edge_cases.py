@@ -220,8 +220,7 @@ def test_position_resets_beside_an_attention_mask_split_with_a_warning():
     model = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (1, 9))
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
-    hm._warn_split_beside_attention_mask.cache_clear()
-    hm._warn_split_where_the_cache_joins.cache_clear()
+    hm._warn_split_where_transformers_joins.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         packed = last_hidden(model, input_ids=ids, position_ids=pos, use_cache=False)  # no warning
@@ -242,7 +241,7 @@ def test_position_resets_in_a_call_with_a_cache_split_with_a_warning():
     model = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (1, 10))
     pos = torch.tensor([[0, 1, 2, 3, 4, 20, 21, 22, 23, 24]])
-    hm._warn_split_where_the_cache_joins.cache_clear()
+    hm._warn_split_where_transformers_joins.cache_clear()
     with pytest.warns(UserWarning, match="do not split here because the call has a cache"):
         ours = last_hidden(model, input_ids=ids, position_ids=pos)
     sdpa = twin(model, "sdpa")

@@ -124,9 +124,9 @@ def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.M
     valid = _fit_padding(keys.padding, kv_len) if keys is not None and keys.padding is not None else None
     ids = _document_ids(kwargs, q_len, kv_len, batch, valid)
     if ids is not None and keys is not None and keys.mask_given and kwargs.get("cu_seq_lens_k") is None:
-        _warn_split_beside_attention_mask()
+        _warn_split_where_transformers_joins("attention_mask")
     elif ids is not None and keys is not None and kwargs.get("cu_seq_lens_k") is None and _joined_by_rule(keys, ids):
-        _warn_split_where_the_cache_joins()
+        _warn_split_where_transformers_joins("cache")
     mask = _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
     if reach is not None:  # |q - kv| <= reach (kv <= q already bounds it on the right when causal)
         mask = mask & masks.window(reach, reach)
@@ -135,16 +135,6 @@ def _build(spec, keys, q_len, kv_len, batch, reach, training, kwargs) -> masks.M
     if valid is not None:
         mask = mask & masks.padding(valid)
     return mask
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_split_beside_attention_mask() -> None:
-    warnings.warn(
-        "anymask.hf: position_ids that restart or jump split this call into packed documents, which attend "
-        "only within themselves; transformers' sdpa/eager split rows only when no attention_mask is passed "
-        "(and there is no cache), so with this attention_mask they would attend across them. For packed rows "
-        "this is what you want; for one sequence with gapped positions (PoSE), pass position_ids that step by 1 "
-        "and give the gaps another way, or use attn_implementation='sdpa'", stacklevel=6)
 
 
 def _joined_by_rule(keys: LayerKeys, ids: torch.Tensor) -> bool:
@@ -166,15 +156,25 @@ def _joined_by_rule(keys: LayerKeys, ids: torch.Tensor) -> bool:
     return seen is not None and bool(seen[row, 0])
 
 
-@functools.lru_cache(maxsize=1)
-def _warn_split_where_the_cache_joins() -> None:
+_WHY_TRANSFORMERS_JOINS = {
+    "attention_mask": "transformers' sdpa/eager split rows only when no attention_mask is passed (and there is "
+                      "no cache), so with this attention_mask they would attend across them. For packed rows this "
+                      "is what you want",
+    "cache": "transformers' sdpa/eager do not split here because the call has a cache (use_cache defaults to "
+             "True, also in training; Trainer passes use_cache=False), so they attend across them. For packed "
+             "rows this is what you want (pass use_cache=False to make sdpa agree)",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_split_where_transformers_joins(why: str) -> None:
+    """Once per ``why`` (a key of :data:`_WHY_TRANSFORMERS_JOINS`): anymask split packed rows that
+    transformers' own attention would run as one sequence."""
     warnings.warn(
         "anymask.hf: position_ids that restart or jump split this call into packed documents, which attend "
-        "only within themselves; transformers' sdpa/eager do not split here because the call has a cache "
-        "(use_cache defaults to True, also in training; Trainer passes use_cache=False), so they attend across "
-        "them. For packed rows this is what you want (pass use_cache=False to make sdpa agree); for one sequence "
-        "with gapped positions (PoSE), pass position_ids that step by 1 and give the gaps another way, or use "
-        "attn_implementation='sdpa'", stacklevel=6)
+        f"only within themselves; {_WHY_TRANSFORMERS_JOINS[why]}; for one sequence with gapped positions (PoSE), "
+        "pass position_ids that step by 1 and give the gaps another way, or use attn_implementation='sdpa'",
+        stacklevel=6)
 
 
 @functools.lru_cache(maxsize=1)
