@@ -147,8 +147,8 @@ def choose(p: Problem, requested: str = "auto") -> B.Backend:
                 f"(mask {p.structure.kind()}, {p.dtype}, {p.device}, grad={p.requires_grad}):\n  - "
                 + "\n  - ".join(reasons))
         return backend
-    measured = (lambda: None) if p.transformed else (lambda: _measured_choice(p))  # nothing timed in a transform
-    name = _AUTO.get((p.mask,), _auto_key(p), lambda: measured() or next(_runnable(p)))
+    name = _AUTO.get((p.mask,), _auto_key(p),  # nothing is timed or read from measurements in a transform
+                     lambda: (None if p.transformed else _measured_choice(p)) or next(_runnable(p)))
     return B.get(name)
 
 

@@ -137,4 +137,5 @@ def _transformed(*tensors: torch.Tensor) -> bool:
     if wrapped is not None and any(wrapped(t) for t in tensors):
         return True
     forward_ad = torch.autograd.forward_ad
-    return getattr(forward_ad, "_current_level", 0) >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return getattr(forward_ad, "_current_level", 0) >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in tensors)

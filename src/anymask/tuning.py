@@ -332,17 +332,15 @@ def store(machine: str, sig: str, entry: dict) -> None:
 def autotune_enabled() -> bool:
     """``ANYMASK_AUTOTUNE``: 1/true/yes/on, or 0/false/no/off/unset; anything else is a ValueError
     (a typo must not silently leave measuring off).  ``auto`` reads it on every call."""
-    raw = os.environ.get(ENV_AUTOTUNE, "")
-    known = _AUTOTUNE_VALUES.get(raw)
-    if known is None:
-        value = raw.strip().lower()
-        if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-            raise ValueError(f"{ENV_AUTOTUNE}={raw!r}: use 1 (measure unseen problems) or 0")
-        known = _AUTOTUNE_VALUES[raw] = value in ("1", "true", "yes", "on")
-    return known
+    return _parse_autotune(os.environ.get(ENV_AUTOTUNE, ""))
 
 
-_AUTOTUNE_VALUES: dict[str, bool] = {}
+@lru_cache(maxsize=8)
+def _parse_autotune(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        raise ValueError(f"{ENV_AUTOTUNE}={raw!r}: use 1 (measure unseen problems) or 0")
+    return value in ("1", "true", "yes", "on")
 
 
 def lookup(p: Problem) -> str | None:

@@ -41,7 +41,7 @@ class Sdpa(Backend):
     runs_under_transforms = True
 
     def run(self, q, k, v, p):
-        if p.transformed:  # the math kernel is plain ops, so jvp and vmap see through it (the fused ones: no forward AD)
+        if p.transformed:  # the math kernel is plain ops that jvp and vmap see through (fused ones: no forward AD)
             with sdpa_kernel(SDPBackend.MATH):
                 return self._run(q, k, v, p)
         return self._run(q, k, v, p)

@@ -235,9 +235,9 @@ PART_VARIES: dict[str, tuple[tuple[str, ...], ...]] = {
 
 def override_parts(name: str, *layers: dict) -> tuple[Grid, ...]:
     """Default grid ``name``'s parts with the options of ``layers`` (a config file's, then the
-    command line's; ``None`` = keep; a later layer's value replaces an earlier one's).  A part is dropped when an option it exists
-    to vary (``PART_VARIES``) is set: ``--seqlens 64`` on the cpu grid gives S 64 only, not a GQA
-    case at S 64 too; ``--passes fwd+bwd`` keeps it."""
+    command line's; ``None`` = keep; a later layer's value replaces an earlier one's).  A part is
+    dropped when an option it exists to vary (``PART_VARIES``) is set: ``--seqlens 64`` on the cpu
+    grid gives S 64 only, not a GQA case at S 64 too; ``--passes fwd+bwd`` keeps it."""
     given = {option: value for options in layers for option, value in options.items() if value is not None}
     kept = (g for g, varies in zip(GRIDS[name], PART_VARIES[name], strict=True) if not given.keys() & set(varies))
     return tuple(override(g, **given) for g in kept)  # the last layer's value only: an overridden one is not read

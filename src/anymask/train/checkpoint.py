@@ -245,9 +245,9 @@ def model_files(model: str) -> dict | None:
     """What identifies a local ``--model`` directory: its ``config.json`` (sha256), its weight
     files' names and sizes, and a sha256 of :data:`_SAMPLES` evenly spaced :data:`_WINDOW`-byte
     windows of each weight file (a fine-tuned copy of the same shape differs there; reading all of a
-    15 GB model at every start and resume would not pay); None for a hub name.  A checkpoint records it, so a resumed run
-    compares models, not spellings (a relative path from another directory, a link to another
-    model)."""
+    15 GB model at every start and resume would not pay); None for a hub name.  A checkpoint
+    records it, so a resumed run compares models, not spellings (a relative path from another
+    directory, a link to another model)."""
     path = Path(model).expanduser()
     if not path.is_dir():
         return None
