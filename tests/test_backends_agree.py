@@ -41,11 +41,12 @@ SHAPES = [  # B, Hq, Hkv, Sq, Skv, D
     (2, 4, 4, 37, 37, 16),
     (2, 4, 2, 37, 37, 16),  # GQA
     (2, 2, 1, 5, 37, 16),  # decoding: queries are the last 5 positions
+    (2, 2, 1, 1, 37, 16),  # one decoding step: causal sees every key (sdpa runs it with no mask)
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa", "q<kv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["mha", "gqa", "q<kv", "q1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mask_name", list(M.CATALOGUE))
 @pytest.mark.parametrize("backend", BACKENDS)
