@@ -79,7 +79,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys):
     whole = json.loads((merged / "all.json").read_text())
     assert [p["file"] for p in whole["meta"]["parts"]] == [p.name for p in parts]
     assert sorted(map(json.dumps, whole["rows"])) == sorted(map(json.dumps, doc["rows"]))
-    assert (merged / "all.csv").exists() and all((merged / f"{m}.png").exists() for m in quick.masks)
+    assert (merged / "all.csv").exists() and all((merged / f"all-{m}.png").exists() for m in quick.masks)
     # a re-run of the first part's cases replaces their rows in the merged result; its parts are kept
     rerun = dict(json.loads(parts[0].read_text()))
     rerun["rows"] = [dict(r, median_ms=(r["median_ms"] or 0) + 1.0) for r in rerun["rows"]]

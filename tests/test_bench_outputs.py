@@ -274,3 +274,18 @@ def test_tune_refuses_a_config_naming_backends(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench_main(["tune", "--config", str(path), "--no-progress"])
     assert exit_.value.code == 2 and "backends is a bench option" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_plots_follow_the_tag_and_a_rerun_drops_plots_it_no_longer_draws(tmp_path):
+    pytest.importorskip("matplotlib")
+    two = [*SMALL[:1], "causal,full", *SMALL[2:], "--backends", "eager", "--out", str(tmp_path)]
+    assert bench_main(["bench", *two]) == 0
+    assert bench_main(["bench", *two, "--tag", "other"]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"causal.png", "full.png", "other-causal.png",
+                                                         "other-full.png"}
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--tag", "other"]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"causal.png", "full.png", "other-causal.png"}
+    (tmp_path / "mine.png").write_bytes(b"not ours")
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"other-causal.png", "mine.png"}

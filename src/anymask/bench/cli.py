@@ -31,7 +31,8 @@ SETTINGS = {
 BENCH_HELP = """Every available backend forced, auto, and the raw calls users write today (SDPA with a
 dense mask, compiled FlexAttention), side by side on a grid of cases.  Per row: median and p20-p80
 time, TFLOP/s over visible pairs only, first-call (compile) time, peak CUDA memory, max error
-against a float64 reference.  Writes <out>/<tag>.csv, <tag>.json and one PNG per mask kind; prints
+against a float64 reference.  Writes <out>/<tag>.csv, <tag>.json and one PNG per mask kind
+(<mask>.png; <tag>-<mask>.png when --tag is not "bench"); prints
 the tables and, last, one JSON summary line.
 
 Cases: a default grid (--grid quick|cpu|gpu, --quick), then --config FILE (JSON/TOML with the
@@ -128,15 +129,28 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _plot(rows, out: Path, meta: dict) -> None:
+def _plot(rows, out: Path, meta: dict, tag: str) -> list[Path]:
+    """The PNGs drawn (none without matplotlib)."""
     from .._optional import MissingDependency
     from .plot import plot_masks
 
     try:
         inputs = ", inputs [B, S, H, D] in memory" if meta.get("layout") == "bshd" else ""
-        plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}{inputs}")
+        return plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}{inputs}", tag=tag)
     except MissingDependency as exc:
         print(f"anymask bench: no plots ({exc}); later: anymask bench --plot-only {out}", file=sys.stderr)
+        return []
+
+
+def _remove_stale_plots(out: Path, tag: str, earlier: dict, drawn: list[Path]) -> None:
+    """Remove the plots of ``earlier`` (the ``<tag>.json`` this run replaced) that this run did not
+    redraw: beside the new results they would show numbers no longer in them."""
+    from .plot import plot_name
+
+    for mask in sorted({r["mask"] for r in earlier.get("rows", ())}):
+        png = out / plot_name(tag, mask)
+        if png not in drawn and png.is_file():
+            png.unlink()
 
 
 def _read_results(file: Path) -> dict:
@@ -167,11 +181,10 @@ def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> i
         raise SystemExit(f"anymask bench --plot-only: no bench results (JSON with rows and meta) in {path}")
     for file, doc in docs.items():
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
-        folder = out_dir or file.parent
-        out = _made_dir(folder / file.stem if len(docs) > 1 else folder)
+        out = _made_dir(out_dir or file.parent)
         target = file if out_dir is None else out / file.name
         if plots:
-            _plot(rows, out, doc["meta"])
+            _plot(rows, out, doc["meta"], file.stem)
         cases = report.case_summaries(rows)
         keep = {k: v for k, v in doc["summary"].items() if k in ("device", "grid", "seconds")}
         line = report.summary(rows, cases, doc["summary"].get("out", str(file.parent)), **keep)
@@ -327,11 +340,11 @@ def _bench(args) -> int:
                           seconds=round(time.perf_counter() - start, 1))
     print(report.full_table(rows))
     print(report.summary_table(cases_summary))
+    earlier = _read_results(out / f"{tag}.json")
     try:
         report.write_csv(rows, out / f"{tag}.csv")
         report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
-        if not args.no_plot:
-            _plot(rows, out, meta)
+        _remove_stale_plots(out, tag, earlier, [] if args.no_plot else _plot(rows, out, meta, tag))
     except OSError as exc:
         print(f"anymask bench: error: cannot write the results into {out} ({exc.strerror or exc}); "
               "the tables above are all that is left of this run", file=sys.stderr)
@@ -361,7 +374,7 @@ def _default_out(base: Path) -> Path:
     """``base`` (the device's results directory) if it holds no results and no other live run is
     writing there; else a new ``run-<UTC time>`` directory under it.  A run claims its directory with
     a ``.anymask-bench.running`` file (its PID) made exclusively, so two runs started together do not
-    share one, whatever their ``--tag`` (plots are named by mask)."""
+    share one."""
     if not (any(_made_dir(base).glob("*.json")) or any(base.glob("*.png"))) and _claim(base):
         return base
     stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
