@@ -59,6 +59,7 @@ next candidate; a named backend fails loudly.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -163,11 +164,9 @@ def _auto_key(p: Problem) -> tuple:
     """Shapes, dtype, device, grad, layout, torch.func transforms, tuning state, and the mask's
     :func:`~anymask.masks.stamp`: an in-place edit of a tensor the mask holds can take a backend's
     support away (padding holes under a window: varlen), so the decision is made again."""
-    try:
-        from . import tuning
-        state = (tuning.generation(), os.environ.get(tuning.ENV_DIR), tuning.autotune_enabled())
-    except ImportError:
-        state = None
+    tuning = _tuning()
+    state = None if tuning is None else (tuning.generation(), os.environ.get(tuning.ENV_DIR),
+                                         tuning.autotune_enabled())
     return (p.batch, p.q_heads, p.kv_heads, p.q_len, p.kv_len, p.head_dim, p.dtype, p.device,
             p.requires_grad, p.strides, p.transformed, state, M.stamp(p.mask))
 
@@ -183,11 +182,20 @@ def forget_choices() -> None:
     _AUTO.clear()
 
 
-def _measured_choice(p: Problem) -> str | None:
-    """The cached measured winner for this problem's signature, if any (see ``anymask.tuning``)."""
+@functools.lru_cache(maxsize=1)
+def _tuning():
+    """``anymask.tuning``, or None in a partial install without it (imported once: host time)."""
     try:
         from . import tuning
-    except ImportError:  # tuning is optional in partial installs
+    except ImportError:
+        return None
+    return tuning
+
+
+def _measured_choice(p: Problem) -> str | None:
+    """The cached measured winner for this problem's signature, if any (see ``anymask.tuning``)."""
+    tuning = _tuning()
+    if tuning is None:
         return None
     name = tuning.lookup(p)
     if name not in B.names():  # none measured, or a name another anymask version stored

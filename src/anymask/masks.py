@@ -52,9 +52,12 @@ import numbers
 import operator
 import types
 import warnings
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from ._identity_cache import version
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -267,12 +270,27 @@ def stamp(mask: Mask) -> tuple:
     ``mask_mod`` reads: caches of what is derived from a mask key on it, so in-place edits of those
     tensors are seen, and so is a global the ``mask_mod`` reads being rebound to a new tensor (even
     one the allocator put at a freed tensor's address, with the same version count)."""
-    from ._identity_cache import version
+    held, customs = _held(mask)
+    if not (held or customs):
+        return ()
+    if customs:  # what a mask_mod reads is looked up on every call: a global may be rebound
+        read = tuple(t for m in customs for t in _captured(m.fn))
+        if any(t.is_inference() for t in read):
+            _warn_unversioned()
+        held += read
+    return tuple((_token(t), _address(t), version(t)) for t in held)
 
-    read = [t for m in _leaves(mask) if isinstance(m, Custom) for t in _captured(m.fn)]
-    if any(t.is_inference() for t in read):
-        _warn_unversioned()
-    return tuple((_token(t), _address(t), version(t)) for t in list(_tensors(mask)) + read)
+
+_HELD: "weakref.WeakKeyDictionary[Mask, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _held(mask: Mask) -> tuple[tuple[torch.Tensor, ...], tuple["Custom", ...]]:
+    """The tensors ``mask`` holds and its ``Custom`` leaves, found once per mask: its settings are
+    fixed once built (``stamp`` runs on every attention call)."""
+    held = _HELD.get(mask)
+    if held is None:
+        held = _HELD[mask] = (tuple(_tensors(mask)), tuple(m for m in _leaves(mask) if isinstance(m, Custom)))
+    return held
 
 
 _TOKENS = itertools.count()
@@ -433,8 +451,6 @@ class Prefix(_TensorMask):
     def validate(self, batch, heads, q_len, kv_len):
         if self.lengths.shape[0] not in (1, batch):
             raise ValueError(f"prefix: {self.lengths.shape[0]} lengths given for batch {batch}")
-        from ._identity_cache import version
-
         held = self.__dict__.get("_longest")  # (version, value): reading it every call would wait for
         now = version(self.lengths)  # the GPU every call; read again after an in-place edit
         if held is None or held[0] != now:

@@ -66,6 +66,13 @@ def tolerance(peer_error: float, dtype: torch.dtype, magnitude: float = 1.0) -> 
 
 def cache_path() -> Path:
     """The cache file: ``$ANYMASK_CACHE_DIR/choices.json`` or the platform's user cache dir."""
+    keys = (ENV_DIR, "XDG_CACHE_HOME", "LOCALAPPDATA", "HOME", "USERPROFILE")
+    return _cache_path(tuple(os.environ.get(k) for k in keys))
+
+
+@lru_cache(maxsize=8)
+def _cache_path(environment: tuple) -> Path:
+    """``cache_path`` for these values of the variables it reads (``auto`` asks on every new shape)."""
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env).expanduser() / FILENAME
