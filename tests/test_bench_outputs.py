@@ -289,3 +289,16 @@ def test_plots_follow_the_tag_and_a_rerun_drops_plots_it_no_longer_draws(tmp_pat
     (tmp_path / "mine.png").write_bytes(b"not ours")
     assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--no-plot"]) == 0
     assert {p.name for p in tmp_path.glob("*.png")} == {"other-causal.png", "mine.png"}
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_plot_only_redraws_results_from_before_tagged_plots_in_place(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--tag", "gpu"]) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["gpu-causal.png"]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    del doc["meta"]["plot_prefix"]  # as results committed before 2026-12-08 are
+    (tmp_path / "gpu.json").write_text(json.dumps(doc))
+    (tmp_path / "gpu-causal.png").unlink()
+    assert bench_main(["bench", "--plot-only", str(tmp_path)]) == 0
+    assert [p.name for p in tmp_path.glob("*.png")] == ["causal.png"]

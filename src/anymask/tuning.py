@@ -2,15 +2,16 @@
 
 ``dispatch`` asks :func:`lookup` before its static preference.  Entries live in one
 human-readable JSON file, ``choices.json`` in the user cache directory (``$ANYMASK_CACHE_DIR``
-overrides it; default ``~/.cache/anymask`` on Linux, ``~/Library/Caches/anymask`` on macOS,
+overrides it; default ``$XDG_CACHE_HOME/anymask``, else ``~/.cache/anymask``, on Linux, ``~/Library/Caches/anymask`` on macOS,
 ``%LOCALAPPDATA%\\anymask\\Cache`` on Windows)::
 
     {"format": "anymask-choices/1",
-     "machines": {"NVIDIA H200 | torch 2.11.0 | triton 3.6.0": {
+     "machines": {"NVIDIA H200 | torch 2.11.0 | triton 3.6.0 | anymask 0.1.0 | ...": {
          "documents+causal|q4096|kv4096|hd128|gqa4|bfloat16|grad|d1/16": {
              "backend": "flex", "ms": {"flex": 3.1, "sdpa": 9.8}, "rejected": {}, ...}}}}
 
-A machine is a device name plus the torch and triton versions; a problem signature is the mask
+A machine is a device name (with the core count on CPU) plus the torch, triton and anymask
+versions (and on CUDA those of nvidia-cudnn-frontend and flash-attn-4, where installed); a problem signature is the mask
 structure (``Structure.kind()``), sequence lengths rounded to a power of two, head dim, GQA ratio,
 dtype, whether gradients are needed, and the mask's density rounded to a power of two.  A missing
 entry gives ``None`` and the static preference applies.

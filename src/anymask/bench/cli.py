@@ -129,26 +129,31 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _plot(rows, out: Path, meta: dict, tag: str) -> list[Path]:
-    """The PNGs drawn (none without matplotlib)."""
+def plot_prefix(tag: str) -> str:
+    """What the plots of a run tagged ``tag`` start with: nothing for the default tag ``bench``."""
+    return "" if tag == "bench" else f"{tag}-"
+
+
+def _plot(rows, out: Path, meta: dict) -> list[Path]:
+    """The PNGs drawn, named with ``meta["plot_prefix"]`` (none without matplotlib)."""
     from .._optional import MissingDependency
     from .plot import plot_masks
 
     try:
         inputs = ", inputs [B, S, H, D] in memory" if meta.get("layout") == "bshd" else ""
-        return plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}{inputs}", tag=tag)
+        return plot_masks(rows, out, title=f"{meta['device']}, torch {meta['torch']}{inputs}",
+                          prefix=meta.get("plot_prefix", ""))
     except MissingDependency as exc:
         print(f"anymask bench: no plots ({exc}); later: anymask bench --plot-only {out}", file=sys.stderr)
         return []
 
 
-def _remove_stale_plots(out: Path, tag: str, earlier: dict, drawn: list[Path]) -> None:
+def _remove_stale_plots(out: Path, earlier: dict, drawn: list[Path]) -> None:
     """Remove the plots of ``earlier`` (the ``<tag>.json`` this run replaced) that this run did not
     redraw: beside the new results they would show numbers no longer in them."""
-    from .plot import plot_name
-
+    prefix = earlier.get("meta", {}).get("plot_prefix", "")
     for mask in sorted({r["mask"] for r in earlier.get("rows", ())}):
-        png = out / plot_name(tag, mask)
+        png = out / f"{prefix}{mask}.png"
         if png not in drawn and png.is_file():
             png.unlink()
 
@@ -183,8 +188,10 @@ def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> i
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
         out = _made_dir(out_dir or file.parent)
         target = file if out_dir is None else out / file.name
+        if "plot_prefix" not in doc["meta"]:  # results written before plots followed --tag: as then, in
+            doc["meta"]["plot_prefix"] = "" if len(docs) == 1 else plot_prefix(file.stem)  # place if alone
         if plots:
-            _plot(rows, out, doc["meta"], file.stem)
+            _plot(rows, out, doc["meta"])
         cases = report.case_summaries(rows)
         keep = {k: v for k, v in doc["summary"].items() if k in ("device", "grid", "seconds")}
         line = report.summary(rows, cases, doc["summary"].get("out", str(file.parent)), **keep)
@@ -224,7 +231,7 @@ def _merge(files: list[str], out: Path, tag: str, plots: bool = True) -> int:
     if differing:
         print(f"anymask bench --merge: the parts differ in {', '.join(differing)}; the merged meta shows the "
               "first part's, and meta.parts lists each part's commit", file=sys.stderr)
-    meta = dict(docs[0]["meta"])
+    meta = dict(docs[0]["meta"], plot_prefix=plot_prefix(tag))
     meta["grid_options"] = [g for d in docs for g in d["meta"]["grid_options"]]
     meta["parts"] = [part for f, d in zip(files, docs)
                      for part in d["meta"].get("parts") or [{"file": Path(f).name, "date": d["meta"].get("date"),
@@ -326,6 +333,7 @@ def _bench(args) -> int:
     meta = env.metadata(device)
     _, unavailable = variants.available()
     meta.update(grid=name, grid_options=grid_dict(grids), variants=names, unavailable=unavailable,
+                plot_prefix=plot_prefix(tag),
                 settings=dataclasses.asdict(settings),
                 input_sets=args.sets, tune=args.tune, layout=args.layout,
                 command="anymask bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]))
@@ -344,7 +352,7 @@ def _bench(args) -> int:
     try:
         report.write_csv(rows, out / f"{tag}.csv")
         report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
-        _remove_stale_plots(out, tag, earlier, [] if args.no_plot else _plot(rows, out, meta, tag))
+        _remove_stale_plots(out, earlier, [] if args.no_plot else _plot(rows, out, meta))
     except OSError as exc:
         print(f"anymask bench: error: cannot write the results into {out} ({exc.strerror or exc}); "
               "the tables above are all that is left of this run", file=sys.stderr)

@@ -1,8 +1,8 @@
 """One PNG per mask kind: TFLOP/s (visible pairs only) of every variant across sequence lengths,
 one panel per (dtype, pass, heads, head dim); a panel with one sequence length is a bar chart, fastest
 on top, each bar labelled.  Files are ``<mask>.png`` for the default tag ``bench``, else
-``<tag>-<mask>.png``, so runs with different ``--tag`` in one folder keep their own plots.
-matplotlib is imported lazily (``anymask[bench]``).
+``<tag>-<mask>.png`` (the prefix is kept in the result's meta), so runs with different
+``--tag`` in one folder keep their own plots.  matplotlib is imported lazily (``anymask[bench]``).
 
 ``auto`` is timed in a second stage, call by call against the best forced backend, so its own
 times are not comparable with the first stage's; it is drawn at the best backend's TFLOP/s divided
@@ -17,12 +17,7 @@ from .._optional import pyplot
 from .runner import Row
 
 
-def plot_name(tag: str, mask: str) -> str:
-    """The PNG of ``mask`` in a run tagged ``tag``."""
-    return f"{mask}.png" if tag == "bench" else f"{tag}-{mask}.png"
-
-
-def plot_masks(rows: list[Row], out_dir: Path, title: str = "", tag: str = "bench") -> list[Path]:
+def plot_masks(rows: list[Row], out_dir: Path, title: str = "", prefix: str = "") -> list[Path]:
     plt = pyplot()
 
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -48,7 +43,7 @@ def plot_masks(rows: list[Row], out_dir: Path, title: str = "", tag: str = "benc
             ax.grid(alpha=0.3)
         fig.suptitle(textwrap.fill(f"{mask}  {title}".strip(), width=int(52 * len(configs))), fontsize=10)
         fig.tight_layout()
-        path = out_dir / plot_name(tag, mask)
+        path = out_dir / f"{prefix}{mask}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
