@@ -128,17 +128,39 @@ def test_a_custom_mask_mods_own_error_is_raised_without_trying_every_backend(fn)
 
 
 @pytest.mark.parametrize("mask", [
-    lambda: M.padding(torch.ones(1, 8, dtype=torch.bool, device="meta")),
-    lambda: M.documents(torch.zeros(1, 8, dtype=torch.long, device="meta")) & M.causal(),
-    lambda: M.dense(torch.ones(8, 8, dtype=torch.bool, device="meta")),
+    lambda: M.padding(torch.ones(1, 8, dtype=torch.bool)),
+    lambda: M.documents(torch.zeros(1, 8, dtype=torch.long)) & M.causal(),
+    lambda: M.dense(torch.ones(8, 8, dtype=torch.bool)),
 ], ids=["padding", "documents", "dense"])
 def test_a_mask_of_meta_tensors_is_refused_clearly(mask):
     """It failed inside: ``Tensor.item() cannot be called on meta tensors``, ``Cannot copy out of meta tensor``."""
     q, k, v = qkv()
     with pytest.raises(ValueError, match="holds meta tensors"):
-        anymask.attention(q, k, v, mask())
+        anymask.attention(q, k, v, mask().to("meta"))
     with pytest.raises(ValueError, match="holds meta tensors"):
-        mask().to_dense(1, 1, 8, 8)
+        mask().to("meta").to_dense(1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: M.padding(t.bool()), lambda t: M.padding(t.long()), lambda t: M.prefix(t[0, :1].long()),
+    lambda t: M.documents(t.long()), lambda t: M.documents(lengths=t[0, :2].long()), lambda t: M.dense(t.bool()),
+], ids=["padding-bool", "padding-int", "prefix", "documents", "documents-lengths", "dense"])
+def test_mask_constructors_refuse_meta_tensors(make):
+    """padding (0/1 ints), prefix and documents(lengths=) failed inside on their value checks."""
+    with pytest.raises(ValueError, match="got a meta tensor; a mask needs its values"):
+        make(torch.ones(1, 8, device="meta"))
+
+
+def test_a_mask_mod_returning_no_bool_is_raised_at_once_by_auto():
+    """auto warned 'backend sdpa failed ... falling back' once per backend before raising it."""
+    import warnings
+
+    q, k, v = qkv()
+    for wrong in (lambda b, h, qi, kv: (kv <= qi).int(), lambda b, h, qi, kv: True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(TypeError, match="must return a bool tensor"):
+                anymask.attention(q, k, v, M.custom(wrong))
 
 
 def test_to_dense_sizes_take_any_integer_but_not_a_bool():

@@ -372,6 +372,13 @@ def test_documents_lengths_as_tensor_or_array():
     assert torch.equal(M.documents(lengths=[np.int64(1), 3]).to_dense(1, 1, 4, 4), ref)
     assert torch.equal(M.documents(lengths=[[1, np.int32(3)]]).to_dense(1, 1, 4, 4), ref)
     assert torch.equal(M.window(np.int64(1), torch.tensor(0)).to_dense(1, 1, 4, 4), M.window(1).to_dense(1, 1, 4, 4))
+    one = M.full().to_dense(1, 1, 4, 4)  # one document: lengths=4
+    for single in (4, torch.tensor(4), np.int64(4)):
+        assert torch.equal(M.documents(lengths=single).to_dense(1, 1, 4, 4), one)
+    with pytest.raises(TypeError, match="documents: lengths must be ints"):
+        M.documents(lengths=4.0)
+    with pytest.raises(TypeError, match="prefix: lengths must be an int"):
+        M.prefix(None)
 
 
 @pytest.mark.parametrize("make, match", [

@@ -11,7 +11,7 @@ import torch
 
 from . import backend as B
 from .dispatch import candidates, choose, remember
-from .masks import Custom, Mask, _leaves
+from .masks import Custom, Mask, MaskModOutputError, _leaves
 from .problem import autocast_device, autocast_inputs, describe
 
 
@@ -50,8 +50,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
             try:
                 out = chosen.run(q, k, v, p)
             except _fallback_errors() as exc:
-                if not chosen.traces_mask_mod and _raised_in_mask_mod(exc, mask):  # the user's code, run
-                    raise  # on plain tensors: every backend that evaluates it so fails alike
+                if isinstance(exc, MaskModOutputError) or (  # a mask_mod's output, or the user's code run
+                        not chosen.traces_mask_mod and _raised_in_mask_mod(exc, mask)):  # on plain tensors:
+                    raise  # every backend that evaluates it so fails alike
                 transient = transient or isinstance(exc, torch.OutOfMemoryError)
                 tried.append(chosen.name)
                 rest = [n for n in candidates(p) if n not in tried]

@@ -248,11 +248,16 @@ def _tensors_within(value, depth: int, seen: set, budget: list):
         yield from _tensors_within(item, depth + 1, seen, budget)
 
 
+class MaskModOutputError(TypeError):
+    """A custom ``mask_mod`` returned something other than a bool tensor: the user's code, which
+    every backend that evaluates it would find alike (``auto`` does not fall back on it)."""
+
+
 def expand_mask_mod_output(mask: Mask, out, shape: tuple[int, int, int, int]) -> torch.Tensor:
     """``out`` (what ``mask``'s mask_mod returned for index grids of ``shape`` = ``[B, H, R, Skv]``)
     expanded to ``shape``; a clear error naming the mask when it is not a bool tensor of that shape."""
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-        raise TypeError(f"mask_mod of {mask!r} must return a bool tensor, got {type(out).__name__}"
+        raise MaskModOutputError(f"mask_mod of {mask!r} must return a bool tensor, got {type(out).__name__}"
                         + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
     try:
         ok = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
@@ -474,7 +479,7 @@ class Custom(Mask):
     def mask_mod(self, b, h, q, kv):
         out = self.fn(b, h, q, kv)
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"custom mask_mod must return a bool tensor, got {type(out).__name__}")
+            raise MaskModOutputError(f"custom mask_mod must return a bool tensor, got {type(out).__name__}")
         return out
 
     def __repr__(self):
@@ -643,6 +648,9 @@ def _dense_layout(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.layout != torch.strided:
         raise TypeError(f"{name}: expected an ordinary (strided) tensor, got layout {t.layout}; "
                         "convert it with .to_dense()")
+    if t.is_meta:
+        raise ValueError(f"{name}: got a meta tensor; a mask needs its values (lengths, ids, valid flags): "
+                         "build it from real tensors")
     return t
 
 
@@ -674,6 +682,13 @@ def documents(ids: torch.Tensor | Sequence[int] | None = None, *,
 
 
 def _ids_from_lengths(lengths) -> torch.Tensor:
+    if isinstance(lengths, torch.Tensor):
+        _dense_layout("documents", lengths)
+    if _as_int(lengths) is not None:  # one document: lengths=4
+        lengths = [lengths]
+    elif not isinstance(lengths, Iterable):
+        raise TypeError(f"documents: lengths must be ints (one per document, or one list per batch row), "
+                        f"got {type(lengths).__name__}")
     lengths = lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)  # a tensor, an array, a generator
     flat = all(_as_int(x) is not None for x in lengths)
     rows = [list(lengths)] if flat else [list(r) if isinstance(r, Iterable) else [r] for r in lengths]
@@ -717,6 +732,8 @@ def prefix(lengths: int | Sequence[int] | torch.Tensor) -> Mask:
         # # . .
         # # . .
     """
+    if lengths is None or isinstance(lengths, (str, bytes)):
+        raise TypeError(f"prefix: lengths must be an int, one int per batch row or a tensor, got {lengths!r}")
     lengths = _dense_layout("prefix", torch.as_tensor(lengths))
     if lengths.numel() == 0:
         raise ValueError("prefix: lengths must not be empty (one int, or one per batch row)")
