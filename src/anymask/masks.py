@@ -258,7 +258,7 @@ def expand_mask_mod_output(mask: Mask, out, shape: tuple[int, int, int, int]) ->
     expanded to ``shape``; a clear error naming the mask when it is not a bool tensor of that shape."""
     if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
         raise MaskModOutputError(f"mask_mod of {mask!r} must return a bool tensor, got {type(out).__name__}"
-                        + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
+                                 + (f" of {out.dtype}" if isinstance(out, torch.Tensor) else ""))
     try:
         ok = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
     except RuntimeError:

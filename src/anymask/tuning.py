@@ -2,8 +2,8 @@
 
 ``dispatch`` asks :func:`lookup` before its static preference.  Entries live in one
 human-readable JSON file, ``choices.json`` in the user cache directory (``$ANYMASK_CACHE_DIR``
-overrides it; default ``$XDG_CACHE_HOME/anymask``, else ``~/.cache/anymask``, on Linux, ``~/Library/Caches/anymask`` on macOS,
-``%LOCALAPPDATA%\\anymask\\Cache`` on Windows)::
+overrides it; default ``$XDG_CACHE_HOME/anymask``, else ``~/.cache/anymask``, on Linux,
+``~/Library/Caches/anymask`` on macOS, ``%LOCALAPPDATA%\\anymask\\Cache`` on Windows)::
 
     {"format": "anymask-choices/1",
      "machines": {"NVIDIA H200 | torch 2.11.0 | triton 3.6.0 | anymask 0.1.0 | ...": {
@@ -11,9 +11,10 @@ overrides it; default ``$XDG_CACHE_HOME/anymask``, else ``~/.cache/anymask``, on
              "backend": "flex", "ms": {"flex": 3.1, "sdpa": 9.8}, "rejected": {}, ...}}}}
 
 A machine is a device name (with the core count on CPU) plus the torch, triton and anymask
-versions (and on CUDA those of nvidia-cudnn-frontend and flash-attn-4, where installed); a problem signature is the mask
-structure (``Structure.kind()``), sequence lengths rounded to a power of two, head dim, GQA ratio,
-dtype, whether gradients are needed, and the mask's density rounded to a power of two.  A missing
+versions (and on CUDA those of nvidia-cudnn-frontend and flash-attn-4, where installed); a problem
+signature is the mask structure (``Structure.kind()``), sequence lengths rounded to a power of two,
+head dim, GQA ratio, dtype, whether gradients are needed, and the mask's density rounded to a power
+of two.  A missing
 entry gives ``None`` and the static preference applies.
 
 Filling the cache: ``anymask tune`` (a grid), :func:`tune` (one call's problem), or
@@ -73,7 +74,8 @@ def cache_path() -> Path:
 
 @lru_cache(maxsize=8)
 def _cache_path(environment: tuple) -> Path:
-    """``cache_path`` for these values of the variables it reads (``auto`` asks on every new shape)."""
+    """``cache_path`` computed once per ``environment``, the values of the variables it reads (only
+    the cache key: ``auto`` asks on every new shape, and building the path costs ~10 us)."""
     env = os.environ.get(ENV_DIR)
     if env:
         return Path(env).expanduser() / FILENAME
