@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -199,6 +201,31 @@ def test_backend_that_cannot_train_here_exits_2_before_loading(backend, message,
     assert code == 2
     err = capsys.readouterr().err
     assert f"anymask train: error: {message}" in err and "Traceback" not in err
+
+
+def test_backend_that_cannot_run_the_tasks_mask_exits_2_before_the_first_step(tiny_model_dir, tmp_path,  # noqa: F811
+                                                                               capsys):
+    """varlen cannot run prefix_lm's per-document prompts: it failed inside the first forward."""
+    data = _data(tmp_path, "prefix_lm", 8)
+    code = main(["--model", tiny_model_dir, "--task", "prefix_lm", "--data", data, "--output-dir",
+                 str(tmp_path / "out"), "--no-progress", "--dtype", "fp32", "--backend", "varlen"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "Loading weights" not in err
+    assert "anymask train: error: --backend varlen cannot train --task prefix_lm here: prefix-LM" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_the_adapter_names_a_relative_models_absolute_path(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """It recorded ``--model`` as typed (``./tiny``), which peft's AutoPeftModel cannot load elsewhere."""
+    import json
+    import os
+
+    data = _data(tmp_path, "sft", 8)
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    assert _train_sft(os.path.join(".", Path(tiny_model_dir).name), data, tmp_path, "--max-steps", "1",
+                      "--dtype", "fp32") == 0
+    saved = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
 
 
 def test_parallel_without_torchrun_exits_2(tmp_path, capsys, monkeypatch):

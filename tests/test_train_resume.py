@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from anymask.train import packing, train
+from anymask.train import checkpoint, packing, train
 from anymask.train.config import ConfigError
 
 from .test_train_helpers import config, tiny_model_dir  # noqa: F401  (fixture)
@@ -103,7 +103,15 @@ def test_resumed_run_keeps_the_checkpoints_lr_schedule(tiny_model_dir, tmp_path)
 def test_resumed_run_says_weight_decay_stays_the_checkpoints(tiny_model_dir, tmp_path):  # noqa: F811
     data, saved = _first_step_checkpoint(tiny_model_dir, tmp_path)
     with pytest.warns(UserWarning, match=r"weight_decay stays the checkpoint's 0.0 \(the optimizer state keeps it\)"):
-        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=2, weight_decay=0.1, resume=saved))
+        train(config(tiny_model_dir, "sft", data, tmp_path / "b", max_steps=3, weight_decay=0.1, resume=saved,
+                     save_every=1))
+    # its checkpoints record the weight decay in effect (0.0), not the ignored 0.1: resuming with 0.0 says nothing
+    again = str(tmp_path / "b" / "checkpoint-000002")
+    assert checkpoint.read_state(Path(again))["config"]["weight_decay"] == 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config(tiny_model_dir, "sft", data, tmp_path / "c", max_steps=3, resume=again))
+    assert not [w for w in caught if "weight_decay" in str(w.message)]
 
 
 def test_fresh_run_into_an_earlier_runs_checkpoints_is_refused(tiny_model_dir, tmp_path, capsys):  # noqa: F811

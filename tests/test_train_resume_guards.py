@@ -188,9 +188,15 @@ def test_ctrl_c_is_one_line_saying_where_to_go_on(tiny_model_dir, tmp_path, caps
 
     monkeypatch.setattr(loop, "train", interrupted)
     for out, says in ((tmp_path / "a", "the newest checkpoint is .*checkpoint-000002: go on with --resume auto"),
-                      (tmp_path / "none", r"no checkpoint was saved \(--save-every N saves them\)")):
+                      (tmp_path / "none", r"no checkpoint was saved \(--save-every N saves them\); to start "
+                                          r"again, run the same command$")):
         assert main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(out),
                      "--no-progress"]) == 130
         err = capsys.readouterr().err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-        assert re.search(says, err), err
+        assert re.search(says, err.strip()), err
+    (tmp_path / "none" / "metrics.jsonl").parent.mkdir(exist_ok=True)
+    (tmp_path / "none" / "metrics.jsonl").write_text("")  # a run that got to log something
+    main(["--model", tiny_model_dir, "--task", "sft", "--data", data, "--output-dir", str(tmp_path / "none"),
+          "--no-progress"])
+    assert "delete --output-dir's metrics.jsonl or choose another --output-dir" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .config import DTYPES, KERNELS, PARALLEL, TASKS, TrainConfig
 
@@ -148,8 +149,10 @@ def _where_to_go_on(config: TrainConfig) -> str:
 
     newest = checkpoint.latest(config.output_dir)
     if newest is None:
+        again = ("delete --output-dir's metrics.jsonl or choose another --output-dir"
+                 if (Path(config.output_dir) / "metrics.jsonl").exists() else "run the same command")
         return ("no checkpoint was saved" + ("" if config.save_every else " (--save-every N saves them)")
-                + "; to start again, delete --output-dir's metrics.jsonl or choose another --output-dir")
+                + f"; to start again, {again}")
     return f"the newest checkpoint is {newest}: go on with --resume auto"
 
 

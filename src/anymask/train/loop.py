@@ -108,12 +108,17 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     eval_rows = _eval_rows_with_units(eval_rows, task, d)
 
     if base is None:
-        base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device)
+        base = M.load_base(cfg.model, dtype=cfg.dtype, attn=cfg.attn, gguf_file=cfg.gguf_file, device=d.device,
+                           progress=cfg.progress and d.main)
+    _check_backend_takes_task(cfg, task, base.config, d.device)
     liger, lora = fused.resolve(cfg.kernels, base, d.device, cfg.lora_dropout)
     peft_model = M.prepare(base.to(d.device), task, attn=cfg.attn, backend=cfg.backend, dtype=cfg.dtype,
                            lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                            lora_targets=cfg.lora_targets, gradient_checkpointing=cfg.gradient_checkpointing,
                            seed=cfg.seed, liger=liger, fused_lora=lora)
+    if Path(cfg.model).is_dir():  # the saved adapter names its base so that it loads from any directory
+        for adapter in peft_model.peft_config.values():
+            adapter.base_model_name_or_path = str(Path(cfg.model).resolve())
     fused_head = fused.fused_head(peft_model, liger, d.mode)
     module = M.TaskModel(peft_model, task, cfg.attn, fused_head=fused_head)
     wrapped = distributed.wrap(module, d, M.decoder_layers(peft_model) if d.mode == "fsdp2" else [])
@@ -160,7 +165,8 @@ def _run(cfg: TrainConfig, d, base, tokenizer, examples, eval_examples) -> Train
     bar = _progress(cfg, d, total, start)
     if bar is not None:
         bar.write(f"kernels: {result.kernels}")
-    ckpt_state = {"config": asdict(cfg), "schedule": schedule,  # what each checkpoint's state.json adds
+    in_effect = dict(asdict(cfg), weight_decay=optimizer.param_groups[0]["weight_decay"])  # a resumed optimizer's
+    ckpt_state = {"config": in_effect, "schedule": schedule,  # what each checkpoint's state.json adds
                   "model_files": checkpoint.model_files(cfg.model)}
     if fingerprint is not None:
         ckpt_state["data_fingerprint"] = fingerprint
@@ -315,6 +321,28 @@ def _check_attention(cfg: TrainConfig, device: torch.device) -> None:
     if reasons:
         raise ConfigError(f"--backend {cfg.backend} is not available here: {'; '.join(reasons)}; "
                           "use --backend auto to let dispatch pick one that is")
+
+
+def _check_backend_takes_task(cfg: TrainConfig, task, config, device: torch.device) -> None:
+    """Refuse a forced anymask backend that cannot train this task's mask (``varlen`` and the
+    per-document prompts of prefix_lm) before the first step, with its reasons: asked on a packed
+    row of two documents with this model's heads, head dim and dtype."""
+    if cfg.attn != "anymask" or cfg.backend == "auto":
+        return
+    import anymask
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])  # [1, 8]: two documents, each half prompt
+    row = Packed(torch.zeros_like(doc_ids), torch.arange(4).repeat(2)[None], doc_ids,
+                 torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.bool), (4, 4), cfg.seed).to(device)
+    q = torch.zeros(1, heads, 8, head_dim, dtype=M.DTYPES[cfg.dtype], device=device, requires_grad=True)
+    kv = torch.zeros(1, kv_heads, 8, head_dim, dtype=q.dtype, device=device, requires_grad=True)
+    reasons = anymask.backends(q, kv, kv, task.mask(row))[cfg.backend]["reasons"]
+    if reasons:
+        raise ConfigError(f"--backend {cfg.backend} cannot train --task {cfg.task} here: {'; '.join(reasons)}; "
+                          "use --backend auto to let dispatch pick one that can")
 
 
 def _examples(cfg, tokenizer, examples, eval_examples, mine, count, d):

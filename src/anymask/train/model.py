@@ -54,17 +54,25 @@ def load_tokenizer(path: str, gguf_file: str | None = None):
 
 
 def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_file: str | None = None,
-              device: torch.device | str = "cpu"):
-    """The pretrained model at ``path`` (a directory or hub name; ``gguf_file`` inside it)."""
+              device: torch.device | str = "cpu", progress: bool = True):
+    """The pretrained model at ``path`` (a directory or hub name; ``gguf_file`` inside it);
+    ``progress=False`` hides transformers' loading and GGUF conversion bars."""
     transformers = require("transformers")
     if attn == "anymask":
         import anymask.hf  # noqa: F401  (registers the implementation)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    bars = transformers.utils.logging
+    shown = bars.is_progress_bar_enabled()
+    if not progress:
+        bars.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
                                                                  **kwargs)
     except ValueError as exc:  # e.g. a config transformers does not know, an attention it does not have
         raise ConfigError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        if shown:
+            bars.enable_progress_bar()
     return model.to(device)
 
 
