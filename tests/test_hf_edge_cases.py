@@ -125,6 +125,39 @@ def test_unknown_backend_at_set_mask_and_using_restores_the_implementation():
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_using_in_two_threads_on_one_model_is_refused_and_nesting_in_one_is_not():
+    """The first thread's exit switched the model back to sdpa under the second's forward (a TypeError
+    deep in transformers) and left the second's policy on the model."""
+    import threading
+
+    model = tiny_model("llama", attn="sdpa")
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def first():
+        with anymask.hf.using(model, "prefix_lm"):
+            inside.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(30)
+    try:
+        with pytest.raises(RuntimeError, match="another thread is inside using"):
+            with anymask.hf.using(model, "bidirectional"):
+                seen.append("entered")
+    finally:
+        leave.set()
+        thread.join()
+    assert not seen and model.config._attn_implementation == "sdpa" and anymask.hf.get_mask(model) is None
+    with anymask.hf.using(model, "causal"):
+        with anymask.hf.using(model, "bidirectional"):
+            assert anymask.hf.get_mask(model) == ("bidirectional", "auto")
+        assert anymask.hf.get_mask(model) == ("causal", "auto")
+    assert model.config._attn_implementation == "sdpa" and anymask.hf.get_mask(model) is None
+    with anymask.hf.using(model, "causal"):  # another thread may use it now
+        pass
+
+
 def test_bad_prefix_lengths_and_padding_shapes_are_clear_errors():
     model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
     ids = torch.randint(0, VOCAB, (2, 6))

@@ -106,3 +106,18 @@ def test_prefix_lm_chunked_prefill_with_token_types_of_this_call_only():
         ref = eager(ids[:, second], attention_mask=as_eager_mask(eager, lambda w: allowed(3, 9), torch.float32),
                     past_key_values=head.past_key_values).logits
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_lm_without_a_prefix_refuses_assisted_generation_and_its_mask_form_runs_it():
+    """Assisted generation's first call is the prompt plus guessed tokens: the guesses joined the
+    bidirectional prefix and greedy tokens changed with the guesses, silently."""
+    model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")
+    torch.manual_seed(3)
+    ids = torch.randint(1, VOCAB, (1, 4)).repeat(1, 3)  # [1, 12], repeating: prompt lookup finds guesses
+    valid = torch.ones_like(ids)
+    plain = _greedy(model, ids, valid)
+    with pytest.raises(ValueError, match=r"assisted generation .* anymask.masks.prefix_lm\(n\)"):
+        _greedy(model, ids, valid, prompt_lookup_num_tokens=3)
+    anymask.hf.set_mask(model, anymask.masks.prefix_lm(ids.shape[1]))
+    assert torch.equal(_greedy(model, ids, valid), plain)
+    assert torch.equal(_greedy(model, ids, valid, prompt_lookup_num_tokens=3), plain)

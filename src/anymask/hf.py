@@ -65,7 +65,9 @@ Qwen2, Qwen3, Gemma 3 and every decoder that calls ``ALL_ATTENTION_FUNCTIONS`` t
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -296,20 +298,45 @@ def get_mask(model: torch.nn.Module):
 @contextmanager
 def using(model: torch.nn.Module, spec, backend: str = "auto"):
     """``with anymask.hf.using(model, "prefix_lm"): model.generate(...)`` — a temporary policy.
-    On exit the model gets back its policy and its attention implementation (``sdpa``, say)."""
-    saved = [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)]
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    set_mask(model, spec, backend)
+    On exit the model gets back its policy and its attention implementation (``sdpa``, say).
+
+    The policy is the model's, seen by every thread: a ``using`` on a model that another thread is
+    inside ``using`` of raises ``RuntimeError`` (its exit would switch the model under the other
+    thread's calls).  For concurrent calls with different masks, ``set_mask`` once and pass
+    ``anymask_mask=`` per call."""
+    me = threading.get_ident()
+    with _USING_LOCK:
+        owner, depth = _USING.get(model, (me, 0))
+        if owner != me:
+            raise RuntimeError("anymask.hf.using: another thread is inside using() on this model, and using() "
+                               "changes the model for every thread (its mask policy and attention implementation); "
+                               "for concurrent calls with different masks, set_mask(model, ...) once and pass "
+                               "anymask_mask=... to each call")
+        _USING[model] = (me, depth + 1)
     try:
-        yield model
+        saved = [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)]
+        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        set_mask(model, spec, backend)
+        try:
+            yield model
+        finally:
+            for m, policy in saved:
+                if policy is None:
+                    m.__dict__.pop(_POLICY_ATTR, None)
+                else:
+                    setattr(m, _POLICY_ATTR, policy)
+            if implementation not in (None, NAME):
+                model.set_attn_implementation(implementation)
     finally:
-        for m, policy in saved:
-            if policy is None:
-                m.__dict__.pop(_POLICY_ATTR, None)
+        with _USING_LOCK:
+            if depth:
+                _USING[model] = (me, depth)
             else:
-                setattr(m, _POLICY_ATTR, policy)
-        if implementation not in (None, NAME):
-            model.set_attn_implementation(implementation)
+                _USING.pop(model, None)
+
+
+_USING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]]" = weakref.WeakKeyDictionary()  # model ->
+_USING_LOCK = threading.Lock()  # (thread inside using(), how deep)
 
 
 # helpers ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ the cache keeps); queries are the last ``q_len`` of them (``anymask``'s bottom-r
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 
 import weakref
@@ -186,6 +187,19 @@ def _warn_prompt_in_chunks() -> None:
         "prompt in one call (no prefill_chunk_size) or pass prefix_lengths= to a forward", stacklevel=6)
 
 
+def _in_assisted_generation() -> bool:
+    """Whether this call runs inside transformers' assisted decoding (an assistant model or prompt
+    lookup), whose model calls carry guessed tokens after the real ones."""
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_assisted_decoding" and "transformers" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids) -> masks.Mask:
     if kwargs.get("prefix_lengths") is not None and spec != "prefix_lm":
         raise ValueError(f"prefix_lengths= applies to the 'prefix_lm' spec, but this call's spec is {spec!r}: "
@@ -216,6 +230,12 @@ def _base(spec, q_len, kv_len, batch, first_key, no_past, training, kwargs, ids)
                              "model.eval() first (the model is in training mode)")
         # Inference without an explicit prefix: the first call's tokens (the prompt) are the prefix,
         # later calls (decoding with a cache) continue causally.
+        if _in_assisted_generation():
+            raise ValueError("prefix_lm without prefix_lengths= takes a call's tokens as the prefix when nothing is "
+                             "cached, but assisted generation (assistant_model=, prompt_lookup_num_tokens=) sends "
+                             "the prompt together with its guessed tokens: they would join the prefix. Give the "
+                             "prefix as a mask instead: anymask.hf.set_mask(model, anymask.masks.prefix_lm(n)) "
+                             "for a prompt of n tokens")
         if not no_past and q_len > 1:
             _warn_prompt_in_chunks()
         return masks.full() if no_past else masks.causal()
