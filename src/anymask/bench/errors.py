@@ -1,9 +1,12 @@
 """Max error of a call's output (and gradients) against the float64 reference, and eligibility:
 a backend may win a measurement only when its error is within the tolerance of
-:func:`anymask.tuning.tolerance` relative to SDPA's own error at that dtype."""
+:func:`anymask.tuning.tolerance` relative to SDPA's own error at that dtype (or to the typical
+error of the backends measured, where SDPA's is above it)."""
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -42,26 +45,41 @@ def magnitudes(ref: Reference) -> tuple[float, float | None]:
     return out, grad
 
 
-def rejections(errs: dict[str, Errors], ref: Reference, dtype: torch.dtype, peer: str = "sdpa") -> dict[str, str | None]:
-    """Per backend: ``None`` when it agrees with the reference, else why not.
+def _peer_error(values: list[float], peer: float | None) -> float | None:
+    """The error the bound scales with: the peer's (SDPA's), unless it exceeds the lower median of
+    all finite errors (then that median: a wrong or NaN SDPA must not widen the bound that would
+    catch it); without a peer, the smallest finite error.  None when no error is finite."""
+    finite = [x for x in values if x is not None and math.isfinite(x)]
+    if not finite:
+        return None
+    if peer is None:
+        return min(finite)
+    typical = statistics.median_low(finite)
+    return min(peer, typical) if math.isfinite(peer) else typical
 
-    The peer error is SDPA's (the smallest measured error when SDPA did not run)."""
+
+def rejections(errs: dict[str, Errors], ref: Reference, dtype: torch.dtype, peer: str = "sdpa",
+               also: dict[str, Errors] | None = None) -> dict[str, str | None]:
+    """Per backend of ``errs`` (and of ``also``, hand-rolled calls held to the same bound but not
+    setting it): ``None`` when it agrees with the reference, else why not.
+
+    The bound scales with SDPA's error (see :func:`_peer_error`)."""
     if not errs:
-        return {}
-    base = errs.get(peer) or min(errs.values(), key=lambda e: e.out)
-    grad_peers = [e.grad for e in errs.values() if e.grad is not None]
-    peer_grad = base.grad if base.grad is not None else (min(grad_peers) if grad_peers else None)
+        return {name: None for name in also or {}}
+    base = errs.get(peer)
+    peer_out = _peer_error([e.out for e in errs.values()], None if base is None else base.out)
+    peer_grad = _peer_error([e.grad for e in errs.values()], None if base is None else base.grad)
     out_mag, grad_mag = magnitudes(ref)
-    out_bound = tolerance(base.out, dtype, out_mag)
+    out_bound = tolerance(peer_out, dtype, out_mag) if peer_out is not None else math.nan  # NaN: none pass
+    grad_bound = None
+    if any(e.grad is not None for e in errs.values()):
+        grad_bound = tolerance(peer_grad, dtype, grad_mag) if peer_grad is not None else math.nan
     verdict = {}
-    for name, e in errs.items():
+    for name, e in {**errs, **(also or {})}.items():
         if not e.out <= out_bound:  # NaN fails too
             verdict[name] = f"output error {e.out:.3g} > bound {out_bound:.3g}"
-            continue
-        if e.grad is not None and peer_grad is not None:
-            grad_bound = tolerance(peer_grad, dtype, grad_mag)
-            if not e.grad <= grad_bound:
-                verdict[name] = f"gradient error {e.grad:.3g} > bound {grad_bound:.3g}"
-                continue
-        verdict[name] = None
+        elif e.grad is not None and grad_bound is not None and not e.grad <= grad_bound:
+            verdict[name] = f"gradient error {e.grad:.3g} > bound {grad_bound:.3g}"
+        else:
+            verdict[name] = None
     return verdict

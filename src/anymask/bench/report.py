@@ -51,8 +51,8 @@ def _auto_tflops(auto: Row | None, best: Row | None) -> float | None:
 def _best_peer(ok: dict[str, Row], mask: str) -> Row | None:
     """The fastest hand-rolled call of the case: SDPA with a dense mask, compiled FlexAttention, and
     for full/causal SDPA's own call (the ``sdpa`` backend runs exactly that there)."""
-    peers = [ok[v] for v in HAND_ROLLED if v in ok]
-    if mask in NATIVE_SDPA and "sdpa" in ok:
+    peers = [ok[v] for v in HAND_ROLLED if v in ok and ok[v].eligible is not False]  # off the float64 bound:
+    if mask in NATIVE_SDPA and "sdpa" in ok and ok["sdpa"].eligible is not False:  # no peer to beat
         peers.append(ok["sdpa"])
     return min(peers, key=lambda r: r.median_ms) if peers else None
 
@@ -66,7 +66,8 @@ def case_summaries(rows: list[Row]) -> list[dict]:
         if group[0].variant == "*":  # never started (time budget)
             continue
         ok = {r.variant: r for r in group if r.status == "ok"}
-        forced = [r for r in ok.values() if r.eligible and r.variant != "auto"]  # auto's own verdict is no contender
+        forced = [r for r in ok.values()  # auto's own verdict is no contender, nor are hand-rolled calls
+                  if r.eligible and r.variant != "auto" and not r.variant.startswith("raw_")]
         best = min(forced, key=lambda r: r.median_ms) if forced else None
         auto = ok.get("auto")
         raw_sdpa, raw_flex, raw_fa4 = ok.get("raw_sdpa_dense"), ok.get("raw_flex"), ok.get("raw_fa4")
@@ -95,8 +96,8 @@ def summary(rows: list[Row], cases: list[dict], out_dir: str, **extra) -> dict:
     """The one-line JSON summary: does auto stay within 5% of the best forced backend?"""
     ratios = [c["auto_vs_best"] for c in cases if c["auto_vs_best"] is not None]
     wrong = [c["case"] for c in cases if c.get("auto_wrong")]
-    within = [c["auto_vs_best"] <= AUTO_SLACK and not c.get("auto_wrong")
-              for c in cases if c["auto_vs_best"] is not None]
+    within = [c["auto_vs_best"] is not None and c["auto_vs_best"] <= AUTO_SLACK and not c.get("auto_wrong")
+              for c in cases if c["auto_vs_best"] is not None or c.get("auto_wrong")]  # a wrong auto: not within
     packed = [c["best_vs_raw_sdpa"] for c in cases if c["mask"] in STRUCTURED_PACKED and c["best_vs_raw_sdpa"]]
     return {
         "bench": "anymask",
@@ -151,6 +152,8 @@ def full_table(rows: list[Row]) -> str:
                 note = f"WRONG: {r.reason}"
             elif r.variant == "auto" and r.auto_vs_best is not None:
                 note = f"auto/best({r.best}) = {r.auto_vs_best:.3f} (p20, interleaved)"
+            elif r.eligible is False and r.variant.startswith("raw_"):
+                note = f"WRONG, no peer: {r.reason}"
             elif r.eligible is False:
                 note = f"NOT ELIGIBLE: {r.reason}"
             lines.append(f"  {r.variant:<15} {r.backend:<16} {r.median_ms:9.3f} {spread:>17} {_num(r.tflops, '8.3f'):>8} "
