@@ -302,3 +302,18 @@ def test_plot_only_redraws_results_from_before_tagged_plots_in_place(tmp_path):
     (tmp_path / "gpu-causal.png").unlink()
     assert bench_main(["bench", "--plot-only", str(tmp_path)]) == 0
     assert [p.name for p in tmp_path.glob("*.png")] == ["causal.png"]
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_plot_only_without_matplotlib_exits_1_and_still_rewrites_the_summaries(tmp_path, monkeypatch, capsys):
+    """It exited 0 and told the user to run the command they had just run."""
+    from anymask.bench import cli
+
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--no-plot", "--out", str(tmp_path)]) == 0
+    (tmp_path / "bench.csv").unlink()
+    monkeypatch.setattr(cli, "probe", lambda name: f"{name} is not importable; pip install 'anymask[bench]'")
+    capsys.readouterr()
+    assert bench_main(["bench", "--plot-only", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "no plots (matplotlib is not importable; pip install 'anymask[bench]')" in err and "later" not in err
+    assert (tmp_path / "bench.csv").exists() and not list(tmp_path.glob("*.png"))

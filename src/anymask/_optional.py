@@ -6,13 +6,15 @@ import importlib
 from functools import lru_cache
 from types import ModuleType
 
+from torch.torch_version import TorchVersion
+
 INSTALL_HINTS = {
     "transformers": "pip install 'anymask[hf]'",
     "peft": "pip install 'anymask[hf]'",
     "gguf": "pip install 'anymask[hf]'",
     "flash_attn": "pip install flash-attn --no-build-isolation (a CUDA source build)",
     "xformers": "pip install xformers (a build matching your torch)",
-    "triton": "pip install triton (ships with CUDA builds of torch)",
+    "triton": "pip install 'anymask[triton]' (triton ships with CUDA builds of torch)",
     "matplotlib": "pip install 'anymask[bench]'",
     "matplotlib.pyplot": "pip install 'anymask[bench]'",
     "cudnn": "pip install 'anymask[cudnn]' (nvidia-cudnn-frontend)",
@@ -23,18 +25,30 @@ INSTALL_HINTS = {
 }
 
 
+MIN_VERSIONS = {"transformers": "4.56"}  # anymask.hf registers through transformers' AttentionInterface
+
+
 class MissingDependency(ImportError):
     """An optional dependency is not installed; the message says how to install it."""
 
 
 @lru_cache(maxsize=None)
 def probe(name: str) -> ModuleType | str:
-    """Import ``name``; return the module, or the reason it cannot be imported."""
+    """Import ``name``; return the module, or the reason it cannot be imported (a module older than
+    :data:`MIN_VERSIONS` says so)."""
+    hint = INSTALL_HINTS.get(name, f"pip install {name}")
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except Exception as exc:  # broken installs raise more than ImportError (e.g. OSError, RuntimeError)
-        hint = INSTALL_HINTS.get(name, f"pip install {name}")
+        missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        if missing and missing.split(".")[0] != name.split(".")[0]:  # installed, but a module it imports is not
+            hint = f"pip install {missing.split('.')[0]} ({name} imports it)"
         return f"{name} is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}"
+    least = MIN_VERSIONS.get(name)
+    found = getattr(module, "__version__", None)
+    if least and isinstance(found, str) and TorchVersion(found) < least:
+        return f"{name} {found} is too old (anymask needs {name}>={least}); {hint}"
+    return module
 
 
 def require(name: str) -> ModuleType:

@@ -111,11 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `timeout`, a scheduler: as Ctrl-C
+    from ._optional import MissingDependency
+
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:  # one line, not a traceback (``train`` and ``bench`` say more)
         print(f"anymask {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MissingDependency as exc:  # an optional dependency the command needs: its install hint
+        print(f"anymask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

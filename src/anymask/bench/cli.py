@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._optional import probe
 from ..cli import positive_int
 from .cases import GRIDS, expand, grid_dict, load_config, override_parts
 from .timing import Settings
@@ -184,6 +185,10 @@ def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> i
     docs = {file: doc for file, doc in docs.items() if doc}  # bench results only
     if not docs:
         raise SystemExit(f"anymask bench --plot-only: no bench results (JSON with rows and meta) in {path}")
+    status = 0
+    if plots and isinstance(probe("matplotlib"), str):  # the CSV and summaries are still recomputed
+        print(f"anymask bench: no plots ({probe('matplotlib')})", file=sys.stderr)
+        plots, status = False, 1
     for file, doc in docs.items():
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
         out = _made_dir(out_dir or file.parent)
@@ -199,7 +204,7 @@ def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> i
         report.write_json(rows, cases, doc["meta"], line, target)
         print(report.summary_table(cases))
         print(json.dumps(line))
-    return 0
+    return status
 
 
 _SOFTWARE = ("torch", "triton", "anymask", "cuda", "cudnn", "settings", "input_sets")  # merged parts should agree
