@@ -291,3 +291,46 @@ def test_a_junk_autotune_setting_is_said_not_taken_as_off(monkeypatch):
         anymask.attention(q, k, v, p.mask)
     monkeypatch.setenv("ANYMASK_AUTOTUNE", "off")
     anymask.attention(q, k, v, p.mask)
+
+
+def test_processes_autotuning_one_problem_keep_the_first_choice_stored(cache_dir):
+    """Each DDP rank kept its own winner for one problem, and the file the last writer's."""
+    p, _ = problem()
+    assert tuning.remember(p, {"backend": "flex"}) == "flex"
+    tuning.reload()  # as another process, which has not read the file since
+    assert tuning.remember(p, {"backend": "sdpa"}, keep_existing=True) == "flex"
+    assert tuning.lookup(p) == "flex"
+    assert tuning.remember(p, {"backend": "sdpa"}) == "sdpa"  # anymask tune --force: a new measurement wins
+    tuning.reload()
+    assert tuning.lookup(p) == "sdpa"
+
+
+def test_a_cache_file_that_cannot_be_read_is_not_replaced(cache_dir, monkeypatch):
+    """A teammate's file this process could not read was replaced, their entries lost."""
+    p, _ = problem()
+    tuning.remember(p, {"backend": "flex"})
+    before = (cache_dir / tuning.FILENAME).read_text()
+    real = Path.read_text
+
+    def unreadable(path, *args, **kwargs):
+        if path.name == tuning.FILENAME:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    tuning.reload()
+    other, _ = problem(seq=256)
+    with pytest.warns(UserWarning, match="cannot save the tuning cache .*cannot be read"):
+        tuning.remember(other, {"backend": "sdpa"})
+    monkeypatch.undo()
+    assert (cache_dir / tuning.FILENAME).read_text() == before
+
+
+def test_the_cache_file_follows_the_umask(cache_dir):
+    """It was always 0600 (mkstemp), so a shared team folder's file could not be read by the team."""
+    old = os.umask(0o002)
+    try:
+        tuning.remember(problem()[0], {"backend": "flex"})
+    finally:
+        os.umask(old)
+    assert (cache_dir / tuning.FILENAME).stat().st_mode & 0o777 == 0o664

@@ -25,8 +25,11 @@ same shapes).  Only backends whose output (and gradients) agree with a float64 r
 processes wrote meanwhile.  A corrupt file is ignored with a warning (and set aside as
 ``choices.json.corrupt`` on the next write).
 
-:func:`lookup` is cheap: the file is read once per process; a problem whose shape-level signature
+:func:`lookup` is cheap: the file is read once per process (and again whenever this process stores
+an entry, which also brings in what other processes stored); a problem whose shape-level signature
 has no entry returns at once; otherwise the mask's density is computed once per mask object.
+Processes that autotune one problem at once (DDP ranks) all keep the first choice stored, and a
+file this process cannot read is never replaced.
 """
 
 from __future__ import annotations
@@ -232,13 +235,21 @@ def _usable(machines: dict, *, warn: bool) -> dict:
     return usable
 
 
-def _read(path: Path) -> tuple[dict, bool]:
-    """``(machines, corrupt)``; a corrupt file warns and reads as empty."""
+class _Unreadable(OSError):
+    """The cache file exists but cannot be read (another user's permissions): never replaced."""
+
+
+def _read(path: Path, *, for_write: bool = False) -> tuple[dict, bool]:
+    """``(machines, corrupt)``; a corrupt file warns and reads as empty.  A file that cannot be read
+    warns and reads as empty, or with ``for_write`` raises :class:`_Unreadable` (writing would
+    replace entries this process cannot see)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         return {}, False
     except OSError as exc:
+        if for_write:
+            raise _Unreadable(f"it exists but cannot be read: {exc}") from exc
         warnings.warn(f"anymask: cannot read the tuning cache {path} ({exc}); ignoring it", stacklevel=3)
         return {}, False
     try:
@@ -300,6 +311,9 @@ def _atomic_write(path: Path, machines: dict) -> None:
     text = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".choices.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp's is 0600): a team's shared folder
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -311,29 +325,37 @@ def _atomic_write(path: Path, machines: dict) -> None:
         raise
 
 
-def store(machine: str, sig: str, entry: dict) -> None:
-    """Add or replace one entry: lock, re-read, merge, write atomically, refresh memory."""
+def store(machine: str, sig: str, entry: dict, *, keep_existing: bool = False) -> str:
+    """Add or replace one entry: lock, re-read, merge, write atomically, refresh memory.  With
+    ``keep_existing`` an entry another process stored meanwhile stays, so processes measuring the
+    same problem at once (DDP ranks) all take the first one stored.  Returns the stored backend."""
     if not isinstance(entry.get("backend"), str):
         raise ValueError("entry needs a 'backend' name")
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _file_lock(path):
-            machines, corrupt = _read(path)  # verbatim: other versions' entries are written back as read
+            machines, corrupt = _read(path, for_write=True)  # verbatim: other versions' entries are written back
             if corrupt:
                 os.replace(path, path.with_name(path.name + ".corrupt"))
             if not isinstance(machines.get(machine), dict):
                 machines[machine] = {}
-            machines[machine][sig] = entry
-            _atomic_write(path, machines)
-            machines = _usable(machines, warn=False)
+            there = machines[machine].get(sig)
+            if keep_existing and isinstance(there, dict) and isinstance(there.get("backend"), str):
+                entry = there
+            else:
+                machines[machine][sig] = entry
+                _atomic_write(path, machines)
+            with _LOCK:  # under the file lock: a store that read the file later cannot be overwritten here
+                _set_state(path, _usable(machines, warn=False))
     except OSError as exc:  # a read-only home (containers, CI): the choice still serves this process
         warnings.warn(f"anymask: cannot save the tuning cache {path} ({exc}); keeping this choice in memory "
                       f"only. Set {ENV_DIR} to a writable directory to keep it", stacklevel=3)
         machines = {m: dict(e) for m, e in _machines().items()}
         machines.setdefault(machine, {})[sig] = entry
-    with _LOCK:
-        _set_state(path, machines)
+        with _LOCK:
+            _set_state(path, machines)
+    return entry["backend"]
 
 
 # lookup and tuning ------------------------------------------------------------------------------
@@ -370,13 +392,15 @@ def lookup(p: Problem) -> str | None:
 
 
 def _autotune(p: Problem, machine: str) -> str | None:
-    if torch.compiler.is_compiling():
+    if _dynamo_compiling():
         return None
     if p.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
     sig = signature(p)
-    if (machine, sig) in _FAILED:
-        return None
+    with _LOCK:
+        if (machine, sig) in _FAILED or (machine, sig) in _MEASURING:  # another thread measures it: this
+            return None  # call takes the static preference, and later ones the stored choice
+        _MEASURING.add((machine, sig))
     try:
         return _measure_and_store(p, machine, sig, first=None)
     except Exception as exc:  # autotuning must never break the user's call
@@ -384,6 +408,19 @@ def _autotune(p: Problem, machine: str) -> str | None:
         warnings.warn(f"anymask: autotuning {sig} failed ({type(exc).__name__}: {exc}); "
                       "using the static preference", stacklevel=3)
         return None
+    finally:
+        with _LOCK:
+            _MEASURING.discard((machine, sig))
+
+
+_MEASURING: set[tuple[str, str]] = set()  # (machine, signature) a thread of this process is measuring
+
+
+def _dynamo_compiling() -> bool:
+    """Whether Dynamo traces this very call (``torch.compiler.is_compiling`` is also true while any
+    other thread compiles, which would skip measuring there)."""
+    check = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
+    return check()
 
 
 def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
@@ -406,8 +443,7 @@ def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:
                           "nothing stored (run `anymask tune` or anymask.tune() outside training to keep a choice)",
                           stacklevel=4)
         return choice.winner
-    remember(p, choice.entry(), machine=machine, sig=sig)
-    return choice.winner
+    return remember(p, choice.entry(), machine=machine, sig=sig, keep_existing=first is None)
 
 
 def _in_a_fresh_thread(fn, device: torch.device):
@@ -446,10 +482,12 @@ def _in_a_fresh_thread(fn, device: torch.device):
     return box.pop("value")
 
 
-def remember(p: Problem, entry: dict, *, machine: str | None = None, sig: str | None = None) -> None:
-    """Store ``entry`` (``{"backend": name, ...}``) as the measured choice for ``p``'s signature."""
+def remember(p: Problem, entry: dict, *, machine: str | None = None, sig: str | None = None,
+             keep_existing: bool = False) -> str:
+    """Store ``entry`` (``{"backend": name, ...}``) as the measured choice for ``p``'s signature;
+    the backend stored (see :func:`store` for ``keep_existing``)."""
     entry = dict(entry, measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    store(machine or machine_key(str(p.device)), sig or signature(p), entry)
+    return store(machine or machine_key(str(p.device)), sig or signature(p), entry, keep_existing=keep_existing)
 
 
 def tune(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale: float | None = None,
