@@ -25,6 +25,8 @@ if [[ -d build/ab_prev/src && -z ${SKIP_DECODE:-} ]]; then
         | tee -a $OUT/decode_$tag.jsonl | tail -1 | cut -c1-300
     done
   done
+fi
+if [[ -d build/ab_prev/src ]]; then
   for tree in build/ab_prev/src src; do
     tag=$([[ $tree == src ]] && echo head || echo prev)
     echo "== auto host cost, $tag"

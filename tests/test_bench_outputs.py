@@ -317,3 +317,17 @@ def test_plot_only_without_matplotlib_exits_1_and_still_rewrites_the_summaries(t
     err = capsys.readouterr().err
     assert "no plots (matplotlib is not importable; pip install 'anymask[bench]')" in err and "later" not in err
     assert (tmp_path / "bench.csv").exists() and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_rerun_leaves_plots_it_did_not_draw_under_its_tag_alone(tmp_path):
+    """A rerun of a tag whose earlier JSON recorded no prefix deleted <mask>.png of bench.json."""
+    pytest.importorskip("matplotlib")
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path), "--tag", "gpu"]) == 0
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    del doc["meta"]["plot_prefix"]  # as results committed before 2026-12-08 are
+    (tmp_path / "gpu.json").write_text(json.dumps(doc))
+    assert bench_main(["bench", *SMALL, "--backends", "eager", "--out", str(tmp_path)]) == 0  # causal.png
+    full = [*SMALL[:1], "full", *SMALL[2:]]
+    assert bench_main(["bench", *full, "--backends", "eager", "--out", str(tmp_path), "--tag", "gpu"]) == 0
+    assert {p.name for p in tmp_path.glob("*.png")} == {"causal.png", "gpu-causal.png", "gpu-full.png"}

@@ -157,6 +157,29 @@ def test_using_in_two_threads_on_one_model_is_refused_and_nesting_in_one_is_not(
     with anymask.hf.using(model, "causal"):  # another thread may use it now
         pass
 
+    def inside(spec):
+        with anymask.hf.using(model, spec):
+            yield
+
+    first, second = inside("prefix_lm"), inside("bidirectional")
+    next(first)
+    next(second)
+    first.close()  # out of order: the first one entered leaves first
+    second.close()
+    errors = []
+    other = threading.Thread(target=lambda: errors.extend(_using_fails(model)))
+    other.start()
+    other.join()
+    assert not errors  # no thread is inside using() any more
+
+
+def _using_fails(model) -> list:
+    try:
+        with anymask.hf.using(model, "causal"):
+            return []
+    except RuntimeError as exc:
+        return [exc]
+
 
 def test_bad_prefix_lengths_and_padding_shapes_are_clear_errors():
     model = anymask.hf.set_mask(tiny_model("llama"), "prefix_lm")

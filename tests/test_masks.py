@@ -585,3 +585,22 @@ def test_a_prefix_edited_in_place_is_validated_again():
     prefix.lengths.fill_(9)
     with pytest.raises(ValueError, match="prefix: length 9 exceeds kv_len=8"):
         prefix.validate(1, 1, 8, 8)
+
+
+def test_custom_masks_are_freed_after_use():
+    """A bare custom() mask kept itself alive through the per-mask record of what it holds."""
+    import gc
+    import weakref
+
+    import anymask
+
+    q = torch.randn(1, 1, 8, 4)
+    alive = []
+    for _ in range(40):
+        ids = torch.arange(8) // 3
+        mask = M.custom(lambda b, h, qi, kv, ids=ids: ids[qi] == ids[kv])
+        anymask.attention(q, q, q, mask, backend="eager")
+        alive.append(weakref.ref(mask))
+        del mask
+    gc.collect()
+    assert sum(ref() is not None for ref in alive) <= 8  # what bounded caches may still hold

@@ -329,8 +329,9 @@ def using(model: torch.nn.Module, spec, backend: str = "auto"):
                 model.set_attn_implementation(implementation)
     finally:
         with _USING_LOCK:
-            if depth:
-                _USING[model] = (me, depth)
+            left = _USING.get(model, (me, 1))[1] - 1  # the count now: exits may come out of order
+            if left > 0:
+                _USING[model] = (me, left)
             else:
                 _USING.pop(model, None)
 

@@ -275,11 +275,11 @@ def stamp(mask: Mask) -> tuple:
     ``mask_mod`` reads: caches of what is derived from a mask key on it, so in-place edits of those
     tensors are seen, and so is a global the ``mask_mod`` reads being rebound to a new tensor (even
     one the allocator put at a freed tensor's address, with the same version count)."""
-    held, customs = _held(mask)
-    if not (held or customs):
+    held, fns = _held(mask)
+    if not (held or fns):
         return ()
-    if customs:  # what a mask_mod reads is looked up on every call: a global may be rebound
-        read = tuple(t for m in customs for t in _captured(m.fn))
+    if fns:  # what a mask_mod reads is looked up on every call: a global may be rebound
+        read = tuple(t for fn in fns for t in _captured(fn))
         if any(t.is_inference() for t in read):
             _warn_unversioned()
         held += read
@@ -289,12 +289,13 @@ def stamp(mask: Mask) -> tuple:
 _HELD: "weakref.WeakKeyDictionary[Mask, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _held(mask: Mask) -> tuple[tuple[torch.Tensor, ...], tuple["Custom", ...]]:
-    """The tensors ``mask`` holds and its ``Custom`` leaves, found once per mask: its settings are
-    fixed once built (``stamp`` runs on every attention call)."""
+def _held(mask: Mask) -> tuple[tuple[torch.Tensor, ...], tuple[MaskMod, ...]]:
+    """The tensors ``mask`` holds and its custom ``mask_mod`` functions, found once per mask: its
+    settings are fixed once built (``stamp`` runs on every attention call).  The functions, not their
+    ``Custom`` leaves: a bare ``custom()`` is its own leaf, and would keep its weak key alive."""
     held = _HELD.get(mask)
     if held is None:
-        held = _HELD[mask] = (tuple(_tensors(mask)), tuple(m for m in _leaves(mask) if isinstance(m, Custom)))
+        held = _HELD[mask] = (tuple(_tensors(mask)), tuple(m.fn for m in _leaves(mask) if isinstance(m, Custom)))
     return held
 
 

@@ -71,24 +71,23 @@ def tolerance(peer_error: float, dtype: torch.dtype, magnitude: float = 1.0) -> 
 
 def cache_path() -> Path:
     """The cache file: ``$ANYMASK_CACHE_DIR/choices.json`` or the platform's user cache dir."""
-    keys = (ENV_DIR, "XDG_CACHE_HOME", "LOCALAPPDATA", "HOME", "USERPROFILE")
-    return _cache_path(tuple(os.environ.get(k) for k in keys))
+    keys = (ENV_DIR, "XDG_CACHE_HOME", "LOCALAPPDATA", "HOME", "USERPROFILE", "HOMEDRIVE", "HOMEPATH")
+    return _cache_path(*(os.environ.get(k) for k in keys))
 
 
 @lru_cache(maxsize=8)
-def _cache_path(environment: tuple) -> Path:
-    """``cache_path`` computed once per ``environment``, the values of the variables it reads (only
-    the cache key: ``auto`` asks on every new shape, and building the path costs ~10 us)."""
-    env = os.environ.get(ENV_DIR)
-    if env:
-        return Path(env).expanduser() / FILENAME
+def _cache_path(env_dir, xdg, local_app_data, *home) -> Path:
+    """``cache_path`` for these values of the variables it reads, computed once per set of them
+    (``auto`` asks on every new shape; ``home``: what ``Path.home()`` reads, there)."""
+    if env_dir:
+        return Path(env_dir).expanduser() / FILENAME
     if sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     elif os.name == "nt":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+        base = Path(local_app_data) if local_app_data else Path.home() / "AppData" / "Local"
         return base / "anymask" / "Cache" / FILENAME
     else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "anymask" / FILENAME
 
 

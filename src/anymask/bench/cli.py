@@ -149,10 +149,13 @@ def _plot(rows, out: Path, meta: dict) -> list[Path]:
         return []
 
 
-def _remove_stale_plots(out: Path, earlier: dict, drawn: list[Path]) -> None:
+def _remove_stale_plots(out: Path, tag: str, earlier: dict, drawn: list[Path]) -> None:
     """Remove the plots of ``earlier`` (the ``<tag>.json`` this run replaced) that this run did not
-    redraw: beside the new results they would show numbers no longer in them."""
-    prefix = earlier.get("meta", {}).get("plot_prefix", "")
+    redraw: beside the new results they would show numbers no longer in them.  Only where ``earlier``
+    recorded this tag's prefix (results from before it did may share ``<mask>.png`` with another tag)."""
+    prefix = earlier.get("meta", {}).get("plot_prefix")
+    if prefix != plot_prefix(tag):
+        return
     for mask in sorted({r["mask"] for r in earlier.get("rows", ())}):
         png = out / f"{prefix}{mask}.png"
         if png not in drawn and png.is_file():
@@ -193,10 +196,14 @@ def _plot_only(path: Path, out_dir: Path | None = None, plots: bool = True) -> i
         rows = [Row(**{("mode" if k == "pass" else k): v for k, v in r.items()}) for r in doc["rows"]]
         out = _made_dir(out_dir or file.parent)
         target = file if out_dir is None else out / file.name
-        if "plot_prefix" not in doc["meta"]:  # results written before plots followed --tag: as then, in
-            doc["meta"]["plot_prefix"] = "" if len(docs) == 1 else plot_prefix(file.stem)  # place if alone
+        meta = doc["meta"]
+        if "plot_prefix" not in meta:  # results from before plots followed --tag: drawn in place as then
+            legacy = "" if len(docs) == 1 else plot_prefix(file.stem)  # (if alone), and left unrecorded
+            meta = dict(meta, plot_prefix=legacy)  # but for the default tag, whose prefix it is
+            if file.stem == "bench":
+                doc["meta"] = meta
         if plots:
-            _plot(rows, out, doc["meta"])
+            _plot(rows, out, meta)
         cases = report.case_summaries(rows)
         keep = {k: v for k, v in doc["summary"].items() if k in ("device", "grid", "seconds")}
         line = report.summary(rows, cases, doc["summary"].get("out", str(file.parent)), **keep)
@@ -357,7 +364,7 @@ def _bench(args) -> int:
     try:
         report.write_csv(rows, out / f"{tag}.csv")
         report.write_json(rows, cases_summary, meta, line, out / f"{tag}.json")
-        _remove_stale_plots(out, earlier, [] if args.no_plot else _plot(rows, out, meta))
+        _remove_stale_plots(out, tag, earlier, [] if args.no_plot else _plot(rows, out, meta))
     except OSError as exc:
         print(f"anymask bench: error: cannot write the results into {out} ({exc.strerror or exc}); "
               "the tables above are all that is left of this run", file=sys.stderr)

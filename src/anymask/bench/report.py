@@ -70,7 +70,8 @@ def case_summaries(rows: list[Row]) -> list[dict]:
                   if r.eligible and r.variant != "auto" and not r.variant.startswith("raw_")]
         best = min(forced, key=lambda r: r.median_ms) if forced else None
         auto = ok.get("auto")
-        raw_sdpa, raw_flex, raw_fa4 = ok.get("raw_sdpa_dense"), ok.get("raw_flex"), ok.get("raw_fa4")
+        raw_sdpa, raw_flex, raw_fa4 = (ok.get(v) if ok.get(v) and ok[v].eligible is not False else None
+                                       for v in ("raw_sdpa_dense", "raw_flex", "raw_fa4"))  # off the bound: none
         peer = _best_peer(ok, group[0].mask)
         out.append({
             "case": _case_label(group[0]), "mask": group[0].mask, "seq": group[0].seq, "dtype": group[0].dtype,

@@ -331,6 +331,7 @@ def _check_backend_takes_task(cfg: TrainConfig, task, config, device: torch.devi
         return
     import anymask
 
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # Gemma 3 and the like
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

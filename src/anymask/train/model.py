@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 
@@ -62,9 +64,10 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
         import anymask.hf  # noqa: F401  (registers the implementation)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     bars = transformers.utils.logging
-    shown = bars.is_progress_bar_enabled()
+    shown, plain = bars.is_progress_bar_enabled(), os.environ.get("TQDM_DISABLE")
     if not progress:
         bars.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF conversion bar is plain tqdm
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
                                                                  **kwargs)
@@ -73,6 +76,10 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
     finally:
         if shown:
             bars.enable_progress_bar()
+        if not progress and plain is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        elif not progress:
+            os.environ["TQDM_DISABLE"] = plain
     return model.to(device)
 
 
