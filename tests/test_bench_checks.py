@@ -47,10 +47,12 @@ def test_a_wrong_or_nan_sdpa_does_not_widen_the_bound():
 @pytest.mark.usefixtures("private_cache")
 @pytest.mark.parametrize("backends", ["eager,sdpa,varlen,raw_sdpa_dense,auto", "eager,sdpa,raw_sdpa_dense,auto"],
                          ids=["three", "two"])
-def test_a_wrong_sdpa_backend_is_caught_in_a_bench_run(backends, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_wrong_sdpa_backend_is_caught_in_a_bench_run(backends, dtype, tmp_path, monkeypatch):
     right = Sdpa.run
     monkeypatch.setattr(Sdpa, "run", lambda self, q, k, v, p: right(self, q, k, v, p) * 1.05)
-    assert bench_main(["bench", *CASE, "--backends", backends, "--out", str(tmp_path)]) == 0
+    case = [dtype if x == "fp32" else x for x in CASE]
+    assert bench_main(["bench", *case, "--backends", backends, "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "bench.json").read_text())
     rows = {r["variant"]: r for r in doc["rows"]}
     assert rows["sdpa"]["eligible"] is False and rows["eager"]["eligible"] is True

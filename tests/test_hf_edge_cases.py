@@ -165,7 +165,9 @@ def test_using_in_two_threads_on_one_model_is_refused_and_nesting_in_one_is_not(
     next(first)
     next(second)
     first.close()  # out of order: the first one entered leaves first
+    assert anymask.hf.get_mask(model) == ("bidirectional", "auto")  # the second is still open
     second.close()
+    assert model.config._attn_implementation == "sdpa" and anymask.hf.get_mask(model) is None
     errors = []
     other = threading.Thread(target=lambda: errors.extend(_using_fails(model)))
     other.start()

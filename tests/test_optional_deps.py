@@ -25,7 +25,8 @@ def test_the_hint_names_the_module_that_is_missing(modules):
     """Triton's CPU interpreter without numpy said 'pip install triton' to a user who had it."""
     (modules / "anymask_probe_a.py").write_text("import anymask_no_such_module_b\n")
     reason = _optional.probe("anymask_probe_a")
-    assert isinstance(reason, str) and reason.endswith("pip install anymask_no_such_module_b (anymask_probe_a imports it)")
+    assert isinstance(reason, str)
+    assert "anymask_probe_a is installed but imports anymask_no_such_module_b, which is missing" in reason
     assert _optional.probe("anymask_no_such_module_c").endswith("pip install anymask_no_such_module_c")
 
 

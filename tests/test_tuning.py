@@ -334,3 +334,16 @@ def test_the_cache_file_follows_the_umask(cache_dir):
     finally:
         os.umask(old)
     assert (cache_dir / tuning.FILENAME).stat().st_mode & 0o777 == 0o664
+
+
+def test_autotune_measures_nothing_while_torch_export_traces(monkeypatch, cache_dir):
+    """Non-strict export traced into the density count and failed on data-dependent values."""
+    monkeypatch.setenv("ANYMASK_AUTOTUNE", "1")
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return anymask.attention(q, k, v, M.causal())
+
+    q = torch.randn(1, 2, 64, 16)
+    torch.export.export(Attend(), (q, q, q))
+    assert not (cache_dir / tuning.FILENAME).exists()

@@ -42,7 +42,7 @@ def probe(name: str) -> ModuleType | str:
     except Exception as exc:  # broken installs raise more than ImportError (e.g. OSError, RuntimeError)
         missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
         if missing and missing.split(".")[0] != name.split(".")[0]:  # installed, but a module it imports is not
-            hint = f"pip install {missing.split('.')[0]} ({name} imports it)"
+            hint = f"{name} is installed but imports {missing}, which is missing (install it); else {hint}"
         return f"{name} is not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}"
     least = MIN_VERSIONS.get(name)
     found = getattr(module, "__version__", None)

@@ -306,38 +306,46 @@ def using(model: torch.nn.Module, spec, backend: str = "auto"):
     ``anymask_mask=`` per call."""
     me = threading.get_ident()
     with _USING_LOCK:
-        owner, depth = _USING.get(model, (me, 0))
+        owner, entries = _USING.get(model, (me, []))
         if owner != me:
             raise RuntimeError("anymask.hf.using: another thread is inside using() on this model, and using() "
                                "changes the model for every thread (its mask policy and attention implementation); "
                                "for concurrent calls with different masks, set_mask(model, ...) once and pass "
                                "anymask_mask=... to each call")
-        _USING[model] = (me, depth + 1)
+        mine = {"policies": [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)],
+                "implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}
+        _USING[model] = (me, [*entries, mine])
     try:
-        saved = [(m, getattr(m, _POLICY_ATTR, None)) for m in model.modules() if _is_attention(m)]
-        implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
         set_mask(model, spec, backend)
-        try:
-            yield model
-        finally:
-            for m, policy in saved:
-                if policy is None:
-                    m.__dict__.pop(_POLICY_ATTR, None)
-                else:
-                    setattr(m, _POLICY_ATTR, policy)
-            if implementation not in (None, NAME):
-                model.set_attn_implementation(implementation)
+        yield model
     finally:
         with _USING_LOCK:
-            left = _USING.get(model, (me, 1))[1] - 1  # the count now: exits may come out of order
-            if left > 0:
-                _USING[model] = (me, left)
+            owner, entries = _USING[model]
+            at = next(i for i, e in enumerate(entries) if e is mine)
+            if at + 1 < len(entries):  # left before a using() entered after it (generators): the one
+                entries[at + 1].update(policies=mine["policies"], implementation=mine["implementation"])
+            else:  # above takes over what this one restores
+                _restore(model, mine)
+            entries = [e for e in entries if e is not mine]
+            if entries:
+                _USING[model] = (owner, entries)
             else:
                 _USING.pop(model, None)
 
 
-_USING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, int]]" = weakref.WeakKeyDictionary()  # model ->
-_USING_LOCK = threading.Lock()  # (thread inside using(), how deep)
+def _restore(model, saved: dict) -> None:
+    """Put back the policies and attention implementation ``using`` saved on entry."""
+    for m, policy in saved["policies"]:
+        if policy is None:
+            m.__dict__.pop(_POLICY_ATTR, None)
+        else:
+            setattr(m, _POLICY_ATTR, policy)
+    if saved["implementation"] not in (None, NAME):
+        model.set_attn_implementation(saved["implementation"])
+
+
+_USING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, list]]" = weakref.WeakKeyDictionary()  # model ->
+_USING_LOCK = threading.Lock()  # (thread inside using(), what each open using() restores, oldest first)
 
 
 # helpers ----------------------------------------------------------------------------------------

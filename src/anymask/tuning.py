@@ -38,8 +38,8 @@ import json
 import math
 import os
 import sys
-import tempfile
 import threading
+import uuid
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -308,11 +308,9 @@ def _file_lock(path: Path):
 
 def _atomic_write(path: Path, machines: dict) -> None:
     text = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".choices.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp's is 0600): a team's shared folder
+    tmp = path.parent / f".choices.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for any file
+    try:  # the user writes (mkstemp's 0600 shut a team's shared folder out)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -391,11 +389,16 @@ def lookup(p: Problem) -> str | None:
 
 
 def _autotune(p: Problem, machine: str) -> str | None:
-    if _dynamo_compiling():
+    if _tracing():
         return None
     if p.device_type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    sig = signature(p)
+    try:
+        sig = signature(p)  # reads the mask's density: data a tracer may not have
+    except Exception as exc:  # autotuning must never break the user's call
+        warnings.warn(f"anymask: cannot autotune this call ({type(exc).__name__}: {exc}); using the static "
+                      "preference", stacklevel=3)
+        return None
     with _LOCK:
         if (machine, sig) in _FAILED or (machine, sig) in _MEASURING:  # another thread measures it: this
             return None  # call takes the static preference, and later ones the stored choice
@@ -415,11 +418,12 @@ def _autotune(p: Problem, machine: str) -> str | None:
 _MEASURING: set[tuple[str, str]] = set()  # (machine, signature) a thread of this process is measuring
 
 
-def _dynamo_compiling() -> bool:
-    """Whether Dynamo traces this very call (``torch.compiler.is_compiling`` is also true while any
-    other thread compiles, which would skip measuring there)."""
-    check = getattr(torch.compiler, "is_dynamo_compiling", None) or torch.compiler.is_compiling
-    return check()
+def _tracing() -> bool:
+    """Whether Dynamo traces this very call or ``torch.export`` runs (``torch.compiler.is_compiling``
+    is also true while any other thread compiles, which would skip measuring there)."""
+    checks = [getattr(torch.compiler, name, None) for name in ("is_dynamo_compiling", "is_exporting")]
+    checks = [check for check in checks if check is not None] or [torch.compiler.is_compiling]
+    return any(check() for check in checks)
 
 
 def _measure_and_store(p: Problem, machine: str, sig: str, first) -> str | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
+import functools
 
 import sys
 from pathlib import Path
@@ -64,23 +65,35 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
         import anymask.hf  # noqa: F401  (registers the implementation)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     bars = transformers.utils.logging
-    shown, plain = bars.is_progress_bar_enabled(), os.environ.get("TQDM_DISABLE")
+    shown = bars.is_progress_bar_enabled()
+    quiet = contextlib.ExitStack()
     if not progress:
         bars.disable_progress_bar()
-        os.environ["TQDM_DISABLE"] = "1"  # the GGUF conversion bar is plain tqdm
+        if gguf_file:  # its conversion bar is plain tqdm, which transformers' switch does not reach
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+            quiet.enter_context(_patched(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)))
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn,
-                                                                 **kwargs)
+        with quiet:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                                     attn_implementation=attn, **kwargs)
     except ValueError as exc:  # e.g. a config transformers does not know, an attention it does not have
         raise ConfigError(f"cannot load a model from {path!r}: {str(exc).splitlines()[0]}") from exc
     finally:
         if shown:
             bars.enable_progress_bar()
-        if not progress and plain is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        elif not progress:
-            os.environ["TQDM_DISABLE"] = plain
     return model.to(device)
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    """``module.name`` is ``value`` inside the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", dtype: str = "bf16",
