@@ -322,9 +322,10 @@ def using(model: torch.nn.Module, spec, backend: str = "auto"):
         with _USING_LOCK:
             owner, entries = _USING[model]
             at = next(i for i, e in enumerate(entries) if e is mine)
-            if at + 1 < len(entries):  # left before a using() entered after it (generators): the one
+            # leaving before a using() entered after it (generators): that one restores what this one would
+            if at + 1 < len(entries):
                 entries[at + 1].update(policies=mine["policies"], implementation=mine["implementation"])
-            else:  # above takes over what this one restores
+            else:
                 _restore(model, mine)
             entries = [e for e in entries if e is not mine]
             if entries:
