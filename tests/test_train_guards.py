@@ -43,9 +43,10 @@ def _train_sft(model, data, tmp_path, *extra) -> int:
     ({"seed": 2 ** 64}, "seed must be a 64-bit integer \\(a Python int\\), from -9223372036854775808 to "
      "18446744073709551615, got 18446744073709551616"),
     ({"seed": -(2 ** 63) - 1}, "seed must be a 64-bit integer"),
+    ({"task": "embedding", "tokens_per_batch": 1}, "tokens_per_batch 1 cannot hold an embedding pair"),
 ])
 def test_settings_that_cannot_train_are_refused(setting, message):
-    cfg = TrainConfig(model="m", task="sft", data="d.jsonl", **setting)
+    cfg = TrainConfig(**{"model": "m", "task": "sft", "data": "d.jsonl", **setting})
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
 

@@ -78,6 +78,9 @@ class TrainConfig:
         for name in ("tokens_per_batch", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.task == "embedding" and self.tokens_per_batch < 2:
+            raise ConfigError(f"tokens_per_batch {self.tokens_per_batch} cannot hold an embedding pair: a query and "
+                              "its positive take 2 tokens at least")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.eval_fraction < 1.0:
