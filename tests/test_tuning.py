@@ -347,3 +347,13 @@ def test_autotune_measures_nothing_while_torch_export_traces(monkeypatch, cache_
     q = torch.randn(1, 2, 64, 16)
     torch.export.export(Attend(), (q, q, q))
     assert not (cache_dir / tuning.FILENAME).exists()
+
+
+def test_temp_files_of_killed_writes_are_removed_once_old(cache_dir):
+    """A write killed midway (SIGKILL) left its temp file, as large as the cache, for good."""
+    dead, fresh = cache_dir / ".choices.1.2.dead.tmp", cache_dir / ".choices.1.2.fresh.tmp"
+    for tmp in (dead, fresh):
+        tmp.write_text("{}")
+    os.utime(dead, (1.0, 1.0))
+    tuning.remember(problem()[0], {"backend": "flex"})
+    assert not dead.exists() and fresh.exists()  # a fresh one may be another process's write in flight

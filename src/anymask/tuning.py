@@ -39,6 +39,7 @@ import math
 import os
 import sys
 import threading
+import time
 import uuid
 import warnings
 import weakref
@@ -322,6 +323,18 @@ def _atomic_write(path: Path, machines: dict) -> None:
         raise
 
 
+def _remove_dead_temp_files(folder: Path, age_s: float = 3600.0) -> None:
+    """Temp files of writes killed midway (SIGKILL): a write takes milliseconds, so one older than
+    ``age_s`` is nobody's."""
+    now = time.time()
+    for tmp in folder.glob(".choices.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+        except OSError:  # gone already, or not ours to remove
+            pass
+
+
 def store(machine: str, sig: str, entry: dict, *, keep_existing: bool = False) -> str:
     """Add or replace one entry: lock, re-read, merge, write atomically, refresh memory.  With
     ``keep_existing`` an entry another process stored meanwhile stays, so processes measuring the
@@ -343,6 +356,7 @@ def store(machine: str, sig: str, entry: dict, *, keep_existing: bool = False) -
             else:
                 machines[machine][sig] = entry
                 _atomic_write(path, machines)
+                _remove_dead_temp_files(path.parent)
             with _LOCK:  # under the file lock: a store that read the file later cannot be overwritten here
                 _set_state(path, _usable(machines, warn=False))
     except OSError as exc:  # a read-only home (containers, CI): the choice still serves this process
