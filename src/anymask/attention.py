@@ -11,7 +11,7 @@ import torch
 
 from . import backend as B
 from .dispatch import candidates, choose, remember
-from .masks import Custom, Mask, MaskModOutputError, _leaves
+from .masks import Mask, MaskModOutputError, _held
 from .problem import autocast_device, autocast_inputs, describe
 
 
@@ -71,7 +71,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, *,
 
 def _raised_in_mask_mod(exc: BaseException, mask: Mask) -> bool:
     """Whether ``exc`` came out of one of ``mask``'s custom ``mask_mod`` functions."""
-    fns = [leaf.fn for leaf in _leaves(mask) if isinstance(leaf, Custom)]  # functions, methods, callables
+    fns = _held(mask)[1]  # functions, methods, callables
     codes = [getattr(f, "__code__", None) or getattr(type(f).__call__, "__code__", None) for f in fns]
     return any(frame.f_code is code for frame, _ in traceback.walk_tb(exc.__traceback__) for code in codes
                if code is not None)  # by identity: compiled frames' code objects may not hash

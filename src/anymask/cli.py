@@ -9,6 +9,7 @@ import sys
 import threading
 
 from . import masks as M
+from ._optional import MissingDependency
 
 
 def positive_int(text: str) -> int:
@@ -111,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None  # `timeout`, a scheduler: as Ctrl-C
-    from ._optional import MissingDependency
-
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:  # one line, not a traceback (``train`` and ``bench`` say more)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 import statistics
+import sys
 import time
 
 import torch

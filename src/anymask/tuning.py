@@ -14,8 +14,7 @@ A machine is a device name (with the core count on CPU) plus the torch, triton a
 versions (and on CUDA those of nvidia-cudnn-frontend and flash-attn-4, where installed); a problem
 signature is the mask structure (``Structure.kind()``), sequence lengths rounded to a power of two,
 head dim, GQA ratio, dtype, whether gradients are needed, and the mask's density rounded to a power
-of two.  A missing
-entry gives ``None`` and the static preference applies.
+of two.  A missing entry gives ``None`` and the static preference applies.
 
 Filling the cache: ``anymask tune`` (a grid), :func:`tune` (one call's problem), or
 ``ANYMASK_AUTOTUNE=1`` (every unseen signature is measured on first use, on random inputs of the
@@ -310,8 +309,8 @@ def _file_lock(path: Path):
 def _atomic_write(path: Path, machines: dict) -> None:
     text = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True) + "\n"
     tmp = path.parent / f".choices.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for any file
-    try:  # the user writes (mkstemp's 0600 shut a team's shared folder out)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # umask applies (mkstemp's 0600 shut a team out)
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -51,8 +51,8 @@ def _auto_tflops(auto: Row | None, best: Row | None) -> float | None:
 def _best_peer(ok: dict[str, Row], mask: str) -> Row | None:
     """The fastest hand-rolled call of the case: SDPA with a dense mask, compiled FlexAttention, and
     for full/causal SDPA's own call (the ``sdpa`` backend runs exactly that there)."""
-    peers = [ok[v] for v in HAND_ROLLED if v in ok and ok[v].eligible is not False]  # off the float64 bound:
-    if mask in NATIVE_SDPA and "sdpa" in ok and ok["sdpa"].eligible is not False:  # no peer to beat
+    peers = [ok[v] for v in HAND_ROLLED if v in ok]
+    if mask in NATIVE_SDPA and "sdpa" in ok and ok["sdpa"].eligible is not False:  # off the float64 bound: no peer
         peers.append(ok["sdpa"])
     return min(peers, key=lambda r: r.median_ms) if peers else None
 
@@ -65,13 +65,13 @@ def case_summaries(rows: list[Row]) -> list[dict]:
         group = list(group)
         if group[0].variant == "*":  # never started (time budget)
             continue
-        ok = {r.variant: r for r in group if r.status == "ok"}
+        ok = {r.variant: r for r in group  # hand-rolled calls off the float64 bound: no peer, no ratio
+              if r.status == "ok" and not (r.variant.startswith("raw_") and r.eligible is False)}
         forced = [r for r in ok.values()  # auto's own verdict is no contender, nor are hand-rolled calls
                   if r.eligible and r.variant != "auto" and not r.variant.startswith("raw_")]
         best = min(forced, key=lambda r: r.median_ms) if forced else None
         auto = ok.get("auto")
-        raw_sdpa, raw_flex, raw_fa4 = (ok.get(v) if ok.get(v) and ok[v].eligible is not False else None
-                                       for v in ("raw_sdpa_dense", "raw_flex", "raw_fa4"))  # off the bound: none
+        raw_sdpa, raw_flex, raw_fa4 = ok.get("raw_sdpa_dense"), ok.get("raw_flex"), ok.get("raw_fa4")
         peer = _best_peer(ok, group[0].mask)
         out.append({
             "case": _case_label(group[0]), "mask": group[0].mask, "seq": group[0].seq, "dtype": group[0].dtype,

@@ -145,8 +145,8 @@ def _auto_row(case, kind, mask, inputs, ref, p, best_prep, best, settings, commo
     if not isinstance(t, Timing):
         return _row(case, kind, "auto", auto.backend, "failed", reason=t, **common)
     err = errors(outputs["auto"], ref)
-    why = rejections(contenders, ref, p.dtype, also={"auto": err})["auto"] if contenders else None  # auto's
-    # own error sets nothing: a wrong auto must not widen the bound it is held to
+    # auto's own error sets nothing: a wrong auto must not widen the bound it is held to
+    why = rejections(contenders, ref, p.dtype, also={"auto": err})["auto"] if contenders else None
     tb = timings.get("best")
     ratio = paired_ratio(t, tb) if isinstance(tb, Timing) else None
     return _row(case, kind, "auto", auto.backend, "ok", reason=why or "", timing=t, setup_s=0.0, err=err,

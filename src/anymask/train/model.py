@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -72,7 +72,7 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
         if gguf_file:  # its conversion bar is plain tqdm, which transformers' switch does not reach
             import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-            quiet.enter_context(_patched(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)))
+            quiet.enter_context(mock.patch.object(gguf_utils, "tqdm", functools.partial(gguf_utils.tqdm, disable=True)))
     try:
         with quiet:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
@@ -83,17 +83,6 @@ def load_base(path: str, *, dtype: str = "bf16", attn: str = "anymask", gguf_fil
         if shown:
             bars.enable_progress_bar()
     return model.to(device)
-
-
-@contextlib.contextmanager
-def _patched(module, name: str, value):
-    """``module.name`` is ``value`` inside the block."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def prepare(model, task: Task, *, attn: str = "anymask", backend: str = "auto", dtype: str = "bf16",
